@@ -1,0 +1,92 @@
+"""The one door callbacks use to log: scalars, histograms, images and text to every logger the trainer has.
+
+Works the same whether the trainer holds a :class:`~lightning_monitor.MultiLogger`, a plain list
+``[TensorBoardLogger(...), WandbLogger(...)]`` or a scalar-only logger such as ``CSVLogger`` (scalars only, and
+one warning that media are skipped). Callbacks never branch on backend types; only global rank 0 writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_monitor._backends import log_histogram_to, log_images_to, log_text_to
+from lightning_monitor._media import HistogramData, make_histogram, to_uint8_hwc
+
+_warned: set[tuple[str, str]] = set()
+
+
+def logging_interval(trainer: "pl.Trainer", every_n_steps: Optional[int]) -> int:
+    """``every_n_steps`` if given, else the trainer's ``log_every_n_steps``."""
+    return every_n_steps if every_n_steps is not None else max(1, int(trainer.log_every_n_steps))
+
+
+def is_logging_step(step: int, every_n_steps: int) -> bool:
+    """Whether the optimizer step that starts at ``trainer.global_step == step`` is a logging step.
+
+    The same rule as Lightning's own ``self.log`` (``(step + 1) % n == 0``), so our values land at the same steps
+    as the user's loss curve: 49, 99, ... for ``n = 50``.
+    """
+    return (step + 1) % every_n_steps == 0
+
+
+def log_scalars(trainer: "pl.Trainer", metrics: Mapping[str, Any], step: int) -> None:
+    if not trainer.is_global_zero or not metrics:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=step)
+
+
+def log_histogram(
+    trainer: "pl.Trainer",
+    key: str,
+    values: Any,
+    step: int,
+    edges: Optional[Sequence[float]] = None,
+    bins: int = 64,
+    stats: Optional[dict[str, float]] = None,
+) -> None:
+    """``values`` are raw values, or counts with their ``edges``, or a ready :class:`HistogramData`."""
+    if not trainer.is_global_zero:
+        return
+    hist = values if isinstance(values, HistogramData) else make_histogram(values, edges, bins, key, stats)
+    for logger in trainer.loggers:
+        if not log_histogram_to(logger, key, hist, step):
+            _warn_once(logger, "histograms")
+
+
+def log_image(
+    trainer: "pl.Trainer",
+    key: str,
+    images: Any,
+    step: int,
+    caption: Optional[Union[str, Sequence[str]]] = None,
+) -> None:
+    if not trainer.is_global_zero:
+        return
+    batch = list(images) if isinstance(images, (list, tuple)) else [images]
+    arrays = [to_uint8_hwc(image, key) for image in batch]
+    captions = [caption] * len(arrays) if isinstance(caption, str) else caption
+    for logger in trainer.loggers:
+        if not log_images_to(logger, key, arrays, step, captions):
+            _warn_once(logger, "images")
+
+
+def log_text(trainer: "pl.Trainer", key: str, text: str, step: int) -> None:
+    if not trainer.is_global_zero:
+        return
+    for logger in trainer.loggers:
+        if not log_text_to(logger, key, text, step):
+            _warn_once(logger, "text")
+
+
+def _warn_once(logger: Any, kind: str) -> None:
+    tag = (type(logger).__name__, kind)
+    if tag not in _warned:
+        _warned.add(tag)
+        rank_zero_warn(
+            f"{type(logger).__name__} cannot show {kind}; lightning-monitor logs only scalars to it."
+            " Use MultiLogger, TensorBoardLogger or WandbLogger to see them."
+        )

@@ -1,0 +1,142 @@
+"""Conversions shared by every backend: images to uint8 HWC, histograms to (counts, edges, stats).
+
+TensorBoard multiplies float images by 255 while wandb rescales them by their own range, so the same float
+tensor becomes two different pictures. Everything is converted to uint8 here first, and both backends get the
+same bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+MAX_WANDB_BINS = 512  # wandb.Histogram refuses more
+
+
+def to_uint8_hwc(image: Any, key: str = "image") -> np.ndarray:
+    """Return ``image`` as an ``H x W x C`` uint8 array with C in {1, 3, 4}.
+
+    Accepts torch tensors or numpy arrays shaped ``H x W``, ``C x H x W`` or ``H x W x C`` (C in 1, 3, 4), of
+    dtype uint8, bool, any integer or any float. uint8 is kept as is; floats within [0, 1] are scaled by 255;
+    integers within [0, 255] are cast; anything else (normalised floats, wider integer ranges) is scaled from its
+    own min..max to 0..255. Non-finite values become 0.
+
+    Raises:
+        ValueError: for any other shape, naming ``key`` and the shape.
+    """
+    if isinstance(image, torch.Tensor):
+        image = image.detach()
+        if image.dtype in (torch.bfloat16, torch.float16):
+            image = image.float()
+        array = image.cpu().numpy()
+    else:
+        array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    elif array.ndim == 3:
+        if array.shape[0] in (1, 3, 4) and array.shape[2] not in (1, 3, 4):
+            array = np.transpose(array, (1, 2, 0))
+        elif array.shape[2] not in (1, 3, 4):
+            raise ValueError(
+                f"image {key!r} has shape {tuple(array.shape)}: expected H x W, C x H x W or H x W x C with C in 1, 3, 4"
+            )
+    else:
+        raise ValueError(
+            f"image {key!r} has shape {tuple(array.shape)}: expected H x W, C x H x W or H x W x C with C in 1, 3, 4"
+            " (log a batch of images as a grid, e.g. with torchvision.utils.make_grid)"
+        )
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    is_integer = np.issubdtype(array.dtype, np.integer)
+    array = array.astype(np.float64)
+    array = np.where(np.isfinite(array), array, 0.0)
+    lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if is_integer:
+        if lo >= 0 and hi <= 255:
+            return array.astype(np.uint8)
+    elif lo >= 0 and hi <= 1:
+        return np.round(array * 255).astype(np.uint8)
+    if hi <= lo:
+        return np.zeros(array.shape, dtype=np.uint8)
+    return np.round((array - lo) / (hi - lo) * 255).astype(np.uint8)
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """Grey HWC uint8 to three channels (TensorBoard's image plugin expects RGB or RGBA)."""
+    return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+
+
+@dataclass(frozen=True)
+class HistogramData:
+    """Bin counts with their ``len(counts) + 1`` edges, and exact statistics of the binned values."""
+
+    counts: np.ndarray
+    edges: np.ndarray
+    min: float
+    max: float
+    num: float
+    sum: float
+    sum_squares: float
+
+
+def make_histogram(
+    values_or_counts: Any,
+    edges: Optional[Sequence[float]] = None,
+    bins: int = 64,
+    key: str = "histogram",
+    stats: Optional[dict] = None,
+) -> HistogramData:
+    """Build a :class:`HistogramData` from raw values (binned here) or from ``counts`` with their ``edges``.
+
+    ``stats`` may carry exact ``min``/``max``/``num``/``sum``/``sum_squares`` when the counts came from a sample;
+    without it they are taken from the values, or estimated from bin centres.
+    """
+    if edges is None:
+        values = values_or_counts
+        if isinstance(values, torch.Tensor):
+            values = values.detach().float().flatten().cpu().numpy()
+        values = np.asarray(values, dtype=np.float64).ravel()
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            raise ValueError(f"histogram {key!r} has no finite values to bin")
+        lo, hi = float(values.min()), float(values.max())
+        if hi <= lo:
+            lo, hi = lo - 0.5, hi + 0.5
+        counts, bin_edges = np.histogram(values, bins=bins, range=(lo, hi))
+        data_stats = dict(
+            min=float(values.min()),
+            max=float(values.max()),
+            num=float(values.size),
+            sum=float(values.sum()),
+            sum_squares=float((values * values).sum()),
+        )
+    else:
+        counts = values_or_counts
+        if isinstance(counts, torch.Tensor):
+            counts = counts.detach().cpu().numpy()
+        if isinstance(edges, torch.Tensor):
+            edges = edges.detach().cpu().numpy()
+        counts = np.asarray(counts, dtype=np.float64).ravel()
+        bin_edges = np.asarray(edges, dtype=np.float64).ravel()
+        if bin_edges.size != counts.size + 1:
+            raise ValueError(
+                f"histogram {key!r}: {counts.size} counts need {counts.size + 1} edges, got {bin_edges.size}"
+            )
+        centres = (bin_edges[:-1] + bin_edges[1:]) / 2
+        data_stats = dict(
+            min=float(bin_edges[0]),
+            max=float(bin_edges[-1]),
+            num=float(counts.sum()),
+            sum=float((counts * centres).sum()),
+            sum_squares=float((counts * centres * centres).sum()),
+        )
+    if counts.size > MAX_WANDB_BINS:
+        raise ValueError(f"histogram {key!r} has {counts.size} bins; wandb accepts at most {MAX_WANDB_BINS}")
+    if stats:
+        data_stats.update({k: float(v) for k, v in stats.items() if k in data_stats})
+    return HistogramData(counts=np.asarray(counts, dtype=np.float64), edges=bin_edges, **data_stats)

@@ -1,0 +1,87 @@
+"""Small real pieces the tests share: a tiny image model, data, a trainer factory and backend readers."""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from wandb_reader import WandbRun, find_runs  # noqa: F401 - re-exported for tests
+
+
+class TinyImageModel(pl.LightningModule):
+    """A 1-conv classifier on 1x28x28 inputs returning log-probabilities, like the MNIST Net but tiny."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.head = nn.Linear(4 * 13 * 13, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv(x)), 2)
+        return F.log_softmax(self.head(torch.flatten(x, 1)), dim=1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.nll_loss(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/loss", F.nll_loss(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def image_data(n: int = 64, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def image_loader(n: int = 64, batch_size: int = 16, seed: int = 0, **kwargs: Any) -> DataLoader:
+    return DataLoader(image_data(n, seed), batch_size=batch_size, **kwargs)
+
+
+def make_trainer(root: Any, **kwargs: Any) -> pl.Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=8,
+        log_every_n_steps=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(root),
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def tb_accumulator(log_dir: str) -> Any:
+    """Everything TensorBoard wrote under ``log_dir`` (size guidance 0 keeps every event, not a sample)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(
+        str(log_dir),
+        size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0, "compressedHistograms": 0},
+    )
+    acc.Reload()
+    return acc
+
+
+def tb_scalars(log_dir: str, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in tb_accumulator(log_dir).Scalars(tag)]
+
+
+def event_files(log_dir: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(str(log_dir), "**", "events.out.tfevents.*"), recursive=True))

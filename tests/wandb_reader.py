@@ -1,0 +1,112 @@
+"""A small reader of wandb's offline run file (``run-<id>.wandb``), which the wandb package cannot read back.
+
+Format: a 7-byte header (``:W&B``, a 2-byte magic, a 1-byte version), then 32 KiB blocks of LevelDB-style
+records, each with a 7-byte header (crc32 uint32, length uint16, type uint8: 1 full, 2 first, 3 middle, 4 last).
+A block's tail shorter than a record header is padding. Each reassembled payload is a
+``wandb.proto.wandb_internal_pb2.Record``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+BLOCK = 32 * 1024
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def read_records(path: str) -> list[Any]:
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B", f"{path} is not a wandb run file"
+    records, pending = [], b""
+    offset = HEADER
+    while offset + HEADER <= len(data):
+        block_left = BLOCK - (offset % BLOCK)
+        if block_left < HEADER:
+            offset += block_left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[offset : offset + HEADER])
+        payload = data[offset + HEADER : offset + HEADER + length]
+        offset += HEADER + length
+        if kind == 0 and length == 0:  # zero padding at the end of a partly written block
+            offset += BLOCK - (offset % BLOCK) if offset % BLOCK else 0
+            continue
+        if kind == FULL:
+            pending = payload
+        elif kind == FIRST:
+            pending = payload
+            continue
+        elif kind == MIDDLE:
+            pending += payload
+            continue
+        elif kind == LAST:
+            pending += payload
+        else:
+            raise ValueError(f"{path}: unknown record type {kind} at {offset}")
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        records.append(record)
+        pending = b""
+    return records
+
+
+@dataclass
+class WandbRun:
+    path: str
+    run_id: str = ""
+    name: str = ""
+    project: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    exit_code: int | None = None
+
+    def series(self, key: str, step_key: str = "trainer/global_step") -> list[tuple[Any, Any]]:
+        """(step, value) for every history row that holds ``key``."""
+        return [(row.get(step_key), row[key]) for row in self.history if key in row]
+
+    def keys(self) -> set[str]:
+        return {k for row in self.history for k in row if not k.startswith("_")}
+
+
+def read_run(path: str) -> WandbRun:
+    run = WandbRun(path=path)
+    for record in read_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run.run_id, run.name, run.project = record.run.run_id, record.run.display_name, record.run.project
+            for item in record.run.config.update:
+                run.config[item.key] = json.loads(item.value_json)
+        elif kind == "history":
+            row: dict[str, Any] = {}
+            for item in record.history.item:
+                value = json.loads(item.value_json)
+                if item.key:
+                    row[item.key] = value
+                elif len(item.nested_key) == 1:
+                    row[item.nested_key[0]] = value
+                else:  # a media value (histogram, image, table): rebuild it as a dict under its key
+                    node = row.setdefault(item.nested_key[0], {})
+                    for part in item.nested_key[1:-1]:
+                        node = node.setdefault(part, {})
+                    node[item.nested_key[-1]] = value
+            run.history.append(row)
+        elif kind == "config":
+            for item in record.config.update:
+                run.config[item.key if item.key else "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "exit":
+            run.exit_code = record.exit.exit_code
+    return run
+
+
+def find_runs(root: str) -> list[WandbRun]:
+    """Every offline run under ``root`` (searched recursively), oldest first."""
+    paths = sorted(glob.glob(os.path.join(root, "**", "offline-run-*", "run-*.wandb"), recursive=True))
+    return [read_run(p) for p in paths]
