@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import inspect
 import netrc
 import os
@@ -19,7 +20,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
-from lightning_utilities.core.imports import RequirementCache
 from typing_extensions import override
 
 from lightning_monitor._backends import log_histogram_to, log_images_to, log_text_to
@@ -91,13 +91,14 @@ class MultiLogger(Logger):
             _check_keys("tensorboard", tb_options, _tensorboard_keys())
         self._wandb_options = _options("wandb", wandb)
         if self._wandb_options is not None:
-            if not RequirementCache("wandb"):
+            if importlib.util.find_spec("wandb") is None:
                 raise ModuleNotFoundError(f"MultiLogger(wandb=...) needs wandb: `{_WANDB_PIP}`, or pass wandb=False")
             _check_keys("wandb", self._wandb_options, _wandb_keys())
         self._tensorboard_on = tb_options is not None
         tb_kwargs = {"default_hp_metric": False, "flush_secs": DEFAULT_FLUSH_SECS, **(tb_options or {})}
         # Built even when TensorBoard is off: it owns the run directory and the version numbering.
         self._tb = TensorBoardLogger(save_dir, name=name, version=version, **tb_kwargs)
+        self._tb_hp_metric = bool(tb_kwargs["default_hp_metric"])
         self._wandb: Optional[Any] = None  # WandbLogger, made on first use on rank 0
         self._wandb_failed = False
         self._tb_resumed: Optional[bool] = None  # did the run directory hold event files before we wrote?
@@ -175,6 +176,8 @@ class MultiLogger(Logger):
         if self._tensorboard_on:
             self._before_tb_write(None)
             self._tb.log_hyperparams(params, *args, **kwargs)
+            if not self._tb_hp_metric and not (args or kwargs.get("metrics")):
+                self._tb_hparams_table(params)
         self._to_wandb(lambda w: w.log_hyperparams(params))
 
     @rank_zero_only
@@ -291,6 +294,16 @@ class MultiLogger(Logger):
 
             writer._get_file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
             self._tb_purge_pending = False
+
+    def _tb_hparams_table(self, params: Union[dict[str, Any], Namespace]) -> None:
+        """TensorBoard's HParams tab without Lightning's placeholder ``hp_metric = -1`` scalar."""
+        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+        from torch.utils.tensorboard.summary import hparams
+
+        flat = self._tb._sanitize_params(_flatten_dict(_convert_params(params)))
+        writer = self._tb_writer()._get_file_writer()
+        for summary in hparams(flat, {}):
+            writer.add_summary(summary)
 
     def _to_wandb(self, call: Any) -> None:
         if self.wandb is not None:

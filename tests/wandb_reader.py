@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ def read_records(path: str) -> list[Any]:
             offset += block_left
             continue
         _crc, length, kind = struct.unpack("<IHB", data[offset : offset + HEADER])
+        if offset + HEADER + length > len(data):  # a record still being written (or cut off by a kill)
+            break
         payload = data[offset + HEADER : offset + HEADER + length]
         offset += HEADER + length
         if kind == 0 and length == 0:  # zero padding at the end of a partly written block
@@ -106,7 +109,17 @@ def read_run(path: str) -> WandbRun:
     return run
 
 
-def find_runs(root: str) -> list[WandbRun]:
-    """Every offline run under ``root`` (searched recursively), oldest first."""
-    paths = sorted(glob.glob(os.path.join(root, "**", "offline-run-*", "run-*.wandb"), recursive=True))
-    return [read_run(p) for p in paths]
+def find_runs(root: str, wait_finished: float = 30.0) -> list[WandbRun]:
+    """Every offline run under ``root`` (searched recursively), oldest first.
+
+    ``run.finish()`` returns before wandb's service process has written the run file to the end, so by default
+    this waits (up to ``wait_finished`` seconds) until every run file holds its exit record. Pass 0 to read the
+    files as they are (e.g. after the writer was killed).
+    """
+    deadline = time.monotonic() + wait_finished
+    while True:
+        paths = sorted(glob.glob(os.path.join(str(root), "**", "offline-run-*", "run-*.wandb"), recursive=True))
+        runs = [read_run(p) for p in paths]
+        if all(run.exit_code is not None for run in runs) or time.monotonic() >= deadline:
+            return runs
+        time.sleep(0.2)

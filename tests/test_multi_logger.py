@@ -1,0 +1,297 @@
+"""MultiLogger against the real backends: what TensorBoard and wandb wrote, read back from their files."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from PIL import Image
+
+from helpers import TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator, tb_scalars
+from lightning_monitor import MultiLogger
+from lightning_monitor import _dispatch
+
+
+def _logged_media(logger_or_trainer, log):
+    """Log the same scalars, histograms and an image at steps 0, 5, 10 through ``log`` (a dispatch or a logger)."""
+    rng = np.random.default_rng(0)
+    values = {}
+    for step in (0, 5, 10):
+        raw = rng.normal(size=1000)
+        values[step] = raw
+        log(step, raw)
+    return values
+
+
+def test_tensorboard_and_wandb_round_trip(tmp_path):
+    logger = MultiLogger(save_dir=tmp_path / "runs", name="rt")
+    image = torch.zeros(3, 20, 30)
+    image[0, :10] = 1.0  # top half red
+    raws = {}
+    for step in (0, 5, 10):
+        raws[step] = np.random.default_rng(step).normal(size=1000)
+        logger.log_metrics({"a/loss": 1.0 / (step + 1), "a/count": step}, step=step)
+        logger.log_histogram("h/raw", raws[step], step=step, bins=16)
+        logger.log_histogram("h/counts", [1, 2, 3], edges=[0.0, 1.0, 2.0, 3.0], step=step)
+        logger.log_image("img/one", image, step=step, caption=f"step {step}")
+    logger.log_text("notes/text", "hello", step=10)
+    logger.finalize("success")
+
+    assert os.path.basename(logger.log_dir) == "version_0"
+    acc = tb_accumulator(logger.log_dir)
+    assert [(e.step, e.value) for e in acc.Scalars("a/loss")] == [(0, 1.0), (5, pytest.approx(1 / 6)), (10, pytest.approx(1 / 11))]
+    hists = {e.step: e.histogram_value for e in acc.Histograms("h/raw")}
+    assert sorted(hists) == [0, 5, 10]
+    for step, raw in raws.items():
+        counts, edges = np.histogram(raw, bins=16, range=(raw.min(), raw.max()))
+        assert list(hists[step].bucket) == counts.tolist()
+        assert hists[step].bucket_limit == pytest.approx(edges[1:].tolist())
+        assert hists[step].num == 1000 and hists[step].sum == pytest.approx(raw.sum())
+    assert [list(e.histogram_value.bucket) for e in acc.Histograms("h/counts")] == [[1, 2, 3]] * 3
+    images = acc.Images("img/one")
+    assert [e.step for e in images] == [0, 5, 10]
+    png = np.asarray(Image.open(io.BytesIO(images[0].encoded_image_string)).convert("RGB"))
+    assert png.shape == (20, 30, 3)
+    assert tuple(png[0, 0]) == (255, 0, 0) and tuple(png[-1, -1]) == (0, 0, 0)
+
+    (run,) = find_runs(logger.log_dir)
+    assert run.run_id == logger.run_id and run.name == "rt/version_0" and run.exit_code == 0
+    assert run.series("a/loss") == [(0, 1.0), (5, pytest.approx(1 / 6)), (10, pytest.approx(1 / 11))]
+    wandb_hists = run.series("h/raw")
+    assert [step for step, _ in wandb_hists] == [0, 5, 10]
+    for (step, hist) in wandb_hists:  # the same counts in both dashboards
+        assert hist["_type"] == "histogram"
+        assert hist["values"] == list(hists[step].bucket)
+    images_w = run.series("img/one")
+    assert [(s, v["_type"], v["caption"], v["width"], v["height"]) for s, v in images_w] == [
+        (s, "image-file", f"step {s}", 30, 20) for s in (0, 5, 10)
+    ]
+    stored = Image.open(os.path.join(os.path.dirname(run.path), "files", images_w[0][1]["path"])).convert("RGB")
+    assert np.array_equal(np.asarray(stored), png)  # the same picture on both sides
+    assert [s for s, _ in run.series("notes/text")] == [10]
+
+
+def test_hyperparams_reach_both(tmp_path):
+    logger = MultiLogger(save_dir=tmp_path, name="hp")
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=2)
+    trainer.fit(TinyImageModel(lr=0.125), image_loader())
+    (run,) = find_runs(logger.log_dir)
+    assert run.config["lr"] == 0.125
+    acc = tb_accumulator(logger.log_dir)
+    assert "_hparams_/session_start_info" in acc.summary_metadata
+
+
+def test_dispatch_same_steps_through_trainer(tmp_path):
+    """A callback logging through the dispatch layer lands at trainer.global_step on both sides."""
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            step = trainer.global_step
+            if _dispatch.is_logging_step(step, 2):
+                _dispatch.log_scalars(trainer, {"probe/step": float(step)}, step)
+                _dispatch.log_histogram(trainer, "probe/hist", torch.arange(10.0), step, bins=5)
+
+    logger = MultiLogger(save_dir=tmp_path, name="steps")
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=6, callbacks=[Probe()])
+    trainer.fit(TinyImageModel(), image_loader())
+    assert tb_scalars(logger.log_dir, "probe/step") == [(1, 1.0), (3, 3.0), (5, 5.0)]
+    # Lightning's own self.log("train/loss") lands on the same steps
+    assert [s for s, _ in tb_scalars(logger.log_dir, "train/loss")] == [1, 3, 5]
+    (run,) = find_runs(logger.log_dir)
+    assert run.series("probe/step") == [(1, 1.0), (3, 3.0), (5, 5.0)]
+    assert [s for s, _ in run.series("probe/hist")] == [1, 3, 5]
+
+
+def test_dispatch_to_plain_list_and_csv(tmp_path):
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    wb = WandbLogger(save_dir=str(tmp_path), mode="offline", project="p")
+    csv = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(tmp_path, logger=[tb, wb, csv], max_steps=1)
+    trainer.fit(TinyImageModel(), image_loader())
+    _dispatch._warned.clear()
+    with pytest.warns(UserWarning, match="CSVLogger cannot show histograms") as record:
+        for step in (3, 4):
+            _dispatch.log_scalars(trainer, {"x/value": float(step)}, step)
+            _dispatch.log_histogram(trainer, "x/hist", torch.arange(8.0), step, bins=4)
+    assert sum("CSVLogger" in str(w.message) for w in record) == 1  # one warning, not one per call
+    tb.experiment.flush()
+    wb.experiment.finish()
+    csv.save()
+    assert tb_scalars(tb.log_dir, "x/value") == [(3, 3.0), (4, 4.0)]
+    assert [list(e.histogram_value.bucket) for e in tb_accumulator(tb.log_dir).Histograms("x/hist")] == [[2, 2, 2, 2]] * 2
+    (run,) = find_runs(str(tmp_path / "wandb"))
+    assert run.series("x/value") == [(3, 3.0), (4, 4.0)]
+    assert [h["values"] for _, h in run.series("x/hist")] == [[2, 2, 2, 2]] * 2
+    rows = open(os.path.join(csv.log_dir, "metrics.csv")).read()
+    assert "x/value" in rows and "x/hist" not in rows
+
+
+def test_live_without_flush(tmp_path):
+    """With the defaults a scalar is readable from the event file within 5 s, without any flush call."""
+    logger = MultiLogger(save_dir=tmp_path, name="live", wandb=False)
+    logger.log_metrics({"live/x": 3.0}, step=7)
+    deadline = time.monotonic() + 5.0
+    found = []
+    while time.monotonic() < deadline and not found:
+        time.sleep(0.2)
+        acc = tb_accumulator(logger.log_dir)
+        found = acc.Scalars("live/x") if "live/x" in acc.Tags()["scalars"] else []
+    assert [(e.step, e.value) for e in found] == [(7, 3.0)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(120)
+def test_real_tensorboard_server_lists_our_data(tmp_path):
+    logger = MultiLogger(save_dir=tmp_path / "runs", name="srv", wandb=False)
+    for step in range(3):
+        logger.log_metrics({"srv/loss": 1.0 - step / 10}, step=step)
+        logger.log_histogram("srv/hist", np.arange(100.0), step=step)
+        logger.log_image("srv/img", np.full((8, 8), 128, dtype=np.uint8), step=step)
+    logger.finalize("success")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "runs"), "--host", "127.0.0.1",
+         "--port", str(port), "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        def get(path):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                return json.loads(response.read())
+
+        deadline = time.monotonic() + 60
+        tags = {}
+        while time.monotonic() < deadline:
+            try:
+                tags = {p: get(f"/data/plugin/{p}/tags") for p in ("scalars", "histograms", "images")}
+                if all(tags.values()):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        run = "srv/version_0"
+        assert "srv/loss" in tags["scalars"][run]
+        assert "srv/hist" in tags["histograms"][run]
+        assert "srv/img" in tags["images"][run]
+        points = get(f"/data/plugin/scalars/scalars?run={run}&tag=srv/loss")
+        assert [p[1] for p in points] == [0, 1, 2]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_resume_same_version_continues_one_run(tmp_path):
+    """Fit to step 8 with a checkpoint at step 4, then resume from step 4 with the same version: one TensorBoard
+    run whose series is strictly increasing (the dead run's steps after 4 are not shown twice), one wandb run id."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    logger = MultiLogger(save_dir=tmp_path / "runs", name="res")
+    make_trainer(tmp_path, logger=logger, max_steps=8, log_every_n_steps=1, callbacks=[ckpt],
+                 enable_checkpointing=True).fit(TinyImageModel(), image_loader(n=128))
+    first = tb_scalars(logger.log_dir, "train/loss")
+    assert [s for s, _ in first] == list(range(8))
+
+    again = MultiLogger(save_dir=tmp_path / "runs", name="res", version=logger.version)
+    make_trainer(tmp_path, logger=again, max_steps=12, log_every_n_steps=1).fit(
+        TinyImageModel(), image_loader(n=128), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+    )
+    assert again.log_dir == logger.log_dir
+    assert os.listdir(tmp_path / "runs" / "res") == ["version_0"]
+    resumed = tb_scalars(logger.log_dir, "train/loss")
+    steps = [s for s, _ in resumed]
+    assert steps == list(range(12))  # one continuous, strictly increasing series
+    assert resumed[:4] == first[:4]  # before the checkpoint: the first run's points
+    runs = find_runs(logger.log_dir)
+    assert len(runs) == 2 and {r.run_id for r in runs} == {logger.run_id}  # one wandb run, resumed
+    assert [s for s, _ in runs[1].series("train/loss")] == list(range(4, 12))
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {tests!r})
+    from helpers import TinyImageModel, image_loader, make_trainer
+    from lightning_monitor import MultiLogger
+
+    if __name__ == "__main__":
+        logger = MultiLogger(save_dir={runs!r}, name="ddp")
+        trainer = make_trainer({root!r}, logger=logger, strategy="ddp", devices=2, max_steps=6)
+        trainer.fit(TinyImageModel(), image_loader(n=128))
+        print("RANK", trainer.global_rank, "DONE", flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(180)
+def test_ddp_one_run_written_by_rank_zero(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    runs = tmp_path / "runs"
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), runs=str(runs), root=str(tmp_path)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_API", "LOCAL_RANK", "NODE_RANK"))}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RANK 0 DONE" in proc.stdout and "RANK 1 DONE" in proc.stdout
+    assert os.listdir(runs / "ddp") == ["version_0"]
+    assert len(event_files(runs)) == 1  # one writer
+    (run,) = find_runs(str(tmp_path))  # one wandb run in the whole job
+    assert [s for s, _ in run.series("train/loss")] == [1, 3, 5]
+    assert [s for s, _ in tb_scalars(runs / "ddp" / "version_0", "train/loss")] == [1, 3, 5]
+
+
+def test_bad_input_fails_early(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match="a-file"):
+        MultiLogger(save_dir=blocker / "runs")
+    with pytest.raises(ValueError, match=r"Unknown tensorboard option\(s\) \['flush_sec'\]"):
+        MultiLogger(save_dir=tmp_path, tensorboard={"flush_sec": 1})
+    with pytest.raises(ValueError, match=r"Unknown wandb option\(s\) \['projet'\]"):
+        MultiLogger(save_dir=tmp_path, wandb={"projet": "x"})
+    with pytest.raises(ValueError, match="`wandb` must be True, False or a dict"):
+        MultiLogger(save_dir=tmp_path, wandb="yes")
+    logger = MultiLogger(save_dir=tmp_path, wandb=False)
+    with pytest.raises(ValueError, match="'bad/metric' must be a scalar"):
+        logger.log_metrics({"bad/metric": torch.ones(3)}, step=0)
+    assert not (tmp_path / "lightning_monitor").exists()  # nothing created by a failed or idle logger
+
+
+def test_wandb_missing_is_a_clear_error(tmp_path):
+    code = (
+        "import sys; sys.modules['wandb'] = None\n"
+        "from lightning_monitor import MultiLogger\n"
+        "try:\n    MultiLogger(save_dir='runs')\nexcept ModuleNotFoundError as e:\n    print('ERR', e)\n"
+        "MultiLogger(save_dir='runs', wandb=False)\nprint('OK without wandb')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert "ERR MultiLogger(wandb=...) needs wandb: `pip install wandb`, or pass wandb=False" in out.stdout
+    assert "OK without wandb" in out.stdout
+
+
+def test_offline_is_announced_once_with_sync_command(tmp_path, caplog):
+    logger = MultiLogger(save_dir=tmp_path, name="off")
+    with caplog.at_level("INFO"):
+        for step in range(3):
+            logger.log_metrics({"x": 1.0}, step=step)
+    messages = [r.getMessage() for r in caplog.records if "offline" in r.getMessage()]
+    assert len(messages) == 1
+    assert "no W&B API key" in messages[0] and "wandb sync " in messages[0]
+    run_dir = messages[0].split("wandb sync ")[1].strip()
+    assert os.path.isdir(run_dir) and os.path.basename(run_dir).startswith("offline-run-")
+    logger.finalize("success")
