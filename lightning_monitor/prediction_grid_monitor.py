@@ -57,7 +57,8 @@ class PredictionGridMonitor(Callback):
         std: per-channel standard deviation the inputs were normalised with (e.g. ``[0.3081]``).
         class_names: names drawn instead of class ids.
         mistakes_first: put the wrong predictions first in the grid.
-        every_n_steps: also log a grid every that many training steps (``None``: after validation only).
+        every_n_steps: also log a grid every that many training steps, at the steps Lightning's ``self.log``
+            uses (``None``: after validation only).
         dataloader_idx: which validation dataloader to take the samples from when there are several.
         batch_fn: maps one validation batch to ``(images, labels)`` when it is not already laid out that way
             (e.g. ``lambda b: (b["image"], b["label"])``).
@@ -124,7 +125,7 @@ class PredictionGridMonitor(Callback):
         self._images: Optional[torch.Tensor] = None  # the fixed samples, on the CPU
         self._labels: Optional[torch.Tensor] = None
         self._display: Optional[torch.Tensor] = None  # their pictures, [N, 3, h, w] uint8
-        self._batch_step = 0
+        self._last_step = -1  # step of the last grid, so one step never gets two
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -139,14 +140,10 @@ class PredictionGridMonitor(Callback):
 
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
-        self._batch_step = trainer.global_step
-
-    @override
-    def on_train_batch_end(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        step = self._batch_step
-        if self.every_n_steps is None or trainer.global_step <= step:  # off, or still accumulating gradients
+        # At the start of the step's first batch the model holds what ``global_step`` optimizer steps made of it:
+        # the same meaning as a validation grid at that step (which makes this one redundant: skipped).
+        step = trainer.global_step
+        if self.every_n_steps is None or step == self._last_step:
             return
         if not trainer.is_global_zero or not _dispatch.is_logging_step(step, self.every_n_steps):
             return  # only rank 0 renders; the other ranks do nothing at all
@@ -262,6 +259,7 @@ class PredictionGridMonitor(Callback):
         return _to_probabilities(scores.detach().float().cpu())  # sync point: once per grid, on rank 0
 
     def _render(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int, title: str) -> None:
+        self._last_step = step
         probs = self._predict(trainer, pl_module)
         if self.class_names is not None and len(self.class_names) < probs.shape[1]:
             raise ValueError(

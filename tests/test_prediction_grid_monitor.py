@@ -1,0 +1,388 @@
+"""PredictionGridMonitor: the grid really written to TensorBoard and wandb, read back and checked pixel by pixel."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from helpers import TinyImageModel, find_runs, image_loader, make_trainer, tb_accumulator, tb_scalars
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from PIL import Image
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_monitor import MultiLogger, PredictionGridMonitor
+from lightning_monitor._draw import BAND_PX, FRAME_PX, PAD_VALUE
+
+KEY = "predictions/grid"
+
+
+def tb_images(log_dir: str) -> list[tuple[int, np.ndarray]]:
+    """(step, H x W x 3 uint8) of every grid TensorBoard wrote."""
+    return [
+        (e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")))
+        for e in tb_accumulator(log_dir).Images(KEY)
+    ]
+
+
+def tile_origin(k: int, tile_h: int, tile_w: int, nrow: int, padding: int) -> tuple[int, int]:
+    """Top-left pixel of the k-th tile in a torchvision make_grid layout."""
+    row, col = divmod(k, nrow)
+    return padding + row * (tile_h + padding), padding + col * (tile_w + padding)
+
+
+def tile_at(grid: np.ndarray, k: int, tile_h: int, tile_w: int, nrow: int, padding: int) -> np.ndarray:
+    top, left = tile_origin(k, tile_h, tile_w, nrow, padding)
+    return grid[top : top + tile_h, left : left + tile_w]
+
+
+def has_red_frame(tile: np.ndarray) -> bool:
+    edges = np.concatenate([tile[:FRAME_PX].reshape(-1, 3), tile[-FRAME_PX:].reshape(-1, 3),
+                            tile[:, :FRAME_PX].reshape(-1, 3), tile[:, -FRAME_PX:].reshape(-1, 3)])
+    return bool((edges == np.array([255, 0, 0])).all())
+
+
+def tb_logger() -> TensorBoardLogger:
+    return TensorBoardLogger(".", name="tb", version=0)
+
+
+class RiggedModel(pl.LightningModule):
+    """Reads the sample id from the image (every pixel holds ``id / 50``) and predicts ``predictions[id]``.
+
+    ``kind`` picks the output: logits, log-probabilities or probabilities, all meaning 0.70 for the predicted class.
+    """
+
+    def __init__(self, predictions: list[int], kind: str = "logits", num_classes: int = 10) -> None:
+        super().__init__()
+        self.register_buffer("predictions", torch.tensor(predictions))
+        self.kind, self.num_classes = kind, num_classes
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> Any:
+        ids = (x[:, 0, 14, 14] * 50).round().long()
+        rest = 0.3 / (self.num_classes - 1)
+        probs = torch.full((len(x), self.num_classes), rest) + self.w * 0
+        probs = probs.scatter(1, self.predictions[ids].unsqueeze(1), 0.7)
+        if self.kind == "probs":
+            return probs
+        if self.kind == "log_probs":
+            return probs.log()
+        if self.kind == "logits":
+            return probs.log() + 3.0  # shifted: neither probabilities nor log-probabilities
+        return {"logits": probs.log()}  # a layout the monitor cannot read alone
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return (self.w**2).sum()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        pass
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def rigged_data(n: int = 12) -> TensorDataset:
+    ids = torch.arange(n)
+    images = (ids.float() / 50).reshape(n, 1, 1, 1).expand(n, 1, 28, 28).clone()
+    return TensorDataset(images, ids % 10)
+
+
+def test_tb_grid_size_layout_and_keys(tmp_path):
+    monitor = PredictionGridMonitor(num_samples=10, nrow=4, padding=3, tile_size=56)
+    trainer = make_trainer(tmp_path, max_epochs=2, max_steps=-1, logger=tb_logger(), callbacks=[monitor])
+    trainer.fit(TinyImageModel(), image_loader(n=32), image_loader(n=40, seed=1))
+    images = tb_images(trainer.logger.log_dir)
+    assert [step for step, _ in images] == [2, 4]  # after each validation epoch, at trainer.global_step
+    tile_h, tile_w, nrow, pad = 56 + BAND_PX, 56, 4, 3
+    rows = 3  # 10 tiles, 4 per row
+    for _, grid in images:
+        assert grid.shape == (rows * (tile_h + pad) + pad, nrow * (tile_w + pad) + pad, 3)
+        for r in range(rows + 1):  # padding lines between tiles are the pad colour
+            assert (grid[r * (tile_h + pad) : r * (tile_h + pad) + pad] == PAD_VALUE).all()
+        for c in range(nrow + 1):
+            assert (grid[:, c * (tile_w + pad) : c * (tile_w + pad) + pad] == PAD_VALUE).all()
+        for k in (10, 11):  # the empty cells of the last row
+            assert (tile_at(grid, k, tile_h, tile_w, nrow, pad) == PAD_VALUE).all()
+        for k in range(10):  # every tile: a picture, then its dark label band with text in it
+            band = tile_at(grid, k, tile_h, tile_w, nrow, pad)[56 + 2 : -FRAME_PX - 1, FRAME_PX + 1 : -FRAME_PX - 1]
+            assert (band != band[0, -1]).any(axis=2).sum() > 20
+    # accuracy: the final model on the same seeded draw of 10 validation samples, computed here independently
+    dataset = image_loader(n=40, seed=1).dataset
+    indices = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:10]
+    x, y = dataset.tensors[0][indices], dataset.tensors[1][indices]
+    with torch.no_grad():
+        expected = (trainer.lightning_module(x).argmax(1) == y).float().mean().item()
+    accuracy = tb_scalars(trainer.logger.log_dir, "predictions/accuracy")
+    assert [s for s, _ in accuracy] == [2, 4] and accuracy[-1][1] == pytest.approx(expected)
+    tags = tb_accumulator(trainer.logger.log_dir).Tags()
+    logged = (set(tags["images"]) | set(tags["scalars"])) & {k for k in tags["scalars"] + tags["images"] if k.startswith("predictions/")}
+    assert logged == set(PredictionGridMonitor.LOGGED_KEYS)
+    table = set(re.findall(r"``(predictions/[a-z_]+)``", PredictionGridMonitor.__doc__))
+    assert table == set(PredictionGridMonitor.LOGGED_KEYS)
+
+
+def test_wandb_holds_the_same_image_with_caption(tmp_path):
+    logger = MultiLogger(save_dir=str(tmp_path / "runs"), name="grid")
+    monitor = PredictionGridMonitor(num_samples=12, nrow=6)
+    trainer = make_trainer(tmp_path, max_epochs=1, max_steps=-1, logger=logger, callbacks=[monitor])
+    trainer.fit(RiggedModel([i % 10 if i not in (2, 5) else 7 for i in range(12)]),
+                DataLoader(rigged_data(), batch_size=4), DataLoader(rigged_data(), batch_size=4))
+    trainer.logger.finalize("success")
+    (run,) = find_runs(str(tmp_path / "runs"))
+    (row,) = [r for r in run.history if KEY in r]
+    value = row[KEY]
+    assert value["_type"] == "image-file"
+    assert value["caption"] == "epoch 0 (step 3): 10/12 correct; wrong: 2->7 (0.70), 5->7 (0.70)"
+    assert row["trainer/global_step"] == 3
+    png = os.path.join(os.path.dirname(run.path), "files", value["path"])
+    wandb_pixels = np.asarray(Image.open(png).convert("RGB"))
+    ((step, tb_pixels),) = tb_images(logger.log_dir)
+    assert step == 3 and np.array_equal(wandb_pixels, tb_pixels)
+    assert run.series("predictions/accuracy") == [(3, pytest.approx(10 / 12))]
+
+
+@pytest.mark.parametrize("kind", ["logits", "log_probs", "probs"])
+@pytest.mark.parametrize("mistakes_first", [True, False])
+def test_rigged_mistakes_are_framed_red_and_first(tmp_path, kind, mistakes_first):
+    wrong = [2, 5, 9]
+    predictions = [(i + 1) % 10 if i in wrong else i % 10 for i in range(12)]
+    monitor = PredictionGridMonitor(num_samples=12, nrow=4, padding=2, mistakes_first=mistakes_first,
+                                    class_names=[f"c{i}" for i in range(10)])
+    trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
+    trainer.validate(RiggedModel(predictions, kind), DataLoader(rigged_data(), batch_size=5))
+    ((step, grid),) = tb_images(trainer.logger.log_dir)
+    assert step == 0
+    tile_h, tile_w = 84 + BAND_PX, 84
+    expected_order = wrong + [i for i in range(12) if i not in wrong] if mistakes_first else list(range(12))
+    for k, sample in enumerate(expected_order):
+        tile = tile_at(grid, k, tile_h, tile_w, 4, 2)
+        assert has_red_frame(tile) == (sample in wrong), (k, sample)
+        # which sample this tile shows: its grey level is the id / 50, de-normalised to 0..255
+        assert tuple(tile[42, 42]) == (round(sample / 50 * 255),) * 3, (k, sample)
+        band = tile[84 + 1 : -FRAME_PX - 1, FRAME_PX + 1 : -FRAME_PX - 1].astype(int)
+        reddish = ((band[..., 0] - band[..., 1]) > 80).sum()
+        greenish = ((band[..., 1] - band[..., 0]) > 80).sum()
+        assert (reddish > 5 and greenish == 0) if sample in wrong else (greenish > 5 and reddish == 0)
+    assert tb_scalars(trainer.logger.log_dir, "predictions/accuracy") == [(0, pytest.approx(0.75))]
+
+
+def test_caption_lists_mistakes_with_confidence(tmp_path):
+    predictions = [(i + 1) % 10 if i in (9, 2) else i % 10 for i in range(12)]
+    monitor = PredictionGridMonitor(num_samples=12, class_names=[f"c{i}" for i in range(10)])
+    logger = MultiLogger(save_dir=str(tmp_path / "runs"), name="cap", tensorboard=False)
+    trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor])
+    trainer.validate(RiggedModel(predictions, "log_probs"), DataLoader(rigged_data(), batch_size=5))
+    logger.finalize("success")
+    (run,) = find_runs(str(tmp_path / "runs"))
+    ((_, value),) = run.series(KEY)
+    assert value["caption"] == "epoch 0 (step 0): 10/12 correct; wrong: c2->c3 (0.70), c9->c0 (0.70)"
+
+
+def _sample_ids(grid: np.ndarray, dataset: torch.Tensor, n: int, nrow: int) -> list[int]:
+    """Which dataset items the tiles show: each tile's 3x-upscaled pixels (frame excluded) matched exactly."""
+    expected = (dataset.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0, 1:-1, 1:-1]
+    ids = []
+    for k in range(n):
+        tile = tile_at(grid, k, 84 + BAND_PX, 84, nrow, 2)
+        pixels = torch.from_numpy(tile[:84:3, :84:3, 0].copy())[1:-1, 1:-1]
+        (match,) = [i for i in range(len(dataset)) if torch.equal(expected[i], pixels)]
+        ids.append(match)
+    return ids
+
+
+def test_same_samples_every_epoch_and_after_resume(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    val = TensorDataset(torch.rand(40, 1, 28, 28, generator=g), torch.randint(0, 10, (40,), generator=g))
+    monitor = PredictionGridMonitor(num_samples=6, nrow=3, mistakes_first=False, seed=7)
+    trainer = make_trainer(tmp_path, max_epochs=3, max_steps=-1, limit_train_batches=2, logger=tb_logger(),
+                           callbacks=[monitor])
+    trainer.fit(TinyImageModel(), image_loader(n=32), DataLoader(val, batch_size=8, shuffle=True))
+    grids = tb_images(trainer.logger.log_dir)
+    assert len(grids) == 3
+    shown = [_sample_ids(grid, val.tensors[0], 6, 3) for _, grid in grids]
+    assert shown[0] == shown[1] == shown[2] and len(set(shown[0])) == 6  # the same 6 real samples each epoch
+    state = pickle.loads(pickle.dumps(monitor.state_dict()))
+    resumed = PredictionGridMonitor(num_samples=6, nrow=3, mistakes_first=False, seed=7)
+    resumed.load_state_dict(state)
+    other = make_trainer(tmp_path / "b", logger=TensorBoardLogger(str(tmp_path / "b"), name="tb", version=0),
+                         callbacks=[resumed])
+    noise = TensorDataset(torch.rand(40, 1, 28, 28), torch.zeros(40, dtype=torch.long))
+    other.validate(trainer.lightning_module, DataLoader(noise, batch_size=8))
+    ((_, grid),) = tb_images(other.logger.log_dir)
+    assert _sample_ids(grid, val.tensors[0], 6, 3) == shown[0]  # resume shows the same samples
+
+
+def test_mean_std_undone_for_one_and_three_channels(tmp_path):
+    mean, std = [0.5, 0.1307, 0.2], [0.25, 0.3081, 0.5]
+    raw = torch.rand(8, 3, 10, 10, generator=torch.Generator().manual_seed(0))
+    normalised = (raw - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+    class ThreeChannel(RiggedModel):
+        def forward(self, x):
+            return torch.zeros(len(x), 4) + self.w
+
+    monitor = PredictionGridMonitor(num_samples=8, nrow=8, tile_size=30, mean=mean, std=std)
+    trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
+    trainer.validate(ThreeChannel([0]), DataLoader(TensorDataset(normalised, torch.zeros(8, dtype=torch.long))))
+    ((_, grid),) = tb_images(trainer.logger.log_dir)
+    assert grid.shape == (30 + BAND_PX + 4, 8 * 32 + 2, 3)
+    expected = (raw * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for k in range(8):  # all right (label 0 = argmax of equal scores): no frame, tile is the 3x upscaled raw image
+        assert np.array_equal(tile_at(grid, k, 30 + BAND_PX, 30, 8, 2)[:30:3, :30:3], expected[k])
+
+    grey = torch.rand(4, 1, 28, 28)
+    monitor = PredictionGridMonitor(num_samples=4, mean=[0.1307], std=[0.3081])
+    trainer = make_trainer(tmp_path / "g", logger=TensorBoardLogger(str(tmp_path / "g"), name="tb", version=0),
+                           callbacks=[monitor])
+    data = TensorDataset((grey - 0.1307) / 0.3081, torch.zeros(4, dtype=torch.long))
+    trainer.validate(ThreeChannel([0]), DataLoader(data))
+    ((_, grid),) = tb_images(trainer.logger.log_dir)
+    assert grid.shape == (84 + BAND_PX + 4, 4 * 86 + 2, 3)
+    first = tile_at(grid, 0, 84 + BAND_PX, 84, 8, 2)[:84:3, :84:3]
+    assert np.array_equal(first[..., 0], first[..., 2])  # grey stays grey in RGB
+    assert np.abs(first[..., 0].astype(int) - (grey[0, 0] * 255).round().numpy()).max() <= 1
+
+
+class ModeRecorder(TinyImageModel):
+    """TinyImageModel with dropout and a frozen (eval-mode) submodule, recording every forward call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop = nn.Dropout(0.5)
+        self.frozen = nn.BatchNorm2d(1)
+        self.calls: list[tuple[int, bool, bool, bool]] = []
+
+    def on_train_start(self) -> None:
+        self.frozen.eval()
+
+    def forward(self, x):
+        self.calls.append((len(x), torch.is_grad_enabled(), self.training, self.frozen.training))
+        return super().forward(self.drop(self.frozen(x)))
+
+
+class Snapshot(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        self.grads = [None if p.grad is None else p.grad.clone() for p in pl_module.parameters()]
+        self.modes = [m.training for m in pl_module.modules()]
+        self.calls = len(pl_module.calls)
+
+
+class Check(pl.Callback):
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot, self.renders = snapshot, 0
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        grads = [None if p.grad is None else p.grad for p in pl_module.parameters()]
+        assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(self.snapshot.grads, grads))
+        assert [m.training for m in pl_module.modules()] == self.snapshot.modes
+        assert pl_module.training and not pl_module.frozen.training
+        self.renders += len(pl_module.calls) > self.snapshot.calls
+
+
+def test_no_grad_eval_mode_and_modes_restored(tmp_path):
+    snapshot = Snapshot()
+    check = Check(snapshot)
+    monitor = PredictionGridMonitor(num_samples=7, every_n_steps=2)
+    model = ModeRecorder()
+    trainer = make_trainer(tmp_path, max_steps=6, logger=tb_logger(), callbacks=[snapshot, monitor, check])
+    trainer.fit(model, image_loader(n=48), image_loader(n=16))
+    grid_calls = [c for c in model.calls if c[0] == 7]
+    # 3 batches per epoch: training grids at steps 1 and 5, validation grids at 3 and 6 (step 3's is the same model)
+    assert check.renders == 2 and len(grid_calls) == 4
+    assert all(not grad and not training and not frozen for _, grad, training, frozen in grid_calls)
+    assert [s for s, _ in tb_images(trainer.logger.log_dir)] == [1, 3, 5, 6]
+
+
+class DictData(Dataset):
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": rigged_data()[i][0], "label": rigged_data()[i][1]}
+
+
+def test_batch_not_image_label_is_a_clear_error_naming_batch_fn(tmp_path):
+    monitor = PredictionGridMonitor(num_samples=4)
+    trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
+    with pytest.raises(ValueError, match=r"got dict with keys \['image', 'label'\].*pass `batch_fn=`"):
+        trainer.validate(RiggedModel(list(range(12))), DataLoader(DictData(), batch_size=4))
+    monitor = PredictionGridMonitor(num_samples=4, batch_fn=lambda b: (b["image"], b["label"]))
+    trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
+    trainer.validate(RiggedModel(list(range(12))), DataLoader(DictData(), batch_size=4))
+    assert tb_scalars(trainer.logger.log_dir, "predictions/accuracy")[-1] == (0, 1.0)
+
+
+def test_output_not_class_scores_is_a_clear_error_naming_output_fn(tmp_path):
+    monitor = PredictionGridMonitor(num_samples=4)
+    trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
+    with pytest.raises(ValueError, match=r"forward returned dict.*Pass `output_fn=`"):
+        trainer.validate(RiggedModel(list(range(12)), kind="dict"), DataLoader(rigged_data(), batch_size=4))
+    monitor = PredictionGridMonitor(num_samples=4, output_fn=lambda out: out["logits"])
+    trainer = make_trainer(tmp_path / "ok", logger=TensorBoardLogger(str(tmp_path / "ok"), name="tb", version=0),
+                           callbacks=[monitor])
+    trainer.validate(RiggedModel(list(range(12)), kind="dict"), DataLoader(rigged_data(), batch_size=4))
+    assert tb_scalars(trainer.logger.log_dir, "predictions/accuracy") == [(0, 1.0)]
+
+
+def test_bad_batch_fails_already_in_the_sanity_check(tmp_path):
+    monitor = PredictionGridMonitor()
+    trainer = make_trainer(tmp_path, num_sanity_val_steps=1, logger=tb_logger(), callbacks=[monitor])
+    with pytest.raises(ValueError, match="batch_fn"):
+        trainer.fit(RiggedModel(list(range(12))), DataLoader(rigged_data()), DataLoader(DictData(), batch_size=4))
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_samples=0), "`num_samples` must be an integer >= 1, got 0"),
+        (dict(nrow=-1), "`nrow` must be an integer >= 1, got -1"),
+        (dict(every_n_steps=0), "`every_n_steps` must be None or an integer >= 1, got 0"),
+        (dict(mean=[0.1]), "`mean` and `std` go together"),
+        (dict(mean=[0.1, 0.2], std=[1.0, 1.0]), "1 or 3 values"),
+        (dict(mean=[0.1], std=[0.0]), r"`std` values must be > 0, got \[0.0\]"),
+        (dict(class_names=[]), "`class_names` must be a non-empty list of strings, got \\[\\]"),
+        (dict(output_fn="logits"), "`output_fn` must be callable, got 'logits'"),
+    ],
+)
+def test_arguments_validated_with_the_bad_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PredictionGridMonitor(**kwargs)
+
+
+def test_defaults_picklable_and_no_logger_is_misconfiguration(tmp_path):
+    monitor = pickle.loads(pickle.dumps(PredictionGridMonitor()))
+    assert monitor.num_samples == 32 and monitor.state_dict() == {}
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[monitor])
+    with pytest.raises(MisconfigurationException, match="needs a logger"):
+        trainer.validate(TinyImageModel(), image_loader(n=8))
+
+
+class RankRecorder(TinyImageModel):
+    """Writes one line per forward call on the 5 fixed samples to ``grid_calls_rank{rank}.txt``."""
+
+    def forward(self, x):
+        if len(x) == 5:
+            with open(f"grid_calls_rank{self.global_rank}.txt", "a") as f:
+                f.write(f"{self.trainer.global_step}\n")
+        return super().forward(x)
+
+
+@pytest.mark.timeout(120)
+def test_ddp_rank_zero_alone_renders_and_writes(tmp_path):
+    monitor = PredictionGridMonitor(num_samples=5)
+    trainer = make_trainer(tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2,
+                           max_steps=-1, logger=tb_logger(), callbacks=[monitor])
+    trainer.fit(RankRecorder(), image_loader(n=32), image_loader(n=16, batch_size=4))
+    assert open(tmp_path / "grid_calls_rank0.txt").read().split() == ["1", "2"]  # 32 / 2 ranks / 16 per batch
+    assert not (tmp_path / "grid_calls_rank1.txt").exists()
+    assert [s for s, _ in tb_images(str(tmp_path / "tb" / "version_0"))] == [1, 2]
