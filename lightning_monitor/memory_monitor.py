@@ -1,11 +1,352 @@
-"""MemoryMonitor: placeholder until its issue lands."""
+"""MemoryMonitor: how close is training to running out of memory, on which rank, and in which phase."""
 
 from __future__ import annotations
 
+import math
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lightning_monitor import _dispatch, _dist, _memory
+from lightning_monitor._memory import GIB
+
+_PHASES = ("train", "validation", "test")
+_AGGREGATES = ("min", "mean", "max", "max_rank")
 
 
 class MemoryMonitor(Callback):
-    """Not implemented yet."""
+    r"""Logs CUDA allocator memory per window and per phase, host memory including DataLoader workers, per rank.
 
-    LOGGED_KEYS: dict[str, str] = {}
+    At each logging step (the trainer's ``log_every_n_steps``, or ``every_n_steps``) it reads, on the host and
+    without a device synchronisation, ``torch.cuda.memory_stats`` of this rank's device, the process's RSS, the
+    RSS of its DataLoader workers and the system's available memory. Between logging steps it does nothing but
+    compare two integers.
+
+    **Peaks are windows.** After each read it calls ``torch.cuda.reset_peak_memory_stats``, so
+    ``peak_*`` is the peak since the previous logging step (while training), and ``{phase}_peak_*`` the peak of
+    one training epoch, one validation run or one test run, logged when that phase ends. Because the allocator's
+    peak counters are reset, your own ``torch.cuda.max_memory_allocated()`` calls see the same windows.
+    Validation memory goes to the validation peak, not to the training window it interrupts.
+
+    **Across ranks.** Per-rank keys carry the value of global rank 0. With more than one process, every value
+    ``memory/{name}`` also gets ``memory/{name}_min``, ``_mean``, ``_max`` over ranks and ``_max_rank`` (the rank
+    holding the max), from one packed all-gather per logging step run on every rank; rank 0 writes. A single
+    process logs the per-rank keys only. CUDA keys appear when the trainer's device is a CUDA device; NVML keys
+    when ``nvidia-ml-py`` is installed too (otherwise one info line says they are skipped).
+
+    One warning (each, once per run) when the peak allocated memory passes ``warn_share`` of the device's memory
+    on any rank, and when the allocator starts retrying allocations (freeing its cache to satisfy one: the
+    step before an out-of-memory error).
+
+    ==========================================  ====================================================================
+    key                                         meaning
+    ==========================================  ====================================================================
+    memory/host/rss_gib                         resident memory of the training process
+    memory/host/workers_rss_gib                 total resident memory of its DataLoader worker processes
+    memory/host/worker_processes                number of live DataLoader worker processes
+    memory/host/available_gib                   memory the system can still give to processes
+    memory/cuda/allocated_gib                   memory held by tensors now
+    memory/cuda/reserved_gib                    memory the caching allocator holds from the device now
+    memory/cuda/peak_allocated_gib              peak memory held by tensors since the last logging step
+    memory/cuda/peak_reserved_gib               peak memory reserved by the allocator since the last logging step
+    memory/cuda/peak_allocated_share            peak_allocated_gib as a share of the device's total memory
+    memory/cuda/peak_reserved_share             peak_reserved_gib as a share of the device's total memory
+    memory/cuda/fragmentation                   1 - allocated / reserved now: reserved memory no tensor uses
+    memory/cuda/alloc_retries                   allocations that needed the cache freed, since the last log
+    memory/cuda/ooms                            out-of-memory errors the allocator raised, since the last log
+    memory/cuda/train_peak_allocated_gib        peak memory held by tensors in the training epoch just ended
+    memory/cuda/train_peak_reserved_gib         peak memory reserved in the training epoch just ended
+    memory/cuda/validation_peak_allocated_gib   peak memory held by tensors in the validation run just ended
+    memory/cuda/validation_peak_reserved_gib    peak memory reserved in the validation run just ended
+    memory/cuda/test_peak_allocated_gib         peak memory held by tensors in the test run just ended
+    memory/cuda/test_peak_reserved_gib          peak memory reserved in the test run just ended
+    memory/gpu/utilization_percent              NVML GPU utilisation, mean of the samples since the last log
+    memory/gpu/power_watts                      NVML power draw, mean of the samples since the last log
+    memory/gpu/temperature_celsius              NVML GPU temperature, mean of the samples since the last log
+    memory/{name}_min                           (world size > 1) minimum of memory/{name} over ranks
+    memory/{name}_mean                          (world size > 1) mean of memory/{name} over ranks
+    memory/{name}_max                           (world size > 1) maximum of memory/{name} over ranks
+    memory/{name}_max_rank                      (world size > 1) global rank holding memory/{name}_max
+    ==========================================  ====================================================================
+
+    Args:
+        every_n_steps: log every this many optimizer steps; ``None`` follows the trainer's ``log_every_n_steps``.
+        warn_share: warn once when peak allocated CUDA memory reaches this share of the device's memory
+            (``0 < warn_share``; above 1 never warns).
+        nvml: sample GPU utilisation, power and temperature with NVML (``pip install nvidia-ml-py``) on a
+            background thread; without it, or on CPU, the ``memory/gpu/*`` keys are skipped.
+        nvml_interval_sec: seconds between two NVML samples.
+
+    Raises:
+        ValueError: an argument out of range.
+
+    Example::
+
+        trainer = Trainer(logger=MultiLogger(), callbacks=[MemoryMonitor(every_n_steps=50)])
+    """
+
+    LOGGED_KEYS: dict[str, str] = {
+        "memory/host/rss_gib": "resident memory of the training process",
+        "memory/host/workers_rss_gib": "total resident memory of its DataLoader worker processes",
+        "memory/host/worker_processes": "number of live DataLoader worker processes",
+        "memory/host/available_gib": "memory the system can still give to processes",
+        "memory/cuda/allocated_gib": "memory held by tensors now",
+        "memory/cuda/reserved_gib": "memory the caching allocator holds from the device now",
+        "memory/cuda/peak_allocated_gib": "peak memory held by tensors since the last logging step",
+        "memory/cuda/peak_reserved_gib": "peak memory reserved by the allocator since the last logging step",
+        "memory/cuda/peak_allocated_share": "peak_allocated_gib as a share of the device's total memory",
+        "memory/cuda/peak_reserved_share": "peak_reserved_gib as a share of the device's total memory",
+        "memory/cuda/fragmentation": "1 - allocated / reserved now: reserved memory no tensor uses",
+        "memory/cuda/alloc_retries": "allocations that needed the cache freed, since the last log",
+        "memory/cuda/ooms": "out-of-memory errors the allocator raised, since the last log",
+        "memory/cuda/train_peak_allocated_gib": "peak memory held by tensors in the training epoch just ended",
+        "memory/cuda/train_peak_reserved_gib": "peak memory reserved in the training epoch just ended",
+        "memory/cuda/validation_peak_allocated_gib": "peak memory held by tensors in the validation run just ended",
+        "memory/cuda/validation_peak_reserved_gib": "peak memory reserved in the validation run just ended",
+        "memory/cuda/test_peak_allocated_gib": "peak memory held by tensors in the test run just ended",
+        "memory/cuda/test_peak_reserved_gib": "peak memory reserved in the test run just ended",
+        "memory/gpu/utilization_percent": "NVML GPU utilisation, mean of the samples since the last log",
+        "memory/gpu/power_watts": "NVML power draw, mean of the samples since the last log",
+        "memory/gpu/temperature_celsius": "NVML GPU temperature, mean of the samples since the last log",
+        "memory/{name}_min": "(world size > 1) minimum of memory/{name} over ranks",
+        "memory/{name}_mean": "(world size > 1) mean of memory/{name} over ranks",
+        "memory/{name}_max": "(world size > 1) maximum of memory/{name} over ranks",
+        "memory/{name}_max_rank": "(world size > 1) global rank holding memory/{name}_max",
+    }
+
+    def __init__(
+        self,
+        every_n_steps: Optional[int] = None,
+        warn_share: float = 0.9,
+        nvml: bool = True,
+        nvml_interval_sec: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
+                                          or every_n_steps < 1):
+            raise ValueError(f"`every_n_steps` must be None or an int >= 1, got {every_n_steps!r}")
+        if isinstance(warn_share, bool) or not isinstance(warn_share, (int, float)) or not warn_share > 0:
+            raise ValueError(f"`warn_share` must be a number > 0, got {warn_share!r}")
+        if isinstance(nvml_interval_sec, bool) or not isinstance(nvml_interval_sec, (int, float)) \
+                or not nvml_interval_sec > 0:
+            raise ValueError(f"`nvml_interval_sec` must be a number > 0, got {nvml_interval_sec!r}")
+        self.every_n_steps = every_n_steps
+        self.warn_share = float(warn_share)
+        self.nvml = bool(nvml)
+        self.nvml_interval_sec = float(nvml_interval_sec)
+        self._cuda: Optional[_memory.CudaMemorySource] = None
+        self._sampler: Optional[_memory.NvmlSampler] = None
+        self._total = 0  # device memory in bytes
+        self._phase: Optional[str] = None  # the phase the allocator's peak counters are attributed to
+        self._outer_phase: Optional[str] = None  # the phase a validation run interrupted
+        self._window = [0, 0]  # peak (allocated, reserved) bytes of the training window since the last log
+        self._phase_peaks: dict[str, list[int]] = {}
+        self._counters = (0, 0)  # (num_alloc_retries, num_ooms) at the last log
+        self._batch_step = -1
+        self._warned: set[str] = set()
+        self._nvml_missing = False  # said once; not tried again by later fit/validate/test calls
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_sampler"] = None  # a thread does not pickle (ddp_spawn); setup starts a new one
+        return state
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._cuda = _memory.cuda_source(trainer)
+        if self._cuda is None:
+            return
+        self._total = self._cuda.total_memory()
+        self._counters = self._read_counters(self._cuda.memory_stats())
+        if self.nvml and self._sampler is None and not self._nvml_missing:
+            self._start_nvml()
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if self._sampler is not None:
+            self._sampler.stop()
+            self._sampler = None
+
+    def _start_nvml(self) -> None:
+        assert self._cuda is not None
+        self._nvml_missing = True
+        if not _memory.nvml_installed():
+            rank_zero_info("MemoryMonitor: NVML not found (`pip install nvidia-ml-py`); memory/gpu/* keys skipped.")
+            return
+        try:
+            self._cuda.nvml_sample()
+        except Exception as err:  # no driver access, MIG, an unsupported board
+            rank_zero_info(f"MemoryMonitor: NVML unusable ({err}); memory/gpu/* keys skipped.")
+            return
+        self._nvml_missing = False
+        self._sampler = _memory.NvmlSampler(self._cuda.nvml_sample, self.nvml_interval_sec)
+        self._sampler.start()
+
+    # ---------------------------------------------------------------- phases
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._cuda is not None:
+            self._phase = None
+            self._counters = self._read_counters(self._fold())  # drops what sanity checking and setup peaked at
+            self._window = [0, 0]
+
+    @override
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._enter("train")
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._leave(trainer, "train")
+
+    @override
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not trainer.sanity_checking:
+            self._outer_phase = self._phase
+            self._enter("validation")
+
+    @override
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not trainer.sanity_checking:
+            self._leave(trainer, "validation")
+            self._phase = self._outer_phase  # back to the training epoch it interrupted, if any
+
+    @override
+    def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._enter("test")
+
+    @override
+    def on_test_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._leave(trainer, "test")
+
+    def _enter(self, phase: str) -> None:
+        if self._cuda is not None:
+            self._fold()  # what peaked so far belongs to the phase before
+            self._phase_peaks[phase] = [0, 0]
+        self._phase = phase
+
+    def _leave(self, trainer: "pl.Trainer", phase: str) -> None:
+        if self._cuda is None:
+            return
+        self._fold()
+        alloc, reserved = self._phase_peaks.pop(phase, [0, 0])
+        values = {
+            f"memory/cuda/{phase}_peak_allocated_gib": alloc / GIB,
+            f"memory/cuda/{phase}_peak_reserved_gib": reserved / GIB,
+        }
+        self._emit(trainer, values, trainer.global_step)  # on every rank: a collective under DDP
+
+    def _fold(self) -> dict[str, Any]:
+        """Reads the allocator's stats, credits its peaks to the open window and phase, and resets its peaks."""
+        assert self._cuda is not None
+        stats = self._cuda.memory_stats()  # host-side copy of the allocator's counters: no device sync
+        peak = (int(stats.get("allocated_bytes.all.peak", 0)), int(stats.get("reserved_bytes.all.peak", 0)))
+        if self._phase == "train":
+            self._window = [max(a, b) for a, b in zip(self._window, peak)]
+        if self._phase in self._phase_peaks:
+            self._phase_peaks[self._phase] = [max(a, b) for a, b in zip(self._phase_peaks[self._phase], peak)]
+        self._cuda.reset_peak()  # resets torch.cuda.max_memory_allocated/reserved: the next window starts now
+        return stats
+
+    @staticmethod
+    def _read_counters(stats: dict[str, Any]) -> tuple[int, int]:
+        return int(stats.get("num_alloc_retries", 0)), int(stats.get("num_ooms", 0))
+
+    # ---------------------------------------------------------------- steps
+
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_step = trainer.global_step
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Only the batch that completed the optimizer step logs, so a window covers whole accumulated steps.
+        step = self._batch_step
+        if trainer.global_step > step and _dispatch.is_logging_step(
+            step, _dispatch.logging_interval(trainer, self.every_n_steps)
+        ):
+            self._log_step(trainer, step)
+
+    def _log_step(self, trainer: "pl.Trainer", step: int) -> None:
+        host = _memory.host_memory()
+        values = {
+            "memory/host/rss_gib": host.rss / GIB,
+            "memory/host/workers_rss_gib": host.workers_rss / GIB,
+            "memory/host/worker_processes": float(host.workers),
+            "memory/host/available_gib": host.available / GIB,
+        }
+        if self._cuda is not None:
+            stats = self._fold()
+            peak_alloc, peak_reserved = self._window
+            self._window = [0, 0]
+            alloc = int(stats.get("allocated_bytes.all.current", 0))
+            reserved = int(stats.get("reserved_bytes.all.current", 0))
+            counters = self._read_counters(stats)
+            retries, ooms = (now - before for now, before in zip(counters, self._counters))
+            self._counters = counters
+            total = self._total or 1
+            values.update({
+                "memory/cuda/allocated_gib": alloc / GIB,
+                "memory/cuda/reserved_gib": reserved / GIB,
+                "memory/cuda/peak_allocated_gib": peak_alloc / GIB,
+                "memory/cuda/peak_reserved_gib": peak_reserved / GIB,
+                "memory/cuda/peak_allocated_share": peak_alloc / total,
+                "memory/cuda/peak_reserved_share": peak_reserved / total,
+                "memory/cuda/fragmentation": 1.0 - alloc / reserved if reserved else 0.0,
+                "memory/cuda/alloc_retries": float(retries),
+                "memory/cuda/ooms": float(ooms),
+            })
+            # NaN where NVML is off on this rank: packed all the same so every rank gathers the same length.
+            sample = self._sampler.take() if self._sampler is not None else None
+            util, power, temp = sample if sample is not None else (math.nan,) * 3
+            values.update({
+                "memory/gpu/utilization_percent": util,
+                "memory/gpu/power_watts": power,
+                "memory/gpu/temperature_celsius": temp,
+            })
+        metrics = self._emit(trainer, values, step)
+        if self._cuda is not None:
+            self._maybe_warn(metrics, step)
+
+    def _emit(self, trainer: "pl.Trainer", values: dict[str, float], step: int) -> dict[str, float]:
+        """Logs this rank's values and, with several ranks, their min/mean/max/max_rank; returns what it logged."""
+        metrics = {key: value for key, value in values.items() if not math.isnan(value)}
+        if trainer.world_size > 1:
+            keys = list(values)
+            gathered = _dist.gather_packed(trainer, torch.tensor([values[k] for k in keys], dtype=torch.float64))
+            complete = (~torch.isnan(gathered).any(dim=0)).tolist()  # a value missing on any rank is skipped
+            cols = [i for i, ok in enumerate(complete) if ok]
+            metrics.update(_dist.rank_stats(gathered[:, cols], [keys[i] for i in cols]))
+        _dispatch.log_scalars(trainer, metrics, step)
+        return metrics
+
+    def _maybe_warn(self, metrics: dict[str, float], step: int) -> None:
+        for name, fires in (("peak_allocated_share", lambda v: v >= self.warn_share), ("alloc_retries", bool)):
+            key = f"memory/cuda/{name}"
+            value = metrics.get(f"{key}_max", metrics.get(key))
+            if name in self._warned or value is None or not fires(value):
+                continue
+            self._warned.add(name)
+            rank = int(metrics.get(f"{key}_max_rank", 0))
+            if name == "alloc_retries":
+                rank_zero_warn(
+                    f"MemoryMonitor: the CUDA caching allocator had to free its cache and retry {int(value)}"
+                    f" allocation(s) on rank {rank} before step {step}: memory is nearly full and the next larger"
+                    " batch may run out of memory."
+                )
+            else:
+                rank_zero_warn(
+                    f"MemoryMonitor: peak allocated CUDA memory reached {value:.1%} of the device's memory on rank"
+                    f" {rank} before step {step} (warn_share={self.warn_share}); a larger batch or sequence may run"
+                    " out of memory."
+                )

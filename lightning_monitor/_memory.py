@@ -1,0 +1,139 @@
+"""Memory readers for :class:`~lightning_monitor.MemoryMonitor`: the CUDA allocator seam, host RSS, NVML sampling.
+
+Everything here is a host-side read: ``torch.cuda.memory_stats`` copies the caching allocator's counters (no
+device synchronisation), psutil reads ``/proc``, NVML is queried from a daemon thread, never from the step loop.
+Tests replace :func:`cuda_source` with a function returning an object of the same shape that serves canned
+``torch.cuda.memory_stats()`` dictionaries.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import threading
+from typing import Any, Callable, NamedTuple, Optional
+
+import psutil
+import torch
+
+GIB = float(2**30)
+
+
+class CudaMemorySource:
+    """The CUDA caching allocator of one device, read on the host."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def memory_stats(self) -> dict[str, Any]:
+        """``torch.cuda.memory_stats``: flat ``{"allocated_bytes.all.current": ..., "num_ooms": ...}``."""
+        return torch.cuda.memory_stats(self.device)
+
+    def total_memory(self) -> int:
+        return int(torch.cuda.get_device_properties(self.device).total_memory)
+
+    def reset_peak(self) -> None:
+        """Resets the allocator's peak counters: ``torch.cuda.max_memory_allocated`` restarts from "now"."""
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def nvml_sample(self) -> tuple[float, float, float]:
+        """GPU utilisation (percent), power (watts), temperature (Celsius) through NVML (``pynvml``)."""
+        return (
+            float(torch.cuda.utilization(self.device)),
+            float(torch.cuda.power_draw(self.device)) / 1000.0,  # NVML reports milliwatts
+            float(torch.cuda.temperature(self.device)),
+        )
+
+
+def cuda_source(trainer: Any) -> Optional[CudaMemorySource]:
+    """The allocator of the trainer's device on this rank, or ``None`` when it is not a CUDA device (the seam)."""
+    device = trainer.strategy.root_device
+    return CudaMemorySource(device) if device.type == "cuda" else None
+
+
+def nvml_installed() -> bool:
+    return importlib.util.find_spec("pynvml") is not None
+
+
+class HostMemory(NamedTuple):
+    rss: int  # bytes, this process
+    workers_rss: int  # bytes, sum over live multiprocessing children (DataLoader workers)
+    workers: int  # how many of them
+    available: int  # bytes, system-wide available memory
+
+
+_process: Optional[psutil.Process] = None
+
+
+def host_memory() -> HostMemory:
+    """RSS of this process and of its DataLoader workers, and the system's available memory.
+
+    DataLoader workers are the processes this process started through :mod:`multiprocessing` (torch starts
+    them with ``multiprocessing_context.Process``). Processes started any other way, such as the other ranks
+    Lightning's ``strategy="ddp"`` launches with ``subprocess``, are not counted. A forked worker's RSS includes
+    the copy-on-write pages it still shares with the main process, as ``ps`` and ``top`` show it.
+    """
+    global _process
+    if _process is None or _process.pid != psutil.Process().pid:
+        _process = psutil.Process()
+    workers_rss, workers = 0, 0
+    for child in multiprocessing.active_children():
+        try:
+            workers_rss += psutil.Process(child.pid).memory_info().rss
+            workers += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
+            continue  # a worker that exits between the listing and the read
+    return HostMemory(_process.memory_info().rss, workers_rss, workers, psutil.virtual_memory().available)
+
+
+class NvmlSampler:
+    """Calls ``read()`` every ``interval_sec`` seconds on a daemon thread; :meth:`take` returns the mean since last.
+
+    ``read`` returns a tuple of floats; a read that raises is skipped. The step loop only ever calls
+    :meth:`take`, which takes a lock and averages a few numbers.
+    """
+
+    def __init__(self, read: Callable[[], tuple[float, ...]], interval_sec: float) -> None:
+        self._read = read
+        self.interval_sec = interval_sec
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sums: Optional[list[float]] = None
+        self._count = 0
+        self._last: Optional[tuple[float, ...]] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def sample(self) -> None:
+        try:
+            values = tuple(float(v) for v in self._read())
+        except Exception:  # NVML hiccups (a GPU lost, a driver reload) must never reach training
+            return
+        with self._lock:
+            self._sums = list(values) if self._sums is None else [s + v for s, v in zip(self._sums, values)]
+            self._count += 1
+            self._last = values
+
+    def take(self) -> Optional[tuple[float, ...]]:
+        """Mean of the samples since the previous call, else the latest sample, else ``None``."""
+        with self._lock:
+            if self._count and self._sums is not None:
+                mean = tuple(s / self._count for s in self._sums)
+                self._sums, self._count = None, 0
+                return mean
+            return self._last
+
+    def start(self) -> None:
+        self.sample()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="lightning-monitor-nvml", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_sec):
+            self.sample()

@@ -1,0 +1,432 @@
+"""MemoryMonitor: host memory for real, the CUDA path through canned allocator stats, DDP aggregation, cost."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import re
+import subprocess
+import sys
+import textwrap
+import threading
+import warnings
+from typing import Any
+
+import psutil
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, Dataset
+
+from helpers import TinyImageModel, event_files, image_data, image_loader, make_trainer, tb_accumulator
+from lightning_monitor import MemoryMonitor, _memory
+from lightning_monitor.testing import HostSyncCounter
+
+GIB = 2**30
+HOST_KEYS = ["memory/host/rss_gib", "memory/host/workers_rss_gib", "memory/host/worker_processes",
+             "memory/host/available_gib"]
+
+
+def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    acc = tb_accumulator(log_dir)
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+# ------------------------------------------------------------------------------------------------ contract
+
+
+def test_logged_keys_equal_docstring_table():
+    lines = MemoryMonitor.__doc__.splitlines()
+    rules = [i for i, line in enumerate(lines) if re.fullmatch(r"\s*=+\s+=+\s*", line)]
+    assert len(rules) == 3
+    rows = [line.split(None, 1) for line in lines[rules[1] + 1: rules[2]]]
+    assert {key: " ".join(meaning.split()) for key, meaning in rows} == MemoryMonitor.LOGGED_KEYS
+    assert all(re.fullmatch(r"memory/[a-z_/{}]+", key) for key in MemoryMonitor.LOGGED_KEYS)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"every_n_steps": 0}, "`every_n_steps` must be None or an int >= 1, got 0"),
+        ({"every_n_steps": 2.5}, "got 2.5"),
+        ({"warn_share": 0}, "`warn_share` must be a number > 0, got 0"),
+        ({"warn_share": "high"}, "got 'high'"),
+        ({"nvml_interval_sec": -1.0}, "`nvml_interval_sec` must be a number > 0, got -1.0"),
+    ],
+)
+def test_bad_arguments_are_echoed(kwargs, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        MemoryMonitor(**kwargs)
+
+
+def test_defaults_and_pickle_without_the_sampler_thread():
+    monitor = MemoryMonitor()
+    assert (monitor.every_n_steps, monitor.warn_share, monitor.nvml, monitor.nvml_interval_sec) == (None, 0.9, True, 2.0)
+    monitor._sampler = _memory.NvmlSampler(lambda: (1.0,), 1000.0)
+    monitor._sampler.start()
+    try:
+        clone = pickle.loads(pickle.dumps(monitor))
+    finally:
+        monitor._sampler.stop()
+    assert clone._sampler is None and clone.warn_share == 0.9
+
+
+# ------------------------------------------------------------------------------------------------ host, for real
+
+
+class BallastDataset(Dataset):
+    """Image samples; the process that loads the first item also allocates and touches ``mib`` MiB."""
+
+    def __init__(self, mib: int) -> None:
+        self.data = image_data(64)
+        self.mib = mib
+        self.ballast = None
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        if self.ballast is None:
+            self.ballast = torch.ones(self.mib * 2**18)  # float32: written, so resident
+        return self.data[i]
+
+
+class HostRecorder(Callback):
+    """Placed before MemoryMonitor: measures the same things another way, right before the monitor does."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.seen = every, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1
+        if (step + 1) % self.every == 0:
+            me = psutil.Process()
+            children = me.children()
+            self.seen[step] = (me.memory_info().rss, sum(c.memory_info().rss for c in children), len(children),
+                               psutil.virtual_memory().available)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_host_memory_of_process_and_dataloader_workers(tmp_path, num_workers):
+    ballast_mib = 64
+    loader = DataLoader(BallastDataset(ballast_mib), batch_size=16, num_workers=num_workers,
+                        persistent_workers=num_workers > 0)
+    recorder = HostRecorder(every=2)
+    trainer = make_trainer(tmp_path, max_steps=6, callbacks=[recorder, MemoryMonitor(every_n_steps=2)])
+    trainer.fit(TinyImageModel(), loader)
+
+    logged = _scalars(trainer.logger.log_dir)
+    assert not [k for k in logged if k.startswith("memory/cuda") or k.startswith("memory/gpu")]  # CPU run
+    assert all(re.fullmatch(r"memory/host/[a-z_]+", k) for k in logged if k.startswith("memory/"))
+    for key in HOST_KEYS:
+        assert [s for s, _ in logged[key]] == [1, 3, 5], key
+    for (step, rss), (_, workers), (_, n), (_, available) in zip(*(logged[k] for k in HOST_KEYS)):
+        rss_ref, workers_ref, n_ref, available_ref = recorder.seen[step]
+        assert rss * GIB == pytest.approx(rss_ref, rel=0.05) and rss > 0.05  # a torch process holds > 50 MiB
+        assert available * GIB == pytest.approx(available_ref, rel=0.2)
+        if num_workers == 0:
+            assert (workers, n) == (0.0, 0.0)
+        else:  # persistent workers each hold their ballast on top of what they share with the main process
+            assert n == n_ref == 2
+            assert workers * GIB == pytest.approx(workers_ref, rel=0.05)
+            assert workers * GIB > 2 * ballast_mib * 2**20
+
+
+# ------------------------------------------------------------------------------------------------ CUDA, canned
+
+
+class FakeCuda:
+    """Serves ``torch.cuda.memory_stats()``-shaped dictionaries for an allocator the test drives by hand."""
+
+    def __init__(self, total: int, nvml: tuple[float, float, float] | None = None) -> None:
+        self.total, self.nvml = total, nvml
+        self.alloc = self.reserved = self.peak_alloc = self.peak_reserved = 0
+        self.retries = self.ooms = 0
+        self.reads = self.resets = 0
+
+    def use(self, alloc: float, reserved: float | None = None) -> None:
+        self.alloc = int(alloc * GIB)
+        self.reserved = max(self.reserved, int((reserved if reserved is not None else alloc) * GIB))
+        self.peak_alloc = max(self.peak_alloc, self.alloc)
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
+    def memory_stats(self) -> dict[str, int]:
+        self.reads += 1
+        return {
+            "allocated_bytes.all.current": self.alloc, "allocated_bytes.all.peak": self.peak_alloc,
+            "reserved_bytes.all.current": self.reserved, "reserved_bytes.all.peak": self.peak_reserved,
+            "active_bytes.all.current": self.alloc, "num_alloc_retries": self.retries, "num_ooms": self.ooms,
+        }
+
+    def total_memory(self) -> int:
+        return self.total
+
+    def reset_peak(self) -> None:  # what torch.cuda.reset_peak_memory_stats does to the peaks
+        self.resets += 1
+        self.peak_alloc, self.peak_reserved = self.alloc, self.reserved
+
+    def nvml_sample(self) -> tuple[float, float, float]:
+        if self.nvml is None:
+            raise RuntimeError("no NVML here")
+        return self.nvml
+
+
+BASE = 1.0  # GiB held between steps (weights, optimizer state)
+TRAIN_SPIKES = [2, 5, 3, 15, 1, 2, 14.5, 3]  # GiB peak inside each training step 0..7
+VAL_SPIKES = [7, 6]  # one per validation run (end of epoch 0, end of epoch 1)
+TEST_SPIKE = 3
+
+
+class ScriptedModel(TinyImageModel):
+    """Each step drives the fake allocator: a spike during the step, back to BASE after it."""
+
+    fake: FakeCuda
+
+    def training_step(self, batch, batch_idx):
+        step = self.trainer.global_step
+        spike = TRAIN_SPIKES[step]
+        self.fake.use(spike, spike + 0.5)
+        self.fake.use(BASE)
+        if step == 5:
+            self.fake.retries += 2
+        if step == 6:
+            self.fake.ooms += 1
+        if step == 7:
+            self.fake.retries += 1
+        return super().training_step(batch, batch_idx)
+
+    def on_validation_start(self):
+        self.val_runs = getattr(self, "val_runs", -1) + 1
+
+    def validation_step(self, batch, batch_idx):
+        self.fake.use(VAL_SPIKES[self.val_runs])
+        self.fake.use(BASE)
+        return super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        self.fake.use(TEST_SPIKE)
+        self.fake.use(BASE)
+
+
+def _fit_scripted(tmp_path, monkeypatch, fake, **monitor_kwargs):
+    monkeypatch.setattr(_memory, "cuda_source", lambda trainer: fake)
+    model = ScriptedModel()
+    model.fake = fake
+    monitor = MemoryMonitor(every_n_steps=2, **monitor_kwargs)
+    trainer = make_trainer(tmp_path, max_steps=8, callbacks=[monitor])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, image_loader(64), image_loader(32))
+        trainer.test(model, image_loader(16))
+    ours = [str(w.message) for w in caught if "MemoryMonitor" in str(w.message)]
+    return trainer, ours
+
+
+def test_cuda_peaks_reset_per_window_and_phase_with_share_fragmentation_and_one_warning(tmp_path, monkeypatch, caplog):
+    fake = FakeCuda(total=16 * GIB)
+    with caplog.at_level(logging.INFO):
+        trainer, warned = _fit_scripted(tmp_path, monkeypatch, fake)
+    logged = _scalars(trainer.logger.log_dir)
+
+    def series(name):
+        return logged[f"memory/cuda/{name}"]
+
+    steps = [1, 3, 5, 7]  # 4 batches per epoch, 2 epochs, validation after steps 3 and 7
+    reserved = [max(s + 0.5 for s in TRAIN_SPIKES[: step + 1]) for step in steps]  # reserved only grows
+    window = [max(TRAIN_SPIKES[step - 1: step + 1]) for step in steps]  # 5, 15, 2 (not 15, not val's 7), 14.5
+    assert window == [5, 15, 2, 14.5]
+    assert series("peak_allocated_gib") == [(s, pytest.approx(w)) for s, w in zip(steps, window)]
+    assert series("peak_allocated_share") == [(s, pytest.approx(w / 16)) for s, w in zip(steps, window)]
+    assert series("peak_reserved_gib") == [(s, pytest.approx(r)) for s, r in zip(steps, reserved)]
+    assert series("peak_reserved_share") == [(s, pytest.approx(r / 16)) for s, r in zip(steps, reserved)]
+    assert series("allocated_gib") == [(s, pytest.approx(BASE)) for s in steps]
+    assert series("reserved_gib") == [(s, pytest.approx(r)) for s, r in zip(steps, reserved)]
+    assert series("fragmentation") == [(s, pytest.approx(1 - BASE / r)) for s, r in zip(steps, reserved)]
+    assert series("alloc_retries") == [(1, 0), (3, 0), (5, 2), (7, 1)]
+    assert series("ooms") == [(1, 0), (3, 0), (5, 0), (7, 1)]
+
+    # per phase: logged when the phase ends, reset for the next one
+    assert series("train_peak_allocated_gib") == [(4, 15), (8, 14.5)]
+    assert series("validation_peak_allocated_gib") == [(4, 7), (8, 6)]
+    assert series("test_peak_allocated_gib") == [(8, 3)]
+    assert series("train_peak_reserved_gib") == [(4, 15.5), (8, 15.5)]
+
+    # one warning each, though the share passed 0.9 twice and retries grew twice
+    assert len(warned) == 2, warned
+    assert "peak allocated CUDA memory reached 93.8% of the device's memory on rank 0 before step 3" in warned[0]
+    assert "retry 2 allocation(s) on rank 0 before step 5" in warned[1]
+
+    # without NVML, no GPU keys and one info line
+    assert not [k for k in logged if k.startswith("memory/gpu/")]
+    if not _memory.nvml_installed():
+        assert sum("NVML not found" in r.getMessage() for r in caplog.records) == 1
+
+    # every logged key is documented
+    assert set(k for k in logged if k.startswith("memory/")) <= set(MemoryMonitor.LOGGED_KEYS)
+
+
+def test_no_warning_below_threshold_and_nvml_means(tmp_path, monkeypatch):
+    monkeypatch.setattr(_memory, "nvml_installed", lambda: True)
+    fake = FakeCuda(total=64 * GIB, nvml=(40.0, 250.0, 61.0))
+    trainer, warned = _fit_scripted(tmp_path, monkeypatch, fake, warn_share=0.95, nvml_interval_sec=3600.0)
+    assert [w for w in warned if "peak allocated" in w] == []  # 15 / 64 < 0.95
+    logged = _scalars(trainer.logger.log_dir)
+    assert logged["memory/gpu/utilization_percent"] == [(s, 40.0) for s in (1, 3, 5, 7)]
+    assert logged["memory/gpu/power_watts"] == [(s, 250.0) for s in (1, 3, 5, 7)]
+    assert logged["memory/gpu/temperature_celsius"] == [(s, 61.0) for s in (1, 3, 5, 7)]
+
+
+def test_nvml_sampler_averages_since_last_take_and_survives_errors():
+    values = iter([(10.0, 100.0), (30.0, 300.0), RuntimeError("gone"), (50.0, 500.0)])
+
+    def read():
+        value = next(values)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    sampler = _memory.NvmlSampler(read, 3600.0)
+    assert sampler.take() is None
+    sampler.sample()
+    sampler.sample()
+    assert sampler.take() == (20.0, 200.0)
+    assert sampler.take() == (30.0, 300.0)  # nothing new: the latest sample
+    sampler.sample()  # raises inside: skipped
+    sampler.sample()
+    assert sampler.take() == (50.0, 500.0)
+
+    ticks = threading.Event()
+    thread_sampler = _memory.NvmlSampler(lambda: (ticks.set(), 1.0)[1:], 0.01)
+    thread_sampler.start()
+    assert ticks.wait(5.0) and thread_sampler._thread.daemon
+    thread_sampler.stop()
+    assert thread_sampler._thread is None
+
+
+# ------------------------------------------------------------------------------------------------ cost
+
+
+def test_no_work_and_no_sync_outside_logging_steps(tmp_path, monkeypatch):
+    fake = FakeCuda(total=16 * GIB)
+    monkeypatch.setattr(_memory, "cuda_source", lambda trainer: fake)
+    host_reads = []
+    real_host_memory = _memory.host_memory
+    monkeypatch.setattr(_memory, "host_memory", lambda: host_reads.append(1) or real_host_memory())
+
+    model = ScriptedModel()
+    model.fake = fake
+    trainer = make_trainer(tmp_path, max_steps=8, callbacks=[MemoryMonitor(every_n_steps=1000)])
+    with HostSyncCounter() as counter:
+        trainer.fit(model, image_loader(64))
+    assert counter.calls == []
+    assert host_reads == []
+    # allocator reads only at boundaries: train start, and entering + leaving each of the 2 epochs
+    assert fake.reads == 1 + 1 + 2 * 2 and fake.resets == fake.reads - 1
+
+    fake2 = FakeCuda(total=16 * GIB)
+    monkeypatch.setattr(_memory, "cuda_source", lambda trainer: fake2)
+    model.fake = fake2
+    trainer = make_trainer(tmp_path / "logging", max_steps=8, callbacks=[MemoryMonitor(every_n_steps=2)])
+    with HostSyncCounter() as counter:
+        trainer.fit(model, image_loader(64))
+    assert counter.calls == []  # one process: plain host numbers, no tensor at all
+    assert len(host_reads) == 4 and fake2.reads == 1 + 1 + 2 * 2 + 4
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+
+DDP_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+import psutil, torch
+from lightning.pytorch.callbacks import Callback
+from helpers import TinyImageModel, image_loader, make_trainer
+from lightning_monitor import MemoryMonitor
+
+EXTRA_MIB = 300
+
+class Recorder(Callback):
+    def __init__(self):
+        self.seen = {{}}
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1
+        if (step + 1) % 2 == 0:
+            self.seen[step] = psutil.Process().memory_info().rss
+
+class Heavy(TinyImageModel):
+    def on_train_start(self):
+        if self.global_rank == 1:
+            self.ballast = torch.ones(EXTRA_MIB * 2**18)  # written, so resident
+
+recorder = Recorder()
+trainer = make_trainer({root!r}, max_steps=4, strategy="ddp", devices=2, callbacks=[recorder, MemoryMonitor(every_n_steps=2)])
+trainer.fit(Heavy(), image_loader(64))
+with open(os.path.join({root!r}, f"rank{{trainer.global_rank}}.json"), "w") as f:
+    json.dump(recorder.seen, f)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_ddp_min_mean_max_and_max_rank_written_by_rank0(tmp_path):
+    root = tmp_path / "ddp"
+    root.mkdir()
+    script = tmp_path / "ddp_memory.py"
+    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), root=str(root)))
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=170)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    files = event_files(root)
+    assert len(files) == 1  # rank 0 wrote, rank 1 nothing
+    logged = _scalars(os.path.dirname(files[0]))
+    seen = [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for step in (1, 3):
+        at = {k: dict(v)[step] for k, v in logged.items() if k.startswith("memory/")}
+        rss = [seen[r][str(step)] / GIB for r in (0, 1)]
+        assert at["memory/host/rss_gib_max_rank"] == 1
+        assert at["memory/host/rss_gib_max"] == pytest.approx(rss[1], abs=0.01)
+        assert at["memory/host/rss_gib_min"] == pytest.approx(rss[0], abs=0.01)
+        assert at["memory/host/rss_gib"] == pytest.approx(at["memory/host/rss_gib_min"], abs=0.01)  # rank 0's
+        assert at["memory/host/rss_gib_mean"] == pytest.approx((at["memory/host/rss_gib_min"]
+                                                                + at["memory/host/rss_gib_max"]) / 2, rel=1e-6)
+        assert at["memory/host/rss_gib_max"] - at["memory/host/rss_gib_min"] > 0.25
+        # rank 1 is a subprocess of rank 0, not one of its DataLoader workers
+        assert at["memory/host/workers_rss_gib_max"] == 0 and at["memory/host/worker_processes_max"] == 0
+        assert at["memory/host/available_gib_max_rank"] in (0, 1)
+    keys = {k for k in logged if k.startswith("memory/")}
+    base = {k for k in MemoryMonitor.LOGGED_KEYS if "{" not in k and k.startswith("memory/host/")}
+    assert keys == base | {f"{k}_{agg}" for k in base for agg in ("min", "mean", "max", "max_rank")}
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+class PeakRecorder(Callback):
+    """Before MemoryMonitor in the callback list: torch's own peak for the window the monitor is about to read."""
+
+    def __init__(self) -> None:
+        self.peaks = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1
+        if (step + 1) % 2 == 0:
+            self.peaks[step] = torch.cuda.max_memory_allocated() / GIB
+
+
+@pytest.mark.gpu
+def test_real_cuda_peak_matches_max_memory_allocated(tmp_path):
+    recorder = PeakRecorder()
+    trainer = make_trainer(tmp_path, accelerator="cuda", max_steps=6,
+                           callbacks=[recorder, MemoryMonitor(every_n_steps=2)])
+    trainer.fit(TinyImageModel(), image_loader(128, batch_size=32))
+    logged = _scalars(trainer.logger.log_dir)
+    assert [s for s, _ in logged["memory/cuda/peak_allocated_gib"]] == [1, 3, 5]
+    for step, value in logged["memory/cuda/peak_allocated_gib"]:
+        assert value == pytest.approx(recorder.peaks[step], rel=1e-6) and value > 0
+    total = torch.cuda.get_device_properties(0).total_memory / GIB
+    for (_, share), (_, peak) in zip(logged["memory/cuda/peak_allocated_share"], logged["memory/cuda/peak_allocated_gib"]):
+        assert share == pytest.approx(peak / total, rel=1e-5)
+    assert 0 <= logged["memory/cuda/fragmentation"][-1][1] < 1
