@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
+import atexit
 import glob
 import hashlib
 import importlib.util
 import inspect
-import netrc
 import os
 import re
-import socket
+import weakref
 from argparse import Namespace
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
-from urllib.parse import urlparse
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from lightning_monitor import _wandb_run
 from lightning_monitor._backends import log_histogram_to, log_images_to, log_text_to
 from lightning_monitor._media import HistogramData, make_histogram, to_uint8_hwc
 
 #: seconds between TensorBoard flushes; TensorBoard's own default (120 s) is too slow to watch a run live.
 DEFAULT_FLUSH_SECS = 2
-_WANDB_PIP = "pip install wandb"
-_NETWORK_TIMEOUT_SEC = 2.0
 
 
 class MultiLogger(Logger):
@@ -36,34 +34,38 @@ class MultiLogger(Logger):
 
     It composes Lightning's own :class:`~lightning.pytorch.loggers.TensorBoardLogger` and
     :class:`~lightning.pytorch.loggers.WandbLogger` and adds what they lack in common: histograms, images and
-    text. Both backends describe one run: TensorBoard writes to ``save_dir/name/version`` and the wandb run,
-    stored inside that directory, is called ``name/version`` with an id derived from the run directory, so
-    starting again with the same ``version`` appends to the same TensorBoard run and resumes the same wandb run.
-    Every value is written at the step it is given (the trainer's ``global_step``) to both sides; wandb plots it
-    against ``trainer/global_step``.
+    text. Both backends describe one run: TensorBoard writes to ``save_dir/name/version``; the wandb run is stored
+    inside that directory, is called ``name/version`` and has an id derived from the run directory, so starting
+    again with the same ``version`` (resuming from a checkpoint) appends to the same TensorBoard run and resumes the
+    same wandb run. Every value lands at the step it is given (``trainer.global_step``) on both sides; wandb plots
+    it against ``trainer/global_step``.
 
-    wandb never blocks training: without an API key, network, or with ``WANDB_MODE=offline`` it runs offline,
-    says so once with the ``wandb sync`` command to upload later, and never prompts.
+    wandb never blocks training: without an API key or network, or with ``WANDB_MODE=offline``, it runs offline,
+    says so once with the ``wandb sync`` command to upload later, and never prompts. See the README's "Failure
+    behaviour" for what happens when a backend breaks mid-run.
 
-    The logger itself logs no keys of its own:
+    Logged keys (only when a run ends badly):
 
-    ====  =======
-    key   meaning
-    ====  =======
-    ====  =======
+    ==============  ===============================================================================
+    key             meaning
+    ==============  ===============================================================================
+    run/status      text written to TensorBoard when the run ends with a status other than success
+    ==============  ===============================================================================
 
     Args:
         save_dir: root directory of all runs.
         name: experiment name: ``save_dir/name`` holds its versions; also the default wandb project.
         version: run version; ``None`` takes the next free ``version_N``. Pass the version of an earlier run
             (e.g. when resuming from its checkpoint) to continue that run.
+        prefix: put before every metric key (``prefix-key``), as Lightning's loggers do.
         tensorboard: ``True``, ``False`` or a dict of options for ``TensorBoardLogger`` / ``SummaryWriter``
             (e.g. ``{"flush_secs": 10, "log_graph": True}``).
         wandb: ``True``, ``False`` or a dict of options for ``WandbLogger`` / ``wandb.init`` (e.g.
             ``{"project": "x", "entity": "y", "mode": "offline", "tags": [...]}``).
 
     Raises:
-        ValueError: an unknown option, or a ``save_dir`` that cannot be created.
+        ValueError: an unknown option or a bad value.
+        NotADirectoryError, PermissionError: a ``save_dir`` that cannot be created or written.
         ModuleNotFoundError: wandb asked for but not installed.
 
     Example::
@@ -71,13 +73,16 @@ class MultiLogger(Logger):
         trainer = Trainer(logger=MultiLogger(save_dir="runs", name="mnist"), callbacks=[GradientMonitor()])
     """
 
-    LOGGED_KEYS: dict[str, str] = {}
+    LOGGED_KEYS: dict[str, str] = {
+        "run/status": "text written to TensorBoard when the run ends with a status other than success",
+    }
 
     def __init__(
         self,
         save_dir: Union[str, os.PathLike] = "runs",
-        name: str = "lightning_monitor",
+        name: str = "lightning_logs",
         version: Optional[Union[int, str]] = None,
+        prefix: str = "",
         tensorboard: Union[bool, dict[str, Any]] = True,
         wandb: Union[bool, dict[str, Any]] = True,
     ) -> None:
@@ -92,17 +97,19 @@ class MultiLogger(Logger):
         self._wandb_options = _options("wandb", wandb)
         if self._wandb_options is not None:
             if importlib.util.find_spec("wandb") is None:
-                raise ModuleNotFoundError(f"MultiLogger(wandb=...) needs wandb: `{_WANDB_PIP}`, or pass wandb=False")
-            _check_keys("wandb", self._wandb_options, _wandb_keys())
-        self._tensorboard_on = tb_options is not None
-        tb_kwargs = {"default_hp_metric": False, "flush_secs": DEFAULT_FLUSH_SECS, **(tb_options or {})}
+                raise ModuleNotFoundError("MultiLogger(wandb=...) needs wandb: `pip install wandb`, or pass wandb=False")
+            _check_keys("wandb", self._wandb_options, _wandb_run.option_keys())
+            self._wandb_options.setdefault("prefix", prefix)
+        tb_kwargs = {"default_hp_metric": False, "flush_secs": DEFAULT_FLUSH_SECS, "prefix": prefix, **(tb_options or {})}
         # Built even when TensorBoard is off: it owns the run directory and the version numbering.
         self._tb = TensorBoardLogger(save_dir, name=name, version=version, **tb_kwargs)
         self._tb_hp_metric = bool(tb_kwargs["default_hp_metric"])
+        self._tb_on = tb_options is not None
+        self._tb_started = False  # has the SummaryWriter been made and its first write succeeded?
+        self._tb_purge_pending = False
         self._wandb: Optional[Any] = None  # WandbLogger, made on first use on rank 0
         self._wandb_failed = False
-        self._tb_resumed: Optional[bool] = None  # did the run directory hold event files before we wrote?
-        self._tb_purge_pending = False
+        self._last_step = 0
 
     # ------------------------------------------------------------------ identity
     @property
@@ -135,28 +142,27 @@ class MultiLogger(Logger):
     def run_id(self) -> str:
         """The wandb run id: ``name-version-<hash of the absolute run directory>``; stable across restarts."""
         digest = hashlib.sha1(os.path.abspath(self.log_dir).encode()).hexdigest()[:8]
-        version = self.version if isinstance(self.version, str) else f"version_{self.version}"
-        return _slug(f"{self.name}-{version}-{digest}")
+        return _slug(f"{self.name}-{self._version_name()}-{digest}")
 
     @property
     def tensorboard(self) -> Optional[TensorBoardLogger]:
         """Lightning's TensorBoardLogger behind this logger, or ``None`` when TensorBoard is off."""
-        return self._tb if self._tensorboard_on else None
+        return self._tb if self._tb_on else None
 
     @property
     def wandb(self) -> Optional[Any]:
-        """Lightning's WandbLogger behind this logger (made on first use), or ``None`` when wandb is off."""
+        """Lightning's WandbLogger behind this logger (its run starts on first use), or ``None`` when off."""
         if self._wandb_options is None or self._wandb_failed:
             return None
-        if self._wandb is None:
-            self._wandb = self._make_wandb()
+        if self._wandb is None and rank_zero_only.rank == 0:
+            self._wandb = self._start_wandb()
         return self._wandb
 
     @property
     @rank_zero_experiment
     def experiment(self) -> Any:
         """The TensorBoard ``SummaryWriter`` (or the wandb run when TensorBoard is off)."""
-        if self._tensorboard_on:
+        if self._tb_on:
             return self._tb_writer()
         return self.wandb.experiment if self.wandb is not None else None
 
@@ -165,20 +171,19 @@ class MultiLogger(Logger):
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
         scalars = {key: _scalar(key, value) for key, value in metrics.items()}
-        if self._tensorboard_on:
-            self._before_tb_write(step)
-            self._tb.log_metrics(scalars, step)
-        self._to_wandb(lambda w: w.log_metrics(scalars, step))
+        self._to_tensorboard(step, lambda tb: tb.log_metrics(scalars, step))
+        self._to_wandb(lambda wb: wb.log_metrics(scalars, step))
 
     @override
     @rank_zero_only
     def log_hyperparams(self, params: Union[dict[str, Any], Namespace], *args: Any, **kwargs: Any) -> None:
-        if self._tensorboard_on:
-            self._before_tb_write(None)
-            self._tb.log_hyperparams(params, *args, **kwargs)
+        def to_tensorboard(tb: TensorBoardLogger) -> None:
+            tb.log_hyperparams(params, *args, **kwargs)
             if not self._tb_hp_metric and not (args or kwargs.get("metrics")):
                 self._tb_hparams_table(params)
-        self._to_wandb(lambda w: w.log_hyperparams(params))
+
+        self._to_tensorboard(None, to_tensorboard)
+        self._to_wandb(lambda wb: wb.log_hyperparams(params))
 
     @rank_zero_only
     def log_histogram(
@@ -197,8 +202,8 @@ class MultiLogger(Logger):
         ``min/max/num/sum/sum_squares`` when the counts were computed from a sample.
         """
         hist = values if isinstance(values, HistogramData) else make_histogram(values, edges, bins, key, stats)
-        for logger in self._children(step):
-            log_histogram_to(logger, key, hist, step)
+        self._to_tensorboard(step, lambda tb: log_histogram_to(tb, key, hist, step))
+        self._to_wandb(lambda wb: log_histogram_to(wb, key, hist, step))
 
     @rank_zero_only
     def log_image(
@@ -218,52 +223,54 @@ class MultiLogger(Logger):
         captions = [caption] * len(arrays) if isinstance(caption, str) else caption
         if captions is not None and len(captions) != len(arrays):
             raise ValueError(f"image {key!r}: {len(arrays)} images but {len(captions)} captions")
-        for logger in self._children(step):
-            log_images_to(logger, key, arrays, step, captions)
+        self._to_tensorboard(step, lambda tb: log_images_to(tb, key, arrays, step, captions))
+        self._to_wandb(lambda wb: log_images_to(wb, key, arrays, step, captions))
 
     @rank_zero_only
     def log_text(self, key: str, text: str, step: Optional[int] = None) -> None:
         """Log a piece of text (TensorBoard's text tab, a one-cell table in wandb)."""
-        for logger in self._children(step):
-            log_text_to(logger, key, text, step)
+        self._to_tensorboard(step, lambda tb: log_text_to(tb, key, text, step))
+        self._to_wandb(lambda wb: log_text_to(wb, key, text, step))
 
     @override
+    @rank_zero_only
     def log_graph(self, model: torch.nn.Module, input_array: Optional[torch.Tensor] = None) -> None:
-        if self._tensorboard_on:
-            self._tb.log_graph(model, input_array)
+        self._to_tensorboard(None, lambda tb: tb.log_graph(model, input_array))
 
     # ------------------------------------------------------------------ lifecycle
     @override
     @rank_zero_only
     def save(self) -> None:
-        if self._tensorboard_on and self._tb_resumed is not None:
-            self._tb.save()
+        if self._tb_started:
+            self._to_tensorboard(None, lambda tb: tb.save())
 
     @override
     @rank_zero_only
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
-        self._to_wandb(lambda w: w.after_save_checkpoint(checkpoint_callback))
+        self._to_wandb(lambda wb: wb.after_save_checkpoint(checkpoint_callback))
 
     @override
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        """Flush and close both backends; the wandb run is finished (marked failed unless ``status`` is success).
+        """Flush and close both backends; the wandb run is finished (failed unless ``status`` is success).
 
         One backend failing does not stop the other from being flushed. After a successful run the first error
-        is raised; after a failed run it is only warned about, so it never masks the training exception.
+        is raised; after a failed or interrupted run it is only warned about, so it never masks the training
+        exception.
         """
         errors: list[BaseException] = []
-        if self._tensorboard_on and self._tb_resumed is not None:
+        if self._tb_started and self._tb_on:
             try:
+                if status != "success":
+                    self._tb_writer().add_text("run/status", status, global_step=self._last_step)
                 self._tb.finalize(status)
             except Exception as err:  # noqa: BLE001 - the other backend must still be flushed
                 errors.append(err)
         if self._wandb is not None:
-            wandb_logger, self._wandb = self._wandb, None  # a later fit/test makes a fresh one (same id)
+            wandb_logger, self._wandb = self._wandb, None  # a later fit/test resumes the run with the same id
             try:
                 wandb_logger.finalize(status)
-                if wandb_logger._experiment is not None:
-                    wandb_logger._experiment.finish(exit_code=0 if status == "success" else 1)
+                _wandb_run.finish(wandb_logger.experiment, exit_code=0 if status == "success" else 1)
             except Exception as err:  # noqa: BLE001
                 errors.append(err)
         for err in errors:
@@ -271,29 +278,52 @@ class MultiLogger(Logger):
                 raise err
             rank_zero_warn(f"MultiLogger.finalize({status!r}): {type(err).__name__}: {err}")
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_wandb"] = None  # a live run does not pickle; the copy resumes it by id when it first logs
+        return state
+
     # ------------------------------------------------------------------ internals
-    def _children(self, step: Optional[int]) -> Iterator[Logger]:
-        if self._tensorboard_on:
-            self._before_tb_write(step)
-            yield self._tb
-        if self.wandb is not None:
-            yield self.wandb
+    def _version_name(self) -> str:
+        return self.version if isinstance(self.version, str) else f"version_{self.version}"
 
     def _tb_writer(self) -> Any:
-        if self._tb_resumed is None:
-            self._tb_resumed = bool(glob.glob(os.path.join(self.log_dir, "events.out.tfevents.*")))
-            self._tb_purge_pending = self._tb_resumed
+        if not self._tb_started:
+            self._tb_purge_pending = bool(glob.glob(os.path.join(self.log_dir, "events.out.tfevents.*")))
+            writer = self._tb.experiment
+            # Write the event file's header now, so an unwritable or full disk fails here, before training,
+            # with a clear message instead of at some later step.
+            try:
+                writer.flush()
+            except Exception as err:
+                raise _tb_error(self.log_dir, err) from err
+            self._tb_started = True
+            _flush_at_exit(self)
         return self._tb.experiment
 
-    def _before_tb_write(self, step: Optional[int]) -> None:
+    def _to_tensorboard(self, step: Optional[int], call: Callable[[TensorBoardLogger], Any]) -> None:
+        if not self._tb_on:
+            return
         writer = self._tb_writer()
-        if self._tb_purge_pending and step is not None:
-            # Continuing an earlier run: TensorBoard drops that run's points at steps >= `step` (those the earlier
-            # run logged after the checkpoint we resumed from), so the series stays one strictly increasing line.
-            from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        if step is not None:
+            self._last_step = max(self._last_step, int(step))
+        try:
+            if self._tb_purge_pending and step is not None:
+                # Continuing an earlier run: TensorBoard drops that run's points at steps >= `step` (those the
+                # earlier run logged after the checkpoint we resumed from): the series stays strictly increasing.
+                from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-            writer._get_file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
-            self._tb_purge_pending = False
+                writer._get_file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+                self._tb_purge_pending = False
+            call(self._tb)
+        except Exception as err:
+            if _os_error(err) is None:
+                raise  # a bad value or a bug: the caller should see it as it is
+            self._tb_on = False
+            rank_zero_warn(
+                f"{_tb_error(self.log_dir, err)}. TensorBoard logging stops here; training goes on"
+                + (" and wandb keeps logging." if self.wandb is not None else ".")
+            )
 
     def _tb_hparams_table(self, params: Union[dict[str, Any], Namespace]) -> None:
         """TensorBoard's HParams tab without Lightning's placeholder ``hp_metric = -1`` scalar."""
@@ -305,44 +335,81 @@ class MultiLogger(Logger):
         for summary in hparams(flat, {}):
             writer.add_summary(summary)
 
-    def _to_wandb(self, call: Any) -> None:
-        if self.wandb is not None:
-            call(self.wandb)
+    def _to_wandb(self, call: Callable[[Any], Any]) -> None:
+        wandb_logger = self.wandb
+        if wandb_logger is None:
+            return
+        try:
+            call(wandb_logger)
+        except Exception as err:  # noqa: BLE001 - wandb must never stop training
+            self._wandb_failed = True
+            where = getattr(wandb_logger.experiment, "dir", None)
+            rank_zero_warn(
+                f"wandb stopped working ({type(err).__name__}: {err}); TensorBoard keeps logging"
+                f"{'' if self._tb_on else ' (but TensorBoard is off: nothing more is logged)'}."
+                + (f" What wandb had received is in {os.path.dirname(where)}." if where else "")
+            )
 
-    def _make_wandb(self) -> Any:
+    def _start_wandb(self) -> Optional[Any]:
         from lightning.pytorch.loggers import WandbLogger
 
         options = dict(self._wandb_options or {})
-        mode, reason = _wandb_mode(options)
-        version = self.version if isinstance(self.version, str) else f"version_{self.version}"
-        kwargs: dict[str, Any] = {
-            "name": f"{self.name}/{version}",
+        mode, reason = _wandb_run.decide_mode(options)
+        logger_kwargs = {key: options.pop(key) for key in _wandb_run.LOGGER_ONLY_KEYS if key in options}
+        init: dict[str, Any] = {
+            "name": f"{self.name}/{self._version_name()}",
             "project": os.environ.get("WANDB_PROJECT", self.name),
             "id": self.run_id,
-            "save_dir": self.log_dir,
-            "mode": mode,
+            "dir": self.log_dir,
             "resume": "allow",
+            "reinit": "create_new",  # a second fit in this process gets its own run
+            **options,
         }
-        kwargs.update(options)
-        logger = WandbLogger(**kwargs)
-        if rank_zero_only.rank == 0:
-            os.makedirs(self.log_dir, exist_ok=True)
-            try:
-                run = logger.experiment
-            except Exception as err:  # noqa: BLE001 - wandb must never stop training
-                self._wandb_failed = True
-                rank_zero_warn(
-                    f"wandb could not start ({type(err).__name__}: {err}); logging to TensorBoard only."
-                    " Pass wandb={'mode': 'offline'} to keep a local wandb run."
-                )
-                return None
-            if mode == "offline":
-                run_dir = os.path.dirname(run.dir) if getattr(run, "dir", None) else self.log_dir
-                rank_zero_info(f"wandb is logging offline ({reason}). Upload the run later with: wandb sync {run_dir}")
-        return logger
+        os.makedirs(self.log_dir, exist_ok=True)
+        run = _wandb_run.start(init, mode, reason)
+        if run is None:
+            self._wandb_failed = True
+            return None
+        return WandbLogger(experiment=run, **logger_kwargs)
 
 
 # ---------------------------------------------------------------------- helpers
+_open_loggers: "weakref.WeakSet[MultiLogger]" = weakref.WeakSet()
+
+
+def _flush_at_exit(logger: MultiLogger) -> None:
+    """At a normal interpreter exit without ``finalize``, flush what TensorBoard still holds in memory (its writer
+    thread is a daemon and would drop it). wandb finishes its own runs at exit."""
+    if not _open_loggers:
+        atexit.register(_flush_open_loggers)
+    _open_loggers.add(logger)
+
+
+def _flush_open_loggers() -> None:
+    for logger in list(_open_loggers):
+        if logger._tb_on and logger._tb._experiment is not None:
+            try:
+                logger._tb._experiment.flush()
+            except Exception:  # noqa: BLE001 - nothing left to tell at exit
+                pass
+
+
+def _os_error(err: BaseException) -> Optional[OSError]:
+    while err is not None:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _tb_error(log_dir: str, err: BaseException) -> OSError:
+    cause = _os_error(err) or err
+    detail = getattr(cause, "strerror", None) or str(cause)
+    errno = getattr(cause, "errno", None)
+    message = f"TensorBoard cannot write to {log_dir}: {detail}"
+    return OSError(errno, message) if errno else OSError(message)
+
+
 def _options(backend: str, value: Union[bool, dict, None]) -> Optional[dict[str, Any]]:
     if value is False or value is None:
         return None
@@ -359,28 +426,13 @@ def _check_keys(backend: str, options: Mapping[str, Any], allowed: set[str]) -> 
         raise ValueError(f"Unknown {backend} option(s) {unknown}. Valid options: {sorted(allowed)}")
 
 
-def _signature_keys(*functions: Any) -> set[str]:
-    keys: set[str] = set()
-    for function in functions:
-        for param in inspect.signature(function).parameters.values():
-            if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL) and param.name != "self":
-                keys.add(param.name)
-    return keys
-
-
 def _tensorboard_keys() -> set[str]:
     from torch.utils.tensorboard import SummaryWriter
 
-    return _signature_keys(TensorBoardLogger.__init__, SummaryWriter.__init__) - {
-        "save_dir", "name", "version", "log_dir", "logdir", "comment"
-    }
-
-
-def _wandb_keys() -> set[str]:
-    import wandb
-    from lightning.pytorch.loggers import WandbLogger
-
-    return _signature_keys(WandbLogger.__init__, wandb.init) - {"save_dir", "dir", "version", "experiment"}
+    keys: set[str] = set()
+    for function in (TensorBoardLogger.__init__, SummaryWriter.__init__):
+        keys |= {p for p in inspect.signature(function).parameters if p not in ("self", "kwargs")}
+    return keys - {"save_dir", "name", "version", "log_dir", "logdir", "comment"}
 
 
 def _check_writable(path: str) -> None:
@@ -407,9 +459,7 @@ def _scalar(key: str, value: Any) -> Union[int, float]:
         if value.size != 1:
             raise ValueError(f"metric {key!r} must be a scalar, got an array of shape {value.shape}")
         value = value.reshape(()).item()
-    if isinstance(value, (bool, np.bool_)):
-        return int(value)
-    if isinstance(value, (int, np.integer)):
+    if isinstance(value, (bool, np.bool_, int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
         return float(value)
@@ -418,34 +468,3 @@ def _scalar(key: str, value: Any) -> Union[int, float]:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")[:120]
-
-
-def _wandb_mode(options: dict[str, Any]) -> tuple[str, str]:
-    """Decide online/offline without ever prompting; pops ``mode``/``offline`` from ``options``."""
-    if "mode" in options:
-        return options.pop("mode"), "asked for"
-    if options.pop("offline", False):
-        return "offline", "offline=True"
-    env = os.environ.get("WANDB_MODE")
-    if env:
-        return ("offline" if env == "dryrun" else env), f"WANDB_MODE={env}"
-    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    host = urlparse(base_url).hostname or "api.wandb.ai"
-    if not _has_api_key(host):
-        return "offline", "no W&B API key: set WANDB_API_KEY or run `wandb login`"
-    port = urlparse(base_url).port or (443 if base_url.startswith("https") else 80)
-    try:
-        socket.create_connection((host, port), timeout=_NETWORK_TIMEOUT_SEC).close()
-    except OSError:
-        return "offline", f"{host}:{port} is unreachable"
-    return "online", ""
-
-
-def _has_api_key(host: str) -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
-    try:
-        return netrc.netrc(path).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
