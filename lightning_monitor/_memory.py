@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import multiprocessing
+import os
 import threading
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -74,7 +75,7 @@ def host_memory() -> HostMemory:
     the copy-on-write pages it still shares with the main process, as ``ps`` and ``top`` show it.
     """
     global _process
-    if _process is None or _process.pid != psutil.Process().pid:
+    if _process is None or _process.pid != os.getpid():  # a new process after fork/spawn
         _process = psutil.Process()
     workers_rss, workers = 0, 0
     for child in multiprocessing.active_children():

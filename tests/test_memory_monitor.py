@@ -63,7 +63,8 @@ def test_bad_arguments_are_echoed(kwargs, match):
 
 def test_defaults_and_pickle_without_the_sampler_thread():
     monitor = MemoryMonitor()
-    assert (monitor.every_n_steps, monitor.warn_share, monitor.nvml, monitor.nvml_interval_sec) == (None, 0.9, True, 2.0)
+    defaults = (monitor.every_n_steps, monitor.warn_share, monitor.nvml, monitor.nvml_interval_sec)
+    assert defaults == (None, 0.9, True, 2.0)
     monitor._sampler = _memory.NvmlSampler(lambda: (1.0,), 1000.0)
     monitor._sampler.start()
     try:
@@ -71,6 +72,20 @@ def test_defaults_and_pickle_without_the_sampler_thread():
     finally:
         monitor._sampler.stop()
     assert clone._sampler is None and clone.warn_share == 0.9
+
+
+def test_configurable_from_lightningcli_yaml():
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_argument("--callbacks", type=list[Callback])
+    cfg = parser.parse_string(textwrap.dedent("""
+        callbacks:
+          - class_path: lightning_monitor.MemoryMonitor
+            init_args: {every_n_steps: 5, warn_share: 0.8, nvml: false, nvml_interval_sec: 10}
+    """))
+    (monitor,) = parser.instantiate_classes(cfg).callbacks
+    assert isinstance(monitor, MemoryMonitor)
+    assert (monitor.every_n_steps, monitor.warn_share, monitor.nvml, monitor.nvml_interval_sec) == (5, 0.8, False, 10.0)
 
 
 # ------------------------------------------------------------------------------------------------ host, for real
@@ -361,7 +376,8 @@ class Heavy(TinyImageModel):
             self.ballast = torch.ones(EXTRA_MIB * 2**18)  # written, so resident
 
 recorder = Recorder()
-trainer = make_trainer({root!r}, max_steps=4, strategy="ddp", devices=2, callbacks=[recorder, MemoryMonitor(every_n_steps=2)])
+trainer = make_trainer({root!r}, max_steps=4, strategy="ddp", devices=2,
+                       callbacks=[recorder, MemoryMonitor(every_n_steps=2)])
 trainer.fit(Heavy(), image_loader(64))
 with open(os.path.join({root!r}, f"rank{{trainer.global_rank}}.json"), "w") as f:
     json.dump(recorder.seen, f)
@@ -421,12 +437,13 @@ def test_real_cuda_peak_matches_max_memory_allocated(tmp_path):
     recorder = PeakRecorder()
     trainer = make_trainer(tmp_path, accelerator="cuda", max_steps=6,
                            callbacks=[recorder, MemoryMonitor(every_n_steps=2)])
-    trainer.fit(TinyImageModel(), image_loader(128, batch_size=32))
+    trainer.fit(TinyImageModel(), image_loader(256, batch_size=32))  # one epoch: windows inside it
     logged = _scalars(trainer.logger.log_dir)
     assert [s for s, _ in logged["memory/cuda/peak_allocated_gib"]] == [1, 3, 5]
     for step, value in logged["memory/cuda/peak_allocated_gib"]:
         assert value == pytest.approx(recorder.peaks[step], rel=1e-6) and value > 0
     total = torch.cuda.get_device_properties(0).total_memory / GIB
-    for (_, share), (_, peak) in zip(logged["memory/cuda/peak_allocated_share"], logged["memory/cuda/peak_allocated_gib"]):
+    shares, peaks = logged["memory/cuda/peak_allocated_share"], logged["memory/cuda/peak_allocated_gib"]
+    for (_, share), (_, peak) in zip(shares, peaks):
         assert share == pytest.approx(peak / total, rel=1e-5)
     assert 0 <= logged["memory/cuda/fragmentation"][-1][1] < 1
