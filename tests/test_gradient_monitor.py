@@ -1,0 +1,432 @@
+"""GradientMonitor: values read back from TensorBoard and wandb against independent torch computations."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import re
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from helpers import TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.nn import functional as F
+
+from lightning_monitor import GradientMonitor, MultiLogger
+from lightning_monitor._grad_stats import bin_counts, sample_stride, summarize
+from lightning_monitor.testing import HostSyncCounter
+
+PARAMS = ["conv.weight", "conv.bias", "head.weight", "head.bias"]
+
+
+class GradCapture(pl.Callback):
+    """Independent record of what the optimizer is about to see: grads and weights per optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads: dict[int, dict[str, torch.Tensor]] = {}
+        self.before: dict[int, dict[str, torch.Tensor]] = {}
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+        self.calls: list[int] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        step = trainer.global_step
+        self.calls.append(step)
+        self.grads[step] = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+        self.before[step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.calls:
+            self.after[self.calls[-1]] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+def _multi_logger() -> MultiLogger:
+    # absolute: wandb's service process keeps the cwd of the first test and would resolve "runs" against it
+    return MultiLogger(save_dir=os.path.abspath("runs"), name="gm")
+
+
+def _norm(tensors) -> float:
+    return float(torch.linalg.vector_norm(torch.cat([t.reshape(-1).double() for t in tensors])))
+
+
+def _fit(monitor: GradientMonitor, model: pl.LightningModule | None = None, loader=None, **kwargs):
+    torch.manual_seed(0)
+    capture = GradCapture()
+    kwargs.setdefault("logger", _multi_logger())
+    trainer = make_trainer(".", callbacks=[monitor, capture], **kwargs)
+    trainer.fit(model or TinyImageModel(), loader or image_loader())
+    return trainer, capture
+
+
+def _acc(root: str = "runs") -> Any:
+    """TensorBoard events of the one run under ``root``."""
+    (path,) = event_files(root)
+    return tb_accumulator(os.path.dirname(path))
+
+
+def _tb_scalars(acc, tag) -> dict[int, float]:
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_norms_and_histograms_match_torch_in_tensorboard_and_wandb():
+    trainer, capture = _fit(GradientMonitor(max_hist_elements=None, per_param_norms=True), max_steps=4)
+    acc = _acc()
+    (run,) = find_runs("runs")
+    logged = [1, 3]
+    for step in logged:
+        grads = capture.grads[step]
+        expected = {
+            "grad/norm_total": _norm(grads.values()),
+            "grad/norm/conv": _norm([grads["conv.weight"], grads["conv.bias"]]),
+            "grad/norm/head": _norm([grads["head.weight"], grads["head.bias"]]),
+            **{f"grad/norm_param/{n}": _norm([grads[n]]) for n in PARAMS},
+        }
+        for key, value in expected.items():
+            assert _tb_scalars(acc, key)[step] == pytest.approx(value, rel=1e-5), key
+            assert dict(run.series(key))[step] == pytest.approx(value, rel=1e-6), key
+        for name in PARAMS:
+            g = grads[name].reshape(-1).double()
+            ref_counts, ref_edges = torch.histogram(g.float(), bins=64, range=(float(g.min()), float(g.max())))
+            tb = next(e for e in acc.Histograms(f"grad/hist/{name}") if e.step == step).histogram_value
+            assert sum(tb.bucket) == g.numel()
+            np.testing.assert_array_equal(tb.bucket, ref_counts.numpy())
+            np.testing.assert_allclose(tb.bucket_limit, ref_edges[1:].numpy(), rtol=1e-5, atol=1e-7)
+            assert (tb.min, tb.max, tb.num) == pytest.approx((float(g.min()), float(g.max()), g.numel()), rel=1e-6)
+            assert tb.sum == pytest.approx(float(g.sum()), abs=1e-5 * float(g.abs().sum()))  # float32 summation
+            assert tb.sum_squares == pytest.approx(float(g.square().sum()), rel=1e-5)
+            wb = dict(run.series(f"grad/hist/{name}"))[step]
+            assert wb["values"] == ref_counts.long().tolist()
+            np.testing.assert_allclose(wb["bins"], ref_edges.numpy(), rtol=1e-5, atol=1e-7)
+    assert sorted(_tb_scalars(acc, "grad/norm_total")) == logged
+    assert [s for s, _ in run.series("grad/norm_total")] == logged
+
+
+def test_sampled_histogram_keeps_exact_stats_and_scales_counts():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 333, generator=g)
+    row = summarize([x], [x.double().square().sum()], 32, 10_000, "minmax")[0].numpy()
+    stride = sample_stride(x.numel(), 10_000)
+    assert stride == 37  # smallest prime >= ceil(333000 / 10000) = 34
+    xd = x.double()
+    assert row[:5] == pytest.approx([float(xd.min()), float(xd.max()), float(xd.sum()), float(xd.square().sum()), x.numel()], rel=1e-5, abs=0.05)
+    assert row[7:].sum() == pytest.approx(x.numel())
+    sample = x.reshape(-1)[::stride]
+    ref, _ = torch.histogram(sample, bins=32, range=(float(x.min()), float(x.max())))
+    np.testing.assert_allclose(row[7:], ref.numpy() * x.numel() / sample.numel(), rtol=1e-6)
+
+
+def test_bin_counts_edge_cases():
+    zero = torch.zeros(10)
+    assert bin_counts(zero, zero.min(), zero.max(), 4).tolist() == [10, 0, 0, 0]
+    x = torch.tensor([-5.0, 0.1, 0.2, 9.0])  # fixed range [0, 1]: outside values go to the edge bins
+    assert bin_counts(x, torch.tensor(0.0), torch.tensor(1.0), 2).tolist() == [3, 1]
+
+
+def test_gradient_accumulation_logs_once_per_optimizer_step():
+    trainer, capture = _fit(GradientMonitor(every_n_steps=1), max_steps=3, accumulate_grad_batches=2)
+    assert capture.calls == [0, 1, 2]
+    scalars = _tb_scalars(_acc(), "grad/norm_total")
+    assert sorted(scalars) == [0, 1, 2]
+    for step, value in scalars.items():
+        assert value == pytest.approx(_norm(capture.grads[step].values()), rel=1e-5)
+    hist_steps = [e.step for e in _acc().Histograms("grad/hist/head.weight")]
+    assert hist_steps == [0, 1, 2]
+
+
+def _reference_grad_norm(model: pl.LightningModule, batch) -> float:
+    model = copy.deepcopy(model)
+    x, y = batch
+    F.nll_loss(model(x), y).backward()
+    return _norm([p.grad for p in model.parameters()])
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_amp_logs_unscaled_gradients(precision):
+    """bf16 autocast on CPU; fp16 autocast with a GradScaler (``Trainer(precision="16-mixed")`` on CPU silently
+    becomes bf16-mixed, so the fp16 case passes Lightning's ``MixedPrecision`` plugin explicitly)."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    model = TinyImageModel()
+    loader = image_loader(n=16, batch_size=16)
+    reference = _reference_grad_norm(model, next(iter(loader)))
+    amp = dict(precision=precision) if precision == "bf16-mixed" else dict(plugins=[MixedPrecision("16-mixed", "cpu")])
+    trainer, capture = _fit(GradientMonitor(every_n_steps=1), model, loader, max_steps=1, **amp)
+    if precision == "16-mixed":
+        assert trainer.precision_plugin.scaler is not None and trainer.precision_plugin.scaler.get_scale() > 1000
+    logged = _tb_scalars(_acc(), "grad/norm_total")[0]
+    assert logged == pytest.approx(reference, rel=0.05)  # a scaled gradient would be ~65536x larger
+
+
+class NaNModel(TinyImageModel):
+    """Puts 3 NaN and 1 Inf into ``head.weight``'s gradient at the optimizer steps in ``bad_steps``."""
+
+    def __init__(self, bad_steps=(1,), optimizer: str = "sgd", repair: bool = False) -> None:
+        super().__init__()
+        self.bad_steps = set(bad_steps)
+        self.optimizer_name = optimizer
+        self.repair = repair
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.repair:  # runs after the callbacks' hook: keeps the weights finite so later steps are clean
+            for p in self.parameters():
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def on_after_backward(self) -> None:
+        if self.trainer.global_step in self.bad_steps:
+            self.head.weight.grad[0, :3] = float("nan")
+            self.head.weight.grad[0, 3] = float("inf")
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.1)
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+
+
+def test_nonfinite_warn_counts_names_and_keeps_histograms_finite():
+    with pytest.warns(UserWarning, match=r"NaN/Inf gradients .*head\.weight"):
+        trainer, capture = _fit(GradientMonitor(max_hist_elements=None), NaNModel((0, 3), repair=True), max_steps=6)
+    assert trainer.global_step == 6  # training went on
+    acc = _acc()
+    # steps 1, 3, 5 log; step 0 (not logged) and step 3 (logged) were bad
+    assert _tb_scalars(acc, "grad/nonfinite_count") == {1: 0.0, 3: 4.0, 5: 0.0}
+    assert _tb_scalars(acc, "grad/nonfinite_steps") == {1: 1.0, 3: 1.0, 5: 0.0}
+    assert _tb_scalars(acc, "grad/nonfinite/head.weight") == {1: 0.0, 3: 4.0, 5: 0.0}
+    assert np.isnan(_tb_scalars(acc, "grad/norm/head")[3])
+    hist = next(e for e in acc.Histograms("grad/hist/head.weight") if e.step == 3).histogram_value
+    g = capture.grads[3]["head.weight"].reshape(-1)
+    finite = g[torch.isfinite(g)]
+    assert hist.num == finite.numel() == sum(hist.bucket) == g.numel() - 4
+    assert (hist.min, hist.max) == pytest.approx((float(finite.min()), float(finite.max())))
+    (run,) = find_runs("runs")
+    assert dict(run.series("grad/nonfinite/head.weight"))[3] == 4
+    assert sum(dict(run.series("grad/hist/head.weight"))[3]["values"]) == g.numel() - 4
+
+
+def test_nonfinite_raise_names_the_parameter():
+    with pytest.raises(FloatingPointError, match=r"step 2 .*head\.weight \(4 NaN/Inf\)"):
+        _fit(GradientMonitor(nonfinite="raise"), NaNModel(bad_steps=(2,)), max_steps=6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("bad_step", [2, 3])  # a non-logging and a logging step
+def test_nonfinite_skip_leaves_weights_and_optimizer_state_untouched(optimizer, bad_step):
+    model = NaNModel(bad_steps=(bad_step,), optimizer=optimizer)
+    states = {}
+
+    class StateCapture(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            opt = trainer.optimizers[0]
+            states[trainer.global_step - 1] = {k: copy.deepcopy(v) for k, v in opt.state[pl_module.head.weight].items()}
+
+    monitor = GradientMonitor(nonfinite="skip")
+    trainer = make_trainer(".", logger=TensorBoardLogger("runs"), callbacks=[monitor, capture := GradCapture(), StateCapture()], max_steps=5)
+    trainer.fit(model, image_loader())
+    for step in range(5):
+        before, after = capture.before[step], capture.after[step]
+        changed = any(not torch.equal(before[n], after[n]) for n in PARAMS)
+        assert changed == (step != bad_step), step
+        assert all(torch.isfinite(after[n]).all() for n in PARAMS)
+    for key, value in states[bad_step].items():
+        torch.testing.assert_close(value, states[bad_step - 1][key], rtol=0, atol=0)  # momentum / Adam moments, step
+    steps = _tb_scalars(_acc(), "grad/nonfinite_steps")
+    assert steps[3] == 1.0 and steps[1] == 0.0
+
+
+class SyncSnapshot(pl.Callback):
+    def __init__(self, counter: HostSyncCounter) -> None:
+        self.counter = counter
+        self.per_step: dict[int, int] = {}
+        self._start = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = len(self.counter)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.per_step[trainer.global_step - 1] = len(self.counter) - self._start
+
+
+def test_no_host_sync_on_non_logging_steps_and_one_per_logging_step():
+    counter = HostSyncCounter()
+    snap = SyncSnapshot(counter)
+    monitor = GradientMonitor(every_n_steps=3, per_param_norms=True, param_norms=True, param_histograms=True)
+    trainer = make_trainer(".", logger=_multi_logger(), callbacks=[monitor, snap], max_steps=7)
+    with counter:
+        trainer.fit(TinyImageModel(), image_loader(n=112))
+    assert snap.per_step == {0: 0, 1: 0, 2: 1, 3: 0, 4: 0, 5: 1, 6: 0}, counter.calls
+
+
+def test_update_ratio_and_param_norms_match_weights():
+    monitor = GradientMonitor(param_norms=True, update_ratio=True, param_histograms=True, histograms=False)
+    trainer, capture = _fit(monitor, max_steps=4)
+    acc = _acc()
+    for step in (1, 3):
+        before, after = capture.before[step], capture.after[step]
+        for group in ("conv", "head"):
+            names = [f"{group}.weight", f"{group}.bias"]
+            w = _norm([before[n] for n in names])
+            delta = _norm([after[n] - before[n] for n in names])
+            assert _tb_scalars(acc, f"param/norm/{group}")[step] == pytest.approx(w, rel=1e-5)
+            assert _tb_scalars(acc, f"param/update_ratio/{group}")[step] == pytest.approx(delta / w, rel=1e-4)
+        total = _norm([after[n] - before[n] for n in PARAMS]) / _norm(before.values())
+        assert _tb_scalars(acc, "param/update_ratio_total")[step] == pytest.approx(total, rel=1e-4)
+        hist = next(e for e in acc.Histograms("param/hist/head.weight") if e.step == step).histogram_value
+        assert hist.max == pytest.approx(float(before["head.weight"].max()))
+    assert "grad/hist/head.weight" not in acc.Tags()["histograms"]
+
+
+def _documented_keys(doc: str) -> dict[str, str]:
+    rows = re.findall(r"^\s*``([^`]+)``\s{2,}(.+?)\s*$", doc, flags=re.M)
+    return {k: v for k, v in rows if "/" in k}
+
+
+def test_logged_keys_match_docstring_and_a_real_run():
+    assert _documented_keys(GradientMonitor.__doc__) == GradientMonitor.LOGGED_KEYS
+    monitor = GradientMonitor(per_param_norms=True, param_norms=True, update_ratio=True, param_histograms=True)
+    _fit(monitor, NaNModel(bad_steps=(1,)), max_steps=2)
+    acc = _acc()
+    logged = {t for t in acc.Tags()["scalars"] + acc.Tags()["histograms"] if t.startswith(("grad/", "param/"))}
+    patterns = {re.sub(r"\\\{\w+\\\}", ".+", re.escape(k)): k for k in GradientMonitor.LOGGED_KEYS}
+    used = {next(k for p, k in patterns.items() if re.fullmatch(p, tag)) for tag in logged}
+    assert used == set(GradientMonitor.LOGGED_KEYS)
+
+
+def test_groups_by_depth_and_patterns():
+    assert GradientMonitor().group_of("encoder.layers.0.weight") == "encoder"
+    assert GradientMonitor(group_depth=3).group_of("encoder.layers.0.weight") == "encoder.layers.0"
+    assert GradientMonitor(group_depth=3).group_of("head.bias") == "head"
+    assert GradientMonitor().group_of("scale") == "scale"
+    assert GradientMonitor(group_depth=0).group_of("head.bias") is None
+    monitor = GradientMonitor(group_patterns={"attn": "*.attn.*", "norms": ["*norm*", "*ln*"]})
+    assert monitor.group_of("blocks.0.attn.qkv.weight") == "attn"
+    assert monitor.group_of("blocks.1.ln_1.weight") == "norms"
+    assert monitor.group_of("blocks.1.mlp.weight") == "blocks"
+
+
+def test_include_exclude_select_histograms():
+    monitor = GradientMonitor(include=["head.*", "conv.*"], exclude=["*.bias"], per_param_norms=True)
+    _fit(monitor, max_steps=2)
+    acc = _acc()
+    assert sorted(t for t in acc.Tags()["histograms"]) == ["grad/hist/conv.weight", "grad/hist/head.weight"]
+    assert sorted(t for t in acc.Tags()["scalars"] if "norm_param" in t) == [
+        "grad/norm_param/conv.weight", "grad/norm_param/head.weight"
+    ]
+    assert "grad/norm/conv" in acc.Tags()["scalars"]  # group and total norms always cover every parameter
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(every_n_steps=0), "every_n_steps.*got 0"),
+        (dict(group_depth=-1), "group_depth.*got -1"),
+        (dict(bins=513), "bins.*got 513"),
+        (dict(max_hist_elements=0), "max_hist_elements.*got 0"),
+        (dict(nonfinite="ignore"), "nonfinite.*'ignore'"),
+        (dict(hist_range="wide"), "hist_range.*'wide'"),
+        (dict(hist_range=(1.0, -1.0)), r"hist_range.*\(1.0, -1.0\)"),
+    ],
+)
+def test_bad_arguments_are_rejected_with_their_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradientMonitor(**kwargs)
+
+
+def test_setup_rejects_a_trainer_without_logger():
+    with pytest.raises(MisconfigurationException, match="no logger"):
+        _fit(GradientMonitor(), logger=False, max_steps=1)
+
+
+def test_picklable_and_configurable_from_cli_init_args():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--callback", type=pl.Callback)
+    config = {
+        "class_path": "lightning_monitor.GradientMonitor",
+        "init_args": {"every_n_steps": 1, "group_patterns": {"all": "*"}, "hist_range": [-1.0, 1.0], "bins": 8},
+    }
+    cfg = parser.parse_object({"callback": config})
+    monitor = parser.instantiate_classes(cfg).callback
+    assert isinstance(monitor, GradientMonitor) and monitor.hist_range == (-1.0, 1.0)
+    _fit(pickle.loads(pickle.dumps(monitor)), max_steps=1)
+    acc = _acc()
+    assert "grad/norm/all" in acc.Tags()["scalars"]
+    hist = acc.Histograms("grad/hist/head.weight")[0].histogram_value
+    assert len(hist.bucket) == 8 and hist.bucket_limit[-1] == 1.0
+    pickle.dumps(monitor)  # after a fit, too
+
+
+class RankRecorder(Logger):
+    """Writes every log_metrics call to ``calls_rank{rank}.jsonl``, on whatever rank it was called."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__()
+        self.root = root
+
+    @property
+    def name(self) -> str:
+        return "recorder"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        rank = int(os.environ.get("LOCAL_RANK", torch.distributed.get_rank() if torch.distributed.is_initialized() else 0))
+        with open(os.path.join(self.root, f"calls_rank{rank}.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "keys": sorted(metrics)}) + "\n")
+
+
+@pytest.mark.timeout(120)
+def test_ddp_two_processes_rank_zero_logs_rank_one_nothing(tmp_path):
+    root = str(tmp_path)
+    trainer = make_trainer(
+        root,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=4,
+        logger=[TensorBoardLogger(os.path.join(root, "tb")), RankRecorder(root)],
+        callbacks=[GradientMonitor()],
+    )
+    trainer.fit(TinyImageModel(), image_loader(n=64))
+    assert os.path.exists(os.path.join(root, "calls_rank0.jsonl"))
+    assert not os.path.exists(os.path.join(root, "calls_rank1.jsonl"))
+    with open(os.path.join(root, "calls_rank0.jsonl")) as f:
+        calls = [json.loads(line) for line in f]
+    assert {c["step"] for c in calls if "grad/norm_total" in c["keys"]} == {1, 3}
+    acc = tb_accumulator(os.path.join(root, "tb"))
+    assert sorted(_tb_scalars(acc, "grad/norm_total")) == [1, 3]
+    assert [e.step for e in acc.Histograms("grad/hist/head.weight")] == [1, 3]
+
+
+class SyncDebugMode(pl.Callback):
+    """Sets ``torch.cuda.set_sync_debug_mode`` in ``on_before_optimizer_step`` (callbacks run in list order)."""
+
+    def __init__(self, mode: Any, every_n_steps: int | None = None) -> None:
+        self.mode, self.every_n_steps = mode, every_n_steps
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        logging = self.every_n_steps is not None and (trainer.global_step + 1) % self.every_n_steps == 0
+        torch.cuda.set_sync_debug_mode(0 if logging else self.mode)
+
+
+@pytest.mark.gpu
+def test_gpu_no_sync_on_non_logging_steps():
+    monitor = GradientMonitor(every_n_steps=4, param_norms=True, per_param_norms=True)
+    callbacks = [SyncDebugMode("error", every_n_steps=4), monitor, SyncDebugMode(0)]  # "error" around ours only
+    trainer = make_trainer(".", accelerator="gpu", logger=_multi_logger(),
+                           callbacks=callbacks, max_steps=8)
+    try:
+        trainer.fit(TinyImageModel(), image_loader(n=128))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert sorted(_tb_scalars(_acc(), "grad/norm_total")) == [3, 7]
