@@ -38,12 +38,12 @@ class PredictionGridMonitor(Callback):
     log-probabilities or probabilities shaped ``[B, num_classes]``; ``output_fn`` adapts anything else, and
     ``batch_fn`` adapts batches that are not ``(images, labels)``.
 
-    =========================  ======================================================================
-    key                        meaning
-    =========================  ======================================================================
-    ``predictions/grid``       image: the fixed samples with predicted label, confidence and true label; wrong ones framed red
-    ``predictions/accuracy``   share of the fixed samples predicted right (0..1)
-    =========================  ======================================================================
+    ========================  =======================================================================
+    key                       meaning
+    ========================  =======================================================================
+    ``predictions/grid``      image: fixed samples, predicted label + confidence and true label drawn in
+    ``predictions/accuracy``  share of the fixed samples predicted right (0..1)
+    ========================  =======================================================================
 
     Args:
         num_samples: how many fixed samples to show.
@@ -78,7 +78,7 @@ class PredictionGridMonitor(Callback):
     """
 
     LOGGED_KEYS: dict[str, str] = {
-        "predictions/grid": "image: the fixed samples with predicted label, confidence and true label; wrong ones framed red",
+        "predictions/grid": "image: fixed samples, predicted label + confidence and true label drawn in",
         "predictions/accuracy": "share of the fixed samples predicted right (0..1)",
     }
 
@@ -98,8 +98,11 @@ class PredictionGridMonitor(Callback):
         batch_fn: Optional[Callable[[Any], Any]] = None,
         output_fn: Optional[Callable[[Any], Any]] = None,
     ) -> None:
-        for name, value, low in (("num_samples", num_samples, 1), ("nrow", nrow, 1), ("tile_size", tile_size, 8),
-                                 ("padding", padding, 0), ("dataloader_idx", dataloader_idx, 0)):
+        lowest = {"num_samples": 1, "nrow": 1, "tile_size": 8, "padding": 0, "dataloader_idx": 0}
+        values = {"num_samples": num_samples, "nrow": nrow, "tile_size": tile_size, "padding": padding,
+                  "dataloader_idx": dataloader_idx}
+        for name, low in lowest.items():
+            value = values[name]
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
@@ -116,7 +119,8 @@ class PredictionGridMonitor(Callback):
         for name, fn in (("batch_fn", batch_fn), ("output_fn", output_fn)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"`{name}` must be callable, got {fn!r}")
-        self.num_samples, self.seed, self.nrow, self.tile_size, self.padding = num_samples, seed, nrow, tile_size, padding
+        self.num_samples, self.seed, self.nrow = num_samples, seed, nrow
+        self.tile_size, self.padding = tile_size, padding
         self.mean = None if mean is None else [float(m) for m in mean]
         self.std = None if std is None else [float(s) for s in std]
         self.class_names = None if class_names is None else list(class_names)
@@ -139,7 +143,9 @@ class PredictionGridMonitor(Callback):
             )
 
     @override
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
         # At the start of the step's first batch the model holds what ``global_step`` optimizer steps made of it:
         # the same meaning as a validation grid at that step (which makes this one redundant: skipped).
         step = trainer.global_step
@@ -149,8 +155,9 @@ class PredictionGridMonitor(Callback):
             return  # only rank 0 renders; the other ranks do nothing at all
         if self._images is None:
             loader = trainer.val_dataloaders
-            if loader is None and trainer.datamodule is not None and is_overridden("val_dataloader", trainer.datamodule):
-                loader = trainer.datamodule.val_dataloader()
+            datamodule = trainer.datamodule
+            if loader is None and datamodule is not None and is_overridden("val_dataloader", datamodule):
+                loader = datamodule.val_dataloader()
             elif loader is None and is_overridden("val_dataloader", pl_module):
                 loader = pl_module.val_dataloader()
             if loader is None:
@@ -185,7 +192,8 @@ class PredictionGridMonitor(Callback):
     def _take_samples(self, loaders: Any) -> None:
         loader = _pick_loader(loaders, self.dataloader_idx)
         dataset = getattr(loader, "dataset", None)
-        if isinstance(loader, DataLoader) and loader.batch_size is not None and not isinstance(dataset, IterableDataset):
+        map_style = dataset is not None and not isinstance(dataset, IterableDataset)
+        if isinstance(loader, DataLoader) and loader.batch_size is not None and map_style:
             try:
                 size = len(dataset)
             except TypeError:
@@ -224,12 +232,15 @@ class PredictionGridMonitor(Callback):
             raise ValueError(f"{_BATCH_HELP}; {problem}{how}")
         if images.ndim == 3:
             images = images.unsqueeze(1)
-        ok_images = images.ndim == 4 and images.shape[1] in (1, 3) and (images.is_floating_point() or images.dtype == torch.uint8)
+        ok_dtype = images.is_floating_point() or images.dtype == torch.uint8
+        ok_images = images.ndim == 4 and images.shape[1] in (1, 3) and ok_dtype
         ok_labels = labels.ndim == 1 and not labels.is_floating_point() and len(labels) == len(images)
         if not (ok_images and ok_labels):
             raise ValueError(f"{_BATCH_HELP}; {problem}{how}")
         if self.mean is not None and len(self.mean) not in (1, images.shape[1]):
-            raise ValueError(f"`mean`/`std` have {len(self.mean)} values but the images have {images.shape[1]} channels")
+            raise ValueError(
+                f"`mean`/`std` have {len(self.mean)} values but the images have {images.shape[1]} channels"
+            )
         return images.detach().cpu().clone(), labels.detach().cpu().long().clone()
 
     # ------------------------------------------------------------------ predictions and picture
@@ -254,7 +265,8 @@ class PredictionGridMonitor(Callback):
             raise ValueError(
                 f"PredictionGridMonitor needs class scores, log-probabilities or probabilities shaped"
                 f" [{n}, num_classes] for {n} images; {source} {_describe(scores)}. Pass `output_fn=` a function"
-                " mapping the module's output to that, e.g. `PredictionGridMonitor(output_fn=lambda out: out['logits'])`"
+                " mapping the module's output to that,"
+                " e.g. `PredictionGridMonitor(output_fn=lambda out: out['logits'])`"
             )
         return _to_probabilities(scores.detach().float().cpu())  # sync point: once per grid, on rank 0
 
