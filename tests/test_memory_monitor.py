@@ -20,8 +20,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-from helpers import TinyImageModel, event_files, image_data, image_loader, make_trainer, tb_accumulator
-from lightning_monitor import MemoryMonitor, _memory
+from helpers import TinyImageModel, event_files, find_runs, image_data, image_loader, make_trainer, tb_accumulator
+from lightning_monitor import MemoryMonitor, MultiLogger, _memory
 from lightning_monitor.testing import HostSyncCounter
 
 GIB = 2**30
@@ -147,6 +147,17 @@ def test_host_memory_of_process_and_dataloader_workers(tmp_path, num_workers):
             assert n == n_ref == 2
             assert workers * GIB == pytest.approx(workers_ref, rel=0.05)
             assert workers * GIB > 2 * ballast_mib * 2**20
+
+
+@pytest.mark.slow
+def test_same_numbers_in_tensorboard_and_wandb(tmp_path):
+    logger = MultiLogger(save_dir=tmp_path / "runs", name="mem")
+    trainer = make_trainer(tmp_path, max_steps=4, logger=logger, callbacks=[MemoryMonitor(every_n_steps=2)])
+    trainer.fit(TinyImageModel(), image_loader(64))
+    logged = _scalars(logger.log_dir)
+    (run,) = find_runs(logger.log_dir)
+    for key in HOST_KEYS:
+        assert run.series(key) == [(s, pytest.approx(v, rel=1e-6)) for s, v in logged[key]] and len(logged[key]) == 2
 
 
 # ------------------------------------------------------------------------------------------------ CUDA, canned
@@ -323,6 +334,7 @@ def test_nvml_sampler_averages_since_last_take_and_survives_errors():
 # ------------------------------------------------------------------------------------------------ cost
 
 
+@pytest.mark.filterwarnings("ignore:MemoryMonitor")
 def test_no_work_and_no_sync_outside_logging_steps(tmp_path, monkeypatch):
     fake = FakeCuda(total=16 * GIB)
     monkeypatch.setattr(_memory, "cuda_source", lambda trainer: fake)
@@ -384,6 +396,7 @@ with open(os.path.join({root!r}, f"rank{{trainer.global_rank}}.json"), "w") as f
 """
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_ddp_min_mean_max_and_max_rank_written_by_rank0(tmp_path):
     root = tmp_path / "ddp"
