@@ -130,12 +130,14 @@ def _assert_says_how_to_run_offline(message: str) -> None:
 
 
 def test_missing_data_without_download_names_the_offline_config(tmp_path):
-    proc = run_cli(["fit", "--config", "configs/smoke.yaml", "--data.data_dir", str(tmp_path / "empty"),
-                    "--data.download", "false"], tmp_path, timeout=120)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "MNIST is not under" in proc.stderr and "`download` is off" in proc.stderr
-    _assert_says_how_to_run_offline(proc.stderr)
-    assert "Traceback" not in proc.stderr  # one clear message, not a stack
+    with pytest.raises(SystemExit) as exit_info:  # `sys.exit(message)`: the message on stderr, exit status 1
+        main(["fit", "--config", os.path.join(REPO, "configs", "smoke.yaml"), "--data.data_dir",
+              str(tmp_path / "empty"), "--data.download", "false", "--trainer.logger.init_args.save_dir",
+              str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false"])
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("error: MNIST is not under")
+    assert "`download` is off" in message
+    _assert_says_how_to_run_offline(message)
     assert run_dirs(tmp_path) == []  # failed before any run directory was made
 
 
@@ -180,6 +182,7 @@ def test_config_parses_with_every_monitor(name, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_smoke_config_runs_end_to_end(tmp_path):
     proc = run_cli(["fit", "--config", "configs/smoke.yaml"], tmp_path, timeout=170)
@@ -229,6 +232,16 @@ def test_config_lands_in_each_run_directory_run_after_run(tmp_path):
         main([*quick, "--trainer.logger.init_args.version", "0"])
 
 
+def test_without_a_run_directory_the_config_goes_where_lightning_puts_it(tmp_path):
+    main(["fit", "--config", os.path.join(REPO, "configs", "smoke.yaml"), "--data.data_dir", FIXTURE,
+          "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "root"),
+          "--trainer.callbacks", "[]", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+          "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
+          "--test_after_fit", "false"])
+    assert os.path.isfile(tmp_path / "root" / "config.yaml")  # trainer.default_root_dir, as Lightning does
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_ddp_config_runs_two_processes_and_rank_one_writes_nothing(tmp_path):
     proc = subprocess.Popen(

@@ -111,6 +111,10 @@ class MNISTDataModule(pl.LightningDataModule):
             self.setup("test")
         return self._loader(self.test_set, self.test_batch_size, shuffle=False)
 
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
     def _loader(self, dataset: Optional[Dataset], batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("MNISTDataModule.setup() has not run for this stage")
@@ -150,9 +154,9 @@ class MNISTDataModule(pl.LightningDataModule):
                 "  - Offline, run the example on the digits committed in this repository:\n"
                 "      python examples/mnist/main.py fit --config configs/smoke.yaml\n"
                 "  - Or point `--data.data_dir` at a directory holding MNIST/raw/*-ubyte (torchvision's layout)"
-                " and pass `--data.download false`,\n"
-                "  - or pass `--data.download true` on a machine with internet.\n"
-                f"  ({type(err).__name__}: {_summary(err)})"
+                " and pass `--data.download false`"
+                + (".\n" if download else ",\n  - or pass `--data.download true` on a machine with internet.\n")
+                + f"  ({type(err).__name__}: {_summary(err)})"
             ) from err
 
 
