@@ -137,6 +137,12 @@ class SpeedMonitor(Callback):
         self._prev_end: Optional[float] = None
         self._val_start: Optional[float] = None
         self._val_samples = 0
+        # per-batch state, set at batch start
+        self._step = self._batch_idx = 0
+        self._start = self._wait = 0.0
+        self._before_backward: Optional[float] = None
+        self._exclude = True
+        self._batch_flops: Optional[float] = None
         self._reset_window()
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -164,7 +170,7 @@ class SpeedMonitor(Callback):
         self._step = trainer.global_step
         self._wait = now - self._prev_end if self._prev_end is not None else 0.0
         self._start = now
-        self._before_backward: Optional[float] = None
+        self._before_backward = None
         self._exclude = self._step < self.warmup_steps
         self._batch_flops = self._flops_for(batch)
 
@@ -181,8 +187,10 @@ class SpeedMonitor(Callback):
             self._finish_measurement(trainer)
         step = self._step
         n = _dispatch.logging_interval(trainer, self.every_n_steps)
-        stepped = trainer.global_step > step  # False on all but the last micro-batch under gradient accumulation
-        log_now = stepped and step >= self.warmup_steps and _dispatch.is_logging_step(step, n)
+        # the optimizer steps this batch made: none on all but the last micro-batch under gradient accumulation,
+        # several under manual optimization with several optimizers; log if one of them is a logging step
+        stepped = range(step, trainer.global_step)
+        log_now = step >= self.warmup_steps and any(_dispatch.is_logging_step(s, n) for s in stepped)
         device = trainer.strategy.root_device
         if log_now and device.type == "cuda":
             torch.cuda.synchronize(device)  # sync point: once per logging step, so the window ends when the GPU is done

@@ -140,6 +140,18 @@ def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path):
     assert _scalars(logger, "time/remaining_sec") == [(2, 3 * 2 * 0.5), (5, 0.0)]
 
 
+def test_remaining_time_from_max_epochs(tmp_path):
+    """2 epochs of 8 batches, 0.5 s each: after global batch k, (16 - k - 1) x 0.5 s are left."""
+    clock = FakeClock()
+    logger = _logger(tmp_path)
+    monitor = SpeedMonitor(measure_flops=False, clock=clock)
+    trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor], max_steps=-1, max_epochs=2,
+                           log_every_n_steps=4)
+    trainer.fit(ClockedModel(clock, train_sec=0.5), train_dataloaders=DataLoader(ClockedData(None, n=32), batch_size=4))
+    assert _scalars(logger, "time/remaining_sec") == [(3, 6.0), (7, 4.0), (11, 2.0), (15, 0.0)]
+    assert _scalars(logger, "time/step_sec") == [(s, 0.5) for s in (3, 7, 11, 15)]
+
+
 # ----------------------------------------------------------------------------------------------- FLOPs
 class Net(nn.Module):
     """pytorch/examples mnist/main.py Net."""
@@ -438,6 +450,29 @@ def test_picklable_after_use(tmp_path):
     trainer.fit(TinyImageModel(), train_dataloaders=image_loader())
     clone = pickle.loads(pickle.dumps(monitor))
     assert clone._flops_cache == monitor._flops_cache and copy.deepcopy(monitor).flops_source == monitor.flops_source
+
+
+def test_configurable_from_lightning_cli_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(textwrap.dedent(
+        """
+        trainer:
+          logger: false
+          callbacks:
+            - class_path: lightning_monitor.SpeedMonitor
+              init_args:
+                every_n_steps: 10
+                peak_flops_per_sec: 1.0e+12
+                warmup_steps: 2
+                batch_size_fn: builtins.len
+        """
+    ))
+    cli = LightningCLI(TinyImageModel, run=False, args=["--config", str(config)])
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, SpeedMonitor)]
+    assert (monitor.every_n_steps, monitor.peak_flops_per_sec, monitor.warmup_steps) == (10, 1e12, 2)
+    assert monitor.batch_size_fn is len
 
 
 # ----------------------------------------------------------------------------------------------- GPU
