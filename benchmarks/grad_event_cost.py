@@ -5,7 +5,7 @@ interleaved round-robin in the same process, medians over ``--reps``:
 
 * ``ours exact``   GradientMonitor: total + grouped norms, NaN/Inf counts, a 64-bin histogram of every gradient
                    binned over all elements; written to TensorBoard AND wandb (offline).
-* ``ours sampled`` the same with the default ``max_hist_elements=65536`` (exact min/max/sum/sum_squares).
+* ``ours sampled`` the same with the default ``max_hist_elements=16384`` (exact min/max/sum/sum_squares).
 * ``ours norms``   norms and NaN/Inf counts only (``histograms=False``).
 * ``tb add_histogram``  ``SummaryWriter.add_histogram(name, grad, step)`` with default bins for every gradient
                    (what a hand-written histogram callback does).

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_monitor._backends import log_histogram_to, log_images_to, log_text_to
+from lightning_monitor._backends import log_histogram_to, log_histograms_to, log_images_to, log_text_to
 from lightning_monitor._media import HistogramData, make_histogram, to_uint8_hwc
 
 _warned: set[tuple[str, str]] = set()
@@ -54,6 +54,15 @@ def log_histogram(
     hist = values if isinstance(values, HistogramData) else make_histogram(values, edges, bins, key, stats)
     for logger in trainer.loggers:
         if not log_histogram_to(logger, key, hist, step):
+            _warn_once(logger, "histograms")
+
+
+def log_histograms(trainer: "pl.Trainer", histograms: Mapping[str, HistogramData], step: int) -> None:
+    """Several ready :class:`HistogramData` at one step, batched per backend (one wandb row, not one per key)."""
+    if not trainer.is_global_zero or not histograms:
+        return
+    for logger in trainer.loggers:
+        if not log_histograms_to(logger, histograms, step):
             _warn_once(logger, "histograms")
 
 

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_monitor import _dispatch
+from lightning_monitor._media import make_histogram
 from lightning_monitor._grad_stats import STAT_COLUMNS, host_histogram, summarize, summarize_finite
 
 _POLICIES = ("warn", "raise", "skip")
@@ -121,7 +122,7 @@ class GradientMonitor(Callback):
         param_histograms: bool = False,
         bins: int = 64,
         hist_range: Union[Literal["minmax", "symmetric"], tuple[float, float]] = "minmax",
-        max_hist_elements: Optional[int] = 65536,
+        max_hist_elements: Optional[int] = 16384,
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         nonfinite: Literal["warn", "raise", "skip"] = "warn",
@@ -321,17 +322,17 @@ class GradientMonitor(Callback):
         self._report_nonfinite(metrics, present, nonfinite, bad_now, bad_steps, any_steps, step)
 
         _dispatch.log_scalars(trainer, metrics, step)
+        hists = {}
         for rows, idx, area in ((grad_rows, hist_idx, "grad"), (param_rows, pidx, "param")):
             if rows is None:
                 continue
             for row, j in zip(rows, idx):
-                if area == "param" and not np.all(np.isfinite(row[:STAT_COLUMNS])):
-                    continue  # non-finite weights: nothing sound to bin (counted via the gradients)
-                if row[4] <= 0 or not np.isfinite(row[0]):
-                    continue  # no finite element at all
+                if not np.all(np.isfinite(row[:STAT_COLUMNS])) or row[4] <= 0:
+                    continue  # no finite element at all, or non-finite weights (counted via the gradients)
+                key = f"{area}/hist/{self._names[present[j]]}"
                 counts, edges, stats = host_histogram(row, bins)
-                _dispatch.log_histogram(trainer, f"{area}/hist/{self._names[present[j]]}", counts, step,
-                                        edges=edges, stats=stats)
+                hists[key] = make_histogram(counts, edges, key=key, stats=stats)
+        _dispatch.log_histograms(trainer, hists, step)  # one wandb row for all of them
         if self.nonfinite != "warn" and bad_now:
             self._act_on_nonfinite([present[j] for j in bad_now], optimizer, step)  # after logging what we saw
         if self.update_ratio:

@@ -432,3 +432,13 @@ def test_gpu_no_sync_on_non_logging_steps():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert sorted(_tb_scalars(_acc(), "grad/norm_total")) == [3, 7]
+
+
+def test_batched_small_tensors_match_torch_histogram():
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(256, generator=g) * (i + 1) for i in range(300)] + [torch.randn(3, 7, generator=g)]
+    rows = summarize(tensors, [t.double().square().sum() for t in tensors], 10, None, "minmax").numpy()
+    for t, row in zip(tensors, rows):
+        ref, _ = torch.histogram(t.reshape(-1), bins=10, range=(float(t.min()), float(t.max())))
+        np.testing.assert_array_equal(row[7:], ref.numpy())
+        assert row[0] == float(t.min()) and row[1] == float(t.max()) and row[4] == t.numel()
