@@ -18,36 +18,25 @@ def _tb_writer(logger: TensorBoardLogger) -> Any:
     return logger.experiment
 
 
-def log_histogram_to(logger: Logger, key: str, hist: HistogramData, step: int) -> bool:
-    if isinstance(logger, TensorBoardLogger):
-        # TensorBoard wants right bucket edges; the left edge of the first bucket is ``min``.
-        _tb_writer(logger).add_histogram_raw(
-            key,
-            min=hist.min,
-            max=hist.max,
-            num=hist.num,
-            sum=hist.sum,
-            sum_squares=hist.sum_squares,
-            bucket_limits=hist.edges[1:].tolist(),
-            bucket_counts=hist.counts.tolist(),
-            global_step=step,
-        )
-        return True
-    if isinstance(logger, WandbLogger):
-        import wandb
-
-        histogram = wandb.Histogram(np_histogram=(hist.counts, hist.edges))
-        logger.log_metrics({key: histogram}, step=step)
-        return True
-    if callable(getattr(logger, "log_histogram", None)):
-        logger.log_histogram(key, hist, step=step)
-        return True
-    return False
-
-
 def log_histograms_to(logger: Logger, hists: Mapping[str, HistogramData], step: int) -> bool:
-    """Several histograms at one step: one ``log_metrics`` call (one history row) for wandb, where a loop of
-    :func:`log_histogram_to` would cost one row and one round trip to wandb's service per histogram."""
+    """Histograms at one step. wandb gets them in one ``log_metrics`` call (one history row and one round trip to
+    its service, not one per key); TensorBoard one ``add_histogram_raw`` each, with the same counts."""
+    if isinstance(logger, TensorBoardLogger):
+        writer = _tb_writer(logger)
+        for key, hist in hists.items():
+            # TensorBoard wants right bucket edges; the left edge of the first bucket is ``min``.
+            writer.add_histogram_raw(
+                key,
+                min=hist.min,
+                max=hist.max,
+                num=hist.num,
+                sum=hist.sum,
+                sum_squares=hist.sum_squares,
+                bucket_limits=hist.edges[1:].tolist(),
+                bucket_counts=hist.counts.tolist(),
+                global_step=step,
+            )
+        return True
     if isinstance(logger, WandbLogger):
         import wandb
 
@@ -56,7 +45,11 @@ def log_histograms_to(logger: Logger, hists: Mapping[str, HistogramData], step: 
     if callable(getattr(logger, "log_histograms", None)):
         logger.log_histograms(dict(hists), step=step)
         return True
-    return all(log_histogram_to(logger, key, hist, step) for key, hist in hists.items())
+    if callable(getattr(logger, "log_histogram", None)):
+        for key, hist in hists.items():
+            logger.log_histogram(key, hist, step=step)
+        return True
+    return False
 
 
 def log_images_to(

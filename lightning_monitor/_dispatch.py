@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_monitor._backends import log_histogram_to, log_histograms_to, log_images_to, log_text_to
+from lightning_monitor._backends import log_histograms_to, log_images_to, log_text_to
 from lightning_monitor._media import HistogramData, make_histogram, to_uint8_hwc
 
 _warned: set[tuple[str, str]] = set()
@@ -52,9 +52,7 @@ def log_histogram(
     if not trainer.is_global_zero:
         return
     hist = values if isinstance(values, HistogramData) else make_histogram(values, edges, bins, key, stats)
-    for logger in trainer.loggers:
-        if not log_histogram_to(logger, key, hist, step):
-            _warn_once(logger, "histograms")
+    log_histograms(trainer, {key: hist}, step)
 
 
 def log_histograms(trainer: "pl.Trainer", histograms: Mapping[str, HistogramData], step: int) -> None:

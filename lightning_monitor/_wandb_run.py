@@ -15,6 +15,7 @@ import netrc
 import os
 import socket
 import threading
+import time
 from typing import Any, Iterator, Optional
 from urllib.parse import urlparse
 
@@ -25,6 +26,8 @@ INIT_TIMEOUT_SEC = 30
 #: seconds ``run.finish()`` may take (uploading an online run) before training moves on.
 FINISH_TIMEOUT_SEC = 60
 NETWORK_TIMEOUT_SEC = 2.0
+#: seconds between writes of the offline run file (wandb's default: 15), the same as TensorBoard's flush here.
+TRANSACTION_LOG_FLUSH_SEC = 2.0
 #: ``WandbLogger`` arguments that are not ``wandb.init`` arguments.
 LOGGER_ONLY_KEYS = ("log_model", "prefix", "checkpoint_name", "add_file_policy")
 
@@ -82,22 +85,34 @@ def _environment_kept() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def start(init: dict[str, Any], mode: str, reason: str) -> Optional[Any]:
+def start(init: dict[str, Any], mode: str, reason: str, attempts: int = 1) -> Optional[Any]:
     """Start a run with ``wandb.init(**init)``; ``None`` (with one warning) when even an offline run fails."""
     import wandb
 
     settings = init.pop("settings", None)
     if settings is None or isinstance(settings, dict):
-        settings = {"init_timeout": INIT_TIMEOUT_SEC, **(settings or {})}
-    with _environment_kept():
+        settings = {
+            "init_timeout": INIT_TIMEOUT_SEC,
+            # wandb writes the run file every 15 s by default: what a killed job logged in its last 15 s was lost.
+            "x_transaction_log_flush_interval": TRANSACTION_LOG_FLUSH_SEC,
+            **(settings or {}),
+        }
+    for attempt in range(attempts):
         try:
-            run = wandb.init(**init, mode=mode, settings=settings)
+            with _environment_kept():
+                run = wandb.init(**init, mode=mode, settings=settings)
+            break
         except Exception as err:  # noqa: BLE001 - wandb must never stop training
-            if mode != "online":
+            if mode == "online":
+                rank_zero_warn(f"wandb could not start online ({type(err).__name__}: {err}); logging offline instead.")
+                # The failed online run keeps its id registered in wandb's service ("run ID is in use"): only a
+                # fresh service lets the offline run keep the same id, i.e. stay the same run once synced.
+                wandb.teardown()
+                return start(dict(init, settings=settings), "offline", "the online start failed", attempts=3)
+            if attempt == attempts - 1:
                 rank_zero_warn(f"wandb could not start ({type(err).__name__}: {err}); logging to TensorBoard only.")
                 return None
-            rank_zero_warn(f"wandb could not start online ({type(err).__name__}: {err}); logging offline instead.")
-            return start(dict(init, settings=settings), "offline", "the online start failed")
+            time.sleep(0.5)
     run.define_metric("trainer/global_step")
     run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
     if mode == "offline":

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_monitor import _wandb_run
-from lightning_monitor._backends import log_histogram_to, log_images_to, log_text_to
+from lightning_monitor._backends import log_histograms_to, log_images_to, log_text_to
 from lightning_monitor._media import HistogramData, make_histogram, to_uint8_hwc
 
 #: seconds between TensorBoard flushes; TensorBoard's own default (120 s) is too slow to watch a run live.
@@ -202,8 +202,13 @@ class MultiLogger(Logger):
         ``min/max/num/sum/sum_squares`` when the counts were computed from a sample.
         """
         hist = values if isinstance(values, HistogramData) else make_histogram(values, edges, bins, key, stats)
-        self._to_tensorboard(step, lambda tb: log_histogram_to(tb, key, hist, step))
-        self._to_wandb(lambda wb: log_histogram_to(wb, key, hist, step))
+        self.log_histograms({key: hist}, step=step)
+
+    @rank_zero_only
+    def log_histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int] = None) -> None:
+        """Several ready histograms at one step: one wandb row for all of them (not one per key)."""
+        self._to_tensorboard(step, lambda tb: log_histograms_to(tb, histograms, step))
+        self._to_wandb(lambda wb: log_histograms_to(wb, histograms, step))
 
     @rank_zero_only
     def log_image(
@@ -266,7 +271,7 @@ class MultiLogger(Logger):
                 self._tb.finalize(status)
             except Exception as err:  # noqa: BLE001 - the other backend must still be flushed
                 errors.append(err)
-        if self._wandb is not None:
+        if self._wandb is not None and not self._wandb_failed:
             wandb_logger, self._wandb = self._wandb, None  # a later fit/test resumes the run with the same id
             try:
                 wandb_logger.finalize(status)
@@ -290,11 +295,10 @@ class MultiLogger(Logger):
     def _tb_writer(self) -> Any:
         if not self._tb_started:
             self._tb_purge_pending = bool(glob.glob(os.path.join(self.log_dir, "events.out.tfevents.*")))
-            writer = self._tb.experiment
-            # Write the event file's header now, so an unwritable or full disk fails here, before training,
-            # with a clear message instead of at some later step.
+            # Make the writer and write the event file's header now, so an unwritable or full disk fails here,
+            # before training, with a clear message instead of at some later step.
             try:
-                writer.flush()
+                self._tb.experiment.flush()
             except Exception as err:
                 raise _tb_error(self.log_dir, err) from err
             self._tb_started = True
@@ -360,7 +364,7 @@ class MultiLogger(Logger):
             "name": f"{self.name}/{self._version_name()}",
             "project": os.environ.get("WANDB_PROJECT", self.name),
             "id": self.run_id,
-            "dir": self.log_dir,
+            "dir": os.path.abspath(self.log_dir),  # wandb's service keeps the first run's cwd
             "resume": "allow",
             "reinit": "create_new",  # a second fit in this process gets its own run
             **options,

@@ -1,0 +1,399 @@
+"""Faults injected for real (bad values, broken backends, killed processes, signals) and what survives them.
+
+Subprocess jobs run ``tests/reliability_job.py``; each is bounded by a timeout so a hang fails the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import pty
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from PIL import Image
+
+from helpers import TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator, tb_scalars
+from lightning_monitor import MultiLogger
+
+JOB = os.path.join(os.path.dirname(__file__), "reliability_job.py")
+
+
+def run_job(tmp_path, *args, env=None, timeout=150, **popen):
+    runs = tmp_path / "runs"
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, JOB, "--runs", str(runs), *args], cwd=tmp_path, env=full_env,
+        capture_output=True, text=True, timeout=timeout, **popen,
+    )
+    return proc, runs / "job" / "version_0"
+
+
+# ---------------------------------------------------------------------------------------------- bad values
+def test_non_finite_scalars_reach_both_backends(tmp_path):
+    logger = MultiLogger(save_dir=tmp_path, name="nf")
+    logger.log_metrics({"v/nan": float("nan"), "v/inf": torch.tensor(float("inf")), "v/ninf": -np.inf}, step=3)
+    logger.finalize("success")
+    acc = tb_accumulator(logger.log_dir)
+    assert math.isnan(acc.Scalars("v/nan")[0].value)
+    assert acc.Scalars("v/inf")[0].value == math.inf and acc.Scalars("v/ninf")[0].value == -math.inf
+    (run,) = find_runs(logger.log_dir)
+    assert math.isnan(run.series("v/nan")[0][1])
+    assert run.series("v/inf") == [(3, math.inf)] and run.series("v/ninf") == [(3, -math.inf)]
+
+
+def test_half_precision_values_keep_their_value(tmp_path):
+    big_bf16 = torch.tensor(1e30, dtype=torch.bfloat16)  # fp16 would overflow this to inf
+    fp16 = torch.tensor(60000.0, dtype=torch.float16)
+    logger = MultiLogger(save_dir=tmp_path, name="half")
+    logger.log_metrics({"v/bf16": big_bf16, "v/fp16": fp16}, step=0)
+    logger.log_histogram("v/hist", torch.tensor([1e30, -1e30, 0.0], dtype=torch.bfloat16), step=0, bins=2)
+    logger.finalize("success")
+    expected = float(big_bf16.float())
+    acc = tb_accumulator(logger.log_dir)
+    assert acc.Scalars("v/bf16")[0].value == pytest.approx(expected, rel=1e-6)
+    assert acc.Scalars("v/fp16")[0].value == 60000.0
+    hist = acc.Histograms("v/hist")[0].histogram_value
+    assert list(hist.bucket) == [1, 2] and math.isfinite(hist.max) and hist.max == pytest.approx(expected, rel=1e-6)
+    (run,) = find_runs(logger.log_dir)
+    assert run.series("v/bf16")[0][1] == pytest.approx(expected, rel=1e-6)
+    assert run.series("v/fp16") == [(0, 60000.0)]
+
+
+RAMP = np.arange(12 * 16).reshape(12, 16)  # distinct values so a wrong scaling cannot go unnoticed
+IMAGE_CASES = {
+    # name: (image as logged, the uint8 picture it must become, computed here independently)
+    "uint8_hwc_rgb": (np.stack([RAMP % 256] * 3, axis=2).astype(np.uint8), np.stack([RAMP % 256] * 3, 2)),
+    "float01_chw_rgb": (torch.tensor(RAMP / RAMP.max()).expand(3, 12, 16).float(), np.stack([np.round(RAMP / RAMP.max() * 255)] * 3, 2)),
+    "normalised_float_grey": (torch.tensor((RAMP - 95.5) / 50.0).float()[None], np.round(RAMP / RAMP.max() * 255)[:, :, None]),
+    "int64_0_255_grey": (torch.tensor(RAMP % 200), (RAMP % 200)[:, :, None]),
+    "int32_wide_range": (torch.tensor(RAMP * 1000, dtype=torch.int32), np.round(RAMP / RAMP.max() * 255)[:, :, None]),
+    "bool_mask": (torch.tensor(RAMP % 2 == 0), ((RAMP % 2 == 0) * 255)[:, :, None]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMAGE_CASES))
+def test_images_become_the_same_picture_in_both(tmp_path, case):
+    image, expected = IMAGE_CASES[case]
+    expected = np.asarray(expected, dtype=np.uint8)
+    expected_rgb = np.repeat(expected, 3, axis=2) if expected.shape[2] == 1 else expected
+    logger = MultiLogger(save_dir=tmp_path, name="img")
+    logger.log_image("img/x", image, step=1, caption=case)
+    logger.finalize("success")
+    encoded = tb_accumulator(logger.log_dir).Images("img/x")[0].encoded_image_string
+    tb_png = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+    assert np.array_equal(tb_png, expected_rgb)
+    (run,) = find_runs(logger.log_dir)
+    ((_, meta),) = run.series("img/x")
+    wandb_png = np.asarray(Image.open(os.path.join(os.path.dirname(run.path), "files", meta["path"])).convert("RGB"))
+    assert np.array_equal(wandb_png, expected_rgb) and meta["caption"] == case
+
+
+def test_unsupported_image_shape_is_named(tmp_path):
+    logger = MultiLogger(save_dir=tmp_path, wandb=False)
+    with pytest.raises(ValueError, match=r"image 'img/batch' has shape \(4, 3, 8, 8\)"):
+        logger.log_image("img/batch", torch.zeros(4, 3, 8, 8), step=0)
+    with pytest.raises(ValueError, match=r"image 'img/odd' has shape \(8, 8, 7\)"):
+        logger.log_image("img/odd", torch.zeros(8, 8, 7), step=0)
+
+
+# ---------------------------------------------------------------------------------------------- wandb faults
+def _assert_trained_offline(proc, run_dir, steps):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "JOB DONE" in proc.stdout
+    assert [s for s, _ in tb_scalars(run_dir, "train/loss")] == list(range(steps))  # TensorBoard kept every step
+    (run,) = find_runs(run_dir)
+    assert [s for s, _ in run.series("train/loss")] == list(range(steps))
+
+
+@pytest.mark.timeout(200)
+def test_no_api_key_without_a_terminal_runs_offline(tmp_path):
+    proc, run_dir = run_job(tmp_path, "--steps", "3", stdin=subprocess.DEVNULL)
+    _assert_trained_offline(proc, run_dir, 3)
+    messages = [line for line in (proc.stdout + proc.stderr).splitlines() if "wandb is logging offline" in line]
+    assert len(messages) == 1 and "no W&B API key" in messages[0] and "wandb sync " in messages[0]
+
+
+@pytest.mark.timeout(200)
+def test_no_api_key_with_a_terminal_never_prompts(tmp_path):
+    """On a real terminal wandb would ask for a key; ours must go offline without asking."""
+    master, slave = pty.openpty()
+    output = []
+    reader = threading.Thread(target=lambda: _drain(master, output), daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run(
+            [sys.executable, JOB, "--runs", str(tmp_path / "runs"), "--steps", "3"],
+            cwd=tmp_path, stdin=slave, stdout=slave, stderr=slave, timeout=150,
+        )
+    finally:
+        os.close(slave)
+    reader.join(timeout=5)
+    text = b"".join(output).decode(errors="replace")
+    assert proc.returncode == 0, text[-3000:]
+    assert "JOB DONE" in text and "wandb is logging offline" in text
+    assert "API key" not in text.replace("no W&B API key", "")  # no prompt for one
+    (run,) = find_runs(tmp_path / "runs")
+    assert [s for s, _ in run.series("train/loss")] == [0, 1, 2]
+
+
+def _drain(fd, out):
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            return
+        if not chunk:
+            return
+        out.append(chunk)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(200)
+def test_unreachable_server_runs_offline(tmp_path):
+    env = {"WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{_closed_port()}"}
+    proc, run_dir = run_job(tmp_path, "--steps", "3", env=env)
+    _assert_trained_offline(proc, run_dir, 3)
+    assert "is unreachable" in proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(240)
+def test_silent_server_costs_a_bounded_wait_then_offline(tmp_path):
+    """A server that accepts connections and never answers: the online start gives up after init_timeout and the
+    run continues offline under the same id."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in iter(int, 1)], daemon=True).start()
+    env = {"WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{server.getsockname()[1]}"}
+    proc, run_dir = run_job(tmp_path, "--steps", "3", "--wandb-settings", "init_timeout=5", env=env)
+    server.close()
+    _assert_trained_offline(proc, run_dir, 3)
+    text = proc.stdout + proc.stderr
+    assert "wandb could not start online" in text and "logging offline instead" in text
+    (run,) = find_runs(run_dir)
+    assert run.run_id.startswith("job-version_0-")
+
+
+@pytest.mark.timeout(120)
+def test_wandb_service_dying_mid_run(tmp_path):
+    """Kill wandb's service process at step 3: training goes on, TensorBoard keeps every step, one message."""
+    from lightning.pytorch.callbacks import Callback
+
+    class KillWandbService(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                for child in psutil.Process().children(recursive=True):
+                    if child.name().startswith("wandb"):
+                        child.kill()
+                time.sleep(0.5)
+
+    logger = MultiLogger(save_dir=tmp_path, name="svc")
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=8, log_every_n_steps=1, callbacks=[KillWandbService()])
+    with pytest.warns(UserWarning, match="wandb stopped working") as record:
+        trainer.fit(TinyImageModel(), image_loader(n=128))
+    assert sum("wandb stopped working" in str(w.message) for w in record) == 1
+    assert [s for s, _ in tb_scalars(logger.log_dir, "train/loss")] == list(range(8))
+    (run,) = find_runs(logger.log_dir, wait_finished=0)  # whatever the dead service wrote still parses
+    assert run.exit_code is None
+
+
+# ---------------------------------------------------------------------------------------------- TensorBoard faults
+@pytest.mark.timeout(200)
+def test_full_disk_before_training_is_one_clear_error(tmp_path):
+    """RLIMIT_FSIZE=40 bytes: even the event file's header cannot be written. The job fails before the first step
+    with an error naming the run directory, not Lightning's 'you tried to log ...'."""
+    progress = tmp_path / "progress.txt"
+    proc, run_dir = run_job(tmp_path, "--no-wandb", "--fsize-limit", "40", "--progress", str(progress))
+    assert proc.returncode != 0
+    assert f"TensorBoard cannot write to {run_dir}: File too large" in proc.stderr
+    assert "you tried to log" not in proc.stderr
+    assert not progress.exists()  # no training step ran
+
+
+@pytest.mark.timeout(200)
+def test_disk_filling_up_mid_run_stops_tensorboard_not_training(tmp_path):
+    proc, run_dir = run_job(tmp_path, "--no-wandb", "--steps", "40", "--fsize-limit", "2000", "--flush-secs", "0.01")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "JOB DONE" in proc.stdout
+    messages = [line for line in proc.stderr.splitlines() if f"TensorBoard cannot write to {run_dir}" in line]
+    assert len(messages) == 1 and "File too large" in messages[0] and "training goes on" in messages[0]
+    steps = [s for s, _ in tb_scalars(run_dir, "train/loss")]
+    assert steps and steps == list(range(len(steps))) and len(steps) < 40  # what fitted is intact and readable
+
+
+def test_damaged_event_file_is_never_touched(tmp_path):
+    run_dir = tmp_path / "dmg" / "version_0"
+    run_dir.mkdir(parents=True)
+    damaged = run_dir / "events.out.tfevents.1000000000.oldhost.1.0"
+    damaged.write_bytes(b"\x00\x13garbage that is not a TFRecord" * 10)
+    digest = hashlib.sha256(damaged.read_bytes()).hexdigest()
+    logger = MultiLogger(save_dir=tmp_path, name="dmg", version=0, wandb=False)
+    for step in range(3):
+        logger.log_metrics({"ok/value": float(step)}, step=step)
+    logger.finalize("success")
+    assert hashlib.sha256(damaged.read_bytes()).hexdigest() == digest
+    assert len(event_files(run_dir)) == 2
+    assert tb_scalars(run_dir, "ok/value") == [(0, 0.0), (1, 1.0), (2, 2.0)]
+
+
+# ---------------------------------------------------------------------------------------------- crashes, signals
+def _start_paced_job(tmp_path, *extra):
+    progress = tmp_path / "progress.txt"
+    proc = subprocess.Popen(
+        [sys.executable, JOB, "--runs", str(tmp_path / "runs"), "--steps", "400", "--sleep", "0.1",
+         "--progress", str(progress), *extra],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    return proc, progress
+
+
+def _wait_for_step(proc, progress, step, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = progress.read_text().split() if progress.exists() else []
+        if len(lines) >= 2 * (step + 1):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    raise AssertionError(f"job did not reach step {step}")
+
+
+def _steps_logged_before(progress, seconds_before):
+    rows = [line.split() for line in progress.read_text().splitlines()]
+    return [int(step) for step, t in rows if float(t) <= seconds_before]
+
+
+@pytest.mark.timeout(240)
+def test_kill_9_keeps_what_was_logged_seconds_before(tmp_path):
+    proc, progress = _start_paced_job(tmp_path)
+    _wait_for_step(proc, progress, 30)
+    killed_at = time.time()
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    time.sleep(3)  # wandb's service, orphaned, writes what it had received
+    expected = _steps_logged_before(progress, killed_at - 3.0)
+    assert len(expected) >= 10
+    run_dir = tmp_path / "runs" / "job" / "version_0"
+    tb_steps = [s for s, _ in tb_scalars(run_dir, "train/loss")]
+    assert tb_steps[: len(expected)] == expected
+    (run,) = find_runs(run_dir, wait_finished=0)  # parses although the run never finished
+    wandb_steps = [s for s, _ in run.series("train/loss")]
+    assert wandb_steps[: len(expected)] == expected
+
+
+def test_normal_exit_without_finalize_loses_nothing(tmp_path):
+    code = (
+        "from lightning_monitor import MultiLogger\n"
+        f"logger = MultiLogger(save_dir={str(tmp_path)!r}, name='exit', tensorboard={{'flush_secs': 600}})\n"
+        "for step in range(25):\n    logger.log_metrics({'x/value': float(step)}, step=step)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = tmp_path / "exit" / "version_0"
+    assert [s for s, _ in tb_scalars(run_dir, "x/value")] == list(range(25))
+    (run,) = find_runs(run_dir)
+    assert [s for s, _ in run.series("x/value")] == list(range(25))
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_flushes_both_and_marks_the_run_failed(tmp_path, sig):
+    proc, progress = _start_paced_job(tmp_path, "--flush-secs", "600")  # nothing reaches disk but by a flush
+    _wait_for_step(proc, progress, 10)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=90)
+    last = int(progress.read_text().split()[-2])
+    run_dir = tmp_path / "runs" / "job" / "version_0"
+    steps = [s for s, _ in tb_scalars(run_dir, "train/loss")]
+    # flushed up to the last step (the batch in flight when the signal came may not have logged yet)
+    assert steps == list(range(len(steps))) and len(steps) >= last
+    status = tb_accumulator(run_dir).Tensors("run/status/text_summary")
+    assert [t.tensor_proto.string_val[0] for t in status] == [b"failed"]
+    (run,) = find_runs(run_dir)
+    assert run.exit_code == 1  # wandb marks the run failed, not finished
+    assert [s for s, _ in run.series("train/loss")] == steps
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 0  # Lightning's own choice on SIGTERM; the run is still marked failed
+
+
+def _close_event_file_descriptors(log_dir):
+    """Close the event file under the writer's feet: its next flush fails with EBADF, a real I/O fault."""
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(log_dir)) and "tfevents" in target:
+            os.close(fd)
+
+
+class _BreakTensorBoard:
+    """A callback that breaks TensorBoard's event file after the last logging, then optionally raises."""
+
+    def __new__(cls, logger, raise_at=None):
+        from lightning.pytorch.callbacks import Callback
+
+        class Breaker(Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                if raise_at is not None and trainer.global_step - 1 == raise_at:
+                    _close_event_file_descriptors(logger.log_dir)
+                    raise RuntimeError(f"boom at step {raise_at}")
+
+            def on_train_end(self, trainer, pl_module):
+                _close_event_file_descriptors(logger.log_dir)
+
+        return Breaker()
+
+
+def test_training_exception_is_not_masked_by_a_failing_backend(tmp_path):
+    """Training raises while TensorBoard's final flush fails: the training error is what fit raises, and wandb is
+    still finished (marked failed) although TensorBoard's finalize failed first."""
+    logger = MultiLogger(save_dir=tmp_path, name="mask")
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=10, log_every_n_steps=1,
+                           callbacks=[_BreakTensorBoard(logger, raise_at=3)])
+    with pytest.warns(UserWarning, match=r"MultiLogger.finalize\('failed'\): OSError"):
+        with pytest.raises(RuntimeError, match="boom at step 3"):
+            trainer.fit(TinyImageModel(), image_loader(n=256))
+    (run,) = find_runs(logger.log_dir)
+    assert run.exit_code == 1 and [s for s, _ in run.series("train/loss")] == [0, 1, 2, 3]
+
+
+def test_one_backend_failing_to_finalize_does_not_stop_the_other(tmp_path):
+    logger = MultiLogger(save_dir=tmp_path, name="fin")
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=4, log_every_n_steps=1,
+                           callbacks=[_BreakTensorBoard(logger)])
+    with pytest.raises(OSError):  # after a successful run the backend's error is raised, not swallowed
+        trainer.fit(TinyImageModel(), image_loader(n=64))
+    (run,) = find_runs(logger.log_dir)
+    assert run.exit_code == 0 and [s for s, _ in run.series("train/loss")] == [0, 1, 2, 3]
+
+
+def test_two_fits_two_runs_and_no_environment_leak(tmp_path):
+    before = dict(os.environ)
+    loggers = []
+    for _ in range(2):
+        logger = MultiLogger(save_dir=tmp_path, name="twice")
+        make_trainer(tmp_path, logger=logger, max_steps=2, log_every_n_steps=1).fit(TinyImageModel(), image_loader())
+        loggers.append(logger)
+    assert dict(os.environ) == before
+    runs = find_runs(tmp_path / "twice")
+    assert sorted(r.run_id for r in runs) == sorted(lg.run_id for lg in loggers)
+    assert loggers[0].run_id != loggers[1].run_id
+    assert all(len(r.series("train/loss")) == 2 for r in runs)
