@@ -273,6 +273,7 @@ class MultiLogger(Logger):
                 errors.append(err)
         if self._wandb is not None and not self._wandb_failed:
             wandb_logger, self._wandb = self._wandb, None  # a later fit/test resumes the run with the same id
+            _live_runs.pop(self.run_id, None)
             try:
                 wandb_logger.finalize(status)
                 _wandb_run.finish(wandb_logger.experiment, exit_code=0 if status == "success" else 1)
@@ -370,7 +371,9 @@ class MultiLogger(Logger):
             **options,
         }
         os.makedirs(self.log_dir, exist_ok=True)
-        run = _wandb_run.start(init, mode, reason)
+        run = _live_runs.get(self.run_id)
+        if run is None or getattr(run, "_is_finished", False):  # a copy of this logger (unpickled) shares the run
+            run = _live_runs[self.run_id] = _wandb_run.start(init, mode, reason)
         if run is None:
             self._wandb_failed = True
             return None
@@ -379,6 +382,7 @@ class MultiLogger(Logger):
 
 # ---------------------------------------------------------------------- helpers
 _open_loggers: "weakref.WeakSet[MultiLogger]" = weakref.WeakSet()
+_live_runs: dict[str, Any] = {}  # run id -> the wandb run this process has open for it
 
 
 def _flush_at_exit(logger: MultiLogger) -> None:
