@@ -397,3 +397,103 @@ def test_two_fits_two_runs_and_no_environment_leak(tmp_path):
     assert sorted(r.run_id for r in runs) == sorted(lg.run_id for lg in loggers)
     assert loggers[0].run_id != loggers[1].run_id
     assert all(len(r.series("train/loss")) == 2 for r in runs)
+
+
+# ---------------------------------------------------------------------------------------------- degenerate gradients
+class _DegenerateModel(TinyImageModel):
+    """`unused` never gets a gradient, `empty` has no elements, `poisoned` always gets an all-NaN gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.ones(3))
+        self.empty = torch.nn.Parameter(torch.empty(0))
+        self.poisoned = torch.nn.Parameter(torch.ones(4))
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss + self.empty.sum() + (self.poisoned * float("nan")).sum() * 0  # 0 * NaN keeps the grad NaN
+
+
+def test_degenerate_gradients_never_break_a_backend(tmp_path):
+    from lightning_monitor import GradientMonitor
+
+    logger = MultiLogger(save_dir=tmp_path, name="degenerate")
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=4, log_every_n_steps=2,
+                           callbacks=[GradientMonitor(nonfinite="warn")])
+    with pytest.warns(UserWarning, match="poisoned") as record:
+        trainer.fit(_DegenerateModel(), image_loader())
+    assert sum("poisoned" in str(w.message) for w in record) == 1  # named once, not at every step
+    acc = tb_accumulator(logger.log_dir)
+    hists = set(acc.Tags()["histograms"])
+    assert "grad/hist/conv.weight" in hists
+    assert not {"grad/hist/unused", "grad/hist/empty"} & hists  # no gradient, no elements: nothing to draw
+    for tag in hists:  # whatever was drawn is finite and whole
+        for event in acc.Histograms(tag):
+            value = event.histogram_value
+            assert math.isfinite(value.min) and math.isfinite(value.max) and math.isfinite(value.sum)
+            assert sum(value.bucket) == value.num
+    assert [v for _, v in tb_scalars(logger.log_dir, "grad/nonfinite/poisoned")] == [4.0, 4.0]
+    assert all(math.isfinite(v) for _, v in tb_scalars(logger.log_dir, "grad/norm/head"))
+    (run,) = find_runs(logger.log_dir)
+    assert [v for _, v in run.series("grad/nonfinite/poisoned")] == [4, 4]
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+DDP_JOB = '''
+import os, sys
+from datetime import timedelta
+sys.path.insert(0, {tests!r})
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy
+from helpers import TinyImageModel, image_loader, make_trainer
+from lightning_monitor import GradientMonitor, MemoryMonitor, MultiLogger, PredictionGridMonitor, SpeedMonitor
+
+class FailOnRankOne(Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if {fail_at} >= 0 and trainer.global_rank == 1 and trainer.global_step == {fail_at}:
+            raise RuntimeError("boom on rank 1")
+
+if __name__ == "__main__":
+    logger = MultiLogger(save_dir={runs!r}, name="ddp")
+    callbacks = [GradientMonitor(), MemoryMonitor(), SpeedMonitor(), PredictionGridMonitor(num_samples=8), FailOnRankOne()]
+    trainer = make_trainer({root!r}, logger=logger, strategy=DDPStrategy(timeout=timedelta(seconds=20)), devices=2,
+                           max_steps=8, log_every_n_steps=2, callbacks=callbacks, limit_val_batches=2)
+    trainer.fit(TinyImageModel(), image_loader(n=256), image_loader(n=64))
+    print("RANK", trainer.global_rank, "DONE", flush=True)
+'''
+
+
+def _ddp_job(tmp_path, fail_at):
+    script = tmp_path / "ddp_job.py"
+    script.write_text(DDP_JOB.format(tests=os.path.dirname(__file__), runs=str(tmp_path / "runs"), root=str(tmp_path),
+                                     fail_at=fail_at))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=170)
+    elapsed = time.monotonic() - started
+    time.sleep(1)
+    orphans = [p for p in psutil.process_iter(["cmdline"]) if str(script) in " ".join(p.info["cmdline"] or [])]
+    return proc, elapsed, orphans
+
+
+@pytest.mark.timeout(180)
+def test_ddp_all_monitors_together_finish(tmp_path):
+    proc, _, orphans = _ddp_job(tmp_path, fail_at=-1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RANK 0 DONE" in proc.stdout and "RANK 1 DONE" in proc.stdout and not orphans
+    run_dir = tmp_path / "runs" / "ddp" / "version_0"
+    assert len(event_files(tmp_path / "runs")) == 1
+    tags = tb_accumulator(run_dir).Tags()
+    assert {"grad/norm_total", "memory/host/rss_gib_max_rank", "throughput/samples_per_sec", "time/straggler_ratio",
+            "predictions/accuracy"} <= set(tags["scalars"])
+    assert "predictions/grid" in tags["images"]
+    (run,) = find_runs(run_dir)
+    assert [s for s, _ in run.series("grad/norm_total")] == [1, 3, 5, 7]
+
+
+@pytest.mark.timeout(180)
+def test_ddp_exception_on_one_rank_ends_the_job_with_its_error(tmp_path):
+    proc, elapsed, orphans = _ddp_job(tmp_path, fail_at=3)
+    assert proc.returncode != 0
+    assert "RuntimeError: boom on rank 1" in proc.stderr
+    assert not orphans  # no rank left behind
+    assert elapsed < 120  # ended by the failure, not by a collective waiting out its timeout
