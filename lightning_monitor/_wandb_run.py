@@ -30,6 +30,7 @@ NETWORK_TIMEOUT_SEC = 2.0
 TRANSACTION_LOG_FLUSH_SEC = 2.0
 #: ``WandbLogger`` arguments that are not ``wandb.init`` arguments.
 LOGGER_ONLY_KEYS = ("log_model", "prefix", "checkpoint_name", "add_file_policy")
+_announced: set[str] = set()
 
 
 def option_keys() -> set[str]:
@@ -115,7 +116,8 @@ def start(init: dict[str, Any], mode: str, reason: str, attempts: int = 1) -> Op
             time.sleep(0.5)
     run.define_metric("trainer/global_step")
     run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
-    if mode == "offline":
+    if mode == "offline" and run.id not in _announced:  # once per run, not again when test() resumes it
+        _announced.add(run.id)
         run_dir = os.path.dirname(run.dir) if getattr(run, "dir", None) else init.get("dir")
         rank_zero_info(f"wandb is logging offline ({reason}). Upload the run later with: wandb sync {run_dir}")
     return run
