@@ -1,0 +1,246 @@
+"""End-to-end step-time overhead of the lightning-monitor suite and of its peers, on CPU with one torch thread.
+
+Every configuration trains a fresh, seeded model on synthetic data for ``warmup + steps`` optimizer steps; the
+configurations run in interleaved rounds in this one process (the order rotates every round). The timed window is
+``steps`` training steps after ``max(warmup, n)`` steps, measured by a callback (first in the list) that stamps
+every ``on_train_batch_start``: it holds everything a batch costs, including every callback's and logger's work,
+and leaves out the one-off start (logger/wandb init, SpeedMonitor's first-batch FLOP count, the first logging
+event's lazy imports and first writes), reported separately in the last three columns.
+``steps`` is a multiple of the logging interval, so every window holds exactly ``steps / n`` logging events.
+
+Configurations:
+
+* ``baseline``     Lightning's ``TensorBoardLogger`` only.
+* ``ours``         ``MultiLogger`` (TensorBoard + wandb offline) + ``GradientMonitor()`` (norms + histograms)
+                   + ``MemoryMonitor()`` + ``SpeedMonitor()`` + ``PredictionGridMonitor()``, all with defaults
+                   (the grid is drawn after each validation, so it costs nothing inside the timed training steps).
+* ``ours+grid``    the same with ``PredictionGridMonitor(every_n_steps=n)``: a grid of 32 predictions drawn at
+                   every logging step as well (MNIST only; the MLP has no images).
+* ``lightning``    ``[TensorBoardLogger, WandbLogger(offline)]`` + ``DeviceStatsMonitor`` + ``ThroughputMonitor``
+                   + ``LearningRateMonitor``.
+* ``add_histogram`` ``TensorBoardLogger`` + a hand-written callback calling ``add_histogram`` on every gradient at
+                   every logging step (what most people write).
+* ``wandb.watch``  ``[TensorBoardLogger, WandbLogger(offline)]`` + ``WandbLogger.watch(model, log="all",
+                   log_freq=n)`` (gradient and parameter histograms to wandb only).
+
+Run::
+
+    python benchmarks/overhead.py              # default: MNIST LitNet at n=50 and n=10, 25M MLP at n=10
+    python benchmarks/overhead.py --quick      # smoke check (numbers meaningless)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402  (sets WANDB_MODE=offline before wandb is imported)
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from examples.mnist.model import LitNet  # noqa: E402
+
+CONFIGS = ["baseline", "ours", "ours+grid", "lightning", "add_histogram", "wandb.watch"]
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+class MLP(pl.LightningModule):
+    """The 25M-parameter MLP 1024-4096-4096-1024 with SGD + momentum and an MSE loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(),
+                                 nn.Linear(4096, 1024))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
+
+
+class Data(pl.LightningDataModule):
+    """Synthetic batches shaped like the model's input; enough training batches that no epoch ends in the run."""
+
+    def __init__(self, model: str, batches: int, batch_size: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        n = batches * batch_size
+        if model == "mnist":
+            x = (torch.rand(n, 1, 28, 28, generator=g) - MNIST_MEAN) / MNIST_STD
+            y = torch.randint(0, 10, (n,), generator=g)
+        else:
+            x, y = torch.randn(n, 1024, generator=g), torch.randn(n, 1024, generator=g)
+        self.train_set = TensorDataset(x, y)
+        self.val_set = TensorDataset(x[:256], y[:256])
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=256)
+
+
+class GradHistogramCallback(pl.Callback):
+    """The hand-written callback: ``add_histogram`` on every gradient at every logging step."""
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if (step + 1) % trainer.log_every_n_steps == 0:
+            writer = trainer.logger.experiment
+            for name, param in pl_module.named_parameters():
+                if param.grad is not None:
+                    writer.add_histogram(f"grad/{name}", param.grad, step)
+
+
+def build(config: str, model_name: str, n: int, root: str) -> tuple[Any, list[pl.Callback], Callable[[Any], None]]:
+    """``(logger(s), callbacks, before_fit(model))`` of one configuration."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    def tb() -> TensorBoardLogger:
+        return TensorBoardLogger(root, name="tb", default_hp_metric=False)
+
+    def nothing(model: Any) -> None:
+        return None
+
+    if config == "baseline":
+        return tb(), [], nothing
+    if config in ("ours", "ours+grid"):
+        from lightning_monitor import GradientMonitor, MemoryMonitor, MultiLogger, PredictionGridMonitor, SpeedMonitor
+
+        callbacks: list[pl.Callback] = [GradientMonitor(), MemoryMonitor(), SpeedMonitor()]
+        if model_name == "mnist":
+            grid_every = n if config == "ours+grid" else None
+            callbacks.append(PredictionGridMonitor(every_n_steps=grid_every, mean=[MNIST_MEAN], std=[MNIST_STD]))
+        return MultiLogger(save_dir=root, name="ours"), callbacks, nothing
+    if config == "lightning":
+        from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ThroughputMonitor
+
+        callbacks = [DeviceStatsMonitor(), ThroughputMonitor(batch_size_fn=lambda b: b[0].size(0)),
+                     LearningRateMonitor()]
+        return [tb(), WandbLogger(save_dir=root, offline=True, project="bench")], callbacks, nothing
+    if config == "add_histogram":
+        return tb(), [GradHistogramCallback()], nothing
+    if config == "wandb.watch":
+        wb = WandbLogger(save_dir=root, offline=True, project="bench")
+        return [tb(), wb], [], lambda model: wb.watch(model, log="all", log_freq=n)
+    raise ValueError(config)
+
+
+def run_one(config: str, model_name: str, n: int, warmup: int, steps: int, batch_size: int) -> _common.StepTimes:
+    import wandb
+
+    torch.manual_seed(0)
+    model = LitNet() if model_name == "mnist" else MLP()
+    first, last = warmup, warmup + steps
+    data = Data(model_name, batches=last + 4, batch_size=batch_size)
+    timer = _common.make_step_timer(cpu_at=(first, last))
+    with tempfile.TemporaryDirectory() as root:
+        t0 = time.perf_counter()
+        logger, callbacks, before_fit = build(config, model_name, n, root)
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_steps=last + 1, log_every_n_steps=n, logger=logger,
+            callbacks=[timer, *callbacks], enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=root,
+        )
+        before_fit(model)
+        trainer.fit(model, datamodule=data)
+        if wandb.run is not None:
+            wandb.finish()
+    out = _common.step_times(timer, t0, first, last)
+    out.extra["setup"] = timer.starts[0] - t0
+    out.extra["first_batch"] = out.intervals[0]
+    logging_steps = {i for i in range(first, last) if (i + 1) % n == 0}
+    quiet = sorted(out.intervals[i] for i in range(first, last) if i not in logging_steps)
+    out.extra["quiet_step"] = quiet[len(quiet) // 2]
+    # one-off cost of the first logging event (lazy imports, first writes): the window starts after it
+    out.extra["first_event"] = out.intervals[n - 1] - out.extra["quiet_step"] if n - 1 < first else float("nan")
+    del trainer, model, data
+    gc.collect()
+    return out
+
+
+def report(title: str, n: int, results: dict[str, list[_common.StepTimes]]) -> str:
+    base = results["baseline"]
+    rows = []
+    for config, runs in results.items():
+        events = runs[0].steps // n
+        ratio = _common.Spread([r.window_wall / b.window_wall for r, b in zip(runs, base)])
+        cpu_ratio = _common.Spread([(r.window_cpu + r.window_child_cpu) / (b.window_cpu + b.window_child_cpu)
+                                    for r, b in zip(runs, base)])
+        extra_event = _common.Spread([(r.window_wall - b.window_wall) / events for r, b in zip(runs, base)])
+        extra_quiet = _common.Spread([r.extra["quiet_step"] - b.extra["quiet_step"] for r, b in zip(runs, base)])
+        rows.append([
+            config,
+            _common.Spread([r.mean_step for r in runs]).fmt(1e3),
+            ratio.fmt(digits=3),
+            cpu_ratio.fmt(digits=3),
+            extra_event.fmt(1e3),
+            extra_quiet.fmt(1e3, 2),
+            _common.Spread([r.window_cpu / r.steps for r in runs]).fmt(1e3),
+            _common.Spread([r.window_child_cpu / r.steps for r in runs]).fmt(1e3, 2),
+            f"{_common.Spread([r.extra['setup'] for r in runs]).median:.2f}",
+            f"{_common.Spread([r.extra['first_batch'] for r in runs]).median * 1e3:.0f}",
+            f"{_common.Spread([r.extra['first_event'] for r in runs]).median * 1e3:.0f}",
+        ])
+    runs0 = base[0]
+    head = (f"\n### {title}, logging every {n} steps ({runs0.steps} timed steps = {runs0.steps // n} logging events "
+            f"after {runs0.first} warm-up steps; {len(base)} rounds)\n")
+    return head + _common.markdown_table(
+        ["config", "ms / step", "x baseline", "x baseline CPU", "extra ms / logging event", "extra ms / quiet step",
+         "CPU ms / step", "child CPU ms / step", "setup s", "first batch ms", "first event ms"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--steps", type=int, default=100, help="timed MNIST steps per fit (multiple of 50)")
+    parser.add_argument("--mlp-steps", type=int, default=30, help="timed 25M-MLP steps per fit (multiple of 10)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="untimed steps before the window (at least n: the first logging event is one-off)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--only", choices=["mnist50", "mnist10", "mlp10"], action="append",
+                        help="run only these comparisons (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="1 round, short windows: a smoke check")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.steps, args.mlp_steps = 1, 50, 10
+    _common.pin(1)
+    suites = [("mnist", 50, args.steps, "MNIST LitNet (1.2M parameters), batch %d" % args.batch_size, "mnist50"),
+              ("mnist", 10, args.steps, "MNIST LitNet (1.2M parameters), batch %d" % args.batch_size, "mnist10"),
+              ("mlp", 10, args.mlp_steps, "MLP 1024-4096-4096-1024 (25M parameters), batch %d" % args.batch_size,
+               "mlp10")]
+    suites = [s for s in suites if not args.only or s[4] in args.only]
+    print(f"## End-to-end step time\n\n{_common.machine()}\n")
+    t_start = time.perf_counter()
+    for model_name, n, steps, title, _ in suites:
+        if steps % n:
+            raise SystemExit(f"--steps must be a multiple of {n}, got {steps}")
+        configs = [c for c in CONFIGS if model_name == "mnist" or c != "ours+grid"]
+        results: dict[str, list[_common.StepTimes]] = {c: [] for c in configs}
+        for _, config in _common.interleaved(configs, args.rounds):
+            results[config].append(run_one(config, model_name, n, max(args.warmup, n), steps, args.batch_size))
+        print(report(title, n, results))
+        print(f"\nload average after: {_common.load_average()}", flush=True)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The whole suite together in one real fit: no host sync from lightning_monitor code on non-logging steps.
+
+All four callbacks and MultiLogger (TensorBoard + wandb offline) train TinyImageModel for two epochs with a
+validation between them. A counting callback placed first splits the sync-forcing calls that ``HostSyncCounter``
+attributes to lightning_monitor code into training-step intervals (batch start -> next batch start, or -> the
+validation / the end of training), so every hook of every callback and every logger call of a batch lands in its
+step. ``benchmarks/host_syncs.py`` prints the same counts for the peers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+
+from helpers import TinyImageModel, image_loader, make_trainer, tb_accumulator
+from lightning_monitor import GradientMonitor, MemoryMonitor, MultiLogger, PredictionGridMonitor, SpeedMonitor
+from lightning_monitor.testing import _SKIP_DIRS, SYNC_METHODS, HostSyncCounter
+
+EVERY = 4
+BATCHES_PER_EPOCH = 8
+MAX_STEPS = 12  # epoch 0: steps 0..7, validation, epoch 1: steps 8..11
+CALLBACK_FILES = {  # the module each callback's syncs are attributed to; the others are shared helpers
+    "GradientMonitor": ("gradient_monitor.py", "_grad_stats.py"),
+    "MemoryMonitor": ("memory_monitor.py", "_memory.py"),
+    "SpeedMonitor": ("speed_monitor.py", "_flops.py"),
+    "PredictionGridMonitor": ("prediction_grid_monitor.py", "_draw.py"),
+}
+
+
+class OwnedSyncCounter(HostSyncCounter):
+    """Also records, for each counted call, the callback whose code (further up the stack) made it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.owners: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") in SYNC_METHODS:
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.startswith(_SKIP_DIRS):
+                frame = frame.f_back
+            if frame is not None and frame.f_code.co_filename.startswith(self.only_from):
+                self.calls.append((func.__name__, frame.f_code.co_filename, frame.f_lineno))
+                owner = "logging layer"
+                while frame is not None:
+                    name = _callback_of(frame.f_code.co_filename)
+                    if name in CALLBACK_FILES:
+                        owner = name
+                        break
+                    frame = frame.f_back
+                self.owners.append(owner)
+        return func(*args, **(kwargs or {}))
+
+
+class SyncsPerStep(pl.Callback):
+    """Sync-forcing calls of each training step: from its batch start to the next batch start or validation."""
+
+    def __init__(self, counter: HostSyncCounter) -> None:
+        self.counter = counter
+        self.per_step: dict[int, list[tuple[str, str, int, str]]] = {}  # (op, file, line, callback)
+        self._open: tuple[int, int] | None = None  # (step, len(counter) at its start)
+
+    def _close(self) -> None:
+        if self._open is not None:
+            step, start = self._open
+            self.per_step[step] = [(*c, o) for c, o in zip(self.counter.calls[start:], self.counter.owners[start:])]
+            self._open = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._close()
+        self._open = (trainer.global_step, len(self.counter))
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._close()
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._close()
+
+
+def _callback_of(filename: str) -> str:
+    base = os.path.basename(filename)
+    return next((name for name, files in CALLBACK_FILES.items() if base in files), base)
+
+
+@pytest.mark.timeout(120)
+def test_whole_suite_makes_no_host_sync_on_non_logging_steps():
+    counter = OwnedSyncCounter()
+    steps = SyncsPerStep(counter)
+    callbacks = [steps, GradientMonitor(), MemoryMonitor(), SpeedMonitor(),
+                 PredictionGridMonitor(num_samples=8, every_n_steps=EVERY)]
+    trainer = make_trainer(
+        ".", logger=MultiLogger(save_dir="runs", name="suite"), callbacks=callbacks, max_steps=MAX_STEPS,
+        log_every_n_steps=EVERY, limit_val_batches=1,
+    )
+    with counter:
+        trainer.fit(TinyImageModel(), image_loader(n=16 * BATCHES_PER_EPOCH), image_loader(n=16))
+
+    assert sorted(steps.per_step) == list(range(MAX_STEPS))
+    logging_steps = [s for s in range(MAX_STEPS) if (s + 1) % EVERY == 0]
+    assert logging_steps == [3, 7, 11]
+    quiet = {s: calls for s, calls in steps.per_step.items() if s not in logging_steps}
+    assert quiet == {s: [] for s in quiet}, "host syncs on non-logging steps"
+
+    for step in logging_steps:
+        calls = steps.per_step[step]
+        per_callback = Counter(owner for *_, owner in calls)
+        assert set(per_callback) <= set(CALLBACK_FILES), calls  # MultiLogger / the dispatch layer force none
+        assert {"GradientMonitor", "SpeedMonitor", "PredictionGridMonitor"} <= set(per_callback), calls
+        # Per-callback counts at logging steps are printed by benchmarks/host_syncs.py: the counter cannot tell a
+        # device->host copy from a read of a host copy on a CPU-only run, so only the zero is held here.
+
+    # the run really logged at those steps, from every callback
+    acc = tb_accumulator(trainer.logger.log_dir)
+    scalars = acc.Tags()["scalars"]
+    for prefix in ("grad/norm_total", "memory/", "time/step_sec"):
+        tag = next(t for t in scalars if t.startswith(prefix))
+        assert [e.step for e in acc.Scalars(tag)] == logging_steps, tag
+    grid_steps = [e.step for e in acc.Images("predictions/grid")]
+    assert grid_steps == [3, 7, 8, 11]  # the logging steps, and after the validation that ends epoch 0
