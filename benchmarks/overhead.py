@@ -210,7 +210,7 @@ def report(title: str, n: int, results: dict[str, list[_common.StepTimes]]) -> s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
     parser.add_argument("--steps", type=int, default=100, help="timed MNIST steps per fit (multiple of 50)")
     parser.add_argument("--mlp-steps", type=int, default=30, help="timed 25M-MLP steps per fit (multiple of 10)")
     parser.add_argument("--warmup", type=int, default=0,

@@ -1,0 +1,180 @@
+"""Host-sync-forcing calls per training step, for the lightning-monitor suite and for its peers.
+
+Counts ``.item() / .tolist() / .cpu() / .numpy() / __bool__ / __float__ / __int__ / __index__`` calls with
+``lightning_monitor.testing.HostSyncCounter`` (a ``TorchFunctionMode``) over a real fit of the MNIST ``LitNet``,
+split into training steps by a callback placed first (batch start -> next batch start), and into logging steps
+(``(step + 1) % n == 0``) and the others. On a GPU each of these calls makes the host wait for the device; on this
+CPU-only machine they are counted, not timed. Two counts per configuration:
+
+* ``all code`` (``only_from=None``): every such call, whoever makes it (Lightning's own loop included: compare
+  with the baseline row);
+* ``its own code`` (``only_from`` = the configuration's own package: ``lightning_monitor/`` for ours,
+  Lightning's callback modules for the built-ins, the hand-written callback (TensorBoard's ``add_histogram`` runs
+  inside ``torch/``, so its calls are attributed to the callback that called it), ``wandb/`` for ``wandb.watch``).
+
+A second table splits our suite's calls per callback (walking up the stack to the callback module that made them).
+Note: on a CPU-only run the counter cannot tell a device->host copy from a read of a host copy (e.g. ``.tolist()``
+of a tensor that ``.cpu()`` just returned, or the grid's per-tile labels read from its CPU copy of predictions).
+
+Run::
+
+    python benchmarks/host_syncs.py [--steps 20 --every 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections import Counter
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import lightning  # noqa: E402
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+import wandb  # noqa: E402
+
+import lightning_monitor  # noqa: E402
+import overhead  # noqa: E402
+from lightning_monitor.testing import _SKIP_DIRS, SYNC_METHODS, HostSyncCounter  # noqa: E402
+
+_LIGHTNING = os.path.dirname(lightning.__file__)
+OWN_CODE = {
+    "baseline": [],
+    "ours": [os.path.dirname(lightning_monitor.__file__)],
+    "ours+grid": [os.path.dirname(lightning_monitor.__file__)],
+    "lightning": [os.path.join(_LIGHTNING, "pytorch", "callbacks"), os.path.join(_LIGHTNING, "pytorch", "accelerators"),
+                  os.path.join(_LIGHTNING, "fabric", "utilities", "throughput.py")],
+    "add_histogram": [os.path.abspath(overhead.__file__)],
+    "wandb.watch": [os.path.dirname(wandb.__file__)],
+}
+OUR_CALLBACKS = {
+    "GradientMonitor": ("gradient_monitor.py", "_grad_stats.py"),
+    "MemoryMonitor": ("memory_monitor.py", "_memory.py"),
+    "SpeedMonitor": ("speed_monitor.py", "_flops.py"),
+    "PredictionGridMonitor": ("prediction_grid_monitor.py", "_draw.py"),
+}
+
+
+class AttributingCounter(HostSyncCounter):
+    """``HostSyncCounter(only_from=None)`` that also names, per call, which of our callbacks is up the stack."""
+
+    def __init__(self) -> None:
+        super().__init__(only_from=None)
+        self.owners: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") in SYNC_METHODS:
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.startswith(_SKIP_DIRS):
+                frame = frame.f_back
+            self.calls.append((func.__name__, frame.f_code.co_filename if frame else "?", frame.f_lineno if frame else 0))
+            owner = "-"
+            while frame is not None:
+                base = os.path.basename(frame.f_code.co_filename)
+                owner = next((n for n, files in OUR_CALLBACKS.items() if base in files), "-")
+                if owner != "-":
+                    break
+                frame = frame.f_back
+            self.owners.append(owner)
+        return func(*args, **(kwargs or {}))
+
+
+class PerStep(pl.Callback):
+    """Slices the counter's calls into training steps (batch start -> next batch start / validation / end)."""
+
+    def __init__(self, counter: AttributingCounter) -> None:
+        self.counter = counter
+        self.per_step: dict[int, list[tuple[str, str, int, str]]] = {}
+        self._open: Any = None
+
+    def _close(self) -> None:
+        if self._open is not None:
+            step, start = self._open
+            self.per_step[step] = [(*c, o) for c, o in zip(self.counter.calls[start:], self.counter.owners[start:])]
+            self._open = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._close()
+        self._open = (trainer.global_step, len(self.counter.calls))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._close()
+
+
+def count(config: str, steps: int, n: int) -> dict[int, list[tuple[str, str, int, str]]]:
+    torch.manual_seed(0)
+    model = overhead.LitNet()
+    data = overhead.Data("mnist", batches=steps + 4, batch_size=16)
+    counter = AttributingCounter()
+    per_step = PerStep(counter)
+    with tempfile.TemporaryDirectory() as root:
+        logger, callbacks, before_fit = overhead.build(config, "mnist", n, root)
+        trainer = pl.Trainer(
+            accelerator="cpu", devices=1, max_steps=steps, log_every_n_steps=n, logger=logger,
+            callbacks=[per_step, *callbacks], enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=root,
+        )
+        before_fit(model)
+        with counter:
+            trainer.fit(model, datamodule=data)
+        if wandb.run is not None:
+            wandb.finish()
+    return per_step.per_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--every", type=int, default=5, help="logging interval n")
+    args = parser.parse_args()
+    _common.pin(1)
+    n = args.every
+    print(f"## Host-sync-forcing calls per training step\n\n{_common.machine()}\n")
+    print(f"MNIST LitNet, batch 16, {args.steps} steps, logging every {n}; steps 0 and {n - 1} (first batch: FLOP "
+          f"count, first logging event: sample capture) left out of the means. `ours` has "
+          f"every callback at its defaults (the prediction grid is drawn after validation only); `ours+grid` adds "
+          f"PredictionGridMonitor(every_n_steps={n}); the per-callback table is from `ours+grid`.\n")
+    rows, ours = [], {}
+    for config in overhead.CONFIGS:
+        per_step = count(config, args.steps, n)
+        if config == "ours+grid":
+            ours = per_step
+        own = tuple(OWN_CODE[config])
+        steady = [s for s in per_step if s not in (0, n - 1)]
+        logging = [s for s in steady if (s + 1) % n == 0]
+        quiet = [s for s in steady if (s + 1) % n]
+
+        def mean(steps: list[int], own_only: bool) -> str:
+            total = sum(1 for s in steps for c in per_step[s] if not own_only or (own and c[1].startswith(own)))
+            return f"{total / max(1, len(steps)):.1f}"
+
+        rows.append([config, mean(quiet, False), mean(logging, False), mean(quiet, True) if own else "-",
+                     mean(logging, True) if own else "-"])
+    print(_common.markdown_table(
+        ["config", "all code: non-logging step", "all code: logging step", "its own code: non-logging step",
+         "its own code: logging step"], rows))
+
+    print("\nOur suite per callback (calls from lightning_monitor code, per step; `first` = the first logging step):\n")
+    own = os.path.dirname(lightning_monitor.__file__)
+    cb_rows = []
+    logging = [s for s in ours if (s + 1) % n == 0]
+    quiet = [s for s in ours if (s + 1) % n]
+    for name in OUR_CALLBACKS:
+        def calls(step: int) -> list[tuple[str, str, int, str]]:
+            return [c for c in ours[step] if c[3] == name and c[1].startswith(own)]
+
+        later = [len(calls(s)) for s in logging[1:]]
+        sites = Counter(f"{op}@{os.path.basename(f)}:{line}" for s in logging[1:2] for op, f, line, _ in calls(s))
+        cb_rows.append([name, max((len(calls(s)) for s in quiet), default=0), len(calls(logging[0])),
+                        f"{sum(later) / max(1, len(later)):.1f}", ", ".join(f"{k} x{v}" for k, v in sites.items())])
+    print(_common.markdown_table(["callback", "max on a non-logging step", "first logging step",
+                                  "later logging steps (mean)", "call sites at a later logging step"], cb_rows))
+
+
+if __name__ == "__main__":
+    main()
