@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import socket
 from typing import Any
 
 import lightning.pytorch as pl
@@ -85,3 +86,10 @@ def tb_scalars(log_dir: str, tag: str) -> list[tuple[int, float]]:
 
 def event_files(log_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(str(log_dir), "**", "events.out.tfevents.*"), recursive=True))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

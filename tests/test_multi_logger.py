@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from helpers import TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator, tb_scalars
+from helpers import free_port, TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator, tb_scalars
 from lightning_monitor import MultiLogger
 from lightning_monitor import _dispatch
 
@@ -151,12 +150,6 @@ def test_live_without_flush(tmp_path):
     assert [(e.step, e.value) for e in found] == [(7, 3.0)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(120)
 def test_real_tensorboard_server_lists_our_data(tmp_path):
     logger = MultiLogger(save_dir=tmp_path / "runs", name="srv", wandb=False)
@@ -165,7 +158,7 @@ def test_real_tensorboard_server_lists_our_data(tmp_path):
         logger.log_histogram("srv/hist", np.arange(100.0), step=step)
         logger.log_image("srv/img", np.full((8, 8), 128, dtype=np.uint8), step=step)
     logger.finalize("success")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path / "runs"), "--host", "127.0.0.1",
          "--port", str(port), "--reload_interval", "1"],

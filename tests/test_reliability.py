@@ -23,7 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator, tb_scalars
+from helpers import free_port, TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator, tb_scalars
 from lightning_monitor import MultiLogger
 
 JOB = os.path.join(os.path.dirname(__file__), "reliability_job.py")
@@ -158,15 +158,9 @@ def _drain(fd, out):
         out.append(chunk)
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(200)
 def test_unreachable_server_runs_offline(tmp_path):
-    env = {"WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{_closed_port()}"}
+    env = {"WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}"}
     proc, run_dir = run_job(tmp_path, "--steps", "3", env=env)
     _assert_trained_offline(proc, run_dir, 3)
     assert "is unreachable" in proc.stdout + proc.stderr

@@ -153,24 +153,12 @@ def test_remaining_time_from_max_epochs(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- FLOPs
-class Net(nn.Module):
-    """pytorch/examples mnist/main.py Net."""
+def Net() -> nn.Module:
+    """The MNIST example's network: pytorch/examples mnist/main.py Net, as ``examples/mnist/model.py`` has it."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "examples", "mnist"))
+    from model import LitNet as ExampleNet
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, 1)
-        self.conv2 = nn.Conv2d(32, 64, 3, 1)
-        self.dropout1 = nn.Dropout(0.25)
-        self.dropout2 = nn.Dropout(0.5)
-        self.fc1 = nn.Linear(9216, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = torch.flatten(self.dropout1(x), 1)
-        x = self.dropout2(F.relu(self.fc1(x)))
-        return F.log_softmax(self.fc2(x), dim=1)
+    return ExampleNet()
 
 
 class LitNet(pl.LightningModule):
