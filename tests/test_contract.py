@@ -1,0 +1,296 @@
+"""The contract every public class keeps, checked over ``lightning_monitor.__all__``.
+
+Constructible with defaults; picklable before and after a real fit (``ddp_spawn`` pickles callbacks and the
+logger); ``LOGGED_KEYS`` equal to the docstring's key table; keys named by DESIGN.md's rules; ``state_dict``
+round-trips through a checkpoint; ``import lightning_monitor`` imports no optional package; and one real fit with
+every callback where every key TensorBoard and wandb received is documented and every always-on key shows up.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+import lightning_monitor
+from lightning_monitor import GradientMonitor, MemoryMonitor, MultiLogger, PredictionGridMonitor, SpeedMonitor
+from lightning_monitor._keys import docstring_keys, key_matches, markdown_table, match_key, naming_problems
+
+from helpers import TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = [getattr(lightning_monitor, name) for name in lightning_monitor.__all__]
+CALLBACKS = [cls for cls in CLASSES if cls is not MultiLogger]
+# keys Lightning itself logs in these fits: the model's self.log calls and the trainer's epoch counter
+LIGHTNING_KEYS = {"train/loss", "val/loss", "epoch"}
+# wandb's own bookkeeping columns in every history row
+WANDB_COLUMNS = {"_runtime", "_step", "_timestamp", "trainer/global_step"}
+
+ALL = pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
+CBS = pytest.mark.parametrize("cls", CALLBACKS, ids=lambda c: c.__name__)
+
+
+def _fit(callbacks: list[Any], logger: Any, **trainer_kwargs: Any) -> Any:
+    trainer = make_trainer(".", logger=logger, callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(TinyImageModel(), image_loader(64), image_loader(32))
+    return trainer
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Deep equality that compares tensors by value."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
+            and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+# ----------------------------------------------------------------------------------------------- the helpers
+
+
+def test_key_matches_placeholders():
+    assert key_matches("grad/norm_total", "grad/norm_total")
+    assert key_matches("grad/hist/{name}", "grad/hist/conv.weight")
+    assert key_matches("memory/{name}_max", "memory/host/rss_gib_max")  # a placeholder may span '/'
+    assert key_matches("memory/{name}_max_rank", "memory/host/rss_gib_max_rank")
+    assert not key_matches("memory/{name}_max", "memory/host/rss_gib_max_rank")
+    assert not key_matches("grad/norm/{group}", "grad/norm_total")
+    assert not key_matches("grad/norm/{group}", "grad/norm/")  # a name is never empty
+    assert not key_matches("grad/norm_total", "grad/norm_total_x")
+    assert match_key("grad/norm_total", GradientMonitor.LOGGED_KEYS) == "grad/norm_total"
+    assert match_key("param/update_ratio/head", GradientMonitor.LOGGED_KEYS) == "param/update_ratio/{group}"
+    assert match_key("grad/other", GradientMonitor.LOGGED_KEYS) is None
+
+
+def test_naming_rules_catch_bad_keys():
+    for good in ("memory/cuda/peak_allocated_gib", "throughput/device/samples_per_sec", "memory/{name}_max_rank"):
+        assert naming_problems(good) == [], good
+    for bad in ("Grad/norm", "grad-norm", "grad", "loss/total", "grad/Norm", "grad/norm.total", "memory/peak_mb",
+                "time/step_ms", "throughput/samples_per_s", "memory/rss_bytes", "grad/{name}/norm",
+                "speed_monitor/x", "time/on_train_batch_end_sec", "grad/norm__total"):
+        assert naming_problems(bad), bad
+
+
+def test_docstring_parser_reads_rst_and_markdown_tables():
+    rst = """Summary.
+
+    =====================  ==========================
+    key                    meaning
+    =====================  ==========================
+    ``grad/norm_total``    L2 norm of all gradients,
+                           wrapped onto a second line
+    grad/other             with ||a|| bars
+    =====================  ==========================
+    """
+    assert docstring_keys(type("A", (), {"__doc__": rst})) == {
+        "grad/norm_total": "L2 norm of all gradients, wrapped onto a second line",
+        "grad/other": "with ||a|| bars",
+    }
+    md = """Summary.
+
+    | key | meaning |
+    |---|---|
+    | `time/step_sec` | mean step time (`x`) |
+    | `time/ratio` | a \\| b |
+    """
+    assert docstring_keys(type("B", (), {"__doc__": md})) == {
+        "time/step_sec": "mean step time (`x`)", "time/ratio": "a | b",
+    }
+    with pytest.raises(ValueError, match="C: no `key | meaning` table"):
+        docstring_keys(type("C", (), {"__doc__": "no table here"}))
+
+
+# ----------------------------------------------------------------------------------------- per public class
+
+
+def test_all_lists_the_five_public_classes():
+    assert lightning_monitor.__all__ == [
+        "MultiLogger", "GradientMonitor", "MemoryMonitor", "SpeedMonitor", "PredictionGridMonitor"]
+
+
+@ALL
+def test_constructible_with_defaults_and_picklable(cls):
+    obj = cls()
+    copy = pickle.loads(pickle.dumps(obj))
+    assert type(copy) is cls
+    if cls is not MultiLogger:
+        public = {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+        assert _same(public, {k: v for k, v in vars(copy).items() if not k.startswith("_")})
+
+
+@ALL
+def test_logged_keys_equal_the_docstring_table(cls):
+    assert isinstance(cls.LOGGED_KEYS, dict) and cls.LOGGED_KEYS
+    documented = docstring_keys(cls)
+    assert list(documented) == list(cls.LOGGED_KEYS), "same keys, in the same order"
+    assert documented == cls.LOGGED_KEYS, "same meanings"
+
+
+@ALL
+def test_keys_follow_the_naming_rules(cls):
+    problems = {key: naming_problems(key) for key in cls.LOGGED_KEYS}
+    assert not {k: p for k, p in problems.items() if p}
+
+
+def test_no_key_is_claimed_by_two_classes():
+    owners: dict[str, str] = {}
+    for cls in CLASSES:
+        for key in cls.LOGGED_KEYS:
+            assert key not in owners, f"{key} in {owners.get(key)} and {cls.__name__}"
+            owners[key] = cls.__name__
+
+
+@ALL
+def test_picklable_after_a_real_fit_and_state_round_trips(cls):
+    if cls is MultiLogger:  # the real thing: TensorBoard + offline wandb
+        obj = logger = MultiLogger(save_dir="runs", name="contract")
+        callbacks: list[Any] = []
+    else:
+        obj = cls()
+        logger, callbacks = MultiLogger(save_dir="runs", name="contract", wandb=False), [obj]
+    _fit(callbacks, logger, max_steps=4, val_check_interval=2)
+    copy = pickle.loads(pickle.dumps(obj))  # what ddp_spawn does to a callback and the logger it is given
+    assert type(copy) is cls
+    if cls is MultiLogger:
+        assert copy.log_dir == obj.log_dir
+        return
+    state = obj.state_dict()
+    if type(obj).state_dict is Callback.state_dict:  # keeps nothing worth resuming
+        assert state == {}
+        return
+    # through a checkpoint file as Lightning writes and reads it (weights_only: only plain containers, tensors)
+    buffer = io.BytesIO()
+    torch.save({"callbacks": {cls.__name__: state}}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)["callbacks"][cls.__name__]
+    fresh = cls()
+    fresh.load_state_dict(loaded)
+    assert _same(fresh.state_dict(), state)
+    assert _same(copy.state_dict(), state)
+
+
+def test_import_pulls_in_no_optional_package():
+    code = (
+        "import sys, json\n"
+        "import lightning.pytorch\n"
+        "before = {m.split('.')[0] for m in sys.modules}\n"
+        "import lightning_monitor\n"
+        "after = {m.split('.')[0] for m in sys.modules}\n"
+        "print(json.dumps({'added': sorted(after - before), 'all': sorted(after)}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    modules = json.loads(out.stdout.strip().splitlines()[-1])
+    # wandb (heavy, starts nothing until MultiLogger needs it) and NVML (the `nvml` extra) are never imported
+    assert not {"wandb", "pynvml"} & set(modules["all"]), modules["all"]
+    # Lightning itself already imports torchvision and torchmetrics; we add no extra or backend on top
+    assert not {"jsonargparse", "torchmetrics", "tensorboard", "tensorboardX", "torchvision"} & set(modules["added"])
+    # beyond Lightning's own imports, only our package and light dependencies (psutil, stdlib)
+    assert set(modules["added"]) <= {"lightning_monitor", "psutil", "netrc", "resource", "_psutil_linux"}, \
+        modules["added"]
+
+
+# ----------------------------------------------------------------------------------- one fit, every callback
+
+
+def _items(batch: Any) -> int:
+    return batch[0].numel()
+
+
+def _conditional(device: str) -> dict[str, str]:
+    """Documented keys a one-process fit of the test below need not log, and why."""
+    reasons = {
+        "run/status": "only when a run ends with a status other than success",
+        "grad/nonfinite/{name}": "only for parameters whose gradients had NaN/Inf",
+        "memory/gpu/utilization_percent": "CUDA with nvidia-ml-py (NVML) only",
+        "memory/gpu/power_watts": "CUDA with nvidia-ml-py (NVML) only",
+        "memory/gpu/temperature_celsius": "CUDA with nvidia-ml-py (NVML) only",
+        "memory/cuda/test_peak_allocated_gib": "CUDA only, and only after a test run (trainer.test)",
+        "memory/cuda/test_peak_reserved_gib": "CUDA only, and only after a test run (trainer.test)",
+    }
+    for suffix in ("min", "mean", "max", "max_rank"):
+        reasons[f"memory/{{name}}_{suffix}"] = "cross-rank aggregate: world size > 1 only"
+        reasons[f"time/pre_sync_sec_{suffix}"] = "DDP straggler timing: world size > 1 only"
+    reasons["time/straggler_ratio"] = "DDP straggler timing: world size > 1 only"
+    if device != "cuda":
+        for key in MemoryMonitor.LOGGED_KEYS:
+            if key.startswith("memory/cuda/"):
+                reasons.setdefault(key, "CUDA device only")
+    return reasons
+
+
+def _tb_keys(log_dir: str) -> set[str]:
+    """Every scalar, histogram, image and text tag in every TensorBoard event file under ``log_dir``."""
+    keys: set[str] = set()
+    for directory in sorted({os.path.dirname(f) for f in event_files(log_dir)}):
+        tags = tb_accumulator(directory).Tags()
+        keys |= set(tags["scalars"]) | set(tags["histograms"]) | set(tags["images"])
+        keys |= {t.removesuffix("/text_summary") for t in tags["tensors"] if not t.startswith("_hparams_/")}
+    return keys
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_every_logged_key_is_documented_and_every_always_on_key_is_logged(device):
+    callbacks = [
+        # every option that adds keys switched on, so only the keys listed in _conditional may be missing
+        GradientMonitor(per_param_norms=True, param_norms=True, update_ratio=True, param_histograms=True),
+        MemoryMonitor(),
+        SpeedMonitor(peak_flops_per_sec=1e12, items_fn=_items),
+        PredictionGridMonitor(num_samples=8),
+    ]
+    logger = MultiLogger(save_dir="runs", name="contract")
+    _fit(callbacks, logger, accelerator=device, max_steps=6, val_check_interval=3)
+    documented = {key: cls.__name__ for cls in CLASSES for key in cls.LOGGED_KEYS}
+
+    tb = _tb_keys(logger.log_dir)
+    runs = find_runs("runs")
+    assert len(runs) == 1
+    wb = {k for row in runs[0].history for k in row} - WANDB_COLUMNS
+    for backend, keys in (("TensorBoard", tb), ("wandb", wb)):
+        unknown = sorted(k for k in keys - LIGHTNING_KEYS if match_key(k, documented) is None)
+        assert not unknown, f"{backend} got keys no class documents: {unknown}"
+        assert LIGHTNING_KEYS <= keys, f"{backend} lacks Lightning's own {LIGHTNING_KEYS - keys}"
+    assert tb == wb, "TensorBoard and wandb got the same keys"
+
+    conditional = _conditional(device)
+    assert set(conditional) <= set(documented), "a conditional key that no class documents"
+    missing = {
+        f"{documented[pattern]}: {pattern}"
+        for pattern in documented
+        if pattern not in conditional and not any(key_matches(pattern, k) for k in tb)
+    }
+    assert not missing, f"always-on keys never logged: {sorted(missing)}"
+
+
+# ------------------------------------------------------------------------------------------ the README table
+
+
+def test_keys_table_script_prints_the_generated_table():
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "keys_table.py")], capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert out.stdout == markdown_table(CLASSES)
+    rows = out.stdout.strip().splitlines()[2:]
+    assert len(rows) == sum(len(cls.LOGGED_KEYS) for cls in CLASSES)
+
+
+def test_readme_holds_the_generated_key_table():
+    readme = REPO / "README.md"
+    text = readme.read_text(encoding="utf-8") if readme.exists() else ""
+    start, end = "<!-- keys:start -->", "<!-- keys:end -->"
+    if start not in text or end not in text:
+        pytest.skip(f"README.md has no {start} ... {end} block yet; paste `python scripts/keys_table.py` there")
+    block = text.split(start, 1)[1].split(end, 1)[0]
+    assert block.strip() == markdown_table(CLASSES).strip(), (
+        "README key table is stale: run `python scripts/keys_table.py --update README.md`"
+    )
