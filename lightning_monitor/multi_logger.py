@@ -6,14 +6,12 @@ import atexit
 import glob
 import hashlib
 import importlib.util
-import inspect
 import os
 import re
 import weakref
 from argparse import Namespace
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
@@ -22,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_monitor import _wandb_run
+from lightning_monitor._validate import check_keys, check_writable, options, scalar, tensorboard_keys
 from lightning_monitor._backends import log_histograms_to, log_images_to, log_text_to
 from lightning_monitor._media import HistogramData, make_histogram, to_uint8_hwc
 
@@ -90,15 +89,15 @@ class MultiLogger(Logger):
         if not name or not isinstance(name, str):
             raise ValueError(f"`name` must be a non-empty string, got {name!r}")
         save_dir = os.fspath(save_dir)
-        _check_writable(save_dir)
-        tb_options = _options("tensorboard", tensorboard)
+        check_writable(save_dir)
+        tb_options = options("tensorboard", tensorboard)
         if tb_options is not None:
-            _check_keys("tensorboard", tb_options, _tensorboard_keys())
-        self._wandb_options = _options("wandb", wandb)
+            check_keys("tensorboard", tb_options, tensorboard_keys())
+        self._wandb_options = options("wandb", wandb)
         if self._wandb_options is not None:
             if importlib.util.find_spec("wandb") is None:
                 raise ModuleNotFoundError("MultiLogger(wandb=...) needs wandb: `pip install wandb`, or pass wandb=False")
-            _check_keys("wandb", self._wandb_options, _wandb_run.option_keys())
+            check_keys("wandb", self._wandb_options, _wandb_run.option_keys())
             self._wandb_options.setdefault("prefix", prefix)
         tb_kwargs = {"default_hp_metric": False, "flush_secs": DEFAULT_FLUSH_SECS, "prefix": prefix, **(tb_options or {})}
         # Built even when TensorBoard is off: it owns the run directory and the version numbering.
@@ -170,7 +169,7 @@ class MultiLogger(Logger):
     @override
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
-        scalars = {key: _scalar(key, value) for key, value in metrics.items()}
+        scalars = {key: scalar(key, value) for key, value in metrics.items()}
         self._to_tensorboard(step, lambda tb: tb.log_metrics(scalars, step))
         self._to_wandb(lambda wb: wb.log_metrics(scalars, step))
 
@@ -416,62 +415,6 @@ def _tb_error(log_dir: str, err: BaseException) -> OSError:
     errno = getattr(cause, "errno", None)
     message = f"TensorBoard cannot write to {log_dir}: {detail}"
     return OSError(errno, message) if errno else OSError(message)
-
-
-def _options(backend: str, value: Union[bool, dict, None]) -> Optional[dict[str, Any]]:
-    if value is False or value is None:
-        return None
-    if value is True:
-        return {}
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise ValueError(f"`{backend}` must be True, False or a dict of options, got {value!r}")
-
-
-def _check_keys(backend: str, options: Mapping[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(f"Unknown {backend} option(s) {unknown}. Valid options: {sorted(allowed)}")
-
-
-def _tensorboard_keys() -> set[str]:
-    from torch.utils.tensorboard import SummaryWriter
-
-    keys: set[str] = set()
-    for function in (TensorBoardLogger.__init__, SummaryWriter.__init__):
-        keys |= {p for p in inspect.signature(function).parameters if p not in ("self", "kwargs")}
-    return keys - {"save_dir", "name", "version", "log_dir", "logdir", "comment"}
-
-
-def _check_writable(path: str) -> None:
-    """Fail early, naming the directory, when ``path`` cannot be created or written (without creating it)."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        raise NotADirectoryError(f"MultiLogger cannot create save_dir {path!r}: {probe!r} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise PermissionError(f"MultiLogger cannot write to save_dir {path!r}: {probe!r} is not writable")
-
-
-def _scalar(key: str, value: Any) -> Union[int, float]:
-    """A metric as a plain number; bf16/fp16 tensors keep their true value; non-finite values pass through."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"metric {key!r} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        return value.detach().float().item() if value.is_floating_point() else int(value.item())
-    if isinstance(value, np.ndarray):
-        if value.size != 1:
-            raise ValueError(f"metric {key!r} must be a scalar, got an array of shape {value.shape}")
-        value = value.reshape(()).item()
-    if isinstance(value, (bool, np.bool_, int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value)
-    raise ValueError(f"metric {key!r} must be a number, got {type(value).__name__}: {value!r}")
 
 
 def _slug(text: str) -> str:

@@ -70,6 +70,7 @@ class WandbRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
+    start_time: float = 0.0
 
     def series(self, key: str, step_key: str = "trainer/global_step") -> list[tuple[Any, Any]]:
         """(step, value) for every history row that holds ``key``."""
@@ -85,6 +86,7 @@ def read_run(path: str) -> WandbRun:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run.run_id, run.name, run.project = record.run.run_id, record.run.display_name, record.run.project
+            run.start_time = record.run.start_time.seconds + record.run.start_time.nanos / 1e9
             for item in record.run.config.update:
                 run.config[item.key] = json.loads(item.value_json)
         elif kind == "history":
@@ -110,7 +112,7 @@ def read_run(path: str) -> WandbRun:
 
 
 def find_runs(root: str, wait_finished: float = 30.0) -> list[WandbRun]:
-    """Every offline run under ``root`` (searched recursively), oldest first.
+    """Every offline run under ``root`` (searched recursively), in the order they started.
 
     ``run.finish()`` returns before wandb's service process has written the run file to the end, so by default
     this waits (up to ``wait_finished`` seconds) until every run file holds its exit record. Pass 0 to read the
@@ -121,5 +123,5 @@ def find_runs(root: str, wait_finished: float = 30.0) -> list[WandbRun]:
         paths = sorted(glob.glob(os.path.join(str(root), "**", "offline-run-*", "run-*.wandb"), recursive=True))
         runs = [read_run(p) for p in paths]
         if all(run.exit_code is not None for run in runs) or time.monotonic() >= deadline:
-            return runs
+            return sorted(runs, key=lambda run: (run.start_time, run.path))
         time.sleep(0.2)
