@@ -72,7 +72,8 @@ class AttributingCounter(HostSyncCounter):
             frame = sys._getframe(1)
             while frame is not None and frame.f_code.co_filename.startswith(_SKIP_DIRS):
                 frame = frame.f_back
-            self.calls.append((func.__name__, frame.f_code.co_filename if frame else "?", frame.f_lineno if frame else 0))
+            where = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("?", 0)
+            self.calls.append((func.__name__, *where))
             owner = "-"
             while frame is not None:
                 base = os.path.basename(frame.f_code.co_filename)
