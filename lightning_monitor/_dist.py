@@ -5,30 +5,32 @@ from __future__ import annotations
 from typing import Sequence
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 
-def gather_packed(trainer: "pl.Trainer", values: torch.Tensor) -> torch.Tensor:
-    """All-gather a 1-D tensor of per-rank values; returns ``[world_size, n]`` float64 on the host.
+def gather_packed(trainer: "pl.Trainer", values: torch.Tensor) -> np.ndarray:
+    """All-gather a 1-D tensor of per-rank values; returns a ``[world_size, n]`` float64 array on the host.
 
-    Must be called on every rank (it is a collective whenever ``world_size > 1``). The one ``.cpu()`` at the end
-    is the only host transfer.
+    Must be called on every rank (it is a collective whenever ``world_size > 1``). The one ``.tolist()`` at the
+    end is the only host transfer; everything after it is numpy.
     """
-    packed = values.detach().reshape(-1).to(device=trainer.strategy.root_device, dtype=torch.float64)
+    packed = values.detach().reshape(-1).to(dtype=torch.float64)
     if trainer.world_size > 1:
+        packed = packed.to(trainer.strategy.root_device)
         gathered = trainer.strategy.all_gather(packed).reshape(trainer.world_size, -1)
     else:
         gathered = packed.unsqueeze(0)
-    return gathered.cpu()  # sync point: once per logging step
+    return np.array(gathered.tolist(), dtype=np.float64).reshape(trainer.world_size, -1)  # sync point
 
 
-def rank_stats(gathered: torch.Tensor, keys: Sequence[str]) -> dict[str, float]:
-    """``{key_min, key_mean, key_max, key_max_rank}`` for each column of a ``[world_size, n]`` tensor."""
+def rank_stats(gathered: np.ndarray, keys: Sequence[str]) -> dict[str, float]:
+    """``{key_min, key_mean, key_max, key_max_rank}`` for each column of a ``[world_size, n]`` array."""
     out: dict[str, float] = {}
-    lo, mean, hi = gathered.min(dim=0).values, gathered.mean(dim=0), gathered.max(dim=0)
     for i, key in enumerate(keys):
-        out[f"{key}_min"] = float(lo[i])
-        out[f"{key}_mean"] = float(mean[i])
-        out[f"{key}_max"] = float(hi.values[i])
-        out[f"{key}_max_rank"] = int(hi.indices[i])
+        column = gathered[:, i]
+        out[f"{key}_min"] = float(column.min())
+        out[f"{key}_mean"] = float(column.mean())
+        out[f"{key}_max"] = float(column.max())
+        out[f"{key}_max_rank"] = int(column.argmax())
     return out

@@ -40,8 +40,8 @@ def _default_font():
 
 def display_images(
     images: torch.Tensor, tile_size: int, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]
-) -> torch.Tensor:
-    """``[N, C, H, W]`` inputs (C 1 or 3) to ``[N, 3, tile_size, W']`` uint8 pictures.
+) -> np.ndarray:
+    """``[N, C, H, W]`` inputs (C 1 or 3) to ``N x tile_size x W' x 3`` uint8 pictures (numpy, on the host).
 
     With ``mean``/``std`` the normalisation is undone (``x * std + mean``, clamped to 0..1); without, values already
     within 0..1 are kept and anything else is scaled from the set's own min..max (one range for the whole set, so
@@ -67,7 +67,7 @@ def display_images(
         x = F.interpolate(x, size=(tile_size, out_w), mode="nearest")
     else:
         x = F.interpolate(x, size=(tile_size, out_w), mode="bilinear", antialias=True, align_corners=False)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def _fit(draw, text: str, width: int) -> str:
@@ -99,8 +99,8 @@ def tile(image: np.ndarray, lines: Sequence[tuple[str, tuple[int, int, int]]], w
     return np.asarray(canvas)
 
 
-def grid(tiles: Sequence[np.ndarray], nrow: int, padding: int) -> torch.Tensor:
-    """Tiles into one ``3 x H x W`` uint8 grid with torchvision's ``make_grid``."""
+def grid(tiles: Sequence[np.ndarray], nrow: int, padding: int) -> np.ndarray:
+    """Tiles into one ``H x W x 3`` uint8 grid with torchvision's ``make_grid``."""
     from torchvision.utils import make_grid
 
     batch = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
@@ -108,5 +108,6 @@ def grid(tiles: Sequence[np.ndarray], nrow: int, padding: int) -> torch.Tensor:
         _, channels, height, width = batch.shape
         out = torch.full((channels, height + 2 * padding, width + 2 * padding), PAD_VALUE, dtype=torch.uint8)
         out[:, padding : padding + height, padding : padding + width] = batch[0]
-        return out
-    return make_grid(batch, nrow=nrow, padding=padding, pad_value=PAD_VALUE)
+    else:
+        out = make_grid(batch, nrow=nrow, padding=padding, pad_value=PAD_VALUE)
+    return out.permute(1, 2, 0).numpy()  # a host tensor: no device transfer

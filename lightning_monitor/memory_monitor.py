@@ -6,6 +6,7 @@ import math
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -324,7 +325,7 @@ class MemoryMonitor(Callback):
         if trainer.world_size > 1:
             keys = list(values)
             gathered = _dist.gather_packed(trainer, torch.tensor([values[k] for k in keys], dtype=torch.float64))
-            complete = (~torch.isnan(gathered).any(dim=0)).tolist()  # a value missing on any rank is skipped
+            complete = (~np.isnan(gathered).any(axis=0)).tolist()  # a value missing on any rank is skipped
             cols = [i for i, ok in enumerate(complete) if ok]
             metrics.update(_dist.rank_stats(gathered[:, cols], [keys[i] for i in cols]))
         _dispatch.log_scalars(trainer, metrics, step)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
@@ -128,7 +129,8 @@ class PredictionGridMonitor(Callback):
         self.batch_fn, self.output_fn = batch_fn, output_fn
         self._images: Optional[torch.Tensor] = None  # the fixed samples, on the CPU
         self._labels: Optional[torch.Tensor] = None
-        self._display: Optional[torch.Tensor] = None  # their pictures, [N, 3, h, w] uint8
+        self._display: Optional[np.ndarray] = None  # their pictures, N x h x w x 3 uint8 (made at the first grid)
+        self._labels_np: Optional[np.ndarray] = None
         self._last_step = -1  # step of the last grid, so one step never gets two
 
     # ------------------------------------------------------------------ hooks
@@ -244,7 +246,7 @@ class PredictionGridMonitor(Callback):
         return images.detach().cpu().clone(), labels.detach().cpu().long().clone()
 
     # ------------------------------------------------------------------ predictions and picture
-    def _predict(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> torch.Tensor:
+    def _predict(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> np.ndarray:
         assert self._images is not None
         precision = trainer.precision_plugin
         x = precision.convert_input(self._images.to(pl_module.device))
@@ -268,7 +270,8 @@ class PredictionGridMonitor(Callback):
                 " mapping the module's output to that,"
                 " e.g. `PredictionGridMonitor(output_fn=lambda out: out['logits'])`"
             )
-        return _to_probabilities(scores.detach().float().cpu())  # sync point: once per grid, on rank 0
+        # sync point: the one host transfer of a grid, on rank 0; everything after it is numpy
+        return _to_probabilities(scores.detach().float().numpy(force=True).astype(np.float64))
 
     def _render(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int, title: str) -> None:
         self._last_step = step
@@ -277,15 +280,16 @@ class PredictionGridMonitor(Callback):
             raise ValueError(
                 f"`class_names` has {len(self.class_names)} names but the model scores {probs.shape[1]} classes"
             )
-        if self._display is None:
+        if self._display is None:  # once per sample set; host tensors only
             self._display = _draw.display_images(self._images, self.tile_size, self.mean, self.std)
-        confidence, predicted = probs.max(dim=1)
-        labels = self._labels
+            self._labels_np = self._labels.numpy()
+        confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
+        labels = self._labels_np
         wrong = (predicted != labels).tolist()
         order = list(range(len(labels)))
         if self.mistakes_first:
             order.sort(key=lambda i: not wrong[i])  # stable: the fixed order within each group
-        pictures = self._display.permute(0, 2, 3, 1).numpy()
+        pictures = self._display
         tiles, mistakes = [], []
         for i in order:
             pred, true, conf = self._name(int(predicted[i])), self._name(int(labels[i])), float(confidence[i])
@@ -319,14 +323,17 @@ def _pick_loader(loaders: Any, index: int) -> Any:
     return loaders
 
 
-def _to_probabilities(scores: torch.Tensor) -> torch.Tensor:
+def _to_probabilities(scores: np.ndarray) -> np.ndarray:
     """Log-probabilities (all <= 0, each row's logsumexp ~ 0) -> exp; probabilities kept; anything else softmax."""
-    finite = torch.isfinite(scores)
-    if bool((scores <= 0).all()) and bool((torch.logsumexp(scores, dim=1).abs() < 1e-3).all()):
-        return scores.exp()
-    if bool(finite.all()) and bool((scores >= 0).all()) and bool(((scores.sum(dim=1) - 1).abs() < 1e-3).all()):
-        return scores
-    return torch.softmax(scores, dim=1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        top = scores.max(axis=1, keepdims=True)
+        logsumexp = (top + np.log(np.exp(scores - top).sum(axis=1, keepdims=True))).ravel()
+        if (scores <= 0).all() and (np.abs(logsumexp) < 1e-3).all():
+            return np.exp(scores)
+        if np.isfinite(scores).all() and (scores >= 0).all() and (np.abs(scores.sum(axis=1) - 1) < 1e-3).all():
+            return scores
+        shifted = np.exp(scores - top)
+        return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def _describe(obj: Any, depth: int = 0) -> str:

@@ -111,8 +111,13 @@ def test_whole_suite_makes_no_host_sync_on_non_logging_steps():
         per_callback = Counter(owner for *_, owner in calls)
         assert set(per_callback) <= set(CALLBACK_FILES), calls  # MultiLogger / the dispatch layer force none
         assert {"GradientMonitor", "SpeedMonitor", "PredictionGridMonitor"} <= set(per_callback), calls
-        # Per-callback counts at logging steps are printed by benchmarks/host_syncs.py: the counter cannot tell a
-        # device->host copy from a read of a host copy on a CPU-only run, so only the zero is held here.
+        # one packed transfer per callback per logging step (MemoryMonitor reads host-side allocator stats only)
+        assert per_callback["GradientMonitor"] == 1 and per_callback["SpeedMonitor"] == 1, calls
+        assert per_callback["MemoryMonitor"] == 0, calls
+        grid = [(name, os.path.basename(f)) for name, f, _, owner in calls if owner == "PredictionGridMonitor"]
+        if step != logging_steps[0]:  # the first grid also takes the fixed samples and prepares their pictures
+            # the scores' one device->host copy, then reading the grid make_grid built on the host
+            assert grid == [("numpy", "prediction_grid_monitor.py"), ("numpy", "_draw.py")], calls
 
     # the run really logged at those steps, from every callback
     acc = tb_accumulator(trainer.logger.log_dir)
