@@ -86,7 +86,7 @@ def _environment_kept() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def start(init: dict[str, Any], mode: str, reason: str, attempts: int = 1) -> Optional[Any]:
+def start(init: dict[str, Any], mode: str, reason: str, attempts: int = 2) -> Optional[Any]:
     """Start a run with ``wandb.init(**init)``; ``None`` (with one warning) when even an offline run fails."""
     import wandb
 
@@ -104,15 +104,17 @@ def start(init: dict[str, Any], mode: str, reason: str, attempts: int = 1) -> Op
                 run = wandb.init(**init, mode=mode, settings=settings)
             break
         except Exception as err:  # noqa: BLE001 - wandb must never stop training
-            if mode == "online":
+            if mode == "online" and not _service_lost(err):
                 rank_zero_warn(f"wandb could not start online ({type(err).__name__}: {err}); logging offline instead.")
                 # The failed online run keeps its id registered in wandb's service ("run ID is in use"): only a
                 # fresh service lets the offline run keep the same id, i.e. stay the same run once synced.
-                wandb.teardown()
+                _teardown()
                 return start(dict(init, settings=settings), "offline", "the online start failed", attempts=3)
             if attempt == attempts - 1:
                 rank_zero_warn(f"wandb could not start ({type(err).__name__}: {err}); logging to TensorBoard only.")
                 return None
+            if _service_lost(err):  # wandb's service process died earlier in this process: start a new one
+                _teardown()
             time.sleep(0.5)
     run.define_metric("trainer/global_step")
     run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
@@ -121,6 +123,21 @@ def start(init: dict[str, Any], mode: str, reason: str, attempts: int = 1) -> Op
         run_dir = os.path.dirname(run.dir) if getattr(run, "dir", None) else init.get("dir")
         rank_zero_info(f"wandb is logging offline ({reason}). Upload the run later with: wandb sync {run_dir}")
     return run
+
+
+def _teardown() -> None:
+    """Drop wandb's service connection (the next ``wandb.init`` starts a new service); quiet if it is already dead."""
+    import wandb
+
+    try:
+        wandb.teardown()
+    except Exception:  # noqa: BLE001 - a dead service cannot be told to stop; the connection is dropped anyway
+        pass
+
+
+def _service_lost(err: BaseException) -> bool:
+    """Whether ``err`` says wandb's service process is gone (killed, crashed) rather than anything about the run."""
+    return isinstance(err, (ConnectionError, BrokenPipeError)) or "Mailbox" in type(err).__name__
 
 
 def finish(run: Any, exit_code: int, timeout: float = FINISH_TIMEOUT_SEC) -> None:

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import SPAWN_ABORT_RERUN
 from helpers import TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -386,6 +387,7 @@ class RankRecorder(Logger):
 
 
 @pytest.mark.timeout(120)
+@SPAWN_ABORT_RERUN
 def test_ddp_two_processes_rank_zero_logs_rank_one_nothing(tmp_path):
     root = str(tmp_path)
     trainer = make_trainer(

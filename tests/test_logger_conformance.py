@@ -12,6 +12,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers.logger import DummyExperiment
 
+from conftest import SPAWN_ABORT_RERUN
 from helpers import event_files, find_runs, tb_accumulator
 from lightning_monitor import MultiLogger
 
@@ -101,6 +102,7 @@ class _RankZeroLoggerCheck(Callback):
 
 
 @pytest.mark.timeout(180)
+@SPAWN_ABORT_RERUN
 def test_ddp_spawn_experiment_only_on_rank_zero(tmp_path):
     logger = MultiLogger(save_dir=tmp_path / "runs")
     trainer = Trainer(logger=logger, default_root_dir=tmp_path, strategy="ddp_spawn", accelerator="cpu", devices=2,

@@ -108,6 +108,13 @@ class BallastDataset(Dataset):
         return self.data[i]
 
 
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # gone or a zombie: not a live worker
+        return []
+
+
 class HostRecorder(Callback):
     """Placed before MemoryMonitor: measures the same things another way, right before the monitor does."""
 
@@ -118,7 +125,8 @@ class HostRecorder(Callback):
         step = trainer.global_step - 1
         if (step + 1) % self.every == 0:
             me = psutil.Process()
-            children = me.children()
+            # forked DataLoader workers keep the parent's command line (wandb's service, say, does not)
+            children = [c for c in me.children() if _cmdline(c) == me.cmdline()]
             self.seen[step] = (me.memory_info().rss, sum(c.memory_info().rss for c in children), len(children),
                                psutil.virtual_memory().available)
 

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from conftest import SPAWN_ABORT_RERUN
 from helpers import TinyImageModel, find_runs, image_loader, make_trainer, tb_accumulator, tb_scalars
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -380,6 +381,7 @@ class RankRecorder(TinyImageModel):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@SPAWN_ABORT_RERUN
 def test_ddp_rank_zero_alone_renders_and_writes(tmp_path):
     monitor = PredictionGridMonitor(num_samples=5)
     trainer = make_trainer(tmp_path, accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=2,
