@@ -309,7 +309,7 @@ def test_normal_exit_without_finalize_loses_nothing(tmp_path):
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_flushes_both_and_marks_the_run_failed(tmp_path, sig):
-    proc, progress = _start_paced_job(tmp_path, "--flush-secs", "600")  # nothing reaches disk but by a flush
+    proc, progress = _start_paced_job(tmp_path, "--flush-secs", "600")  # no timed flush comes to the rescue
     _wait_for_step(proc, progress, 10)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=90)
