@@ -161,3 +161,64 @@ def finish(run: Any, exit_code: int, timeout: float = FINISH_TIMEOUT_SEC) -> Non
         )
     elif errors:
         raise errors[0]
+
+
+#: file beside the run that says which wandb ``_step`` holds which trainer step
+LEDGER_NAME = "wandb-steps.tsv"
+
+
+class StepLedger:
+    """Which wandb history row (``_step``) holds which trainer step, kept in the run directory.
+
+    A job restarted from a checkpoint at step ``s`` must not show the rows its dead predecessor logged at steps
+    ``>= s`` a second time. wandb can rewind a run to a ``_step`` (``resume_from="id?_step=k"``, recorded in the
+    offline run file too and applied when it is synced), but only we know which ``_step`` that is: one line per row,
+    ``<_step>\\t<trainer step>``, and ``rewind\\t<k>`` when a restart cut the run back to ``k``.
+    """
+
+    def __init__(self, log_dir: str) -> None:
+        self.path = os.path.join(log_dir, LEDGER_NAME)
+
+    def rows(self) -> list[tuple[int, int]]:
+        """``(_step, trainer step)`` of every row the run still holds (rows after a rewind point dropped)."""
+        rows: list[tuple[int, int]] = []
+        try:
+            with open(self.path) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return rows
+        for line in lines:
+            parts = line.split("\t")
+            if len(parts) != 2:
+                continue  # a line cut short by a kill
+            try:
+                if parts[0] == "rewind":
+                    cut = int(parts[1])
+                    rows = [row for row in rows if row[0] <= cut]
+                else:
+                    rows.append((int(parts[0]), int(parts[1])))
+            except ValueError:
+                continue
+        return rows
+
+    def rewind_point(self, first_step: Optional[int]) -> Optional[int]:
+        """The ``_step`` to continue the run after, so that rows at trainer steps ``>= first_step`` are dropped;
+        ``None`` when the run has no rows yet (a new run)."""
+        rows = self.rows()
+        if not rows:
+            return None
+        later = [w for w, t in rows if first_step is not None and t >= first_step]
+        return max(0, min(later) - 1) if later else max(w for w, _ in rows)
+
+    def record(self, wandb_step: int, trainer_step: Optional[int]) -> None:
+        self._append(f"{wandb_step}\t{-1 if trainer_step is None else int(trainer_step)}\n")
+
+    def record_rewind(self, wandb_step: int) -> None:
+        self._append(f"rewind\t{wandb_step}\n")
+
+    def _append(self, line: str) -> None:
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError:
+            pass  # a full disk is reported by TensorBoard; losing the ledger only loses the rewind

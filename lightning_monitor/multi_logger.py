@@ -108,6 +108,7 @@ class MultiLogger(Logger):
         self._tb_purge_pending = False
         self._wandb: Optional[Any] = None  # WandbLogger, made on first use on rank 0
         self._wandb_failed = False
+        self._wandb_pending: list[Callable[[Any], Any]] = []  # hyperparameters logged before the run started
         self._last_step = 0
 
     # ------------------------------------------------------------------ identity
@@ -154,7 +155,7 @@ class MultiLogger(Logger):
         if self._wandb_options is None or self._wandb_failed:
             return None
         if self._wandb is None and rank_zero_only.rank == 0:
-            self._wandb = self._start_wandb()
+            self._wandb = self._start_wandb(first_step=None)
         return self._wandb
 
     @property
@@ -171,7 +172,7 @@ class MultiLogger(Logger):
     def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
         scalars = {key: scalar(key, value) for key, value in metrics.items()}
         self._to_tensorboard(step, lambda tb: tb.log_metrics(scalars, step))
-        self._to_wandb(lambda wb: wb.log_metrics(scalars, step))
+        self._to_wandb(lambda wb: wb.log_metrics(scalars, step), step)
 
     @override
     @rank_zero_only
@@ -182,7 +183,7 @@ class MultiLogger(Logger):
                 self._tb_hparams_table(params)
 
         self._to_tensorboard(None, to_tensorboard)
-        self._to_wandb(lambda wb: wb.log_hyperparams(params))
+        self._to_wandb(lambda wb: wb.log_hyperparams(params), row=False)
 
     @rank_zero_only
     def log_histogram(
@@ -207,7 +208,7 @@ class MultiLogger(Logger):
     def log_histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int] = None) -> None:
         """Several ready histograms at one step: one wandb row for all of them (not one per key)."""
         self._to_tensorboard(step, lambda tb: log_histograms_to(tb, histograms, step))
-        self._to_wandb(lambda wb: log_histograms_to(wb, histograms, step))
+        self._to_wandb(lambda wb: log_histograms_to(wb, histograms, step), step)
 
     @rank_zero_only
     def log_image(
@@ -228,13 +229,13 @@ class MultiLogger(Logger):
         if captions is not None and len(captions) != len(arrays):
             raise ValueError(f"image {key!r}: {len(arrays)} images but {len(captions)} captions")
         self._to_tensorboard(step, lambda tb: log_images_to(tb, key, arrays, step, captions))
-        self._to_wandb(lambda wb: log_images_to(wb, key, arrays, step, captions))
+        self._to_wandb(lambda wb: log_images_to(wb, key, arrays, step, captions), step)
 
     @rank_zero_only
     def log_text(self, key: str, text: str, step: Optional[int] = None) -> None:
         """Log a piece of text (TensorBoard's text tab, a one-cell table in wandb)."""
         self._to_tensorboard(step, lambda tb: log_text_to(tb, key, text, step))
-        self._to_wandb(lambda wb: log_text_to(wb, key, text, step))
+        self._to_wandb(lambda wb: log_text_to(wb, key, text, step), step)
 
     @override
     @rank_zero_only
@@ -251,7 +252,7 @@ class MultiLogger(Logger):
     @override
     @rank_zero_only
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
-        self._to_wandb(lambda wb: wb.after_save_checkpoint(checkpoint_callback))
+        self._to_wandb(lambda wb: wb.after_save_checkpoint(checkpoint_callback), row=False)
 
     @override
     @rank_zero_only
@@ -270,6 +271,8 @@ class MultiLogger(Logger):
                 self._tb.finalize(status)
             except Exception as err:  # noqa: BLE001 - the other backend must still be flushed
                 errors.append(err)
+        if self._wandb is None and self._wandb_pending and not self._wandb_failed:
+            self._to_wandb(lambda wb: None, row=False, start=True)  # hyperparameters and no step: still a run
         if self._wandb is not None and not self._wandb_failed:
             wandb_logger, self._wandb = self._wandb, None  # a later fit/test resumes the run with the same id
             _live_runs.pop(self.run_id, None)
@@ -326,7 +329,7 @@ class MultiLogger(Logger):
             self._tb_on = False
             rank_zero_warn(
                 f"{_tb_error(self.log_dir, err)}. TensorBoard logging stops here; training goes on"
-                + (" and wandb keeps logging." if self.wandb is not None else ".")
+                + (" and wandb keeps logging." if self._wandb_options is not None and not self._wandb_failed else ".")
             )
 
     def _tb_hparams_table(self, params: Union[dict[str, Any], Namespace]) -> None:
@@ -339,10 +342,24 @@ class MultiLogger(Logger):
         for summary in hparams(flat, {}):
             writer.add_summary(summary)
 
-    def _to_wandb(self, call: Callable[[Any], Any]) -> None:
-        wandb_logger = self.wandb
-        if wandb_logger is None:
+    def _to_wandb(
+        self, call: Callable[[Any], Any], step: Optional[int] = None, row: bool = True, start: bool = False
+    ) -> None:
+        """Run ``call`` on the WandbLogger; ``row``: the call adds one history row (at trainer ``step``).
+
+        The run starts at the first call that carries a step (hyperparameters wait for it), so that a job resumed
+        from a checkpoint knows where to rewind the run to (:class:`~lightning_monitor._wandb_run.StepLedger`).
+        """
+        if self._wandb_options is None or self._wandb_failed or rank_zero_only.rank != 0:
             return
+        if self._wandb is None:
+            if not row and not start:
+                self._wandb_pending.append(call)
+                return
+            self._wandb = self._start_wandb(first_step=step)
+            if self._wandb is None:
+                return
+        wandb_logger, live = self._wandb, _live_runs[self.run_id]
         try:
             call(wandb_logger)
         except Exception as err:  # noqa: BLE001 - wandb must never stop training
@@ -353,8 +370,12 @@ class MultiLogger(Logger):
                 f"{'' if self._tb_on else ' (but TensorBoard is off: nothing more is logged)'}."
                 + (f" What wandb had received is in {os.path.dirname(where)}." if where else "")
             )
+            return
+        if row:  # every WandbLogger call we make is one `run.log`, i.e. one history row
+            live.ledger.record(live.next_step, step)
+            live.next_step += 1
 
-    def _start_wandb(self) -> Optional[Any]:
+    def _start_wandb(self, first_step: Optional[int]) -> Optional[Any]:
         from lightning.pytorch.loggers import WandbLogger
 
         options = dict(self._wandb_options or {})
@@ -370,18 +391,40 @@ class MultiLogger(Logger):
             **options,
         }
         os.makedirs(self.log_dir, exist_ok=True)
-        run = _live_runs.get(self.run_id)
-        if run is None or getattr(run, "_is_finished", False):  # a copy of this logger (unpickled) shares the run
-            run = _live_runs[self.run_id] = _wandb_run.start(init, mode, reason)
-        if run is None:
-            self._wandb_failed = True
-            return None
-        return WandbLogger(experiment=run, **logger_kwargs)
+        live = _live_runs.get(self.run_id)
+        if live is None or getattr(live.run, "_is_finished", False):  # an unpickled copy of us shares the run
+            ledger = _wandb_run.StepLedger(self.log_dir)
+            rewind = None
+            if not {"resume", "resume_from", "fork_from", "id"} & set(options):
+                rewind = ledger.rewind_point(first_step)
+            if rewind is not None:  # continuing this run: cut it back to just before the step we resume from
+                del init["id"], init["resume"]
+                init["resume_from"] = f"{self.run_id}?_step={rewind}"
+            run = _wandb_run.start(init, mode, reason)
+            if run is None:
+                self._wandb_failed = True
+                return None
+            if rewind is not None:
+                ledger.record_rewind(rewind)
+            next_step = rewind + 1 if rewind is not None else int(getattr(run, "step", 0) or 0)
+            live = _live_runs[self.run_id] = _LiveRun(run, ledger, next_step)
+        wandb_logger = WandbLogger(experiment=live.run, **logger_kwargs)
+        pending, self._wandb_pending = self._wandb_pending, []
+        for call in pending:
+            call(wandb_logger)
+        return wandb_logger
 
 
 # ---------------------------------------------------------------------- helpers
 _open_loggers: "weakref.WeakSet[MultiLogger]" = weakref.WeakSet()
-_live_runs: dict[str, Any] = {}  # run id -> the wandb run this process has open for it
+class _LiveRun:
+    """A wandb run this process has open, with the ``_step`` its next history row will get."""
+
+    def __init__(self, run: Any, ledger: "_wandb_run.StepLedger", next_step: int) -> None:
+        self.run, self.ledger, self.next_step = run, ledger, next_step
+
+
+_live_runs: dict[str, _LiveRun] = {}  # run id -> the wandb run this process has open for it
 
 
 def _flush_at_exit(logger: MultiLogger) -> None:

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 
+from wandb_reader import synced_series
 from helpers import free_port, TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator, tb_scalars
 from lightning_monitor import MultiLogger
 from lightning_monitor import _dispatch
@@ -213,6 +214,14 @@ def test_resume_same_version_continues_one_run(tmp_path):
     runs = find_runs(logger.log_dir)
     assert len(runs) == 2 and {r.run_id for r in runs} == {logger.run_id}  # one wandb run, resumed
     assert [s for s, _ in runs[1].series("train/loss")] == list(range(4, 12))
+    # ... rewound to just before step 4 (the dead run's rows at steps 4..7 are replaced when synced), and the
+    # resumed rows continue wandb's own _step from there: no "Tried to log to step" and no dropped points
+    last_kept = max(row["_step"] for row in runs[0].history if row.get("trainer/global_step", 99) < 4)
+    assert runs[1].rewound_to == (logger.run_id, last_kept)
+    assert [row["_step"] for row in runs[1].history] == list(range(last_kept + 1, last_kept + 1 + len(runs[1].history)))
+    synced = synced_series(runs, "train/loss")
+    assert [s for s, _ in synced] == list(range(12))
+    assert synced == [(s, pytest.approx(v)) for s, v in resumed]  # the same points as TensorBoard shows
 
 
 DDP_SCRIPT = textwrap.dedent(

@@ -71,6 +71,8 @@ class WandbRun:
     config: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
     start_time: float = 0.0
+    #: ``(run id, _step)`` this run continues after (``resume_from="id?_step=k"``): rows after it are replaced
+    rewound_to: tuple[str, int] | None = None
 
     def series(self, key: str, step_key: str = "trainer/global_step") -> list[tuple[Any, Any]]:
         """(step, value) for every history row that holds ``key``."""
@@ -87,6 +89,8 @@ def read_run(path: str) -> WandbRun:
         if kind == "run":
             run.run_id, run.name, run.project = record.run.run_id, record.run.display_name, record.run.project
             run.start_time = record.run.start_time.seconds + record.run.start_time.nanos / 1e9
+            if record.run.HasField("branch_point") and record.run.branch_point.run:
+                run.rewound_to = (record.run.branch_point.run, int(record.run.branch_point.value))
             for item in record.run.config.update:
                 run.config[item.key] = json.loads(item.value_json)
         elif kind == "history":
@@ -125,3 +129,14 @@ def find_runs(root: str, wait_finished: float = 30.0) -> list[WandbRun]:
         if all(run.exit_code is not None for run in runs) or time.monotonic() >= deadline:
             return sorted(runs, key=lambda run: (run.start_time, run.path))
         time.sleep(0.2)
+
+
+def synced_series(runs: list[WandbRun], key: str, step_key: str = "trainer/global_step") -> list[tuple[Any, Any]]:
+    """The series ``key`` as wandb's server will hold it once the offline runs (of one run id, in the order they
+    started) are synced: a run that was rewound to ``_step`` k replaces every earlier row after k."""
+    rows: list[dict[str, Any]] = []
+    for run in runs:
+        if run.rewound_to is not None:
+            rows = [row for row in rows if row.get("_step", -1) <= run.rewound_to[1]]
+        rows.extend(run.history)
+    return [(row.get(step_key), row[key]) for row in rows if key in row]
