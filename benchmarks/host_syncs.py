@@ -28,7 +28,6 @@ import os
 import sys
 import tempfile
 from collections import Counter
-from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
@@ -40,7 +39,7 @@ import wandb  # noqa: E402
 
 import lightning_monitor  # noqa: E402
 import overhead  # noqa: E402
-from lightning_monitor.testing import _SKIP_DIRS, SYNC_METHODS, HostSyncCounter  # noqa: E402
+from lightning_monitor.testing import CALLBACK_FILES, HostSyncCounter, SyncsPerStep  # noqa: E402
 
 _LIGHTNING = os.path.dirname(lightning.__file__)
 OWN_CODE = {
@@ -52,67 +51,12 @@ OWN_CODE = {
     "add_histogram": [os.path.abspath(overhead.__file__)],
     "wandb.watch": [os.path.dirname(wandb.__file__)],
 }
-OUR_CALLBACKS = {
-    "GradientMonitor": ("gradient_monitor.py", "_grad_stats.py"),
-    "MemoryMonitor": ("memory_monitor.py", "_memory.py"),
-    "SpeedMonitor": ("speed_monitor.py", "_flops.py"),
-    "PredictionGridMonitor": ("prediction_grid_monitor.py", "_draw.py"),
-}
-
-
-class AttributingCounter(HostSyncCounter):
-    """``HostSyncCounter(only_from=None)`` that also names, per call, which of our callbacks is up the stack."""
-
-    def __init__(self) -> None:
-        super().__init__(only_from=None)
-        self.owners: list[str] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if getattr(func, "__name__", "") in SYNC_METHODS:
-            frame = sys._getframe(1)
-            while frame is not None and frame.f_code.co_filename.startswith(_SKIP_DIRS):
-                frame = frame.f_back
-            where = (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("?", 0)
-            self.calls.append((func.__name__, *where))
-            owner = "-"
-            while frame is not None:
-                base = os.path.basename(frame.f_code.co_filename)
-                owner = next((n for n, files in OUR_CALLBACKS.items() if base in files), "-")
-                if owner != "-":
-                    break
-                frame = frame.f_back
-            self.owners.append(owner)
-        return func(*args, **(kwargs or {}))
-
-
-class PerStep(pl.Callback):
-    """Slices the counter's calls into training steps (batch start -> next batch start / validation / end)."""
-
-    def __init__(self, counter: AttributingCounter) -> None:
-        self.counter = counter
-        self.per_step: dict[int, list[tuple[str, str, int, str]]] = {}
-        self._open: Any = None
-
-    def _close(self) -> None:
-        if self._open is not None:
-            step, start = self._open
-            self.per_step[step] = [(*c, o) for c, o in zip(self.counter.calls[start:], self.counter.owners[start:])]
-            self._open = None
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._close()
-        self._open = (trainer.global_step, len(self.counter.calls))
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._close()
-
-
 def count(config: str, steps: int, n: int) -> dict[int, list[tuple[str, str, int, str]]]:
     torch.manual_seed(0)
     model = overhead.LitNet()
     data = overhead.Data("mnist", batches=steps + 4, batch_size=16)
-    counter = AttributingCounter()
-    per_step = PerStep(counter)
+    counter = HostSyncCounter(only_from=None, owners=CALLBACK_FILES)
+    per_step = SyncsPerStep(counter)
     with tempfile.TemporaryDirectory() as root:
         logger, callbacks, before_fit = overhead.build(config, "mnist", n, root)
         trainer = pl.Trainer(
@@ -165,7 +109,7 @@ def main() -> None:
     cb_rows = []
     logging = [s for s in ours if (s + 1) % n == 0]
     quiet = [s for s in ours if (s + 1) % n]
-    for name in OUR_CALLBACKS:
+    for name in CALLBACK_FILES:
         def calls(step: int) -> list[tuple[str, str, int, str]]:
             return [c for c in ours[step] if c[3] == name and c[1].startswith(own)]
 

@@ -10,86 +10,20 @@ step. ``benchmarks/host_syncs.py`` prints the same counts for the peers.
 from __future__ import annotations
 
 import os
-import sys
 from collections import Counter
-from typing import Any
 
-import lightning.pytorch as pl
 import pytest
 
 from helpers import TinyImageModel, image_loader, make_trainer, tb_accumulator
 from lightning_monitor import GradientMonitor, MemoryMonitor, MultiLogger, PredictionGridMonitor, SpeedMonitor
-from lightning_monitor.testing import _SKIP_DIRS, SYNC_METHODS, HostSyncCounter
+from lightning_monitor.testing import CALLBACK_FILES, HostSyncCounter, SyncsPerStep
 
 EVERY = 4
 BATCHES_PER_EPOCH = 8
 MAX_STEPS = 12  # epoch 0: steps 0..7, validation, epoch 1: steps 8..11
-CALLBACK_FILES = {  # the module each callback's syncs are attributed to; the others are shared helpers
-    "GradientMonitor": ("gradient_monitor.py", "_grad_stats.py"),
-    "MemoryMonitor": ("memory_monitor.py", "_memory.py"),
-    "SpeedMonitor": ("speed_monitor.py", "_flops.py"),
-    "PredictionGridMonitor": ("prediction_grid_monitor.py", "_draw.py"),
-}
-
-
-class OwnedSyncCounter(HostSyncCounter):
-    """Also records, for each counted call, the callback whose code (further up the stack) made it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.owners: list[str] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if getattr(func, "__name__", "") in SYNC_METHODS:
-            frame = sys._getframe(1)
-            while frame is not None and frame.f_code.co_filename.startswith(_SKIP_DIRS):
-                frame = frame.f_back
-            if frame is not None and frame.f_code.co_filename.startswith(self.only_from):
-                self.calls.append((func.__name__, frame.f_code.co_filename, frame.f_lineno))
-                owner = "logging layer"
-                while frame is not None:
-                    name = _callback_of(frame.f_code.co_filename)
-                    if name in CALLBACK_FILES:
-                        owner = name
-                        break
-                    frame = frame.f_back
-                self.owners.append(owner)
-        return func(*args, **(kwargs or {}))
-
-
-class SyncsPerStep(pl.Callback):
-    """Sync-forcing calls of each training step: from its batch start to the next batch start or validation."""
-
-    def __init__(self, counter: HostSyncCounter) -> None:
-        self.counter = counter
-        self.per_step: dict[int, list[tuple[str, str, int, str]]] = {}  # (op, file, line, callback)
-        self._open: tuple[int, int] | None = None  # (step, len(counter) at its start)
-
-    def _close(self) -> None:
-        if self._open is not None:
-            step, start = self._open
-            self.per_step[step] = [(*c, o) for c, o in zip(self.counter.calls[start:], self.counter.owners[start:])]
-            self._open = None
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._close()
-        self._open = (trainer.global_step, len(self.counter))
-
-    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        self._close()
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        self._close()
-
-
-def _callback_of(filename: str) -> str:
-    base = os.path.basename(filename)
-    return next((name for name, files in CALLBACK_FILES.items() if base in files), base)
-
-
 @pytest.mark.timeout(120)
 def test_whole_suite_makes_no_host_sync_on_non_logging_steps():
-    counter = OwnedSyncCounter()
+    counter = HostSyncCounter(owners=CALLBACK_FILES, default_owner="logging layer")
     steps = SyncsPerStep(counter)
     callbacks = [steps, GradientMonitor(), MemoryMonitor(), SpeedMonitor(),
                  PredictionGridMonitor(num_samples=8, every_n_steps=EVERY)]
