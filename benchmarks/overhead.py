@@ -51,6 +51,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from examples.mnist.model import LitNet  # noqa: E402
 
 CONFIGS = ["baseline", "ours", "ours+grid", "lightning", "add_histogram", "wandb.watch"]
+#: extra configurations, run only when named with --configs: one monitor alone on the baseline's logger
+SINGLE = ["grad", "memory", "speed"]
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
@@ -130,6 +132,11 @@ def build(config: str, model_name: str, n: int, root: str) -> tuple[Any, list[pl
             grid_every = n if config == "ours+grid" else None
             callbacks.append(PredictionGridMonitor(every_n_steps=grid_every, mean=[MNIST_MEAN], std=[MNIST_STD]))
         return MultiLogger(save_dir=root, name="ours"), callbacks, nothing
+    if config in SINGLE:
+        from lightning_monitor import GradientMonitor, MemoryMonitor, SpeedMonitor
+
+        monitor = {"grad": GradientMonitor, "memory": MemoryMonitor, "speed": SpeedMonitor}[config]()
+        return tb(), [monitor], nothing
     if config == "lightning":
         from lightning.pytorch.callbacks import DeviceStatsMonitor, LearningRateMonitor, ThroughputMonitor
 
@@ -218,6 +225,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--only", choices=["mnist50", "mnist10", "mlp10"], action="append",
                         help="run only these comparisons (repeatable)")
+    parser.add_argument("--configs", default="",
+                        help=f"comma-separated subset of {CONFIGS + SINGLE} (baseline always runs); default: {CONFIGS}")
     parser.add_argument("--quick", action="store_true", help="1 round, short windows: a smoke check")
     args = parser.parse_args()
     if args.quick:
@@ -233,7 +242,11 @@ def main() -> None:
     for model_name, n, steps, title, _ in suites:
         if steps % n:
             raise SystemExit(f"--steps must be a multiple of {n}, got {steps}")
-        configs = [c for c in CONFIGS if model_name == "mnist" or c != "ours+grid"]
+        wanted = ["baseline", *[c for c in args.configs.split(",") if c and c != "baseline"]] if args.configs else CONFIGS
+        unknown = sorted(set(wanted) - set(CONFIGS + SINGLE))
+        if unknown:
+            raise SystemExit(f"unknown --configs {unknown}; choose from {CONFIGS + SINGLE}")
+        configs = [c for c in wanted if model_name == "mnist" or c != "ours+grid"]
         results: dict[str, list[_common.StepTimes]] = {c: [] for c in configs}
         for _, config in _common.interleaved(configs, args.rounds):
             results[config].append(run_one(config, model_name, n, max(args.warmup, n), steps, args.batch_size))
