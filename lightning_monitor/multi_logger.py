@@ -94,6 +94,11 @@ class MultiLogger(Logger):
         if tb_options is not None:
             check_keys("tensorboard", tb_options, tensorboard_keys())
         self._wandb_options = options("wandb", wandb)
+        if tb_options is None and self._wandb_options is None:
+            raise ValueError(
+                "MultiLogger with tensorboard=False and wandb=False logs nowhere: turn one on, or pass"
+                " `logger=False` to the Trainer"
+            )
         if self._wandb_options is not None:
             if importlib.util.find_spec("wandb") is None:
                 raise ModuleNotFoundError("MultiLogger(wandb=...) needs wandb: `pip install wandb`, or pass wandb=False")

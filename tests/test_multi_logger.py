@@ -268,6 +268,8 @@ def test_bad_input_fails_early(tmp_path):
         MultiLogger(save_dir=tmp_path, wandb={"projet": "x"})
     with pytest.raises(ValueError, match="`wandb` must be True, False or a dict"):
         MultiLogger(save_dir=tmp_path, wandb="yes")
+    with pytest.raises(ValueError, match="logs nowhere"):
+        MultiLogger(save_dir=tmp_path, tensorboard=False, wandb=False)
     logger = MultiLogger(save_dir=tmp_path, wandb=False)
     with pytest.raises(ValueError, match="'bad/metric' must be a scalar"):
         logger.log_metrics({"bad/metric": torch.ones(3)}, step=0)
