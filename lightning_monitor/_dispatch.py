@@ -32,6 +32,21 @@ def is_logging_step(step: int, every_n_steps: int) -> bool:
     return (step + 1) % every_n_steps == 0
 
 
+def validation_step(trainer: "pl.Trainer", last_batch_step: Optional[int]) -> int:
+    """The step of values measured in a validation run: the step Lightning's own ``self.log`` gives them.
+
+    Inside ``fit``, validation runs at the end of the training batch that triggered it, before Lightning counts
+    that batch, so its values belong to that batch's step (``last_batch_step``: ``trainer.global_step`` read at the
+    batch's start). A standalone ``validate``, or validation before the first training batch, uses
+    ``trainer.global_step``.
+    """
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    if last_batch_step is not None and trainer.state.fn == TrainerFn.FITTING:
+        return last_batch_step
+    return trainer.global_step
+
+
 def log_scalars(trainer: "pl.Trainer", metrics: Mapping[str, Any], step: int) -> None:
     if not trainer.is_global_zero or not metrics:
         return

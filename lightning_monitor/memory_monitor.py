@@ -193,6 +193,7 @@ class MemoryMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._batch_step = -1  # no training batch of this fit yet
         if self._cuda is not None:
             self._phase = None
             self._counters = self._read_counters(self._fold())  # drops what sanity checking and setup peaked at
@@ -241,7 +242,9 @@ class MemoryMonitor(Callback):
             f"memory/cuda/{phase}_peak_allocated_gib": alloc / GIB,
             f"memory/cuda/{phase}_peak_reserved_gib": reserved / GIB,
         }
-        self._emit(trainer, values, trainer.global_step)  # on every rank: a collective under DDP
+        last_batch = self._batch_step if self._batch_step >= 0 else None
+        step = _dispatch.validation_step(trainer, last_batch) if phase == "validation" else trainer.global_step
+        self._emit(trainer, values, step)  # on every rank: a collective under DDP
 
     def _fold(self) -> dict[str, Any]:
         """Reads the allocator's stats, credits its peaks to the open window and phase, and resets its peaks."""

@@ -131,7 +131,8 @@ class PredictionGridMonitor(Callback):
         self._labels: Optional[torch.Tensor] = None
         self._display: Optional[np.ndarray] = None  # their pictures, N x h x w x 3 uint8 (made at the first grid)
         self._labels_np: Optional[np.ndarray] = None
-        self._last_step = -1  # step of the last grid, so one step never gets two
+        self._last_drawn_at = -1  # trainer.global_step (model updates) of the last grid: one model state, one grid
+        self._batch_step: Optional[int] = None  # step of the last training batch of this fit
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -145,14 +146,24 @@ class PredictionGridMonitor(Callback):
             )
 
     @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._batch_step = None  # no training batch of this fit yet
+
+    @override
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        # At the start of the step's first batch the model holds what ``global_step`` optimizer steps made of it:
-        # the same meaning as a validation grid at that step (which makes this one redundant: skipped).
-        step = trainer.global_step
-        if self.every_n_steps is None or step == self._last_step:
-            return
+        self._batch_step = trainer.global_step
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # After the batch's optimizer step, logged at the batch's step: the step (and the model) a validation run
+        # at the end of this batch would show, so the two never disagree and one model state gets one grid.
+        step = self._batch_step
+        if self.every_n_steps is None or step is None or trainer.global_step <= step:
+            return  # no grids asked for, or this micro-batch did not step the optimizer
         if not trainer.is_global_zero or not _dispatch.is_logging_step(step, self.every_n_steps):
             return  # only rank 0 renders; the other ranks do nothing at all
         if self._images is None:
@@ -173,9 +184,9 @@ class PredictionGridMonitor(Callback):
             return
         if self._images is None and trainer.val_dataloaders is not None:
             self._take_samples(trainer.val_dataloaders)  # also in the sanity check: a bad batch fails early
-        if trainer.sanity_checking or self._images is None:
-            return
-        step = trainer.global_step
+        if trainer.sanity_checking or self._images is None or self._last_drawn_at == trainer.global_step:
+            return  # (the last check: this model state was just drawn at this step by the training grid)
+        step = _dispatch.validation_step(trainer, self._batch_step)  # the step Lightning logs val/* at
         self._render(trainer, pl_module, step, f"epoch {trainer.current_epoch} (step {step})")
 
     @override
@@ -274,7 +285,7 @@ class PredictionGridMonitor(Callback):
         return _to_probabilities(scores.detach().float().numpy(force=True).astype(np.float64))
 
     def _render(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int, title: str) -> None:
-        self._last_step = step
+        self._last_drawn_at = trainer.global_step
         probs = self._predict(trainer, pl_module)
         if self.class_names is not None and len(self.class_names) < probs.shape[1]:
             raise ValueError(

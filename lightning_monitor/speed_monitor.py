@@ -143,6 +143,8 @@ class SpeedMonitor(Callback):
         self._before_backward: Optional[float] = None
         self._exclude = True
         self._batch_flops: Optional[float] = None
+        self._first_step: Optional[int] = None  # global_step of this fit's first batch (warm-up counts from it)
+        self._last_batch_step: Optional[int] = None  # for validation values logged during fit
         self._reset_window()
 
     # ----------------------------------------------------------------------------------------------- setup
@@ -157,6 +159,12 @@ class SpeedMonitor(Callback):
             self._peak, self._peak_source = None, f"none on {device.type} (pass `peak_flops_per_sec` for MFU)"
 
     @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # a new fit (after another fit, an interrupted one or a tuner run) starts a new window and warm-up
+        self._reset_window()
+        self._first_step = self._last_batch_step = None
+
+    @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # the first batch's wait includes starting the DataLoader workers: that is time spent waiting for data
         self._prev_end = self.clock()
@@ -167,11 +175,13 @@ class SpeedMonitor(Callback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         now = self.clock()
-        self._step = trainer.global_step
+        self._step = self._last_batch_step = trainer.global_step
+        if self._first_step is None:
+            self._first_step = self._step  # a resumed fit warms up again too
         self._wait = now - self._prev_end if self._prev_end is not None else 0.0
         self._start = now
         self._before_backward = None
-        self._exclude = self._step < self.warmup_steps
+        self._exclude = self._step < self._first_step + self.warmup_steps
         self._batch_flops = self._flops_for(batch)
 
     @override
@@ -190,7 +200,7 @@ class SpeedMonitor(Callback):
         # the optimizer steps this batch made: none on all but the last micro-batch under gradient accumulation,
         # several under manual optimization with several optimizers; log if one of them is a logging step
         stepped = range(step, trainer.global_step)
-        log_now = step >= self.warmup_steps and any(_dispatch.is_logging_step(s, n) for s in stepped)
+        log_now = not self._exclude and any(_dispatch.is_logging_step(s, n) for s in stepped)
         device = trainer.strategy.root_device
         if log_now and device.type == "cuda":
             torch.cuda.synchronize(device)  # sync point: once per logging step, so the window ends when the GPU is done
@@ -243,7 +253,8 @@ class SpeedMonitor(Callback):
         self._val_start = None
         rows = _dist.gather_packed(trainer, torch.tensor([self._val_samples, seconds])).tolist()
         rate = sum(samples / secs for samples, secs in rows if secs > 0)
-        _dispatch.log_scalars(trainer, {"throughput/val_samples_per_sec": rate}, trainer.global_step)
+        step = _dispatch.validation_step(trainer, self._last_batch_step)
+        _dispatch.log_scalars(trainer, {"throughput/val_samples_per_sec": rate}, step)
         self._prev_end = self.clock()  # training resumes: validation time is never counted as data wait
 
     # ---------------------------------------------------------------------------------------- teardown

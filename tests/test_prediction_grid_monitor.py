@@ -101,7 +101,8 @@ def test_tb_grid_size_layout_and_keys(tmp_path):
     trainer = make_trainer(tmp_path, max_epochs=2, max_steps=-1, logger=tb_logger(), callbacks=[monitor])
     trainer.fit(TinyImageModel(), image_loader(n=32), image_loader(n=40, seed=1))
     images = tb_images(trainer.logger.log_dir)
-    assert [step for step, _ in images] == [2, 4]  # after each validation epoch, at trainer.global_step
+    # after each validation epoch, at the step Lightning logs the epoch's val/loss at
+    assert [step for step, _ in images] == [s for s, _ in tb_scalars(trainer.logger.log_dir, "val/loss")] == [1, 3]
     tile_h, tile_w, nrow, pad = 56 + BAND_PX, 56, 4, 3
     rows = 3  # 10 tiles, 4 per row
     for _, grid in images:
@@ -122,7 +123,7 @@ def test_tb_grid_size_layout_and_keys(tmp_path):
     with torch.no_grad():
         expected = (trainer.lightning_module(x).argmax(1) == y).float().mean().item()
     accuracy = tb_scalars(trainer.logger.log_dir, "predictions/accuracy")
-    assert [s for s, _ in accuracy] == [2, 4] and accuracy[-1][1] == pytest.approx(expected)
+    assert [s for s, _ in accuracy] == [1, 3] and accuracy[-1][1] == pytest.approx(expected)
     tags = tb_accumulator(trainer.logger.log_dir).Tags()
     logged = {k for k in tags["scalars"] + tags["images"] if k.startswith("predictions/")}
     assert logged == set(PredictionGridMonitor.LOGGED_KEYS)
@@ -141,12 +142,12 @@ def test_wandb_holds_the_same_image_with_caption(tmp_path):
     (row,) = [r for r in run.history if KEY in r]
     value = row[KEY]
     assert value["_type"] == "image-file"
-    assert value["caption"] == "epoch 0 (step 3): 10/12 correct; wrong: 2->7 (0.70), 5->7 (0.70)"
-    assert row["trainer/global_step"] == 3
+    assert value["caption"] == "epoch 0 (step 2): 10/12 correct; wrong: 2->7 (0.70), 5->7 (0.70)"
+    assert row["trainer/global_step"] == 2
     png = os.path.join(os.path.dirname(run.path), "files", value["path"])
     wandb_pixels = np.asarray(Image.open(png).convert("RGB"))
     ((step, tb_pixels),) = tb_images(logger.log_dir)
-    assert step == 3 and np.array_equal(wandb_pixels, tb_pixels)
+    assert step == 2 and np.array_equal(wandb_pixels, tb_pixels)
     assert run.series("predictions/accuracy") == [(3, pytest.approx(10 / 12))]
 
 
@@ -271,7 +272,7 @@ class ModeRecorder(TinyImageModel):
 
 
 class Snapshot(pl.Callback):
-    def on_train_batch_start(self, trainer, pl_module, *args):
+    def on_train_batch_end(self, trainer, pl_module, *args):
         self.grads = [None if p.grad is None else p.grad.clone() for p in pl_module.parameters()]
         self.modes = [m.training for m in pl_module.modules()]
         self.calls = len(pl_module.calls)
@@ -281,7 +282,7 @@ class Check(pl.Callback):
     def __init__(self, snapshot: Snapshot) -> None:
         self.snapshot, self.renders = snapshot, 0
 
-    def on_train_batch_start(self, trainer, pl_module, *args):
+    def on_train_batch_end(self, trainer, pl_module, *args):
         grads = [None if p.grad is None else p.grad for p in pl_module.parameters()]
         assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(self.snapshot.grads, grads))
         assert [m.training for m in pl_module.modules()] == self.snapshot.modes
@@ -297,10 +298,11 @@ def test_no_grad_eval_mode_and_modes_restored(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=6, logger=tb_logger(), callbacks=[snapshot, monitor, check])
     trainer.fit(model, image_loader(n=48), image_loader(n=16))
     grid_calls = [c for c in model.calls if c[0] == 7]
-    # 3 batches per epoch: training grids at steps 1 and 5, validation grids at 3 and 6 (step 3's is the same model)
-    assert check.renders == 2 and len(grid_calls) == 4
+    # 3 batches per epoch: training grids after the batches of steps 1, 3 and 5; validation grids after steps 2
+    # and 5, the second skipped (the training grid of step 5 just drew that model state at that step)
+    assert check.renders == 3 and len(grid_calls) == 4
     assert all(not grad and not training and not frozen for _, grad, training, frozen in grid_calls)
-    assert [s for s, _ in tb_images(trainer.logger.log_dir)] == [1, 3, 5, 6]
+    assert [s for s, _ in tb_images(trainer.logger.log_dir)] == [1, 2, 3, 5]
 
 
 class DictData(Dataset):
@@ -388,7 +390,7 @@ def test_ddp_rank_zero_alone_renders_and_writes(tmp_path):
     trainer.fit(RankRecorder(), image_loader(n=32), image_loader(n=16, batch_size=4))
     assert open(tmp_path / "grid_calls_rank0.txt").read().split() == ["1", "2"]  # 32 / 2 ranks / 16 per batch
     assert not (tmp_path / "grid_calls_rank1.txt").exists()
-    assert [s for s, _ in tb_images(str(tmp_path / "tb" / "version_0"))] == [1, 2]
+    assert [s for s, _ in tb_images(str(tmp_path / "tb" / "version_0"))] == [0, 1]  # Lightning's val steps
 
 
 class SyncProbe(pl.Callback):
@@ -398,8 +400,11 @@ class SyncProbe(pl.Callback):
         self.counter, self.steps, self.before = counter, steps, before
 
     def on_train_batch_start(self, trainer, pl_module, *args):
+        self.step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, *args):  # the monitor draws step grids at batch end
         sign = -1 if self.before else 1
-        self.steps[trainer.global_step] = self.steps.get(trainer.global_step, 0) + sign * len(self.counter.calls)
+        self.steps[self.step] = self.steps.get(self.step, 0) + sign * len(self.counter.calls)
 
 
 def test_no_host_sync_outside_logging_steps(tmp_path):
