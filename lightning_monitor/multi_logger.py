@@ -115,6 +115,7 @@ class MultiLogger(Logger):
         self._wandb_failed = False
         self._wandb_pending: list[Callable[[Any], Any]] = []  # hyperparameters logged before the run started
         self._last_step = 0
+        self._step_ledger: Optional[_wandb_run.StepLedger] = None  # made on rank 0 at the first write
 
     # ------------------------------------------------------------------ identity
     @property
@@ -321,13 +322,18 @@ class MultiLogger(Logger):
             self._last_step = max(self._last_step, int(step))
         try:
             if self._tb_purge_pending and step is not None:
-                # Continuing an earlier run: TensorBoard drops that run's points at steps >= `step` (those the
-                # earlier run logged after the checkpoint we resumed from): the series stays strictly increasing.
-                from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-
-                writer._get_file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
                 self._tb_purge_pending = False
+                if self._ledger().is_restart(step):
+                    # Restarted from a checkpoint: the earlier run logged past `step`. TensorBoard drops its points
+                    # at steps >= `step` (logged after that checkpoint): the series stays strictly increasing.
+                    # (Merely continuing, e.g. `test` after `fit`, nothing is dropped.)
+                    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+                    event = Event(step=step, session_log=SessionLog(status=SessionLog.START))
+                    writer._get_file_writer().add_event(event)
             call(self._tb)
+            if step is not None:
+                self._ledger().record_step(step)
         except Exception as err:
             if _os_error(err) is None:
                 raise  # a bad value or a bug: the caller should see it as it is
@@ -336,6 +342,11 @@ class MultiLogger(Logger):
                 f"{_tb_error(self.log_dir, err)}. TensorBoard logging stops here; training goes on"
                 + (" and wandb keeps logging." if self._wandb_options is not None and not self._wandb_failed else ".")
             )
+
+    def _ledger(self) -> "_wandb_run.StepLedger":
+        if self._step_ledger is None:
+            self._step_ledger = _wandb_run.StepLedger(self.log_dir)
+        return self._step_ledger
 
     def _tb_hparams_table(self, params: Union[dict[str, Any], Namespace]) -> None:
         """TensorBoard's HParams tab without Lightning's placeholder ``hp_metric = -1`` scalar."""
@@ -365,7 +376,10 @@ class MultiLogger(Logger):
             if self._wandb is None:
                 return
         wandb_logger, live = self._wandb, _live_runs[self.run_id]
+        pending, self._wandb_pending = self._wandb_pending, []
         try:
+            for earlier in pending:  # hyperparameters logged before the run could start
+                earlier(wandb_logger)
             call(wandb_logger)
         except Exception as err:  # noqa: BLE001 - wandb must never stop training
             self._wandb_failed = True
@@ -398,7 +412,7 @@ class MultiLogger(Logger):
         os.makedirs(self.log_dir, exist_ok=True)
         live = _live_runs.get(self.run_id)
         if live is None or getattr(live.run, "_is_finished", False):  # an unpickled copy of us shares the run
-            ledger = _wandb_run.StepLedger(self.log_dir)
+            ledger = self._ledger()
             rewind = None
             if not {"resume", "resume_from", "fork_from", "id"} & set(options):
                 rewind = ledger.rewind_point(first_step)
@@ -413,11 +427,7 @@ class MultiLogger(Logger):
                 ledger.record_rewind(rewind)
             next_step = rewind + 1 if rewind is not None else int(getattr(run, "step", 0) or 0)
             live = _live_runs[self.run_id] = _LiveRun(run, ledger, next_step)
-        wandb_logger = WandbLogger(experiment=live.run, **logger_kwargs)
-        pending, self._wandb_pending = self._wandb_pending, []
-        for call in pending:
-            call(wandb_logger)
-        return wandb_logger
+        return WandbLogger(experiment=live.run, **logger_kwargs)
 
 
 # ---------------------------------------------------------------------- helpers

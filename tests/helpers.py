@@ -39,6 +39,10 @@ class TinyImageModel(pl.LightningModule):
         x, y = batch
         self.log("val/loss", F.nll_loss(self(x), y))
 
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test/loss", F.nll_loss(self(x), y))
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 

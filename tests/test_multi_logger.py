@@ -299,3 +299,38 @@ def test_offline_is_announced_once_with_sync_command(tmp_path, caplog):
     run_dir = messages[0].split("wandb sync ")[1].strip()
     assert os.path.isdir(run_dir) and os.path.basename(run_dir).startswith("offline-run-")
     logger.finalize("success")
+
+
+def test_fit_then_test_keeps_every_row_in_both(tmp_path):
+    """`test` after `fit` in the same process continues the run: nothing the fit logged is cut (no rewind, no
+    purge), so the synced wandb series and TensorBoard hold every validation point."""
+    logger = MultiLogger(save_dir=tmp_path, name="ft")
+    trainer = make_trainer(tmp_path, logger=logger, max_epochs=2, max_steps=-1, log_every_n_steps=1)
+    model = TinyImageModel()
+    trainer.fit(model, image_loader(n=32), image_loader(n=16, seed=1))
+    trainer.test(model, image_loader(n=16, seed=2))
+    tb_val = tb_scalars(logger.log_dir, "val/loss")
+    assert [s for s, _ in tb_val] == [1, 3]
+    runs = find_runs(logger.log_dir)
+    assert len(runs) == 2 and runs[1].rewound_to == (logger.run_id, max(r["_step"] for r in runs[0].history))
+    assert synced_series(runs, "val/loss") == [(s, pytest.approx(v)) for s, v in tb_val]
+    assert [s for s, _ in synced_series(runs, "train/loss")] == [0, 1, 2, 3]
+
+
+def test_a_later_job_testing_the_same_version_drops_nothing(tmp_path):
+    """A separate `trainer.test(ckpt_path=...)` job on the same version (a new logger and trainer, as a new process
+    would make; Lightning logs its test metrics at step 0) drops none of the fit's points in either backend."""
+    logger = MultiLogger(save_dir=tmp_path, name="later")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt")
+    make_trainer(tmp_path, logger=logger, max_epochs=2, max_steps=-1, log_every_n_steps=1, callbacks=[ckpt],
+                 enable_checkpointing=True).fit(TinyImageModel(), image_loader(n=32), image_loader(n=16, seed=1))
+    fit_val, fit_train = tb_scalars(logger.log_dir, "val/loss"), tb_scalars(logger.log_dir, "train/loss")
+    again = MultiLogger(save_dir=tmp_path, name="later", version=logger.version)
+    make_trainer(tmp_path, logger=again).test(TinyImageModel(), image_loader(n=16, seed=2),
+                                              ckpt_path=ckpt.best_model_path)
+    assert [s for s, _ in fit_val] == [1, 3] and tb_scalars(logger.log_dir, "val/loss") == fit_val
+    assert tb_scalars(logger.log_dir, "train/loss") == fit_train
+    runs = find_runs(logger.log_dir)
+    assert synced_series(runs, "val/loss") == [(s, pytest.approx(v)) for s, v in fit_val]
+    assert [s for s, _ in synced_series(runs, "train/loss")] == [0, 1, 2, 3]
+    assert [s for s, _ in synced_series(runs, "test/loss")] == [0]
