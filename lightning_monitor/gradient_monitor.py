@@ -21,10 +21,14 @@ _POLICIES = ("warn", "raise", "skip")
 _MAX_NAMED = 5  # offending parameter names quoted in a warning or error
 
 
+def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """L2 norms of all tensors in one pass, accumulated in float32: an fp16 norm overflows at 65504 although
+    every element is finite."""
+    return torch._foreach_norm(tensors, 2, dtype=torch.float32)
+
+
 def _stack_norms(norms: list[torch.Tensor]) -> torch.Tensor:
-    """``[P]`` float64 from ``torch._foreach_norm``'s 0-d results (one dtype per parameter dtype)."""
-    if len({n.dtype for n in norms}) > 1:
-        norms = [n.float() for n in norms]
+    """``[P]`` float64 from the 0-d float32 norms of :func:`_norms`."""
     return torch.stack(norms).double()
 
 
@@ -172,6 +176,7 @@ class GradientMonitor(Callback):
         self._ever_bad: set[str] = set()
         self._warned = False
         self._snapshot: Optional[tuple[int, list[int], list[torch.Tensor], np.ndarray]] = None
+        self._opt_index: dict[int, list[int]] = {}  # id(optimizer) -> indices of the parameters it steps
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -204,22 +209,33 @@ class GradientMonitor(Callback):
         if not trainer.loggers and self.nonfinite == "warn":
             raise MisconfigurationException("GradientMonitor has nothing to log to: the Trainer has no logger.")
         self._reset_runtime()
-        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
-        self._names = [n for n, _ in named]
-        self._params = [p for _, p in named]
-        self._groups = [self.group_of(n) for n in self._names]
-        self._selected = [self._is_selected(n) for n in self._names]
+
+    def _index(self, pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer) -> list[int]:
+        """Indices (into ``self._params``) of the parameters ``optimizer`` steps. The parameter list is read at the
+        first optimizer step, after ``configure_model``; frozen parameters are included (a later unfreeze shows)."""
+        if not self._params:
+            named = list(pl_module.named_parameters())
+            self._names = [n for n, _ in named]
+            self._params = [p for _, p in named]
+            self._groups = [self.group_of(n) for n in self._names]
+            self._selected = [self._is_selected(n) for n in self._names]
+        key = id(optimizer)
+        if key not in self._opt_index:  # several optimizers (manual optimization): each logs its own parameters
+            where = {id(p): i for i, p in enumerate(self._params)}
+            ids = [where[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in where]
+            self._opt_index[key] = sorted(set(ids))
+        return self._opt_index[key]
 
     @override
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
     ) -> None:
-        present = tuple(i for i, p in enumerate(self._params) if p.grad is not None)
+        present = tuple(i for i in self._index(pl_module, optimizer) if self._params[i].grad is not None)
         if not present:
             return
         step = trainer.global_step
         grads = [self._params[i].grad for i in present]
-        sq = _stack_norms(torch._foreach_norm(grads)).square()  # [P]: one pass over all gradients
+        sq = _stack_norms(_norms(grads)).square()  # [P]: one pass over all gradients
         logging = trainer.is_global_zero and _dispatch.is_logging_step(
             step, _dispatch.logging_interval(trainer, self.every_n_steps)
         )
@@ -269,7 +285,7 @@ class GradientMonitor(Callback):
         pidx = [j for j in hist_idx if params[j].numel() > 0]
         want_wsq = self.param_norms or self.update_ratio or self.param_histograms
         if want_wsq:
-            wsq = _stack_norms(torch._foreach_norm([p.detach() for p in params])).square()
+            wsq = _stack_norms(_norms([p.detach() for p in params])).square()
             parts.append(wsq)
             if self.param_histograms and pidx:
                 parts.append(summarize([params[j] for j in pidx], [wsq[j] for j in pidx], bins,
@@ -386,7 +402,7 @@ class GradientMonitor(Callback):
         step, present, before, wsq = self._snapshot
         self._snapshot = None
         after = [self._params[i].detach() for i in present]
-        delta = torch._foreach_norm(torch._foreach_sub(after, before))
+        delta = _norms(torch._foreach_sub(after, before))
         dsq = np.array(_stack_norms(delta).square().tolist())  # sync point: logging steps with update_ratio only
         metrics = {"param/update_ratio_total": float(np.sqrt(dsq.sum() / wsq.sum())) if wsq.sum() > 0 else 0.0}
         num = self._group_norms("x", tuple(present), dsq)

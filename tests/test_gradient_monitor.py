@@ -444,3 +444,77 @@ def test_batched_small_tensors_match_torch_histogram():
         ref, _ = torch.histogram(t.reshape(-1), bins=10, range=(float(t.min()), float(t.max())))
         np.testing.assert_array_equal(row[7:], ref.numpy())
         assert row[0] == float(t.min()) and row[1] == float(t.max()) and row[4] == t.numel()
+
+
+class LateModel(TinyImageModel):
+    """Builds an extra layer in ``configure_model`` (after the callbacks' ``setup``) and keeps the conv frozen for
+    the first two steps, as a fine-tuning schedule would."""
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "late"):
+            self.late = torch.nn.Linear(10, 10)
+
+    def forward(self, x):
+        return F.log_softmax(self.late(super().forward(x)), dim=1)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.conv.requires_grad_(self.trainer.global_step >= 2)
+
+
+def test_parameters_made_in_configure_model_and_unfrozen_later_are_watched():
+    model = LateModel()
+    model.conv.requires_grad_(False)
+    _fit(GradientMonitor(every_n_steps=1), model=model, max_steps=4)
+    scalars = _tb_scalars(_acc(), "grad/norm/late")
+    assert sorted(scalars) == [0, 1, 2, 3]
+    assert sorted(_tb_scalars(_acc(), "grad/norm/conv")) == [2, 3]  # once unfrozen
+
+
+def test_half_precision_gradients_are_normed_without_overflow():
+    from lightning_monitor.gradient_monitor import _norms
+
+    grad = torch.full((100,), 3e4, dtype=torch.float16)  # every element finite, norm 3e5 > fp16's 65504
+    (norm,) = _norms([grad])
+    assert torch.isfinite(norm) and float(norm) == pytest.approx(3e5, rel=1e-3)
+
+
+class TwoOptimizers(TinyImageModel):
+    """Manual optimization with two optimizers, one per module, stepped in turn (as a GAN does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt_conv, opt_head = self.optimizers()
+        x, y = batch
+        for opt in (opt_conv, opt_head):
+            loss = F.nll_loss(self(x), y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.conv.parameters(), lr=0.01), torch.optim.SGD(self.head.parameters(), lr=0.01)]
+
+
+def test_each_optimizer_reports_its_own_parameters():
+    class Seen(pl.Callback):
+        def __init__(self):
+            self.norms = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            self.norms[trainer.global_step] = _norm([p.grad for p in params])
+
+    seen = Seen()
+    trainer = make_trainer(".", logger=_multi_logger(), callbacks=[GradientMonitor(every_n_steps=1), seen],
+                           max_steps=4)
+    trainer.fit(TwoOptimizers(), image_loader())
+    totals = _tb_scalars(_acc(), "grad/norm_total")
+    # steps alternate conv (even) / head (odd): each total is only that optimizer's gradients, never the stale
+    # gradients the other module still holds
+    assert sorted(totals) == sorted(seen.norms) == [0, 1, 2, 3]
+    assert all(totals[s] == pytest.approx(seen.norms[s], rel=1e-5) for s in totals)
+    assert sorted(_tb_scalars(_acc(), "grad/norm/conv")) == [0, 2]
+    assert sorted(_tb_scalars(_acc(), "grad/norm/head")) == [1, 3]
