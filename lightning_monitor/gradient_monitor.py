@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_monitor import _dispatch
+from lightning_monitor._validate import check_every_n_steps
 from lightning_monitor._media import make_histogram
 from lightning_monitor._grad_stats import STAT_COLUMNS, host_histogram, summarize, summarize_finite
 
@@ -49,8 +50,8 @@ class GradientMonitor(Callback):
     ``grad/nonfinite_count``        NaN/Inf elements in all gradients at this step
     ``grad/nonfinite_steps``        optimizer steps since the last logging step with any NaN/Inf
     ``grad/nonfinite/{name}``       NaN/Inf elements in one parameter's gradient (offenders only)
-    ``param/norm_total``            L2 norm of all weights before the step (``param_norms=True``)
-    ``param/norm/{group}``          L2 norm of one group's weights before the step (``param_norms``)
+    ``param/norm_total``            L2 norm of the stepped weights before the step (``param_norms``)
+    ``param/norm/{group}``          L2 norm of one group's stepped weights before the step
     ``param/hist/{name}``           histogram of one parameter's weights (``param_histograms=True``)
     ``param/update_ratio_total``    ||w_after - w_before|| / ||w_before|| of all weights (``update_ratio``)
     ``param/update_ratio/{group}``  the same ratio for one module group (``update_ratio=True``)
@@ -87,7 +88,9 @@ class GradientMonitor(Callback):
         exclude: globs over parameter names removed from histograms and per-parameter norms.
         nonfinite: ``"warn"`` (count, log, warn once), ``"raise"`` (raise ``FloatingPointError`` naming the
             parameters) or ``"skip"`` (drop all gradients of that optimizer step so no weight, momentum or
-            weight decay changes; training continues).
+            weight decay changes; training continues). Under ``precision="16-mixed"`` the GradScaler's own overflow
+            steps (which it skips itself) show up here as non-finite gradients, so ``"raise"`` would stop fp16 AMP
+            training in its first steps: keep ``"warn"`` there.
 
     Raises:
         ValueError: for a bad argument, echoing it.
@@ -107,8 +110,8 @@ class GradientMonitor(Callback):
         "grad/nonfinite_count": "NaN/Inf elements in all gradients at this step",
         "grad/nonfinite_steps": "optimizer steps since the last logging step with any NaN/Inf",
         "grad/nonfinite/{name}": "NaN/Inf elements in one parameter's gradient (offenders only)",
-        "param/norm_total": "L2 norm of all weights before the step (``param_norms=True``)",
-        "param/norm/{group}": "L2 norm of one group's weights before the step (``param_norms``)",
+        "param/norm_total": "L2 norm of the stepped weights before the step (``param_norms``)",
+        "param/norm/{group}": "L2 norm of one group's stepped weights before the step",
         "param/hist/{name}": "histogram of one parameter's weights (``param_histograms=True``)",
         "param/update_ratio_total": "||w_after - w_before|| / ||w_before|| of all weights (``update_ratio``)",
         "param/update_ratio/{group}": "the same ratio for one module group (``update_ratio=True``)",
@@ -132,8 +135,7 @@ class GradientMonitor(Callback):
         nonfinite: Literal["warn", "raise", "skip"] = "warn",
     ) -> None:
         super().__init__()
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or every_n_steps < 1):
-            raise ValueError(f"`every_n_steps` must be >= 1 or None, got {every_n_steps!r}")
+        check_every_n_steps(every_n_steps)
         if group_depth < 0:
             raise ValueError(f"`group_depth` must be >= 0, got {group_depth!r}")
         if not 1 <= bins <= 512:

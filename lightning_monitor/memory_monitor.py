@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_monitor import _dispatch, _dist, _memory
+from lightning_monitor._validate import check_every_n_steps
 from lightning_monitor._memory import GIB
 
 _PHASES = ("train", "validation", "test")
@@ -127,9 +128,7 @@ class MemoryMonitor(Callback):
         nvml_interval_sec: float = 2.0,
     ) -> None:
         super().__init__()
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
-                                          or every_n_steps < 1):
-            raise ValueError(f"`every_n_steps` must be None or an int >= 1, got {every_n_steps!r}")
+        check_every_n_steps(every_n_steps)
         if isinstance(warn_share, bool) or not isinstance(warn_share, (int, float)) or not warn_share > 0:
             raise ValueError(f"`warn_share` must be a number > 0, got {warn_share!r}")
         if isinstance(nvml_interval_sec, bool) or not isinstance(nvml_interval_sec, (int, float)) \

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from lightning_monitor import _dispatch, _draw
+from lightning_monitor._validate import check_every_n_steps
 
 _BATCH_HELP = (
     "PredictionGridMonitor expects validation batches `(images, labels, ...)`: images a tensor [B, C, H, W] with"
@@ -106,8 +107,7 @@ class PredictionGridMonitor(Callback):
             value = values[name]
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ValueError(f"`every_n_steps` must be None or an integer >= 1, got {every_n_steps!r}")
+        check_every_n_steps(every_n_steps)
         if (mean is None) != (std is None):
             raise ValueError(f"`mean` and `std` go together, got mean={mean!r}, std={std!r}")
         if mean is not None and std is not None:

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_monitor import _dispatch, _dist, _flops
+from lightning_monitor._validate import check_every_n_steps
 
 # columns of the per-rank vector gathered once per logging step
 _BATCHES, _SAMPLES, _ITEMS, _WALL, _WAIT, _PRE_SYNC, _FLOPS = range(7)
@@ -107,8 +108,7 @@ class SpeedMonitor(Callback):
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         super().__init__()
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be >= 1, got {every_n_steps}")
+        check_every_n_steps(every_n_steps)
         if flops_per_batch is not None and not flops_per_batch > 0:
             raise ValueError(f"`flops_per_batch` must be > 0, got {flops_per_batch}")
         if peak_flops_per_sec is not None and not peak_flops_per_sec > 0:
@@ -200,7 +200,8 @@ class SpeedMonitor(Callback):
         # the optimizer steps this batch made: none on all but the last micro-batch under gradient accumulation,
         # several under manual optimization with several optimizers; log if one of them is a logging step
         stepped = range(step, trainer.global_step)
-        log_now = not self._exclude and any(_dispatch.is_logging_step(s, n) for s in stepped)
+        log_step = next((s for s in stepped if _dispatch.is_logging_step(s, n)), None)
+        log_now = not self._exclude and log_step is not None
         device = trainer.strategy.root_device
         if log_now and device.type == "cuda":
             torch.cuda.synchronize(device)  # sync point: once per logging step, so the window ends when the GPU is done
@@ -218,7 +219,7 @@ class SpeedMonitor(Callback):
         self._prev_end = now
         self._batch_idx = batch_idx
         if log_now:
-            self._log_window(trainer, step)
+            self._log_window(trainer, log_step)
             # the logging's own time is wall time of the next window, but not time spent waiting for data
             self._prev_end = self.clock()
             self._window[_WALL] += self._prev_end - now

@@ -49,7 +49,7 @@ def test_logged_keys_equal_docstring_table():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"every_n_steps": 0}, "`every_n_steps` must be None or an int >= 1, got 0"),
+        ({"every_n_steps": 0}, "`every_n_steps` must be None or an integer >= 1, got 0"),
         ({"every_n_steps": 2.5}, "got 2.5"),
         ({"warn_share": 0}, "`warn_share` must be a number > 0, got 0"),
         ({"warn_share": "high"}, "got 'high'"),

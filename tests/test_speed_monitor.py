@@ -419,7 +419,8 @@ def test_docstring_table_equals_logged_keys():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(every_n_steps=0), "`every_n_steps` must be >= 1, got 0"),
+        (dict(every_n_steps=0), "`every_n_steps` must be None or an integer >= 1, got 0"),
+        (dict(every_n_steps=2.5), "`every_n_steps` must be None or an integer >= 1, got 2.5"),
         (dict(flops_per_batch=-1.0), "`flops_per_batch` must be > 0, got -1.0"),
         (dict(peak_flops_per_sec=0.0), "`peak_flops_per_sec` must be > 0, got 0.0"),
         (dict(warmup_steps=-2), "`warmup_steps` must be >= 0, got -2"),
