@@ -189,6 +189,12 @@ class PredictionGridMonitor(Callback):
         step = _dispatch.validation_step(trainer, self._batch_step)  # the step Lightning logs val/* at
         self._render(trainer, pl_module, step, f"epoch {trainer.current_epoch} (step {step})")
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # two grids (say, one per validation dataloader) keep their own samples in the checkpoint
+        return self._generate_state_key(dataloader_idx=self.dataloader_idx, num_samples=self.num_samples, seed=self.seed)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         if self._images is None:
