@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_monitor._backends import log_histograms_to, log_images_to, log_text_to
-from lightning_monitor._media import HistogramData, make_histogram, to_uint8_hwc
+from lightning_monitor._media import HistogramData, make_histogram, prepare_images
 
 _warned: set[tuple[str, str]] = set()
 
@@ -88,9 +88,7 @@ def log_image(
 ) -> None:
     if not trainer.is_global_zero:
         return
-    batch = list(images) if isinstance(images, (list, tuple)) else [images]
-    arrays = [to_uint8_hwc(image, key) for image in batch]
-    captions = [caption] * len(arrays) if isinstance(caption, str) else caption
+    arrays, captions = prepare_images(key, images, caption)
     for logger in trainer.loggers:
         if not log_images_to(logger, key, arrays, step, captions):
             _warn_once(logger, "images")

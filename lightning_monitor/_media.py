@@ -8,7 +8,7 @@ same bytes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -64,6 +64,22 @@ def to_uint8_hwc(image: Any, key: str = "image") -> np.ndarray:
     if hi <= lo:
         return np.zeros(array.shape, dtype=np.uint8)
     return np.round((array - lo) / (hi - lo) * 255).astype(np.uint8)
+
+
+def prepare_images(
+    key: str, images: Any, caption: Optional[Union[str, Sequence[str]]]
+) -> tuple[list[np.ndarray], Optional[list[str]]]:
+    """One image or a list of them as uint8 HWC arrays, with one caption per image (a single string is shared).
+
+    Raises:
+        ValueError: an unsupported shape (naming it), or a caption list of another length than the images.
+    """
+    batch = list(images) if isinstance(images, (list, tuple)) else [images]
+    arrays = [to_uint8_hwc(image, key) for image in batch]
+    captions = [caption] * len(arrays) if isinstance(caption, str) else None if caption is None else list(caption)
+    if captions is not None and len(captions) != len(arrays):
+        raise ValueError(f"image {key!r}: {len(arrays)} images but {len(captions)} captions")
+    return arrays, captions
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:

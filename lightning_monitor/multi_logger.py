@@ -22,7 +22,7 @@ from typing_extensions import override
 from lightning_monitor import _wandb_run
 from lightning_monitor._validate import check_keys, check_writable, options, scalar, tensorboard_keys
 from lightning_monitor._backends import log_histograms_to, log_images_to, log_text_to
-from lightning_monitor._media import HistogramData, make_histogram, to_uint8_hwc
+from lightning_monitor._media import HistogramData, make_histogram, prepare_images
 
 #: seconds between TensorBoard flushes; TensorBoard's own default (120 s) is too slow to watch a run live.
 DEFAULT_FLUSH_SECS = 2
@@ -229,11 +229,7 @@ class MultiLogger(Logger):
         Images are converted to uint8 once (:func:`lightning_monitor._media.to_uint8_hwc`) so both dashboards
         show the same picture; ``caption`` shows in wandb (TensorBoard has no captions).
         """
-        batch = list(images) if isinstance(images, (list, tuple)) else [images]
-        arrays = [to_uint8_hwc(image, key) for image in batch]
-        captions = [caption] * len(arrays) if isinstance(caption, str) else caption
-        if captions is not None and len(captions) != len(arrays):
-            raise ValueError(f"image {key!r}: {len(arrays)} images but {len(captions)} captions")
+        arrays, captions = prepare_images(key, images, caption)
         self._to_tensorboard(step, lambda tb: log_images_to(tb, key, arrays, step, captions))
         self._to_wandb(lambda wb: log_images_to(wb, key, arrays, step, captions), step)
 
