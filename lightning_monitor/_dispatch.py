@@ -32,6 +32,18 @@ def is_logging_step(step: int, every_n_steps: int) -> bool:
     return (step + 1) % every_n_steps == 0
 
 
+def batch_logging_step(trainer: "pl.Trainer", batch_step: Optional[int], every_n_steps: Optional[int]) -> Optional[int]:
+    """At a training batch's end: the step to log at, if one of the optimizer steps the batch made (none on a
+    micro-batch under gradient accumulation, several under manual optimization) is a logging step; else ``None``.
+
+    ``batch_step`` is ``trainer.global_step`` read at the batch's start.
+    """
+    if batch_step is None:
+        return None
+    n = logging_interval(trainer, every_n_steps)
+    return next((s for s in range(batch_step, trainer.global_step) if is_logging_step(s, n)), None)
+
+
 def validation_step(trainer: "pl.Trainer", last_batch_step: Optional[int]) -> int:
     """The step of values measured in a validation run: the step Lightning's own ``self.log`` gives them.
 

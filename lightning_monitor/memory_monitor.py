@@ -274,10 +274,9 @@ class MemoryMonitor(Callback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Only the batch that completed the optimizer step logs, so a window covers whole accumulated steps.
-        step = self._batch_step
-        if trainer.global_step > step and _dispatch.is_logging_step(
-            step, _dispatch.logging_interval(trainer, self.every_n_steps)
-        ):
+        step = _dispatch.batch_logging_step(trainer, self._batch_step if self._batch_step >= 0 else None,
+                                            self.every_n_steps)
+        if step is not None:
             self._log_step(trainer, step)
 
     def _log_step(self, trainer: "pl.Trainer", step: int) -> None:

@@ -161,11 +161,11 @@ class PredictionGridMonitor(Callback):
     ) -> None:
         # After the batch's optimizer step, logged at the batch's step: the step (and the model) a validation run
         # at the end of this batch would show, so the two never disagree and one model state gets one grid.
-        step = self._batch_step
-        if self.every_n_steps is None or step is None or trainer.global_step <= step:
-            return  # no grids asked for, or this micro-batch did not step the optimizer
-        if not trainer.is_global_zero or not _dispatch.is_logging_step(step, self.every_n_steps):
-            return  # only rank 0 renders; the other ranks do nothing at all
+        if self.every_n_steps is None or not trainer.is_global_zero:
+            return  # no grids asked for; or not rank 0, the only one that renders (the others do nothing at all)
+        step = _dispatch.batch_logging_step(trainer, self._batch_step, self.every_n_steps)
+        if step is None:
+            return  # not a logging step, or a micro-batch that did not step the optimizer
         if self._images is None:
             loader = trainer.val_dataloaders
             datamodule = trainer.datamodule

@@ -196,11 +196,7 @@ class SpeedMonitor(Callback):
         if self._counter.active:
             self._finish_measurement(trainer)
         step = self._step
-        n = _dispatch.logging_interval(trainer, self.every_n_steps)
-        # the optimizer steps this batch made: none on all but the last micro-batch under gradient accumulation,
-        # several under manual optimization with several optimizers; log if one of them is a logging step
-        stepped = range(step, trainer.global_step)
-        log_step = next((s for s in stepped if _dispatch.is_logging_step(s, n)), None)
+        log_step = _dispatch.batch_logging_step(trainer, step, self.every_n_steps)
         log_now = not self._exclude and log_step is not None
         device = trainer.strategy.root_device
         if log_now and device.type == "cuda":
