@@ -58,6 +58,9 @@ class SpeedMonitor(Callback):
     | `time/pre_sync_sec_max_rank` | DDP: the rank with the largest pre-sync time (the straggler) |
     | `time/straggler_ratio` | DDP: `time/pre_sync_sec_max` / `time/pre_sync_sec_min` (1 = balanced) |
 
+    The pre-sync times are host timestamps (no device sync between logging steps): on a GPU they show a rank
+    held back on the host (data loading, Python, host-side preprocessing), not a device that computes slowly.
+
     Args:
         every_n_steps: Log every this many optimizer steps; ``None`` follows ``Trainer(log_every_n_steps)``.
         flops_per_batch: FLOPs of one training batch (forward + backward); skips the automatic measurement.
