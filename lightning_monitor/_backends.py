@@ -6,7 +6,7 @@ and histograms); the caller decides whether to warn. Scalars go through ``Logger
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
@@ -14,15 +14,11 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning_monitor._media import HistogramData, to_rgb
 
 
-def _tb_writer(logger: TensorBoardLogger) -> Any:
-    return logger.experiment
-
-
 def log_histograms_to(logger: Logger, hists: Mapping[str, HistogramData], step: int) -> bool:
     """Histograms at one step. wandb gets them in one ``log_metrics`` call (one history row and one round trip to
     its service, not one per key); TensorBoard one ``add_histogram_raw`` each, with the same counts."""
     if isinstance(logger, TensorBoardLogger):
-        writer = _tb_writer(logger)
+        writer = logger.experiment
         for key, hist in hists.items():
             # TensorBoard wants right bucket edges; the left edge of the first bucket is ``min``.
             writer.add_histogram_raw(
@@ -57,7 +53,7 @@ def log_images_to(
 ) -> bool:
     """``images`` are uint8 HWC arrays (see :func:`lightning_monitor._media.to_uint8_hwc`)."""
     if isinstance(logger, TensorBoardLogger):
-        writer = _tb_writer(logger)
+        writer = logger.experiment
         for index, image in enumerate(images):
             tag = key if len(images) == 1 else f"{key}/{index}"
             writer.add_image(tag, to_rgb(image), global_step=step, dataformats="HWC")
@@ -79,7 +75,7 @@ def log_images_to(
 
 def log_text_to(logger: Logger, key: str, text: str, step: int) -> bool:
     if isinstance(logger, TensorBoardLogger):
-        _tb_writer(logger).add_text(key, text, global_step=step)
+        logger.experiment.add_text(key, text, global_step=step)
         return True
     if isinstance(logger, WandbLogger):
         logger.log_text(key, columns=["text"], data=[[text]], step=step)

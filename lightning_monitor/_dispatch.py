@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_monitor._backends import log_histograms_to, log_images_to, log_text_to
+from lightning_monitor._backends import log_histograms_to, log_images_to
 from lightning_monitor._media import HistogramData, make_histogram, prepare_images
 
 _warned: set[tuple[str, str]] = set()
@@ -104,14 +104,6 @@ def log_image(
     for logger in trainer.loggers:
         if not log_images_to(logger, key, arrays, step, captions):
             _warn_once(logger, "images")
-
-
-def log_text(trainer: "pl.Trainer", key: str, text: str, step: int) -> None:
-    if not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
-        if not log_text_to(logger, key, text, step):
-            _warn_once(logger, "text")
 
 
 def _warn_once(logger: Any, kind: str) -> None:

@@ -211,9 +211,6 @@ class StepLedger:
                 continue
         return rows, last
 
-    def rows(self) -> list[tuple[int, int]]:
-        return self._read()[0]
-
     def last_step(self) -> int:
         """The largest trainer step logged to this run so far (by any process); -1 when nothing was."""
         if self._last_step is None:

@@ -428,6 +428,7 @@ class MultiLogger(Logger):
 
 # ---------------------------------------------------------------------- helpers
 _open_loggers: "weakref.WeakSet[MultiLogger]" = weakref.WeakSet()
+_flush_registered = False
 class _LiveRun:
     """A wandb run this process has open, with the ``_step`` its next history row will get."""
 
@@ -441,8 +442,10 @@ _live_runs: dict[str, _LiveRun] = {}  # run id -> the wandb run this process has
 def _flush_at_exit(logger: MultiLogger) -> None:
     """At a normal interpreter exit without ``finalize``, flush what TensorBoard still holds in memory (its writer
     thread is a daemon and would drop it). wandb finishes its own runs at exit."""
-    if not _open_loggers:
+    global _flush_registered
+    if not _flush_registered:
         atexit.register(_flush_open_loggers)
+        _flush_registered = True
     _open_loggers.add(logger)
 
 
