@@ -18,47 +18,6 @@ from lightning_monitor._media import HistogramData, make_histogram, prepare_imag
 _warned: set[tuple[str, str]] = set()
 
 
-def logging_interval(trainer: "pl.Trainer", every_n_steps: Optional[int]) -> int:
-    """``every_n_steps`` if given, else the trainer's ``log_every_n_steps``."""
-    return every_n_steps if every_n_steps is not None else max(1, int(trainer.log_every_n_steps))
-
-
-def is_logging_step(step: int, every_n_steps: int) -> bool:
-    """Whether the optimizer step that starts at ``trainer.global_step == step`` is a logging step.
-
-    The same rule as Lightning's own ``self.log`` (``(step + 1) % n == 0``), so our values land at the same steps
-    as the user's loss curve: 49, 99, ... for ``n = 50``.
-    """
-    return (step + 1) % every_n_steps == 0
-
-
-def batch_logging_step(trainer: "pl.Trainer", batch_step: Optional[int], every_n_steps: Optional[int]) -> Optional[int]:
-    """At a training batch's end: the step to log at, if one of the optimizer steps the batch made (none on a
-    micro-batch under gradient accumulation, several under manual optimization) is a logging step; else ``None``.
-
-    ``batch_step`` is ``trainer.global_step`` read at the batch's start.
-    """
-    if batch_step is None:
-        return None
-    n = logging_interval(trainer, every_n_steps)
-    return next((s for s in range(batch_step, trainer.global_step) if is_logging_step(s, n)), None)
-
-
-def validation_step(trainer: "pl.Trainer", last_batch_step: Optional[int]) -> int:
-    """The step of values measured in a validation run: the step Lightning's own ``self.log`` gives them.
-
-    Inside ``fit``, validation runs at the end of the training batch that triggered it, before Lightning counts
-    that batch, so its values belong to that batch's step (``last_batch_step``: ``trainer.global_step`` read at the
-    batch's start). A standalone ``validate``, or validation before the first training batch, uses
-    ``trainer.global_step``.
-    """
-    from lightning.pytorch.trainer.states import TrainerFn
-
-    if last_batch_step is not None and trainer.state.fn == TrainerFn.FITTING:
-        return last_batch_step
-    return trainer.global_step
-
-
 def log_scalars(trainer: "pl.Trainer", metrics: Mapping[str, Any], step: int) -> None:
     if not trainer.is_global_zero or not metrics:
         return

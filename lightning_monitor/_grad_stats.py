@@ -22,6 +22,14 @@ _BATCH_ROWS = 4096
 HistRange = Union[str, Sequence[float]]
 
 
+def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[P]`` float64 device tensor: the squared L2 norm of each tensor, from one ``torch._foreach_norm`` pass.
+
+    Accumulated in float32: an fp16 norm overflows at 65504 although every element is finite.
+    """
+    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32)).double().square()
+
+
 def _is_prime(n: int) -> bool:
     if n < 2:
         return False

@@ -13,24 +13,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_monitor import _dispatch
+from lightning_monitor import _cadence, _dispatch
 from lightning_monitor._validate import check_every_n_steps
 from lightning_monitor._media import make_histogram
-from lightning_monitor._grad_stats import STAT_COLUMNS, host_histogram, summarize, summarize_finite
+from lightning_monitor._grad_stats import STAT_COLUMNS, host_histogram, squared_norms, summarize, summarize_finite
 
 _POLICIES = ("warn", "raise", "skip")
 _MAX_NAMED = 5  # offending parameter names quoted in a warning or error
-
-
-def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """L2 norms of all tensors in one pass, accumulated in float32: an fp16 norm overflows at 65504 although
-    every element is finite."""
-    return torch._foreach_norm(tensors, 2, dtype=torch.float32)
-
-
-def _stack_norms(norms: list[torch.Tensor]) -> torch.Tensor:
-    """``[P]`` float64 from the 0-d float32 norms of :func:`_norms`."""
-    return torch.stack(norms).double()
 
 
 class GradientMonitor(Callback):
@@ -237,9 +226,9 @@ class GradientMonitor(Callback):
             return
         step = trainer.global_step
         grads = [self._params[i].grad for i in present]
-        sq = _stack_norms(_norms(grads)).square()  # [P]: one pass over all gradients
-        logging = trainer.is_global_zero and _dispatch.is_logging_step(
-            step, _dispatch.logging_interval(trainer, self.every_n_steps)
+        sq = squared_norms(grads)  # [P]: one pass over all gradients
+        logging = trainer.is_global_zero and _cadence.is_logging_step(
+            step, _cadence.logging_interval(trainer, self.every_n_steps)
         )
         if not logging:
             if self.nonfinite == "warn":  # queued on the device; read at the next logging step
@@ -287,7 +276,7 @@ class GradientMonitor(Callback):
         pidx = [j for j in hist_idx if params[j].numel() > 0]
         want_wsq = self.param_norms or self.update_ratio or self.param_histograms
         if want_wsq:
-            wsq = _stack_norms(_norms([p.detach() for p in params])).square()
+            wsq = squared_norms([p.detach() for p in params])
             parts.append(wsq)
             if self.param_histograms and pidx:
                 parts.append(summarize([params[j] for j in pidx], [wsq[j] for j in pidx], bins,
@@ -404,8 +393,7 @@ class GradientMonitor(Callback):
         step, present, before, wsq = self._snapshot
         self._snapshot = None
         after = [self._params[i].detach() for i in present]
-        delta = _norms(torch._foreach_sub(after, before))
-        dsq = np.array(_stack_norms(delta).square().tolist())  # sync point: logging steps with update_ratio only
+        dsq = np.array(squared_norms(torch._foreach_sub(after, before)).tolist())  # sync point: logging steps with update_ratio only
         metrics = {"param/update_ratio_total": float(np.sqrt(dsq.sum() / wsq.sum())) if wsq.sum() > 0 else 0.0}
         num = self._group_norms("x", tuple(present), dsq)
         den = self._group_norms("x", tuple(present), wsq)

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_monitor import _dispatch, _dist, _memory
+from lightning_monitor import _cadence, _dispatch, _dist, _memory
 from lightning_monitor._validate import check_every_n_steps
 from lightning_monitor._memory import GIB
 
@@ -242,7 +242,7 @@ class MemoryMonitor(Callback):
             f"memory/cuda/{phase}_peak_reserved_gib": reserved / GIB,
         }
         last_batch = self._batch_step if self._batch_step >= 0 else None
-        step = _dispatch.validation_step(trainer, last_batch) if phase == "validation" else trainer.global_step
+        step = _cadence.validation_step(trainer, last_batch) if phase == "validation" else trainer.global_step
         self._emit(trainer, values, step)  # on every rank: a collective under DDP
 
     def _fold(self) -> dict[str, Any]:
@@ -274,7 +274,7 @@ class MemoryMonitor(Callback):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Only the batch that completed the optimizer step logs, so a window covers whole accumulated steps.
-        step = _dispatch.batch_logging_step(trainer, self._batch_step if self._batch_step >= 0 else None,
+        step = _cadence.batch_logging_step(trainer, self._batch_step if self._batch_step >= 0 else None,
                                             self.every_n_steps)
         if step is not None:
             self._log_step(trainer, step)

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from lightning_monitor import _dispatch, _draw
+from lightning_monitor import _cadence, _dispatch, _draw
 from lightning_monitor._validate import check_every_n_steps
 
 _BATCH_HELP = (
@@ -163,7 +163,7 @@ class PredictionGridMonitor(Callback):
         # at the end of this batch would show, so the two never disagree and one model state gets one grid.
         if self.every_n_steps is None or not trainer.is_global_zero:
             return  # no grids asked for; or not rank 0, the only one that renders (the others do nothing at all)
-        step = _dispatch.batch_logging_step(trainer, self._batch_step, self.every_n_steps)
+        step = _cadence.batch_logging_step(trainer, self._batch_step, self.every_n_steps)
         if step is None:
             return  # not a logging step, or a micro-batch that did not step the optimizer
         if self._images is None:
@@ -186,7 +186,7 @@ class PredictionGridMonitor(Callback):
             self._take_samples(trainer.val_dataloaders)  # also in the sanity check: a bad batch fails early
         if trainer.sanity_checking or self._images is None or self._last_drawn_at == trainer.global_step:
             return  # (the last check: this model state was just drawn at this step by the training grid)
-        step = _dispatch.validation_step(trainer, self._batch_step)  # the step Lightning logs val/* at
+        step = _cadence.validation_step(trainer, self._batch_step)  # the step Lightning logs val/* at
         self._render(trainer, pl_module, step, f"epoch {trainer.current_epoch} (step {step})")
 
     @property

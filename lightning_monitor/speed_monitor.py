@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_monitor import _dispatch, _dist, _flops
+from lightning_monitor import _cadence, _dispatch, _dist, _flops
 from lightning_monitor._validate import check_every_n_steps
 
 # columns of the per-rank vector gathered once per logging step
@@ -199,7 +199,7 @@ class SpeedMonitor(Callback):
         if self._counter.active:
             self._finish_measurement(trainer)
         step = self._step
-        log_step = _dispatch.batch_logging_step(trainer, step, self.every_n_steps)
+        log_step = _cadence.batch_logging_step(trainer, step, self.every_n_steps)
         log_now = not self._exclude and log_step is not None
         device = trainer.strategy.root_device
         if log_now and device.type == "cuda":
@@ -253,7 +253,7 @@ class SpeedMonitor(Callback):
         self._val_start = None
         rows = _dist.gather_packed(trainer, torch.tensor([self._val_samples, seconds])).tolist()
         rate = sum(samples / secs for samples, secs in rows if secs > 0)
-        step = _dispatch.validation_step(trainer, self._last_batch_step)
+        step = _cadence.validation_step(trainer, self._last_batch_step)
         _dispatch.log_scalars(trainer, {"throughput/val_samples_per_sec": rate}, step)
         self._prev_end = self.clock()  # training resumes: validation time is never counted as data wait
 

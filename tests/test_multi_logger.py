@@ -21,7 +21,7 @@ from PIL import Image
 from wandb_reader import synced_series
 from helpers import free_port, TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator, tb_scalars
 from lightning_monitor import MultiLogger
-from lightning_monitor import _dispatch
+from lightning_monitor import _cadence, _dispatch
 
 
 def _logged_media(logger_or_trainer, log):
@@ -99,7 +99,7 @@ def test_dispatch_same_steps_through_trainer(tmp_path):
     class Probe(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             step = trainer.global_step
-            if _dispatch.is_logging_step(step, 2):
+            if _cadence.is_logging_step(step, 2):
                 _dispatch.log_scalars(trainer, {"probe/step": float(step)}, step)
                 _dispatch.log_histogram(trainer, "probe/hist", torch.arange(10.0), step, bins=5)
 
