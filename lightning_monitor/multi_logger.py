@@ -19,7 +19,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
-from lightning_monitor import _wandb_run
+from lightning_monitor import _run_state, _wandb_run
 from lightning_monitor._validate import check_keys, check_writable, options, scalar, tensorboard_keys
 from lightning_monitor._backends import log_histograms_to, log_images_to, log_text_to
 from lightning_monitor._media import HistogramData, make_histogram, prepare_images
@@ -115,7 +115,7 @@ class MultiLogger(Logger):
         self._wandb_failed = False
         self._wandb_pending: list[Callable[[Any], Any]] = []  # hyperparameters logged before the run started
         self._last_step = 0
-        self._step_ledger: Optional[_wandb_run.StepLedger] = None  # made on rank 0 at the first write
+        self._step_ledger: Optional[_run_state.StepLedger] = None  # made on rank 0 at the first write
 
     # ------------------------------------------------------------------ identity
     @property
@@ -339,9 +339,9 @@ class MultiLogger(Logger):
                 + (" and wandb keeps logging." if self._wandb_options is not None and not self._wandb_failed else ".")
             )
 
-    def _ledger(self) -> "_wandb_run.StepLedger":
+    def _ledger(self) -> "_run_state.StepLedger":
         if self._step_ledger is None:
-            self._step_ledger = _wandb_run.StepLedger(self.log_dir)
+            self._step_ledger = _run_state.StepLedger(self.log_dir)
         return self._step_ledger
 
     def _tb_hparams_table(self, params: Union[dict[str, Any], Namespace]) -> None:
@@ -360,7 +360,7 @@ class MultiLogger(Logger):
         """Run ``call`` on the WandbLogger; ``row``: the call adds one history row (at trainer ``step``).
 
         The run starts at the first call that carries a step (hyperparameters wait for it), so that a job resumed
-        from a checkpoint knows where to rewind the run to (:class:`~lightning_monitor._wandb_run.StepLedger`).
+        from a checkpoint knows where to rewind the run to (:class:`~lightning_monitor._run_state.StepLedger`).
         """
         if self._wandb_options is None or self._wandb_failed or rank_zero_only.rank != 0:
             return
@@ -432,7 +432,7 @@ _flush_registered = False
 class _LiveRun:
     """A wandb run this process has open, with the ``_step`` its next history row will get."""
 
-    def __init__(self, run: Any, ledger: "_wandb_run.StepLedger", next_step: int) -> None:
+    def __init__(self, run: Any, ledger: "_run_state.StepLedger", next_step: int) -> None:
         self.run, self.ledger, self.next_step = run, ledger, next_step
 
 

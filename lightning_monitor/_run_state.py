@@ -1,0 +1,103 @@
+"""Run state kept beside a run: the step ledger (what was logged at which step) and the exit-time flush."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+
+#: file beside the run that says which wandb ``_step`` holds which trainer step
+LEDGER_NAME = "logged-steps.tsv"
+
+
+class StepLedger:
+    """What was logged at which step, kept in the run directory (``logged-steps.tsv``) for a restarted job.
+
+    A job restarted from a checkpoint at step ``s`` must not show what its dead predecessor logged after that
+    checkpoint (at steps ``>= s``) a second time, in either backend, while a job that merely continues a run
+    (``test`` after ``fit``, in this process or a new one) must drop nothing. The ledger tells the two apart: the
+    earlier process logged *past* ``s`` only in the first case. wandb can rewind a run to a ``_step``
+    (``resume_from="id?_step=k"``, recorded in the offline run file too and applied when it is synced), but only we
+    know which ``_step`` holds which trainer step. Lines: ``<_step>\t<trainer step>`` for each wandb history row,
+    ``step\t<trainer step>`` each time a larger step is logged (TensorBoard too), ``rewind\t<k>`` when a restart
+    cut the wandb run back to ``_step`` k.
+    """
+
+    def __init__(self, log_dir: str) -> None:
+        self.path = os.path.join(log_dir, LEDGER_NAME)
+        self._last_step: Optional[int] = None
+
+    def _read(self) -> tuple[list[tuple[int, int]], int]:
+        """``(rows, last step)``: ``(_step, trainer step)`` of every row the wandb run still holds (rows after a
+        rewind point dropped), and the largest trainer step logged to any backend (-1 when none)."""
+        rows: list[tuple[int, int]] = []
+        last = -1
+        try:
+            with open(self.path) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return rows, last
+        for line in lines:
+            parts = line.split("\t")
+            if len(parts) != 2:
+                continue  # a line cut short by a kill
+            try:
+                if parts[0] == "rewind":
+                    cut = int(parts[1])
+                    rows = [row for row in rows if row[0] <= cut]
+                elif parts[0] == "step":
+                    last = max(last, int(parts[1]))
+                else:
+                    rows.append((int(parts[0]), int(parts[1])))
+                    last = max(last, rows[-1][1])
+            except ValueError:
+                continue
+        return rows, last
+
+    def last_step(self) -> int:
+        """The largest trainer step logged to this run so far (by any process); -1 when nothing was."""
+        if self._last_step is None:
+            self._last_step = self._read()[1]
+        return self._last_step
+
+    def rewind_point(self, first_step: Optional[int]) -> Optional[int]:
+        """The ``_step`` a run starting at trainer step ``first_step`` continues after; ``None`` for a new run.
+
+        A restart (something was logged past ``first_step``) drops the rows at steps ``>= first_step``; a
+        continuation keeps every row. A job starting at step 0 never drops anything: a fresh trainer that tests or
+        validates a checkpoint logs at step 0 too."""
+        rows, last = self._read()
+        if not rows:
+            return None
+        if self.is_restart(first_step, last):
+            later = [w for w, t in rows if t >= first_step]
+            if later:
+                return max(0, min(later) - 1)
+        return max(w for w, _ in rows)
+
+    def is_restart(self, first_step: Optional[int], last: Optional[int] = None) -> bool:
+        """Whether a job whose first value is at ``first_step`` restarts the run from an earlier checkpoint."""
+        last = self.last_step() if last is None else last
+        return first_step is not None and 0 < first_step < last
+
+    def record(self, wandb_step: int, trainer_step: Optional[int]) -> None:
+        self._append(f"{wandb_step}\t{-1 if trainer_step is None else int(trainer_step)}\n")
+        if trainer_step is not None:
+            self._last_step = max(self.last_step(), int(trainer_step))
+
+    def record_step(self, trainer_step: int) -> None:
+        """Note that ``trainer_step`` was logged (one line each time the largest step grows)."""
+        if int(trainer_step) > self.last_step():
+            self._last_step = int(trainer_step)
+            self._append(f"step\t{int(trainer_step)}\n")
+
+    def record_rewind(self, wandb_step: int) -> None:
+        self._append(f"rewind\t{wandb_step}\n")
+
+    def _append(self, line: str) -> None:
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError:
+            pass  # a full disk is reported by TensorBoard; losing the ledger only loses the rewind
