@@ -8,43 +8,26 @@ from typing import Any, Literal, Optional, Union
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_monitor import _cadence, _dispatch
-from lightning_monitor._validate import check_every_n_steps
-from lightning_monitor._media import make_histogram
+from lightning_monitor import _dispatch, _grad_nonfinite
 from lightning_monitor._grad_stats import STAT_COLUMNS, host_histogram, squared_norms, summarize, summarize_finite
+from lightning_monitor._keys import document_keys
+from lightning_monitor._media import make_histogram
+from lightning_monitor._monitor import Monitor
 
 _POLICIES = ("warn", "raise", "skip")
-_MAX_NAMED = 5  # offending parameter names quoted in a warning or error
 
 
-class GradientMonitor(Callback):
+@document_keys
+class GradientMonitor(Monitor):
     """Gradient norms (total, per module group, per parameter), histograms and NaN/Inf detection.
 
     Runs in ``on_before_optimizer_step``: once per optimizer step (gradient accumulation respected), after AMP
     unscaling and after the DDP all-reduce, before gradient clipping. Every ``every_n_steps`` optimizer steps
     (default: the trainer's ``log_every_n_steps``) it logs, on global rank 0, to every logger the trainer has:
 
-    ==============================  ==================================================================
-    key                             meaning
-    ==============================  ==================================================================
-    ``grad/norm_total``             L2 norm of all gradients together
-    ``grad/norm/{group}``           L2 norm of the gradients of one module group
-    ``grad/norm_param/{name}``      L2 norm of one parameter's gradient (``per_param_norms=True``)
-    ``grad/hist/{name}``            histogram of one parameter's gradient (``histograms=True``)
-    ``grad/nonfinite_count``        NaN/Inf elements in all gradients at this step
-    ``grad/nonfinite_steps``        optimizer steps since the last logging step with any NaN/Inf
-    ``grad/nonfinite/{name}``       NaN/Inf elements in one parameter's gradient (offenders only)
-    ``param/norm_total``            L2 norm of the stepped weights before the step (``param_norms``)
-    ``param/norm/{group}``          L2 norm of one group's stepped weights before the step
-    ``param/hist/{name}``           histogram of one parameter's weights (``param_histograms=True``)
-    ``param/update_ratio_total``    ||w_after - w_before|| / ||w_before|| of all weights (``update_ratio``)
-    ``param/update_ratio/{group}``  the same ratio for one module group (``update_ratio=True``)
-    ==============================  ==================================================================
+    {logged_keys}
 
     Groups are module paths cut to ``group_depth`` (``1``: the model's top-level children; a parameter that
     sits on the LightningModule itself is its own group), unless a ``group_patterns`` glob claims it first.
@@ -83,15 +66,16 @@ class GradientMonitor(Callback):
 
     Raises:
         ValueError: for a bad argument, echoing it.
-        MisconfigurationException: in ``setup`` when the trainer has no logger or shards gradients (FSDP,
-            DeepSpeed, model parallel), where local gradients are not the full gradients.
+        MisconfigurationException: in ``setup`` when the trainer has no logger (under ``nonfinite="warn"``: the
+            other policies act without one) or shards gradients (FSDP, DeepSpeed, model parallel), where local
+            gradients are not the full gradients.
 
     Example::
 
         trainer = Trainer(logger=MultiLogger(), callbacks=[GradientMonitor(every_n_steps=50, update_ratio=True)])
     """
 
-    LOGGED_KEYS: dict[str, str] = {
+    LOGGED_KEYS = {
         "grad/norm_total": "L2 norm of all gradients together",
         "grad/norm/{group}": "L2 norm of the gradients of one module group",
         "grad/norm_param/{name}": "L2 norm of one parameter's gradient (``per_param_norms=True``)",
@@ -105,10 +89,12 @@ class GradientMonitor(Callback):
         "param/update_ratio_total": "||w_after - w_before|| / ||w_before|| of all weights (``update_ratio``)",
         "param/update_ratio/{group}": "the same ratio for one module group (``update_ratio=True``)",
     }
+    SHARDED_UNSUPPORTED = "needs full gradients on every rank"
 
     def __init__(
         self,
         every_n_steps: Optional[int] = None,
+        *,
         group_depth: int = 1,
         group_patterns: Optional[dict[str, Union[str, list[str]]]] = None,
         per_param_norms: bool = False,
@@ -123,8 +109,7 @@ class GradientMonitor(Callback):
         exclude: Optional[list[str]] = None,
         nonfinite: Literal["warn", "raise", "skip"] = "warn",
     ) -> None:
-        super().__init__()
-        check_every_n_steps(every_n_steps)
+        super().__init__(every_n_steps)
         if group_depth < 0:
             raise ValueError(f"`group_depth` must be >= 0, got {group_depth!r}")
         if not 1 <= bins <= 512:
@@ -141,7 +126,6 @@ class GradientMonitor(Callback):
         else:
             hist_range = (float(hist_range[0]), float(hist_range[1]))
         patterns = {g: [p] if isinstance(p, str) else list(p) for g, p in (group_patterns or {}).items()}
-        self.every_n_steps = every_n_steps
         self.group_depth = group_depth
         self.group_patterns = patterns
         self.per_param_norms = per_param_norms
@@ -162,17 +146,13 @@ class GradientMonitor(Callback):
         self._params: list[torch.nn.Parameter] = []
         self._groups: list[Optional[str]] = []
         self._selected: list[bool] = []
-        self._bad_acc: dict[tuple[int, ...], torch.Tensor] = {}  # per present-set: steps with NaN/Inf per param
-        self._bad_host: dict[int, int] = {}  # raise/skip: the same, counted on the host
-        self._ever_bad: set[str] = set()
-        self._warned = False
+        self._nonfinite = _grad_nonfinite.NonfiniteLedger()
         self._snapshot: Optional[tuple[int, list[int], list[torch.Tensor], np.ndarray]] = None
         self._opt_index: dict[int, list[int]] = {}  # id(optimizer) -> indices of the parameters it steps
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_params", "_bad_acc", "_snapshot"):
-            state[key] = {} if key == "_bad_acc" else ([] if key == "_params" else None)
+        state["_params"], state["_snapshot"] = [], None  # tensors stay behind (ddp_spawn pickles callbacks)
         return state
 
     def group_of(self, name: str) -> Optional[str]:
@@ -189,16 +169,12 @@ class GradientMonitor(Callback):
         included = self.include is None or any(fnmatch.fnmatchcase(name, g) for g in self.include)
         return included and not any(fnmatch.fnmatchcase(name, g) for g in self.exclude)
 
+    def _needs_logger(self) -> bool:
+        return self.nonfinite == "warn"  # raise/skip act on NaN/Inf without a logger
+
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-            raise MisconfigurationException(
-                f"GradientMonitor needs full gradients on every rank; {type(trainer.strategy).__name__} shards them."
-            )
-        if not trainer.loggers and self.nonfinite == "warn":
-            raise MisconfigurationException("GradientMonitor has nothing to log to: the Trainer has no logger.")
+        super().setup(trainer, pl_module, stage)
         self._reset_runtime()
 
     def _index(self, pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer) -> list[int]:
@@ -227,36 +203,14 @@ class GradientMonitor(Callback):
         step = trainer.global_step
         grads = [self._params[i].grad for i in present]
         sq = squared_norms(grads)  # [P]: one pass over all gradients
-        logging = trainer.is_global_zero and _cadence.is_logging_step(
-            step, _cadence.logging_interval(trainer, self.every_n_steps)
-        )
-        if not logging:
-            if self.nonfinite == "warn":  # queued on the device; read at the next logging step
-                bad = ~torch.isfinite(sq)
-                bad = torch.cat([bad, bad.any().reshape(1)])  # per parameter, then "any" for the step count
-                acc = self._bad_acc.get(present)
-                self._bad_acc[present] = bad.double() if acc is None else acc.add_(bad)
-                return
-            flags = np.array((~torch.isfinite(sq)).tolist())  # sync point: every step under raise/skip (documented)
-            if flags.any():
-                bad = [present[j] for j in np.flatnonzero(flags)]
-                for i in bad:
-                    self._bad_host[i] = self._bad_host.get(i, 0) + 1
-                self._bad_host[-1] = self._bad_host.get(-1, 0) + 1  # -1: steps with any NaN/Inf
-                self._act_on_nonfinite(bad, optimizer, step)
-            return
-        self._log_step(trainer, optimizer, step, present, grads, sq)
-
-    def _act_on_nonfinite(self, bad: list[int], optimizer: Any, step: int) -> None:
-        """``raise`` or ``skip`` for the parameters (indices into ``self._params``) whose gradients hold NaN/Inf."""
-        if self.nonfinite == "raise":
-            counts = torch.stack([(~torch.isfinite(self._params[i].grad)).sum() for i in bad]).tolist()  # raising
-            named = ", ".join(f"{self._names[i]} ({int(c)} NaN/Inf)" for i, c in zip(bad[:_MAX_NAMED], counts))
-            raise FloatingPointError(f"GradientMonitor: non-finite gradients at step {step} in {named}")
-        # skip: with no gradient, torch optimizers leave the parameter, its momentum and weight decay untouched
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        if trainer.is_global_zero and self._logs_at(trainer, step):
+            self._log_step(trainer, optimizer, step, present, grads, sq)
+        elif self.nonfinite == "warn":
+            self._nonfinite.queue(present, sq)  # queued on the device; read at the next logging step
+        else:
+            bad = self._nonfinite.count(present, sq)
+            if bad:
+                _grad_nonfinite.act(self.nonfinite, bad, self._params, self._names, optimizer, step)
 
     def _log_step(
         self,
@@ -281,10 +235,8 @@ class GradientMonitor(Callback):
             if self.param_histograms and pidx:
                 parts.append(summarize([params[j] for j in pidx], [wsq[j] for j in pidx], bins,
                                        self.max_hist_elements, self.hist_range).reshape(-1))
-        accs = list(self._bad_acc.items())
-        parts.extend(acc for _, acc in accs)
+        parts.extend(self._nonfinite.pending())
         host = np.array(torch.cat([p.reshape(-1).double() for p in parts]).tolist())  # sync point: one per logging step
-        self._bad_acc.clear()
 
         n, width = len(present), STAT_COLUMNS + bins
         host_sq, off = host[:n], n
@@ -296,13 +248,7 @@ class GradientMonitor(Callback):
             if self.param_histograms and pidx:
                 param_rows = host[off : off + len(pidx) * width].reshape(-1, width)
                 off += len(pidx) * width
-        bad_steps: dict[int, float] = {}
-        any_steps = 0.0
-        for key, _ in accs:
-            for i, v in zip(key, host[off : off + len(key)]):
-                bad_steps[i] = bad_steps.get(i, 0.0) + float(v)
-            any_steps += float(host[off + len(key)])
-            off += len(key) + 1
+        bad_steps, any_steps = self._nonfinite.read(host[off:])
         bad_now = [j for j in range(n) if not np.isfinite(host_sq[j])]
 
         metrics: dict[str, float] = {"grad/norm_total": float(np.sqrt(host_sq.sum()))}
@@ -326,7 +272,15 @@ class GradientMonitor(Callback):
                 for b, j in enumerate(bad_now):
                     if j in row_of:
                         grad_rows[row_of[j]] = fixed[b]
-        self._report_nonfinite(metrics, present, nonfinite, bad_now, bad_steps, any_steps, step)
+        values, offenders = self._nonfinite.report(self._names, present, nonfinite, bad_now, bad_steps, any_steps)
+        metrics.update(values)
+        if offenders:
+            names = ", ".join(sorted(offenders)[: _grad_nonfinite.MAX_NAMED])
+            self._warn("nonfinite", (
+                f"GradientMonitor: NaN/Inf gradients by step {step} in {names}"
+                f"{' and more' if len(offenders) > _grad_nonfinite.MAX_NAMED else ''}; counted under grad/nonfinite_*"
+                f" (policy {self.nonfinite!r}, warned once)."
+            ))
 
         _dispatch.log_scalars(trainer, metrics, step)
         hists = {}
@@ -341,7 +295,8 @@ class GradientMonitor(Callback):
                 hists[key] = make_histogram(counts, edges, key=key, stats=stats)
         _dispatch.log_histograms(trainer, hists, step)  # one wandb row for all of them
         if self.nonfinite != "warn" and bad_now:
-            self._act_on_nonfinite([present[j] for j in bad_now], optimizer, step)  # after logging what we saw
+            bad = [present[j] for j in bad_now]  # acted on after logging what we saw
+            _grad_nonfinite.act(self.nonfinite, bad, self._params, self._names, optimizer, step)
         if self.update_ratio:
             self._snapshot = (step, list(present), [p.detach().clone() for p in params], wsq_host)
 
@@ -353,37 +308,6 @@ class GradientMonitor(Callback):
                 sums[group] = sums.get(group, 0.0) + float(sq[j])
         return {f"{prefix}/{g}": float(np.sqrt(v)) for g, v in sums.items()}
 
-    def _report_nonfinite(
-        self,
-        metrics: dict[str, float],
-        present: tuple[int, ...],
-        nonfinite: np.ndarray,
-        bad_now: list[int],
-        bad_steps: dict[int, float],
-        any_steps: float,
-        step: int,
-    ) -> None:
-        # steps with NaN/Inf since the last logging step: counted on the device (warn) or the host (raise/skip)
-        any_steps += float(self._bad_host.pop(-1, 0)) + (1.0 if bad_now else 0.0)
-        offenders = {self._names[present[j]] for j in bad_now}
-        offenders |= {self._names[i] for i, v in bad_steps.items() if v > 0}
-        offenders |= {self._names[i] for i, v in self._bad_host.items() if v > 0}
-        self._bad_host.clear()
-        metrics["grad/nonfinite_count"] = float(nonfinite.sum())
-        metrics["grad/nonfinite_steps"] = any_steps
-        self._ever_bad |= offenders
-        for j, i in enumerate(present):
-            if self._names[i] in self._ever_bad:
-                metrics[f"grad/nonfinite/{self._names[i]}"] = float(nonfinite[j])
-        if offenders and not self._warned:
-            self._warned = True
-            names = ", ".join(sorted(offenders)[:_MAX_NAMED])
-            rank_zero_warn(
-                f"GradientMonitor: NaN/Inf gradients by step {step} in {names}"
-                f"{' and more' if len(offenders) > _MAX_NAMED else ''}; counted under grad/nonfinite_* (policy"
-                f" {self.nonfinite!r}, warned once)."
-            )
-
     @override
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
@@ -393,7 +317,8 @@ class GradientMonitor(Callback):
         step, present, before, wsq = self._snapshot
         self._snapshot = None
         after = [self._params[i].detach() for i in present]
-        dsq = np.array(squared_norms(torch._foreach_sub(after, before)).tolist())  # sync point: logging steps with update_ratio only
+        # sync point: logging steps with update_ratio only
+        dsq = np.array(squared_norms(torch._foreach_sub(after, before)).tolist())
         metrics = {"param/update_ratio_total": float(np.sqrt(dsq.sum() / wsq.sum())) if wsq.sum() > 0 else 0.0}
         num = self._group_norms("x", tuple(present), dsq)
         den = self._group_norms("x", tuple(present), wsq)

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_monitor import _cadence, _dispatch, _dist, _flops
-from lightning_monitor._validate import check_every_n_steps
-
-# columns of the per-rank vector gathered once per logging step
-_BATCHES, _SAMPLES, _ITEMS, _WALL, _WAIT, _PRE_SYNC, _FLOPS = range(7)
+from lightning_monitor import _dispatch, _dist, _flops, _speed_window
+from lightning_monitor._keys import document_keys
+from lightning_monitor._monitor import Monitor
 
 
-class SpeedMonitor(Callback):
+@document_keys
+class SpeedMonitor(Monitor):
     """Throughput, step time, time lost waiting for data, FLOPs/s and MFU with FLOPs measured automatically.
 
     Per batch only host timestamps and integer counters are kept; at a logging step the window since the previous
@@ -40,23 +37,7 @@ class SpeedMonitor(Callback):
 
     Logged keys:
 
-    | key | meaning |
-    |---|---|
-    | `throughput/batches_per_sec` | training batches per second, summed over ranks |
-    | `throughput/samples_per_sec` | training samples per second, summed over ranks |
-    | `throughput/device/samples_per_sec` | training samples per second per device (global / world size) |
-    | `throughput/items_per_sec` | items (tokens, pixels: `items_fn`) per second, summed over ranks |
-    | `throughput/flops_per_sec` | model FLOPs per second (forward + backward), summed over ranks |
-    | `throughput/mfu` | model FLOPs utilisation: per-device FLOPs/s over the device's dense peak |
-    | `throughput/val_samples_per_sec` | validation samples per second, summed over ranks |
-    | `time/step_sec` | mean wall time per training batch in the window (data wait included) |
-    | `time/data_wait_share` | share of the window's wall time spent between batches waiting for the next one |
-    | `time/remaining_sec` | estimated training time left (remaining batches x `time/step_sec`), validation excluded |
-    | `time/pre_sync_sec_min` | DDP: fastest rank's time per batch before the gradient all-reduce (data wait + forward) |
-    | `time/pre_sync_sec_mean` | DDP: mean over ranks of the time per batch before the gradient all-reduce |
-    | `time/pre_sync_sec_max` | DDP: slowest rank's time per batch before the gradient all-reduce |
-    | `time/pre_sync_sec_max_rank` | DDP: the rank with the largest pre-sync time (the straggler) |
-    | `time/straggler_ratio` | DDP: `time/pre_sync_sec_max` / `time/pre_sync_sec_min` (1 = balanced) |
+    {logged_keys}
 
     The pre-sync times are host timestamps (no device sync between logging steps): on a GPU they show a rank
     held back on the host (data loading, Python, host-side preprocessing), not a device that computes slowly.
@@ -70,7 +51,6 @@ class SpeedMonitor(Callback):
         max_measured_shapes: Distinct batch shapes to measure; later new shapes are scaled per sample.
         batch_size_fn: Samples in a batch; default: leading dimension of the first tensor in the batch.
         items_fn: Items in a batch (tokens, pixels), an ``int`` or a tensor (accumulated on the device, no sync).
-        clock: Host clock in seconds (a seam for tests); default ``time.perf_counter``.
 
     Raises:
         ValueError: On a non-positive ``every_n_steps``, FLOPs or peak, or a negative ``warmup_steps``.
@@ -80,27 +60,30 @@ class SpeedMonitor(Callback):
         trainer = Trainer(callbacks=[SpeedMonitor()], log_every_n_steps=50)
     """
 
-    LOGGED_KEYS: dict[str, str] = {
+    LOGGED_KEYS = {
         "throughput/batches_per_sec": "training batches per second, summed over ranks",
         "throughput/samples_per_sec": "training samples per second, summed over ranks",
         "throughput/device/samples_per_sec": "training samples per second per device (global / world size)",
-        "throughput/items_per_sec": "items (tokens, pixels: `items_fn`) per second, summed over ranks",
+        "throughput/items_per_sec": "items (tokens, pixels: ``items_fn``) per second, summed over ranks",
         "throughput/flops_per_sec": "model FLOPs per second (forward + backward), summed over ranks",
         "throughput/mfu": "model FLOPs utilisation: per-device FLOPs/s over the device's dense peak",
         "throughput/val_samples_per_sec": "validation samples per second, summed over ranks",
         "time/step_sec": "mean wall time per training batch in the window (data wait included)",
         "time/data_wait_share": "share of the window's wall time spent between batches waiting for the next one",
-        "time/remaining_sec": "estimated training time left (remaining batches x `time/step_sec`), validation excluded",
-        "time/pre_sync_sec_min": "DDP: fastest rank's time per batch before the gradient all-reduce (data wait + forward)",
+        "time/remaining_sec": "estimated training time left: remaining batches x the slowest rank's time per batch"
+        " (DDP steps at its pace; ``time/step_sec`` is the mean over ranks), validation excluded",
+        "time/pre_sync_sec_min": "DDP: fastest rank's time per batch before the gradient all-reduce"
+        " (data wait + forward)",
         "time/pre_sync_sec_mean": "DDP: mean over ranks of the time per batch before the gradient all-reduce",
         "time/pre_sync_sec_max": "DDP: slowest rank's time per batch before the gradient all-reduce",
-        "time/pre_sync_sec_max_rank": "DDP: the rank with the largest pre-sync time (the straggler)",
-        "time/straggler_ratio": "DDP: `time/pre_sync_sec_max` / `time/pre_sync_sec_min` (1 = balanced)",
+        "time/pre_sync_sec_max_rank": "DDP: the global rank with the largest pre-sync time (the straggler)",
+        "time/straggler_ratio": "DDP: ``time/pre_sync_sec_max`` / ``time/pre_sync_sec_min`` (1 = balanced)",
     }
 
     def __init__(
         self,
         every_n_steps: Optional[int] = None,
+        *,
         flops_per_batch: Optional[float] = None,
         peak_flops_per_sec: Optional[float] = None,
         measure_flops: bool = True,
@@ -108,10 +91,8 @@ class SpeedMonitor(Callback):
         max_measured_shapes: int = 8,
         batch_size_fn: Optional[Callable[[Any], int]] = None,
         items_fn: Optional[Callable[[Any], Union[int, torch.Tensor]]] = None,
-        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        super().__init__()
-        check_every_n_steps(every_n_steps)
+        super().__init__(every_n_steps)
         if flops_per_batch is not None and not flops_per_batch > 0:
             raise ValueError(f"`flops_per_batch` must be > 0, got {flops_per_batch}")
         if peak_flops_per_sec is not None and not peak_flops_per_sec > 0:
@@ -120,7 +101,6 @@ class SpeedMonitor(Callback):
             raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
         if max_measured_shapes < 1:
             raise ValueError(f"`max_measured_shapes` must be >= 1, got {max_measured_shapes}")
-        self.every_n_steps = every_n_steps
         self.flops_per_batch = flops_per_batch
         self.peak_flops_per_sec = peak_flops_per_sec
         self.measure_flops = measure_flops
@@ -128,7 +108,7 @@ class SpeedMonitor(Callback):
         self.max_measured_shapes = max_measured_shapes
         self.batch_size_fn = batch_size_fn
         self.items_fn = items_fn
-        self.clock = clock
+        self._clock: Callable[[], float] = time.perf_counter  # host clock in seconds; tests set a fake one
         #: Where the FLOPs and peak figures come from, e.g. "1.2 GFLOP/batch measured by FlopCounterMode ...".
         self.flops_source: Optional[str] = None
         self._flops_cache: dict[tuple, int] = {}
@@ -136,23 +116,22 @@ class SpeedMonitor(Callback):
         self._measuring: Optional[tuple] = None
         self._peak: Optional[float] = None
         self._peak_source = "none"
-        self._warned: set[str] = set()
         self._prev_end: Optional[float] = None
         self._val_start: Optional[float] = None
         self._val_samples = 0
         # per-batch state, set at batch start
-        self._step = self._batch_idx = 0
+        self._batch_idx = 0
         self._start = self._wait = 0.0
         self._before_backward: Optional[float] = None
         self._exclude = True
         self._batch_flops: Optional[float] = None
         self._first_step: Optional[int] = None  # global_step of this fit's first batch (warm-up counts from it)
-        self._last_batch_step: Optional[int] = None  # for validation values logged during fit
-        self._reset_window()
+        self._window = _speed_window.Window()
 
     # ----------------------------------------------------------------------------------------------- setup
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         device = trainer.strategy.root_device
         if self.peak_flops_per_sec is not None:
             self._peak, self._peak_source = self.peak_flops_per_sec, f"{self.peak_flops_per_sec:g} FLOP/s given"
@@ -164,33 +143,35 @@ class SpeedMonitor(Callback):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # a new fit (after another fit, an interrupted one or a tuner run) starts a new window and warm-up
-        self._reset_window()
-        self._first_step = self._last_batch_step = None
+        super().on_train_start(trainer, pl_module)
+        self._window = _speed_window.Window()
+        self._first_step = None
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # the first batch's wait includes starting the DataLoader workers: that is time spent waiting for data
-        self._prev_end = self.clock()
+        self._prev_end = self._clock()
 
     # ----------------------------------------------------------------------------------------- per batch
     @override
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        now = self.clock()
-        self._step = self._last_batch_step = trainer.global_step
+        now = self._clock()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        step = trainer.global_step
         if self._first_step is None:
-            self._first_step = self._step  # a resumed fit warms up again too
+            self._first_step = step  # a resumed fit warms up again too
         self._wait = now - self._prev_end if self._prev_end is not None else 0.0
         self._start = now
         self._before_backward = None
-        self._exclude = self._step < self._first_step + self.warmup_steps
+        self._exclude = step < self._first_step + self.warmup_steps
         self._batch_flops = self._flops_for(batch)
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
         if self._before_backward is None:
-            self._before_backward = self.clock()
+            self._before_backward = self._clock()
 
     @override
     def on_train_batch_end(
@@ -198,36 +179,31 @@ class SpeedMonitor(Callback):
     ) -> None:
         if self._counter.active:
             self._finish_measurement(trainer)
-        step = self._step
-        log_step = _cadence.batch_logging_step(trainer, step, self.every_n_steps)
+        log_step = self._batch_logging_step(trainer)
         log_now = not self._exclude and log_step is not None
         device = trainer.strategy.root_device
         if log_now and device.type == "cuda":
             torch.cuda.synchronize(device)  # sync point: once per logging step, so the window ends when the GPU is done
-        now = self.clock()
+        now = self._clock()
         if not self._exclude:
-            w = self._window
-            w[_BATCHES] += 1
-            w[_SAMPLES] += self._batch_size(batch)
-            w[_WALL] += self._wait + (now - self._start)
-            w[_WAIT] += self._wait
-            w[_PRE_SYNC] += self._wait + ((self._before_backward or now) - self._start)
-            w[_FLOPS] += self._batch_flops or 0
+            pre_sync = (self._before_backward or now) - self._start
+            self._window.add_batch(self._batch_size(batch), self._wait, now - self._start, pre_sync,
+                                   self._batch_flops or 0.0)
             if self.items_fn is not None:
-                self._add_items(self.items_fn(batch))
+                self._window.add_items(self.items_fn(batch))
         self._prev_end = now
         self._batch_idx = batch_idx
         if log_now:
             self._log_window(trainer, log_step)
             # the logging's own time is wall time of the next window, but not time spent waiting for data
-            self._prev_end = self.clock()
-            self._window[_WALL] += self._prev_end - now
+            self._prev_end = self._clock()
+            self._window.sums[_speed_window.WALL] += self._prev_end - now
 
     # ---------------------------------------------------------------------------------------- validation
     @override
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not trainer.sanity_checking:
-            self._val_start, self._val_samples = self.clock(), 0
+            self._val_start, self._val_samples = self._clock(), 0
 
     @override
     def on_validation_batch_end(
@@ -249,13 +225,13 @@ class SpeedMonitor(Callback):
         device = trainer.strategy.root_device
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # sync point: once per validation run
-        seconds = self.clock() - self._val_start
+        seconds = self._clock() - self._val_start
         self._val_start = None
         rows = _dist.gather_packed(trainer, torch.tensor([self._val_samples, seconds])).tolist()
         rate = sum(samples / secs for samples, secs in rows if secs > 0)
-        step = _cadence.validation_step(trainer, self._last_batch_step)
+        step = self._validation_step(trainer)
         _dispatch.log_scalars(trainer, {"throughput/val_samples_per_sec": rate}, step)
-        self._prev_end = self.clock()  # training resumes: validation time is never counted as data wait
+        self._prev_end = self._clock()  # training resumes: validation time is never counted as data wait
 
     # ---------------------------------------------------------------------------------------- teardown
     @override
@@ -275,26 +251,15 @@ class SpeedMonitor(Callback):
         self._flops_cache.update(state_dict.get("flops_cache", {}))
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _reset_window(self) -> None:
-        self._window = [0.0] * 7
-        self._items_t: Optional[torch.Tensor] = None
-
     def _batch_size(self, batch: Any) -> int:
         if self.batch_size_fn is not None:
             return int(self.batch_size_fn(batch))
         tensors = _flops.tensors_in(batch)
         if not tensors or tensors[0].dim() == 0:
-            self._warn_once("batch_size", "SpeedMonitor cannot infer the batch size (no tensor with a leading"
+            self._warn("batch_size", "SpeedMonitor cannot infer the batch size (no tensor with a leading"
                             " dimension in the batch); counting 1 sample per batch. Pass `batch_size_fn`.")
             return 1
         return int(tensors[0].shape[0])
-
-    def _add_items(self, items: Union[int, torch.Tensor]) -> None:
-        if isinstance(items, torch.Tensor):  # stays on the device until the logging step
-            items = items.detach().to(torch.float64).reshape(())
-            self._items_t = items if self._items_t is None else self._items_t + items
-        else:
-            self._window[_ITEMS] += items
 
     def _flops_for(self, batch: Any) -> Optional[float]:
         if self.flops_per_batch is not None:
@@ -312,7 +277,7 @@ class SpeedMonitor(Callback):
             self._counter.start()
             return None
         per_sample = sum(self._flops_cache.values()) / max(1, sum(k[0][0] for k in self._flops_cache if k and k[0]))
-        self._warn_once("shapes", f"SpeedMonitor measured {self.max_measured_shapes} batch shapes; FLOPs of further"
+        self._warn("shapes", f"SpeedMonitor measured {self.max_measured_shapes} batch shapes; FLOPs of further"
                         " shapes are scaled from the measured FLOPs per sample.")
         return per_sample * self._batch_size(batch)
 
@@ -324,7 +289,7 @@ class SpeedMonitor(Callback):
         self._flops_cache[key] = flops
         shapes = ", ".join("(" + ",".join(map(str, s)) + ")" for s in key)
         what = (f"{_flops.format_flops(flops)}/batch measured by FlopCounterMode (forward + backward of the real"
-                f" training step at global_step {self._step}) on batch shape {shapes}")
+                f" training step at global_step {self._batch_step}) on batch shape {shapes}")
         if self.flops_source is None:
             self._announce(what)
         else:
@@ -339,63 +304,14 @@ class SpeedMonitor(Callback):
             self._counter.stop()
             self._measuring = None
 
-    def _warn_once(self, tag: str, message: str) -> None:
-        if tag not in self._warned:
-            self._warned.add(tag)
-            rank_zero_warn(message)
-
     def _log_window(self, trainer: "pl.Trainer", step: int) -> None:
-        packed = torch.tensor(self._window, dtype=torch.float64)
-        if self._items_t is not None:
-            packed = packed.to(self._items_t.device)
-            packed[_ITEMS] += self._items_t
-        self._reset_window()
+        packed = self._window.pack()
+        self._window = _speed_window.Window()
         # collective on every rank; the one host transfer of this logging step happens inside
-        rows = [r for r in _dist.gather_packed(trainer, packed).tolist() if r[_BATCHES] > 0 and r[_WALL] > 0]
-        if not rows:
-            return
-        world = trainer.world_size
-
-        def rate(col: int) -> float:
-            return sum(r[col] / r[_WALL] for r in rows)
-
-        step_secs = [r[_WALL] / r[_BATCHES] for r in rows]
-        metrics: dict[str, float] = {
-            "throughput/batches_per_sec": rate(_BATCHES),
-            "throughput/samples_per_sec": rate(_SAMPLES),
-            "throughput/device/samples_per_sec": rate(_SAMPLES) / world,
-            "time/step_sec": sum(step_secs) / len(step_secs),
-            "time/data_wait_share": sum(r[_WAIT] for r in rows) / sum(r[_WALL] for r in rows),
-        }
-        if self.items_fn is not None:
-            metrics["throughput/items_per_sec"] = rate(_ITEMS)
-        if self.flops_per_batch is not None or self.measure_flops:
-            metrics["throughput/flops_per_sec"] = rate(_FLOPS)
-            if self._peak is not None:
-                metrics["throughput/mfu"] = rate(_FLOPS) / (world * self._peak)
-        remaining = self._remaining_batches(trainer, step)
-        if remaining is not None:
-            metrics["time/remaining_sec"] = remaining * max(step_secs)
-        if world > 1:
-            pre = [r[_PRE_SYNC] / r[_BATCHES] for r in rows]
-            slowest = max(range(len(pre)), key=pre.__getitem__)
-            metrics.update({
-                "time/pre_sync_sec_min": min(pre),
-                "time/pre_sync_sec_mean": sum(pre) / len(pre),
-                "time/pre_sync_sec_max": pre[slowest],
-                "time/pre_sync_sec_max_rank": float(slowest),
-            })
-            if min(pre) > 0:
-                metrics["time/straggler_ratio"] = pre[slowest] / min(pre)
-        _dispatch.log_scalars(trainer, metrics, step)
-
-    def _remaining_batches(self, trainer: "pl.Trainer", step: int) -> Optional[float]:
-        """Training batches left after this one, from max_steps and/or max_epochs; ``None`` when unknown."""
-        left = []
-        accumulate = max(1, int(trainer.accumulate_grad_batches))
-        if trainer.max_steps is not None and trainer.max_steps >= 0:
-            left.append((trainer.max_steps - (step + 1)) * accumulate)
-        per_epoch = trainer.num_training_batches
-        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and math.isfinite(per_epoch):
-            left.append(trainer.max_epochs * per_epoch - (trainer.current_epoch * per_epoch + self._batch_idx + 1))
-        return float(max(0, min(left))) if left else None
+        gathered = _dist.gather_packed(trainer, packed)
+        remaining = _speed_window.remaining_batches(trainer, step, self._batch_idx)
+        flops = self.flops_per_batch is not None or self.measure_flops
+        metrics = _speed_window.metrics(gathered, items=self.items_fn is not None, flops=flops, peak=self._peak,
+                                        remaining=remaining)
+        if metrics:  # empty when no rank timed a batch in this window
+            _dispatch.log_scalars(trainer, metrics, step)

@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import lightning_monitor
-from lightning_monitor._keys import markdown_table
 
 START, END = "<!-- keys:start -->", "<!-- keys:end -->"
+
+
+def markdown_table(classes: Iterable[type]) -> str:
+    """The README key table: ``| class | key | meaning |``, one row per ``LOGGED_KEYS`` entry, in class order."""
+    lines = ["| class | key | meaning |", "|---|---|---|"]
+    for cls in classes:
+        for key, meaning in getattr(cls, "LOGGED_KEYS", {}).items():
+            meaning = meaning.replace("``", "`").replace("|", "\\|")
+            lines.append(f"| `{cls.__name__}` | `{key}` | {meaning} |")
+    return "\n".join(lines) + "\n"
 
 
 def table() -> str:

@@ -1,21 +1,26 @@
 """The contract every public class keeps, checked over ``lightning_monitor.__all__``.
 
 Constructible with defaults; picklable before and after a real fit (``ddp_spawn`` pickles callbacks and the
-logger); ``LOGGED_KEYS`` equal to the docstring's key table; keys named by DESIGN.md's rules; ``state_dict``
-round-trips through a checkpoint; ``import lightning_monitor`` imports no optional package; and one real fit with
-every callback where every key TensorBoard and wandb received is documented and every always-on key shows up.
+logger); the docstring's key table holds exactly ``LOGGED_KEYS`` (the one source of every key); keys named by
+DESIGN.md's rules; ``state_dict`` round-trips through a checkpoint; ``import lightning_monitor`` imports no optional
+package; and one real fit with every callback where every key TensorBoard and wandb received is documented and every
+always-on key shows up. The key-name rules and the ``{placeholder}`` matching live here, outside the package.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
+from collections.abc import Iterable
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -23,11 +28,16 @@ from lightning.pytorch.callbacks import Callback
 
 import lightning_monitor
 from lightning_monitor import GradientMonitor, MemoryMonitor, MultiLogger, PredictionGridMonitor, SpeedMonitor
-from lightning_monitor._keys import docstring_keys, key_matches, markdown_table, match_key, naming_problems
+from lightning_monitor._keys import PLACEHOLDER, document_keys, keys_table
 
 from helpers import TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator
 
 REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("keys_table", REPO / "scripts" / "keys_table.py")
+assert _spec is not None and _spec.loader is not None
+keys_script = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(keys_script)
+markdown_table = keys_script.markdown_table
 CLASSES = [getattr(lightning_monitor, name) for name in lightning_monitor.__all__]
 CALLBACKS = [cls for cls in CLASSES if cls is not MultiLogger]
 # keys Lightning itself logs in these fits: the model's self.log calls and the trainer's epoch counter
@@ -43,6 +53,75 @@ def _fit(callbacks: list[Any], logger: Any, **trainer_kwargs: Any) -> Any:
     trainer = make_trainer(".", logger=logger, callbacks=callbacks, **trainer_kwargs)
     trainer.fit(TinyImageModel(), image_loader(64), image_loader(32))
     return trainer
+
+
+# ------------------------------------------------------------------------------ key names, patterns, tables
+
+#: The first segment of every key (DESIGN.md "Logged keys").
+AREAS = ("grad", "param", "memory", "throughput", "time", "predictions", "run")
+_PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
+_SEGMENT = re.compile(r"^[a-z][a-z0-9_]*$")
+# Units the key must spell as _gib / _sec / _per_sec (tokens between underscores of a key's last segment).
+_WRONG_UNITS = {
+    "b", "byte", "bytes", "kb", "kib", "mb", "mib", "gb", "tb", "tib",
+    "s", "secs", "second", "seconds", "ms", "us", "ns", "minute", "minutes", "hour", "hours",
+}
+
+
+@lru_cache(maxsize=None)
+def _pattern_regex(pattern: str) -> re.Pattern:
+    parts = _PLACEHOLDER.split(pattern)
+    # a placeholder is a name taken verbatim: any non-empty text, '/' and '.' included (``memory/{name}_max``
+    # stands for ``memory/host/rss_gib_max``, ``grad/hist/{name}`` for ``grad/hist/conv.weight``)
+    return re.compile("^" + "(.+)".join(re.escape(p) for p in parts) + "$")
+
+
+def key_matches(pattern: str, key: str) -> bool:
+    """Whether the logged ``key`` is an instance of the documented ``pattern`` (``{placeholder}`` = any name)."""
+    return _pattern_regex(pattern).match(key) is not None
+
+
+def match_key(key: str, patterns: Iterable[str]) -> Optional[str]:
+    """The first pattern in ``patterns`` that ``key`` matches, else ``None``. Literal patterns are tried first."""
+    ordered = sorted(patterns, key=lambda p: "{" in p)
+    return next((p for p in ordered if key_matches(p, key)), None)
+
+
+def naming_problems(pattern: str) -> list[str]:
+    """What is wrong with a documented key pattern under DESIGN.md "Logged keys" (empty list: nothing).
+
+    ``<area>/<metric>``, ``/`` the only separator, every segment lower_snake_case, the area one of :data:`AREAS`,
+    placeholders only in the last segment (names go last), bytes in ``_gib``, times in ``_sec``, rates ``_per_sec``.
+    """
+    problems = []
+    segments = pattern.split("/")
+    if len(segments) < 2:
+        problems.append("needs at least `<area>/<metric>`")
+    if segments[0] not in AREAS:
+        problems.append(f"area {segments[0]!r} is not one of {AREAS}")
+    for i, segment in enumerate(segments):
+        if _PLACEHOLDER.search(segment) and i != len(segments) - 1:
+            problems.append(f"placeholder in {segment!r} is not in the last segment (names go last)")
+        plain = _PLACEHOLDER.sub("x", segment)
+        if not _SEGMENT.match(plain) or "__" in plain or plain.endswith("_"):
+            problems.append(f"segment {segment!r} is not lower_snake_case")
+        if "monitor" in plain or "logger" in plain or plain.startswith("on_"):
+            problems.append(f"segment {segment!r} embeds a class or hook name")
+    tokens = _PLACEHOLDER.sub("x", segments[-1]).split("_")
+    wrong = sorted(set(tokens) & _WRONG_UNITS)
+    if wrong:
+        problems.append(f"unit {wrong} in {segments[-1]!r}: bytes are `_gib`, times `_sec`, rates `_per_sec`")
+    return problems
+
+
+def docstring_table(doc: str) -> dict[str, str]:
+    """The rows of the RST simple table ``key | meaning`` in ``doc`` (keys without their ``code`` quotes)."""
+    lines = doc.splitlines()
+    borders = [i for i, line in enumerate(lines) if re.fullmatch(r"\s*=+\s+=+\s*", line)]
+    header = next(i for i in borders if lines[i + 1].split() == ["key", "meaning"])
+    end = next(i for i in borders if i > header + 2)
+    rows = [line.strip().split(None, 1) for line in lines[header + 3 : end]]
+    return {key.strip("`"): meaning for key, meaning in rows}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -83,33 +162,29 @@ def test_naming_rules_catch_bad_keys():
         assert naming_problems(bad), bad
 
 
-def test_docstring_parser_reads_rst_and_markdown_tables():
-    rst = """Summary.
+def test_document_keys_fills_the_placeholder_and_refuses_a_docstring_without_one():
+    class Documented:
+        """Summary.
 
-    =====================  ==========================
-    key                    meaning
-    =====================  ==========================
-    ``grad/norm_total``    L2 norm of all gradients,
-                           wrapped onto a second line
-    grad/other             with ||a|| bars
-    =====================  ==========================
-    """
-    assert docstring_keys(type("A", (), {"__doc__": rst})) == {
-        "grad/norm_total": "L2 norm of all gradients, wrapped onto a second line",
-        "grad/other": "with ||a|| bars",
-    }
-    md = """Summary.
+        Logged keys:
 
-    | key | meaning |
-    |---|---|
-    | `time/step_sec` | mean step time (`x`) |
-    | `time/ratio` | a \\| b |
-    """
-    assert docstring_keys(type("B", (), {"__doc__": md})) == {
-        "time/step_sec": "mean step time (`x`)", "time/ratio": "a | b",
-    }
-    with pytest.raises(ValueError, match="C: no `key | meaning` table"):
-        docstring_keys(type("C", (), {"__doc__": "no table here"}))
+        {logged_keys}
+
+        Args:
+            x: nothing.
+        """
+
+        LOGGED_KEYS = {"grad/norm_total": "L2 norm of all gradients", "grad/hist/{name}": "a histogram (``x``)"}
+
+    assert document_keys(Documented) is Documented
+    doc = Documented.__doc__ or ""
+    assert PLACEHOLDER not in doc
+    assert docstring_table(doc) == Documented.LOGGED_KEYS
+    assert keys_table(Documented.LOGGED_KEYS, "        ") in doc  # indented like the line it replaced
+    assert "        ``grad/hist/{name}``  a histogram (``x``)" in doc.splitlines()
+
+    with pytest.raises(ValueError, match="NoTable's docstring has no '{logged_keys}' line"):
+        document_keys(type("NoTable", (), {"__doc__": "Summary.", "LOGGED_KEYS": {"a/b": "c"}}))
 
 
 # ----------------------------------------------------------------------------------------- per public class
@@ -131,9 +206,11 @@ def test_constructible_with_defaults_and_picklable(cls):
 
 
 @ALL
-def test_logged_keys_equal_the_docstring_table(cls):
+def test_docstring_documents_every_logged_key(cls):
     assert isinstance(cls.LOGGED_KEYS, dict) and cls.LOGGED_KEYS
-    documented = docstring_keys(cls)
+    doc = cls.__doc__ or ""
+    assert PLACEHOLDER not in doc, "the key table placeholder was not filled: decorate the class with document_keys"
+    documented = docstring_table(doc)
     assert list(documented) == list(cls.LOGGED_KEYS), "same keys, in the same order"
     assert documented == cls.LOGGED_KEYS, "same meanings"
 
@@ -282,6 +359,8 @@ def test_keys_table_script_prints_the_generated_table():
     assert out.stdout == markdown_table(CLASSES)
     rows = out.stdout.strip().splitlines()[2:]
     assert len(rows) == sum(len(cls.LOGGED_KEYS) for cls in CLASSES)
+    expected = [["|", f"`{cls.__name__}`", "|", f"`{key}`"] for cls in CLASSES for key in cls.LOGGED_KEYS]
+    assert [row.split(" ", 4)[:4] for row in rows] == expected
 
 
 def test_readme_holds_the_generated_key_table():

@@ -4,6 +4,7 @@ side, a slow DataLoader, sync counting, DDP with a rank made slower on purpose, 
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import pickle
 import re
@@ -15,6 +16,7 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
@@ -25,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import TinyImageModel, event_files, image_loader, make_trainer, tb_accumulator, tb_scalars
-from lightning_monitor import SpeedMonitor, _flops
+from lightning_monitor import SpeedMonitor, _flops, _speed_window
 from lightning_monitor.testing import HostSyncCounter
 
 
@@ -71,6 +73,13 @@ class ClockedModel(TinyImageModel):
         self.clock.now += self.val_sec
 
 
+def _timed(clock: Any, **kwargs: Any) -> SpeedMonitor:
+    """A SpeedMonitor reading ``clock`` instead of ``time.perf_counter`` (its ``_clock`` test seam)."""
+    monitor = SpeedMonitor(**kwargs)
+    monitor._clock = clock
+    return monitor
+
+
 def _logger(tmp_path: Any) -> TensorBoardLogger:
     return TensorBoardLogger(save_dir=str(tmp_path), name="tb", version="", default_hp_metric=False)
 
@@ -89,7 +98,7 @@ def test_exact_values_under_fake_clock(tmp_path):
     clock = FakeClock()
     loader = DataLoader(ClockedData(clock, n=64, per_sample=0.0625), batch_size=4)
     logger = _logger(tmp_path)
-    monitor = SpeedMonitor(flops_per_batch=1000.0, peak_flops_per_sec=4000.0, clock=clock)
+    monitor = _timed(clock, flops_per_batch=1000.0, peak_flops_per_sec=4000.0)
     trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor], max_steps=8, log_every_n_steps=2)
     trainer.fit(ClockedModel(clock, train_sec=0.25), train_dataloaders=loader)
 
@@ -113,7 +122,7 @@ def test_validation_excluded_and_timed_on_its_own(tmp_path):
     train = DataLoader(ClockedData(clock, n=64, per_sample=0.0625), batch_size=4)
     val = DataLoader(ClockedData(None, n=16), batch_size=4)
     logger = _logger(tmp_path)
-    monitor = SpeedMonitor(measure_flops=False, clock=clock)
+    monitor = _timed(clock, measure_flops=False)
     trainer = make_trainer(
         tmp_path, logger=logger, callbacks=[monitor], max_steps=8, log_every_n_steps=2, val_check_interval=4
     )
@@ -129,7 +138,7 @@ def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path):
     clock = FakeClock()
     loader = DataLoader(ClockedData(clock, n=64, per_sample=0.0), batch_size=4)
     logger = _logger(tmp_path)
-    monitor = SpeedMonitor(measure_flops=False, clock=clock, items_fn=lambda b: b[0][0].numel() * len(b[0]))
+    monitor = _timed(clock, measure_flops=False, items_fn=lambda b: b[0][0].numel() * len(b[0]))
     trainer = make_trainer(
         tmp_path, logger=logger, callbacks=[monitor], max_steps=6, log_every_n_steps=3, accumulate_grad_batches=2
     )
@@ -144,7 +153,7 @@ def test_remaining_time_from_max_epochs(tmp_path):
     """2 epochs of 8 batches, 0.5 s each: after global batch k, (16 - k - 1) x 0.5 s are left."""
     clock = FakeClock()
     logger = _logger(tmp_path)
-    monitor = SpeedMonitor(measure_flops=False, clock=clock)
+    monitor = _timed(clock, measure_flops=False)
     trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor], max_steps=-1, max_epochs=2,
                            log_every_n_steps=4)
     trainer.fit(ClockedModel(clock, train_sec=0.5), train_dataloaders=DataLoader(ClockedData(None, n=32), batch_size=4))
@@ -188,7 +197,7 @@ def test_mnist_net_flops_and_mfu(tmp_path):
     clock = FakeClock()
     loader = DataLoader(ClockedData(clock, n=48, per_sample=0.0), batch_size=8)
     logger = _logger(tmp_path)
-    monitor = SpeedMonitor(peak_flops_per_sec=1e12, clock=clock)
+    monitor = _timed(clock, peak_flops_per_sec=1e12)
     trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor], max_steps=4, log_every_n_steps=2)
     trainer.fit(LitNet(clock, train_sec=0.25), train_dataloaders=loader)
 
@@ -225,7 +234,7 @@ def test_measuring_flops_changes_nothing_in_training():
     def train(callbacks: list) -> dict[str, torch.Tensor]:
         pl.seed_everything(3)
         model = LitNet()
-        trainer = make_trainer(".", logger=False, callbacks=callbacks, max_steps=3)
+        trainer = make_trainer(".", logger=_logger("."), callbacks=callbacks, max_steps=3)
         trainer.fit(model, train_dataloaders=DataLoader(ClockedData(None, n=24), batch_size=8))
         return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -335,7 +344,9 @@ _DDP_SCRIPT = textwrap.dedent(
                 time.sleep(0.1)
             return F.nll_loss(self(batch[0]), batch[1])
 
-    monitor = SpeedMonitor(measure_flops=False, **({{"clock": clock}} if mode == "fake" else {{}}))
+    monitor = SpeedMonitor(measure_flops=False)
+    if mode == "fake":
+        monitor._clock = clock  # the test seam: a clock that only the model moves
     trainer = make_trainer(".", accelerator="cpu", devices=2, strategy="ddp", max_steps=6, log_every_n_steps=3,
                            logger=TensorBoardLogger(".", name="tb", version=""), callbacks=[monitor])
     trainer.fit(Model(), train_dataloaders=DataLoader(image_data(96), batch_size=4))
@@ -380,7 +391,8 @@ def test_ddp_exact_sum_and_straggler_under_fake_clock(tmp_path):
         assert [s for s, _ in got] == [2, 5], key
         if value is not None:
             assert [v for _, v in got] == [value, value], key
-    assert tb_scalars(log_dir, "time/remaining_sec") == [(2, 1.5), (5, 0.0)]  # slowest rank's 0.5 s x 3 steps
+    # the slowest rank's 0.5 s x 3 steps left, not time/step_sec's mean 0.375 s: DDP steps at the slowest rank's pace
+    assert tb_scalars(log_dir, "time/remaining_sec") == [(2, 1.5), (5, 0.0)]
 
 
 @pytest.mark.timeout(120)
@@ -411,9 +423,19 @@ def test_peak_table_and_precision_mapping():
         assert row.get("fp16", 0) >= row.get("tf32", 0) and row.get("fp8", float("inf")) >= row.get("bf16", 0)
 
 
-def test_docstring_table_equals_logged_keys():
-    rows = re.findall(r"^\s*\| `([^`]+)` \| (.+?) \|\s*$", SpeedMonitor.__doc__, flags=re.M)
-    assert dict(rows) == SpeedMonitor.LOGGED_KEYS
+def test_window_values_name_the_global_rank_and_time_what_is_left_at_the_slowest_rank():
+    """Rank 0 timed no batch in this window (left out), rank 2 is the straggler: its global rank is logged."""
+    rows, cols = np.zeros((3, 7)), [_speed_window.BATCHES, _speed_window.SAMPLES, _speed_window.WALL,
+                                     _speed_window.PRE_SYNC]
+    rows[1, cols] = [2, 8, 1.0, 0.5]
+    rows[2, cols] = [2, 8, 2.0, 1.5]
+    got = _speed_window.metrics(rows, items=False, flops=False, peak=None, remaining=4.0)
+    assert got["time/pre_sync_sec_max_rank"] == 2.0  # not 1, its row among the ranks that timed a batch
+    assert (got["time/pre_sync_sec_min"], got["time/pre_sync_sec_max"], got["time/straggler_ratio"]) == (0.25, 0.75, 3)
+    assert got["time/step_sec"] == 0.75  # the mean over ranks of 0.5 s and 1 s per batch
+    assert got["time/remaining_sec"] == 4.0 * 1.0  # at the slowest rank's 1 s per batch: DDP steps at its pace
+    assert got["throughput/samples_per_sec"] == 8.0 + 4.0
+    assert _speed_window.metrics(np.zeros((2, 7)), items=False, flops=False, peak=None, remaining=1.0) == {}
 
 
 @pytest.mark.parametrize(
@@ -434,7 +456,7 @@ def test_bad_arguments(kwargs, message):
 
 def test_picklable_after_use(tmp_path):
     monitor = SpeedMonitor()
-    trainer = make_trainer(tmp_path, logger=False, callbacks=[monitor], max_steps=2)
+    trainer = make_trainer(tmp_path, logger=_logger(tmp_path), callbacks=[monitor], max_steps=2)
     trainer.fit(TinyImageModel(), train_dataloaders=image_loader())
     clone = pickle.loads(pickle.dumps(monitor))
     assert clone._flops_cache == monitor._flops_cache and copy.deepcopy(monitor).flops_source == monitor.flops_source
@@ -461,6 +483,7 @@ def test_configurable_from_lightning_cli_yaml(tmp_path):
     (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, SpeedMonitor)]
     assert (monitor.every_n_steps, monitor.peak_flops_per_sec, monitor.warmup_steps) == (10, 1e12, 2)
     assert monitor.batch_size_fn is len
+    assert "clock" not in inspect.signature(SpeedMonitor).parameters  # the test seam is no CLI option
 
 
 # ----------------------------------------------------------------------------------------------- GPU

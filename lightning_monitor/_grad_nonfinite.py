@@ -1,0 +1,105 @@
+"""GradientMonitor's NaN/Inf bookkeeping: counts between logging steps, the ``grad/nonfinite*`` values, raise/skip."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+MAX_NAMED = 5  # offending parameter names quoted in a warning or error
+
+
+class NonfiniteLedger:
+    """Which parameters had NaN/Inf gradients, at how many optimizer steps, since the last logging step.
+
+    Parameters are indices into the monitor's parameter list. Under ``nonfinite="warn"`` the counts stay on the
+    device (:meth:`queue`) until the logging step packs them (:meth:`pending`) and reads them back (:meth:`read`);
+    under ``"raise"``/``"skip"`` they are counted on the host (:meth:`count`), which must read every step's flags.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._device: dict[tuple[int, ...], torch.Tensor] = {}  # per present-set: steps with NaN/Inf per param + any
+        self._host: dict[int, int] = {}  # raise/skip: steps with NaN/Inf per parameter
+        self._host_steps = 0  # raise/skip: steps with any NaN/Inf
+        self.ever_bad: set[str] = set()  # names that had NaN/Inf in this run: their key stays (0 when clean)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_device": {}}  # device tensors stay behind (ddp_spawn pickles callbacks)
+
+    def queue(self, present: tuple[int, ...], sq: torch.Tensor) -> None:
+        """``warn``, between logging steps: add this step's flags on the device (no host sync)."""
+        bad = ~torch.isfinite(sq)
+        bad = torch.cat([bad, bad.any().reshape(1)])  # per parameter, then "any" for the step count
+        acc = self._device.get(present)
+        self._device[present] = bad.double() if acc is None else acc.add_(bad)
+
+    def count(self, present: tuple[int, ...], sq: torch.Tensor) -> list[int]:
+        """``raise``/``skip``, between logging steps: the parameters with NaN/Inf now, counted on the host."""
+        flags = np.array((~torch.isfinite(sq)).tolist())  # sync point: every step under raise/skip (documented)
+        bad = [present[j] for j in np.flatnonzero(flags)]
+        for i in bad:
+            self._host[i] = self._host.get(i, 0) + 1
+        self._host_steps += 1 if bad else 0
+        return bad
+
+    def pending(self) -> list[torch.Tensor]:
+        """The device counts to pack into the logging step's one host transfer, in the order :meth:`read` expects."""
+        return list(self._device.values())
+
+    def read(self, host: np.ndarray) -> tuple[dict[int, float], float]:
+        """Unpack :meth:`pending`'s values from ``host``: (steps with NaN/Inf per parameter, steps with any)."""
+        per_param: dict[int, float] = {}
+        any_steps, off = 0.0, 0
+        for present in self._device:
+            for i, v in zip(present, host[off : off + len(present)]):
+                per_param[i] = per_param.get(i, 0.0) + float(v)
+            any_steps += float(host[off + len(present)])
+            off += len(present) + 1
+        self._device.clear()
+        return per_param, any_steps
+
+    def report(
+        self,
+        names: Sequence[str],
+        present: tuple[int, ...],
+        nonfinite: np.ndarray,
+        bad_now: list[int],
+        bad_steps: dict[int, float],
+        any_steps: float,
+    ) -> tuple[dict[str, float], set[str]]:
+        """The ``grad/nonfinite*`` values of a logging step and the parameters with NaN/Inf since the last one.
+
+        ``nonfinite[j]`` are this step's NaN/Inf elements of parameter ``present[j]``; ``bad_now`` the ``j`` that
+        have any; ``bad_steps``/``any_steps`` what :meth:`read` returned.
+        """
+        # steps with NaN/Inf since the last logging step: counted on the device (warn) or the host (raise/skip)
+        any_steps += float(self._host_steps) + (1.0 if bad_now else 0.0)
+        offenders = {names[present[j]] for j in bad_now}
+        offenders |= {names[i] for i, v in bad_steps.items() if v > 0}
+        offenders |= {names[i] for i, v in self._host.items() if v > 0}
+        self._host.clear()
+        self._host_steps = 0
+        metrics = {"grad/nonfinite_count": float(nonfinite.sum()), "grad/nonfinite_steps": any_steps}
+        self.ever_bad |= offenders
+        for j, i in enumerate(present):
+            if names[i] in self.ever_bad:
+                metrics[f"grad/nonfinite/{names[i]}"] = float(nonfinite[j])
+        return metrics, offenders
+
+
+def act(policy: str, bad: list[int], params: Sequence[torch.Tensor], names: Sequence[str], optimizer: Any,
+        step: int) -> None:
+    """``raise`` or ``skip`` for the parameters (indices into ``params``) whose gradients hold NaN/Inf."""
+    if policy == "raise":
+        grads = [params[i].grad for i in bad]  # every one present: it was read to find the NaN/Inf
+        counts = torch.stack([(~torch.isfinite(g)).sum() for g in grads if g is not None]).tolist()  # raising anyway
+        named = ", ".join(f"{names[i]} ({int(c)} NaN/Inf)" for i, c in zip(bad[:MAX_NAMED], counts))
+        raise FloatingPointError(f"GradientMonitor: non-finite gradients at step {step} in {named}")
+    # skip: with no gradient, torch optimizers leave the parameter, its momentum and weight decay untouched
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None

@@ -1,0 +1,107 @@
+"""SpeedMonitor's timing window: per-batch sums between logging steps, and the values logged from all ranks' sums."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+# columns of the per-rank vector gathered once per logging step
+BATCHES, SAMPLES, ITEMS, WALL, WAIT, PRE_SYNC, FLOPS = range(7)
+
+
+class Window:
+    """Sums over the training batches since the last logging step, on the host (items may stay on the device)."""
+
+    def __init__(self) -> None:
+        self.sums = [0.0] * 7
+        self._items: Optional[torch.Tensor] = None  # items_fn's tensors, summed on the device until the logging step
+
+    def add_batch(self, samples: int, wait: float, step: float, pre_sync: float, flops: float) -> None:
+        """One batch: ``wait`` for its data, ``step`` from its start to its end, ``pre_sync`` up to the backward."""
+        s = self.sums
+        s[BATCHES] += 1
+        s[SAMPLES] += samples
+        s[WALL] += wait + step
+        s[WAIT] += wait
+        s[PRE_SYNC] += wait + pre_sync
+        s[FLOPS] += flops
+
+    def add_items(self, items: Union[int, torch.Tensor]) -> None:
+        if isinstance(items, torch.Tensor):  # stays on the device until the logging step
+            items = items.detach().to(torch.float64).reshape(())
+            self._items = items if self._items is None else self._items + items
+        else:
+            self.sums[ITEMS] += items
+
+    def pack(self) -> torch.Tensor:
+        """This rank's sums as one float64 vector (on the items' device, if any) to gather."""
+        packed = torch.tensor(self.sums, dtype=torch.float64)
+        if self._items is not None:
+            packed = packed.to(self._items.device)
+            packed[ITEMS] += self._items
+        return packed
+
+
+def metrics(
+    gathered: np.ndarray, *, items: bool, flops: bool, peak: Optional[float], remaining: Optional[float]
+) -> dict[str, float]:
+    """The logged values from a ``[world_size, 7]`` array of every rank's :class:`Window` sums (row = global rank).
+
+    Ranks with no timed batch in the window (warm-up, a FLOPs measurement) are left out of the rates and times;
+    ``time/pre_sync_sec_max_rank`` is the global rank of the slowest one. ``remaining`` is the number of training
+    batches left, timed at the slowest rank's time per batch (DDP steps at the pace of its slowest rank).
+    """
+    world = len(gathered)
+    ranks = [r for r in range(world) if gathered[r, BATCHES] > 0 and gathered[r, WALL] > 0]
+    if not ranks:
+        return {}
+    rows = gathered[ranks]
+
+    def rate(col: int) -> float:
+        return float((rows[:, col] / rows[:, WALL]).sum())
+
+    step_secs = rows[:, WALL] / rows[:, BATCHES]
+    out: dict[str, float] = {
+        "throughput/batches_per_sec": rate(BATCHES),
+        "throughput/samples_per_sec": rate(SAMPLES),
+        "throughput/device/samples_per_sec": rate(SAMPLES) / world,
+        "time/step_sec": float(step_secs.mean()),
+        "time/data_wait_share": float(rows[:, WAIT].sum() / rows[:, WALL].sum()),
+    }
+    if items:
+        out["throughput/items_per_sec"] = rate(ITEMS)
+    if flops:
+        out["throughput/flops_per_sec"] = rate(FLOPS)
+        if peak is not None:
+            out["throughput/mfu"] = rate(FLOPS) / (world * peak)
+    if remaining is not None:
+        out["time/remaining_sec"] = remaining * float(step_secs.max())
+    if world > 1:
+        pre = rows[:, PRE_SYNC] / rows[:, BATCHES]
+        slowest = int(pre.argmax())
+        out.update({
+            "time/pre_sync_sec_min": float(pre.min()),
+            "time/pre_sync_sec_mean": float(pre.mean()),
+            "time/pre_sync_sec_max": float(pre[slowest]),
+            "time/pre_sync_sec_max_rank": float(ranks[slowest]),  # the global rank, not the row among those timed
+        })
+        if pre.min() > 0:
+            out["time/straggler_ratio"] = float(pre[slowest] / pre.min())
+    return out
+
+
+def remaining_batches(trainer: "pl.Trainer", step: int, batch_idx: int) -> Optional[float]:
+    """Training batches left after batch ``batch_idx`` (of optimizer step ``step``), from max_steps and/or
+    max_epochs; ``None`` when unknown."""
+    left = []
+    accumulate = max(1, int(trainer.accumulate_grad_batches))
+    if trainer.max_steps is not None and trainer.max_steps >= 0:
+        left.append((trainer.max_steps - (step + 1)) * accumulate)
+    per_epoch = trainer.num_training_batches
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0 and math.isfinite(per_epoch):
+        left.append(trainer.max_epochs * per_epoch - (trainer.current_epoch * per_epoch + batch_idx + 1))
+    return float(max(0, min(left))) if left else None
