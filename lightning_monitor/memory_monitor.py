@@ -8,19 +8,17 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_monitor import _cadence, _dispatch, _dist, _memory
-from lightning_monitor._validate import check_every_n_steps
+from lightning_monitor import _dispatch, _dist, _memory
+from lightning_monitor._keys import document_keys
 from lightning_monitor._memory import GIB
-
-_PHASES = ("train", "validation", "test")
-_AGGREGATES = ("min", "mean", "max", "max_rank")
+from lightning_monitor._monitor import Monitor
 
 
-class MemoryMonitor(Callback):
+@document_keys
+class MemoryMonitor(Monitor):
     r"""Logs CUDA allocator memory per window and per phase, host memory including DataLoader workers, per rank.
 
     At each logging step (the trainer's ``log_every_n_steps``, or ``every_n_steps``) it reads, on the host and
@@ -44,36 +42,7 @@ class MemoryMonitor(Callback):
     on any rank, and when the allocator starts retrying allocations (freeing its cache to satisfy one: the
     step before an out-of-memory error).
 
-    ==========================================  ====================================================================
-    key                                         meaning
-    ==========================================  ====================================================================
-    memory/host/rss_gib                         resident memory of the training process
-    memory/host/workers_rss_gib                 total resident memory of its DataLoader worker processes
-    memory/host/worker_processes                number of live DataLoader worker processes
-    memory/host/available_gib                   memory the system can still give to processes
-    memory/cuda/allocated_gib                   memory held by tensors now
-    memory/cuda/reserved_gib                    memory the caching allocator holds from the device now
-    memory/cuda/peak_allocated_gib              peak memory held by tensors since the last logging step
-    memory/cuda/peak_reserved_gib               peak memory reserved by the allocator since the last logging step
-    memory/cuda/peak_allocated_share            peak_allocated_gib as a share of the device's total memory
-    memory/cuda/peak_reserved_share             peak_reserved_gib as a share of the device's total memory
-    memory/cuda/fragmentation                   1 - allocated / reserved now: reserved memory no tensor uses
-    memory/cuda/alloc_retries                   allocations that needed the cache freed, since the last log
-    memory/cuda/ooms                            out-of-memory errors the allocator raised, since the last log
-    memory/cuda/train_peak_allocated_gib        peak memory held by tensors in the training epoch just ended
-    memory/cuda/train_peak_reserved_gib         peak memory reserved in the training epoch just ended
-    memory/cuda/validation_peak_allocated_gib   peak memory held by tensors in the validation run just ended
-    memory/cuda/validation_peak_reserved_gib    peak memory reserved in the validation run just ended
-    memory/cuda/test_peak_allocated_gib         peak memory held by tensors in the test run just ended
-    memory/cuda/test_peak_reserved_gib          peak memory reserved in the test run just ended
-    memory/gpu/utilization_percent              NVML GPU utilisation, mean of the samples since the last log
-    memory/gpu/power_watts                      NVML power draw, mean of the samples since the last log
-    memory/gpu/temperature_celsius              NVML GPU temperature, mean of the samples since the last log
-    memory/{name}_min                           (world size > 1) minimum of memory/{name} over ranks
-    memory/{name}_mean                          (world size > 1) mean of memory/{name} over ranks
-    memory/{name}_max                           (world size > 1) maximum of memory/{name} over ranks
-    memory/{name}_max_rank                      (world size > 1) global rank holding memory/{name}_max
-    ==========================================  ====================================================================
+    {logged_keys}
 
     Args:
         every_n_steps: log every this many optimizer steps; ``None`` follows the trainer's ``log_every_n_steps``.
@@ -85,13 +54,14 @@ class MemoryMonitor(Callback):
 
     Raises:
         ValueError: an argument out of range.
+        MisconfigurationException: in ``setup`` when the trainer has no logger.
 
     Example::
 
         trainer = Trainer(logger=MultiLogger(), callbacks=[MemoryMonitor(every_n_steps=50)])
     """
 
-    LOGGED_KEYS: dict[str, str] = {
+    LOGGED_KEYS = {
         "memory/host/rss_gib": "resident memory of the training process",
         "memory/host/workers_rss_gib": "total resident memory of its DataLoader worker processes",
         "memory/host/worker_processes": "number of live DataLoader worker processes",
@@ -123,18 +93,17 @@ class MemoryMonitor(Callback):
     def __init__(
         self,
         every_n_steps: Optional[int] = None,
+        *,
         warn_share: float = 0.9,
         nvml: bool = True,
         nvml_interval_sec: float = 2.0,
     ) -> None:
-        super().__init__()
-        check_every_n_steps(every_n_steps)
+        super().__init__(every_n_steps)
         if isinstance(warn_share, bool) or not isinstance(warn_share, (int, float)) or not warn_share > 0:
             raise ValueError(f"`warn_share` must be a number > 0, got {warn_share!r}")
         if isinstance(nvml_interval_sec, bool) or not isinstance(nvml_interval_sec, (int, float)) \
                 or not nvml_interval_sec > 0:
             raise ValueError(f"`nvml_interval_sec` must be a number > 0, got {nvml_interval_sec!r}")
-        self.every_n_steps = every_n_steps
         self.warn_share = float(warn_share)
         self.nvml = bool(nvml)
         self.nvml_interval_sec = float(nvml_interval_sec)
@@ -146,8 +115,6 @@ class MemoryMonitor(Callback):
         self._window = [0, 0]  # peak (allocated, reserved) bytes of the training window since the last log
         self._phase_peaks: dict[str, list[int]] = {}
         self._counters = (0, 0)  # (num_alloc_retries, num_ooms) at the last log
-        self._batch_step = -1
-        self._warned: set[str] = set()
         self._nvml_missing = False  # said once; not tried again by later fit/validate/test calls
 
     def __getstate__(self) -> dict[str, Any]:
@@ -159,6 +126,7 @@ class MemoryMonitor(Callback):
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self._cuda = _memory.cuda_source(trainer)
         if self._cuda is None:
             return
@@ -192,7 +160,7 @@ class MemoryMonitor(Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._batch_step = -1  # no training batch of this fit yet
+        super().on_train_start(trainer, pl_module)
         if self._cuda is not None:
             self._phase = None
             self._counters = self._read_counters(self._fold())  # drops what sanity checking and setup peaked at
@@ -241,8 +209,7 @@ class MemoryMonitor(Callback):
             f"memory/cuda/{phase}_peak_allocated_gib": alloc / GIB,
             f"memory/cuda/{phase}_peak_reserved_gib": reserved / GIB,
         }
-        last_batch = self._batch_step if self._batch_step >= 0 else None
-        step = _cadence.validation_step(trainer, last_batch) if phase == "validation" else trainer.global_step
+        step = self._validation_step(trainer) if phase == "validation" else trainer.global_step
         self._emit(trainer, values, step)  # on every rank: a collective under DDP
 
     def _fold(self) -> dict[str, Any]:
@@ -264,18 +231,11 @@ class MemoryMonitor(Callback):
     # ---------------------------------------------------------------- steps
 
     @override
-    def on_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
-    ) -> None:
-        self._batch_step = trainer.global_step
-
-    @override
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Only the batch that completed the optimizer step logs, so a window covers whole accumulated steps.
-        step = _cadence.batch_logging_step(trainer, self._batch_step if self._batch_step >= 0 else None,
-                                            self.every_n_steps)
+        step = self._batch_logging_step(trainer)
         if step is not None:
             self._log_step(trainer, step)
 
@@ -336,18 +296,19 @@ class MemoryMonitor(Callback):
         for name, fires in (("peak_allocated_share", lambda v: v >= self.warn_share), ("alloc_retries", bool)):
             key = f"memory/cuda/{name}"
             value = metrics.get(f"{key}_max", metrics.get(key))
-            if name in self._warned or value is None or not fires(value):
+            if value is None or not fires(value):
                 continue
-            self._warned.add(name)
             rank = int(metrics.get(f"{key}_max_rank", 0))
             if name == "alloc_retries":
-                rank_zero_warn(
+                self._warn(
+                    name,
                     f"MemoryMonitor: the CUDA caching allocator had to free its cache and retry {int(value)}"
                     f" allocation(s) on rank {rank} before step {step}: memory is nearly full and the next larger"
                     " batch may run out of memory."
                 )
             else:
-                rank_zero_warn(
+                self._warn(
+                    name,
                     f"MemoryMonitor: peak allocated CUDA memory reached {value:.1%} of the device's memory on rank"
                     f" {rank} before step {step} (warn_share={self.warn_share}); a larger batch or sequence may run"
                     " out of memory."

@@ -7,15 +7,13 @@ from typing import Any, Callable, Optional
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from lightning_monitor import _cadence, _dispatch, _draw
-from lightning_monitor._validate import check_every_n_steps
+from lightning_monitor import _dispatch, _draw
+from lightning_monitor._keys import document_keys
+from lightning_monitor._monitor import Monitor
 
 _BATCH_HELP = (
     "PredictionGridMonitor expects validation batches `(images, labels, ...)`: images a tensor [B, C, H, W] with"
@@ -24,7 +22,8 @@ _BATCH_HELP = (
 _MAX_LISTED = 8  # wrong predictions spelled out in the caption
 
 
-class PredictionGridMonitor(Callback):
+@document_keys
+class PredictionGridMonitor(Monitor):
     r"""Log a grid of fixed validation samples with the model's prediction and the true label drawn into each tile.
 
     A fixed set of ``num_samples`` samples (drawn once with ``seed`` from the validation set, kept on the CPU and
@@ -40,12 +39,7 @@ class PredictionGridMonitor(Callback):
     log-probabilities or probabilities shaped ``[B, num_classes]``; ``output_fn`` adapts anything else, and
     ``batch_fn`` adapts batches that are not ``(images, labels)``.
 
-    ========================  =======================================================================
-    key                       meaning
-    ========================  =======================================================================
-    ``predictions/grid``      image: fixed samples, predicted label + confidence and true label drawn in
-    ``predictions/accuracy``  share of the fixed samples predicted right (0..1)
-    ========================  =======================================================================
+    {logged_keys}
 
     Args:
         num_samples: how many fixed samples to show.
@@ -79,14 +73,16 @@ class PredictionGridMonitor(Callback):
         )
     """
 
-    LOGGED_KEYS: dict[str, str] = {
+    LOGGED_KEYS = {
         "predictions/grid": "image: fixed samples, predicted label + confidence and true label drawn in",
         "predictions/accuracy": "share of the fixed samples predicted right (0..1)",
     }
+    SHARDED_UNSUPPORTED = "runs the model on rank 0 alone (its forward must not need every rank)"
 
     def __init__(
         self,
         num_samples: int = 32,
+        *,
         seed: int = 0,
         nrow: int = 8,
         tile_size: int = 84,
@@ -107,7 +103,7 @@ class PredictionGridMonitor(Callback):
             value = values[name]
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-        check_every_n_steps(every_n_steps)
+        super().__init__(every_n_steps)
         if (mean is None) != (std is None):
             raise ValueError(f"`mean` and `std` go together, got mean={mean!r}, std={std!r}")
         if mean is not None and std is not None:
@@ -125,36 +121,15 @@ class PredictionGridMonitor(Callback):
         self.mean = None if mean is None else [float(m) for m in mean]
         self.std = None if std is None else [float(s) for s in std]
         self.class_names = None if class_names is None else list(class_names)
-        self.mistakes_first, self.every_n_steps, self.dataloader_idx = mistakes_first, every_n_steps, dataloader_idx
+        self.mistakes_first, self.dataloader_idx = mistakes_first, dataloader_idx
         self.batch_fn, self.output_fn = batch_fn, output_fn
         self._images: Optional[torch.Tensor] = None  # the fixed samples, on the CPU
         self._labels: Optional[torch.Tensor] = None
         self._display: Optional[np.ndarray] = None  # their pictures, N x h x w x 3 uint8 (made at the first grid)
         self._labels_np: Optional[np.ndarray] = None
         self._last_drawn_at = -1  # trainer.global_step (model updates) of the last grid: one model state, one grid
-        self._batch_step: Optional[int] = None  # step of the last training batch of this fit
 
     # ------------------------------------------------------------------ hooks
-    @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if not trainer.loggers:
-            raise MisconfigurationException("PredictionGridMonitor needs a logger, e.g. Trainer(logger=MultiLogger())")
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-            raise MisconfigurationException(
-                f"PredictionGridMonitor runs the model on rank 0 alone, which {type(trainer.strategy).__name__}"
-                " cannot (its forward needs every rank); use DDP or a single device"
-            )
-
-    @override
-    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._batch_step = None  # no training batch of this fit yet
-
-    @override
-    def on_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
-    ) -> None:
-        self._batch_step = trainer.global_step
-
     @override
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
@@ -163,7 +138,7 @@ class PredictionGridMonitor(Callback):
         # at the end of this batch would show, so the two never disagree and one model state gets one grid.
         if self.every_n_steps is None or not trainer.is_global_zero:
             return  # no grids asked for; or not rank 0, the only one that renders (the others do nothing at all)
-        step = _cadence.batch_logging_step(trainer, self._batch_step, self.every_n_steps)
+        step = self._batch_logging_step(trainer)
         if step is None:
             return  # not a logging step, or a micro-batch that did not step the optimizer
         if self._images is None:
@@ -186,7 +161,7 @@ class PredictionGridMonitor(Callback):
             self._take_samples(trainer.val_dataloaders)  # also in the sanity check: a bad batch fails early
         if trainer.sanity_checking or self._images is None or self._last_drawn_at == trainer.global_step:
             return  # (the last check: this model state was just drawn at this step by the training grid)
-        step = _cadence.validation_step(trainer, self._batch_step)  # the step Lightning logs val/* at
+        step = self._validation_step(trainer)  # the step Lightning logs val/* at
         self._render(trainer, pl_module, step, f"epoch {trainer.current_epoch} (step {step})")
 
     @property

@@ -12,6 +12,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from typing import Any, Mapping, Optional, Sequence
@@ -22,13 +23,24 @@ from torch.overrides import TorchFunctionMode
 
 #: Tensor methods that make the host wait for the device (or copy to the host) when the tensor lives on a GPU.
 SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
-#: The modules of each of our callbacks (their own file and its private helpers), to say whose call a sync is.
-CALLBACK_FILES: dict[str, tuple[str, ...]] = {
-    "GradientMonitor": ("gradient_monitor.py", "_grad_stats.py"),
-    "MemoryMonitor": ("memory_monitor.py", "_memory.py"),
-    "SpeedMonitor": ("speed_monitor.py", "_flops.py"),
-    "PredictionGridMonitor": ("prediction_grid_monitor.py", "_draw.py"),
-}
+
+
+def _callback_files() -> dict[str, tuple[str, ...]]:
+    """Each callback in ``lightning_monitor.__all__`` -> the file of its module. A sync in a private helper
+    (``_grad_stats.py``, ``_dist.py``, ...) is found to be the callback's by walking up the stack to that module,
+    which is the only caller of its helpers, so a new monitor needs no entry here."""
+    import lightning_monitor
+
+    files = {}
+    for name in lightning_monitor.__all__:
+        obj = getattr(lightning_monitor, name)
+        if isinstance(obj, type) and issubclass(obj, pl.Callback):
+            files[name] = (os.path.basename(inspect.getfile(obj)),)
+    return files
+
+
+#: The module file of each of our callbacks, to say whose call a sync is (``HostSyncCounter(owners=...)``).
+CALLBACK_FILES: dict[str, tuple[str, ...]] = _callback_files()
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.abspath(__file__))
 

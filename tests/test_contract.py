@@ -10,6 +10,7 @@ always-on key shows up. The key-name rules and the ``{placeholder}`` matching li
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import io
 import json
 import os
@@ -219,6 +220,33 @@ def test_docstring_documents_every_logged_key(cls):
 def test_keys_follow_the_naming_rules(cls):
     problems = {key: naming_problems(key) for key in cls.LOGGED_KEYS}
     assert not {k: p for k, p in problems.items() if p}
+
+
+@ALL
+def test_options_after_the_first_two_are_keyword_only(cls):
+    params = list(inspect.signature(cls).parameters.values())
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    assert len(positional) <= 2, f"{cls.__name__}: {positional[2:]} should be keyword-only"
+    assert all(not p.name.startswith("_") and p.name != "clock" for p in params), "a test hook in the CLI surface"
+
+
+@CBS
+def test_setup_refuses_a_trainer_without_logger_and_a_sharding_strategy(cls):
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    class Trainer:  # what setup reads of a trainer, without building FSDP (it needs a process group)
+        def __init__(self, loggers: list, strategy: Any) -> None:
+            self.loggers, self.strategy = loggers, strategy
+
+    with pytest.raises(MisconfigurationException, match=f"{cls.__name__} needs a logger"):
+        cls().setup(Trainer([], None), None, "fit")
+    fsdp = FSDPStrategy.__new__(FSDPStrategy)
+    if cls.SHARDED_UNSUPPORTED:
+        with pytest.raises(MisconfigurationException, match="FSDPStrategy shards; use DDP or a single device"):
+            cls().setup(Trainer([object()], fsdp), None, "fit")
+    if cls is GradientMonitor:  # raise/skip still act on NaN/Inf without a logger
+        GradientMonitor(nonfinite="raise").setup(Trainer([], None), None, "fit")
 
 
 def test_no_key_is_claimed_by_two_classes():

@@ -37,12 +37,8 @@ def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
 # ------------------------------------------------------------------------------------------------ contract
 
 
-def test_logged_keys_equal_docstring_table():
-    lines = MemoryMonitor.__doc__.splitlines()
-    rules = [i for i, line in enumerate(lines) if re.fullmatch(r"\s*=+\s+=+\s*", line)]
-    assert len(rules) == 3
-    rows = [line.split(None, 1) for line in lines[rules[1] + 1: rules[2]]]
-    assert {key: " ".join(meaning.split()) for key, meaning in rows} == MemoryMonitor.LOGGED_KEYS
+def test_every_key_is_under_memory():
+    # (the docstring's table is rendered from LOGGED_KEYS; tests/test_contract.py reads it back for every class)
     assert all(re.fullmatch(r"memory/[a-z_/{}]+", key) for key in MemoryMonitor.LOGGED_KEYS)
 
 
