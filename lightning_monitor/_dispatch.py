@@ -1,53 +1,63 @@
-"""The one door callbacks use to log: scalars, histograms, images and text to every logger the trainer has.
+"""The one door monitors log through: each value prepared once, handed to every writer of every trainer logger.
 
 Works the same whether the trainer holds a :class:`~lightning_monitor.MultiLogger`, a plain list
 ``[TensorBoardLogger(...), WandbLogger(...)]`` or a scalar-only logger such as ``CSVLogger`` (scalars only, and
-one warning that media are skipped). Callbacks never branch on backend types; only global rank 0 writes.
+one warning that media are skipped). Monitors never branch on backend types; only global rank 0 writes. Each write
+goes through :func:`lightning_monitor._writers.deliver`, so a backend that fails costs that value or that backend,
+never the run.
 """
 
 from __future__ import annotations
 
+import weakref
+from functools import partial
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.loggers import Logger
 
-from lightning_monitor._backends import log_histograms_to, log_images_to
-from lightning_monitor._media import HistogramData, make_histogram, prepare_images
+from lightning_monitor._media import HistogramData, prepare_images
+from lightning_monitor._writers import Writer, deliver, guard_lightning_calls, writer_for
+from lightning_monitor.multi_logger import MultiLogger
 
-_warned: set[tuple[str, str]] = set()
+# writers of plain loggers, made once per logger (their warn-once state lives as long as the logger)
+_plain: "weakref.WeakKeyDictionary[Logger, Writer]" = weakref.WeakKeyDictionary()
 
 
-def log_scalars(trainer: "pl.Trainer", metrics: Mapping[str, Any], step: int) -> None:
+def writers(trainer: "pl.Trainer") -> list[Writer]:
+    """Every writer of every logger the trainer has, in logger order."""
+    out: list[Writer] = []
+    fresh: list[Writer] = []
+    for logger in trainer.loggers:
+        if isinstance(logger, MultiLogger):
+            out.extend(logger.writers)
+            continue
+        writer = _plain.get(logger)
+        if writer is None:
+            writer = _plain[logger] = writer_for(logger)
+            fresh.append(writer)
+        out.append(writer)
+    for writer in fresh:
+        guard_lightning_calls(writer, out)
+    return out
+
+
+def log_scalars(trainer: "pl.Trainer", metrics: Mapping[str, float], step: int) -> None:
     if not trainer.is_global_zero or not metrics:
         return
-    for logger in trainer.loggers:
-        logger.log_metrics(dict(metrics), step=step)
-
-
-def log_histogram(
-    trainer: "pl.Trainer",
-    key: str,
-    values: Any,
-    step: int,
-    edges: Optional[Sequence[float]] = None,
-    bins: int = 64,
-    stats: Optional[dict[str, float]] = None,
-) -> None:
-    """``values`` are raw values, or counts with their ``edges``, or a ready :class:`HistogramData`."""
-    if not trainer.is_global_zero:
-        return
-    hist = values if isinstance(values, HistogramData) else make_histogram(values, edges, bins, key, stats)
-    log_histograms(trainer, {key: hist}, step)
+    metrics = dict(metrics)
+    every = writers(trainer)
+    for writer in every:
+        deliver(writer, partial(writer.scalars, metrics, step), step, metrics, every)
 
 
 def log_histograms(trainer: "pl.Trainer", histograms: Mapping[str, HistogramData], step: int) -> None:
-    """Several ready :class:`HistogramData` at one step, batched per backend (one wandb row, not one per key)."""
+    """Ready histograms at one step, batched per backend (one wandb row, not one per key)."""
     if not trainer.is_global_zero or not histograms:
         return
-    for logger in trainer.loggers:
-        if not log_histograms_to(logger, histograms, step):
-            _warn_once(logger, "histograms")
+    every = writers(trainer)
+    for writer in every:
+        deliver(writer, partial(writer.histograms, histograms, step), step, histograms, every)
 
 
 def log_image(
@@ -57,19 +67,11 @@ def log_image(
     step: int,
     caption: Optional[Union[str, Sequence[str]]] = None,
 ) -> None:
+    """One image or a list of them (any layout :func:`~lightning_monitor._media.to_uint8_hwc` reads), converted
+    once and handed to every writer."""
     if not trainer.is_global_zero:
         return
-    arrays, captions = prepare_images(key, images, caption)
-    for logger in trainer.loggers:
-        if not log_images_to(logger, key, arrays, step, captions):
-            _warn_once(logger, "images")
-
-
-def _warn_once(logger: Any, kind: str) -> None:
-    tag = (type(logger).__name__, kind)
-    if tag not in _warned:
-        _warned.add(tag)
-        rank_zero_warn(
-            f"{type(logger).__name__} cannot show {kind}; lightning-monitor logs only scalars to it."
-            " Use MultiLogger, TensorBoardLogger or WandbLogger to see them."
-        )
+    prepared = prepare_images(key, images, caption)
+    every = writers(trainer)
+    for writer in every:
+        deliver(writer, partial(writer.images, prepared, step), step, [key], every)

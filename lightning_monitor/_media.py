@@ -66,20 +66,29 @@ def to_uint8_hwc(image: Any, key: str = "image") -> np.ndarray:
     return np.round((array - lo) / (hi - lo) * 255).astype(np.uint8)
 
 
-def prepare_images(
-    key: str, images: Any, caption: Optional[Union[str, Sequence[str]]]
-) -> tuple[list[np.ndarray], Optional[list[str]]]:
+@dataclass(frozen=True)
+class Images:
+    """One or more pictures ready for every backend: uint8 ``H x W x C`` arrays, one caption each (or none)."""
+
+    key: str
+    arrays: list[np.ndarray]
+    captions: Optional[list[str]]
+
+
+def prepare_images(key: str, images: Any, caption: Optional[Union[str, Sequence[str]]] = None) -> Images:
     """One image or a list of them as uint8 HWC arrays, with one caption per image (a single string is shared).
 
     Raises:
-        ValueError: an unsupported shape (naming it), or a caption list of another length than the images.
+        ValueError: no image, an unsupported shape (naming it), or a caption list of another length than the images.
     """
     batch = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not batch:
+        raise ValueError(f"image {key!r}: an empty list; pass one image or a non-empty list")
     arrays = [to_uint8_hwc(image, key) for image in batch]
     captions = [caption] * len(arrays) if isinstance(caption, str) else None if caption is None else list(caption)
     if captions is not None and len(captions) != len(arrays):
         raise ValueError(f"image {key!r}: {len(arrays)} images but {len(captions)} captions")
-    return arrays, captions
+    return Images(key, arrays, captions)
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:

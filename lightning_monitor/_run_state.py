@@ -1,9 +1,11 @@
-"""Run state kept beside a run: the step ledger (what was logged at which step) and the exit-time flush."""
+"""Run state of a MultiLogger: the step ledger beside the run, the wandb runs open in this process, the exit flush."""
 
 from __future__ import annotations
 
+import atexit
 import os
-from typing import Optional
+import weakref
+from typing import Any, Optional
 
 
 #: file beside the run that says which wandb ``_step`` holds which trainer step
@@ -101,3 +103,33 @@ class StepLedger:
                 f.write(line)
         except OSError:
             pass  # a full disk is reported by TensorBoard; losing the ledger only loses the rewind
+
+
+class LiveRun:
+    """A wandb run this process has open, with the ``_step`` its next history row will get."""
+
+    def __init__(self, run: Any, ledger: StepLedger, next_step: int) -> None:
+        self.run, self.ledger, self.next_step = run, ledger, next_step
+
+
+#: run id -> the wandb run this process has open for it (an unpickled copy of a MultiLogger shares it)
+live_runs: dict[str, LiveRun] = {}
+
+_open_writers: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def flush_at_exit(writer: Any) -> None:
+    """At a normal interpreter exit without ``finalize``, flush what ``writer.tb`` (a TensorBoardLogger) still
+    holds in memory: its writer thread is a daemon and would drop it. wandb finishes its own runs at exit."""
+    _open_writers.add(writer)
+
+
+@atexit.register
+def _flush_open_writers() -> None:
+    for writer in list(_open_writers):
+        experiment = writer.tb._experiment
+        if experiment is not None:
+            try:
+                experiment.flush()
+            except Exception:  # noqa: BLE001 - nothing left to tell at exit
+                pass

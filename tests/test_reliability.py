@@ -186,18 +186,20 @@ def test_silent_server_costs_a_bounded_wait_then_offline(tmp_path):
     assert run.run_id.startswith("job-version_0-")
 
 
+class KillWandbService(Callback):
+    """Kills wandb's service process at step 3, as a crash or an OOM kill would."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 3:
+            for child in psutil.Process().children(recursive=True):
+                if child.name().startswith("wandb"):
+                    child.kill()
+            time.sleep(0.5)
+
+
 @pytest.mark.timeout(120)
 def test_wandb_service_dying_mid_run(tmp_path):
     """Kill wandb's service process at step 3: training goes on, TensorBoard keeps every step, one message."""
-
-    class KillWandbService(Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == 3:
-                for child in psutil.Process().children(recursive=True):
-                    if child.name().startswith("wandb"):
-                        child.kill()
-                time.sleep(0.5)
-
     logger = MultiLogger(save_dir=tmp_path, name="svc")
     trainer = make_trainer(tmp_path, logger=logger, max_steps=8, log_every_n_steps=1, callbacks=[KillWandbService()])
     with pytest.warns(UserWarning, match="wandb stopped working") as record:
@@ -205,6 +207,29 @@ def test_wandb_service_dying_mid_run(tmp_path):
     assert sum("wandb stopped working" in str(w.message) for w in record) == 1
     assert [s for s, _ in tb_scalars(logger.log_dir, "train/loss")] == list(range(8))
     (run,) = find_runs(logger.log_dir, wait_finished=0)  # whatever the dead service wrote still parses
+    assert run.exit_code is None
+
+
+@pytest.mark.timeout(120)
+def test_plain_logger_list_gets_the_same_isolation(tmp_path):
+    """A plain ``[TensorBoardLogger, WandbLogger]`` list, wandb's service killed at step 3: Lightning's own
+    ``self.log`` and the monitor's values both keep reaching TensorBoard at every step; one warning."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    from lightning_monitor import GradientMonitor
+
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    wb = WandbLogger(save_dir=str(tmp_path), mode="offline", project="plain")
+    trainer = make_trainer(tmp_path, logger=[tb, wb], max_steps=8, log_every_n_steps=1,
+                           callbacks=[KillWandbService(), GradientMonitor(histograms=False)])
+    with pytest.warns(UserWarning, match="wandb stopped working") as record:
+        trainer.fit(TinyImageModel(), image_loader(n=128))
+    assert sum("stopped working" in str(w.message) for w in record) == 1
+    assert "TensorBoard keeps logging" in next(str(w.message) for w in record if "stopped" in str(w.message))
+    tb.experiment.flush()
+    assert [s for s, _ in tb_scalars(tb.log_dir, "train/loss")] == list(range(8))
+    assert [s for s, _ in tb_scalars(tb.log_dir, "grad/norm_total")] == list(range(8))
+    (run,) = find_runs(str(tmp_path / "wandb"), wait_finished=0)  # whatever the dead service wrote still parses
     assert run.exit_code is None
 
 
@@ -485,3 +510,22 @@ def test_ddp_exception_on_one_rank_ends_the_job_with_its_error(tmp_path):
     assert "RuntimeError: boom on rank 1" in proc.stderr
     assert not orphans  # no rank left behind
     assert elapsed < 120  # ended by the failure, not by a collective waiting out its timeout
+
+
+def test_a_value_a_backend_rejects_costs_that_value_not_the_backend(tmp_path):
+    """wandb refuses a media key holding ``../`` (ValueError): that value is skipped with one warning naming the key,
+    TensorBoard still takes it, and wandb keeps every later metric. An empty image list is a clear error at once."""
+    logger = MultiLogger(save_dir=tmp_path, name="badval")
+    logger.log_metrics({"ok/x": 0.0}, step=0)
+    with pytest.warns(UserWarning, match=r"wandb rejected notes/\.\./escape at step 1") as record:
+        logger.log_text("notes/../escape", "hello", step=1)
+        logger.log_text("notes/../escape", "again", step=2)
+    assert sum("rejected" in str(w.message) for w in record) == 1
+    with pytest.raises(ValueError, match="image 'img/none': an empty list"):
+        logger.log_image("img/none", [], step=3)
+    for step in range(4, 104):
+        logger.log_metrics({"ok/x": float(step)}, step=step)
+    logger.finalize("success")
+    (run,) = find_runs(logger.log_dir)
+    assert [s for s, _ in run.series("ok/x")] == [0, *range(4, 104)]
+    assert len(tb_scalars(logger.log_dir, "ok/x")) == 101

@@ -1,0 +1,228 @@
+"""One writer per backend (TensorBoard, wandb, scalars-only) and the one guard every write goes through.
+
+A monitor's value takes one path: the dispatch layer prepares it once (a :class:`~lightning_monitor._media.HistogramData`
+or :class:`~lightning_monitor._media.Images`) and hands the same object to each writer through :func:`deliver`.
+Writers are chosen once per logger: :class:`~lightning_monitor.MultiLogger` exposes its own (``writers``), a plain
+``TensorBoardLogger`` / ``WandbLogger`` gets one of the classes here, and any other Lightning logger gets the
+scalar-only :class:`Writer`.
+
+Failure isolation is the same for all of them. A value a backend rejects (``ValueError``, ``TypeError``,
+``KeyError``, ``IndexError``: a bad key, a picture it cannot encode) is skipped with one warning naming the key, and
+the backend keeps logging; :data:`MAX_VALUE_ERRORS` such errors in a row, or any other error (service gone, disk
+gone), turn that backend off with one warning saying what still logs. Training never stops for either.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_monitor._media import HistogramData, Images, to_rgb
+from lightning_monitor._warn import WarnOnce
+
+#: value-level errors in a row (no successful write between them) after which a backend is taken as broken
+MAX_VALUE_ERRORS = 3
+_VALUE_ERRORS = (ValueError, TypeError, KeyError, IndexError)
+
+
+class Writer:
+    """Scalars through ``Logger.log_metrics``; media are skipped with one warning (e.g. ``CSVLogger``).
+
+    Subclasses override the operations their backend supports, and :meth:`start` / :meth:`end` when writes need
+    a lazy start or bookkeeping (MultiLogger's run state).
+    """
+
+    def __init__(self, logger: Logger, name: Optional[str] = None) -> None:
+        self.logger = logger
+        self.name = name or type(logger).__name__
+        self.failed = False
+        self.value_errors = 0  # value-level errors since the last successful write
+        self.warn = WarnOnce()
+
+    # -------------------------------------------------------------------- lifecycle hooks for subclasses
+    def start(self, step: Optional[int], row: bool) -> bool:
+        """Called before each write at ``step`` (``row``: the write adds a point); ``False`` skips the write.
+
+        Errors raised here are not caught by :func:`deliver`: MultiLogger uses it to fail before training when the
+        run directory cannot be written.
+        """
+        return True
+
+    def end(self, step: Optional[int], row: bool) -> None:
+        """Called after each successful write, inside the guard."""
+
+    def failure_message(self, err: BaseException, still_logging: Sequence[str]) -> str:
+        keeps = f"{' and '.join(still_logging)} keep{'s' if len(still_logging) == 1 else ''} logging"
+        return (
+            f"{self.name} stopped working ({type(err).__name__}: {err}); lightning-monitor writes nothing more to it"
+            f" and training goes on; {keeps if still_logging else 'nothing else is logging'}."
+        )
+
+    # -------------------------------------------------------------------- operations
+    def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
+        _call(self.logger, "log_metrics", dict(metrics), step=step)
+
+    def hyperparams(self, params: Any) -> None:
+        _call(self.logger, "log_hyperparams", params)
+
+    def histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int]) -> None:
+        self._unsupported("histograms")
+
+    def images(self, images: Images, step: Optional[int]) -> None:
+        self._unsupported("images")
+
+    def text(self, key: str, text: str, step: Optional[int]) -> None:
+        self._unsupported("text")
+
+    def _unsupported(self, kind: str) -> None:
+        self.warn(
+            kind,
+            f"{self.name} cannot show {kind}; lightning-monitor logs only scalars to it."
+            " Use MultiLogger, TensorBoardLogger or WandbLogger to see them.",
+        )
+
+
+class TensorBoardWriter(Writer):
+    """TensorBoard through Lightning's ``TensorBoardLogger`` and its ``SummaryWriter``."""
+
+    def __init__(self, logger: TensorBoardLogger, name: str = "TensorBoard") -> None:
+        super().__init__(logger, name)
+        self.tb = logger
+
+    def summary_writer(self) -> Any:
+        return self.tb.experiment
+
+    def histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int]) -> None:
+        writer = self.summary_writer()
+        for key, hist in histograms.items():
+            # TensorBoard wants right bucket edges; the left edge of the first bucket is ``min``.
+            writer.add_histogram_raw(
+                key,
+                min=hist.min,
+                max=hist.max,
+                num=hist.num,
+                sum=hist.sum,
+                sum_squares=hist.sum_squares,
+                bucket_limits=hist.edges[1:].tolist(),
+                bucket_counts=hist.counts.tolist(),
+                global_step=step,
+            )
+
+    def images(self, images: Images, step: Optional[int]) -> None:
+        writer = self.summary_writer()
+        for index, image in enumerate(images.arrays):
+            tag = images.key if len(images.arrays) == 1 else f"{images.key}/{index}"
+            writer.add_image(tag, to_rgb(image), global_step=step, dataformats="HWC")
+
+    def text(self, key: str, text: str, step: Optional[int]) -> None:
+        self.summary_writer().add_text(key, text, global_step=step)
+
+
+class WandbWriter(Writer):
+    """Weights & Biases through Lightning's ``WandbLogger``: every call is one history row (one ``run.log``)."""
+
+    def __init__(self, logger: WandbLogger, name: str = "wandb") -> None:
+        super().__init__(logger, name)
+
+    def wandb_logger(self) -> WandbLogger:
+        return self.logger  # type: ignore[return-value]
+
+    def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
+        _call(self.wandb_logger(), "log_metrics", dict(metrics), step=step)
+
+    def hyperparams(self, params: Any) -> None:
+        _call(self.wandb_logger(), "log_hyperparams", params)
+
+    def histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int]) -> None:
+        import wandb
+
+        rows = {k: wandb.Histogram(np_histogram=(h.counts, h.edges)) for k, h in histograms.items()}
+        _call(self.wandb_logger(), "log_metrics", rows, step=step)  # one row for all of them, not one per key
+
+    def images(self, images: Images, step: Optional[int]) -> None:
+        import wandb
+
+        items = [
+            wandb.Image(array[:, :, 0] if array.shape[2] == 1 else array,
+                        caption=None if images.captions is None else images.captions[i])
+            for i, array in enumerate(images.arrays)
+        ]
+        _call(self.wandb_logger(), "log_metrics", {images.key: items if len(items) > 1 else items[0]}, step=step)
+
+    def text(self, key: str, text: str, step: Optional[int]) -> None:
+        self.wandb_logger().log_text(key, columns=["text"], data=[[text]], step=step)
+
+
+def _call(logger: Logger, method: str, *args: Any, **kwargs: Any) -> Any:
+    """``logger.method(...)`` as its class defines it, past the instance wrapper of :func:`guard_lightning_calls`
+    (a write already inside :func:`deliver` never enters the guard a second time)."""
+    return getattr(type(logger), method)(logger, *args, **kwargs)
+
+
+def deliver(
+    writer: Writer,
+    write: Callable[[], Any],
+    step: Optional[int],
+    keys: Iterable[str],
+    others: Sequence[Writer] = (),
+    row: bool = True,
+) -> None:
+    """Run ``write`` (one operation of ``writer``) inside the failure guard described in the module docstring.
+
+    ``keys`` name what is written (for the warning when the backend rejects it); ``others`` are the writers that
+    keep logging if this one stops (for the warning's wording).
+    """
+    if writer.failed or not writer.start(step, row):
+        return
+    try:
+        write()
+        writer.end(step, row)
+    except Exception as err:  # noqa: BLE001 - a backend never ends the user's run
+        writer.value_errors += 1
+        if isinstance(err, _VALUE_ERRORS) and writer.value_errors < MAX_VALUE_ERRORS:
+            names = ", ".join(sorted(keys)[:5]) or "a value"
+            writer.warn(
+                f"value:{names}",
+                f"{writer.name} rejected {names} at step {step} ({type(err).__name__}: {err}); that value is skipped"
+                " and everything else keeps logging.",
+            )
+            return
+        writer.failed = True
+        rank_zero_warn(writer.failure_message(err, [w.name for w in others if w is not writer and not w.failed]))
+        return
+    writer.value_errors = 0
+
+
+class _GuardedCall:
+    """A plain logger's own ``log_metrics`` / ``log_hyperparams``, run through :func:`deliver` so that
+    Lightning's ``self.log`` path gets the same isolation as our values. Picklable (no closure)."""
+
+    def __init__(self, writer: Writer, method: str, others: list[Writer]) -> None:
+        self.writer, self.method, self.others = writer, method, others
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        values = args[0] if args else kwargs.get("metrics", kwargs.get("params", {}))
+        keys = list(values) if isinstance(values, Mapping) else [self.method]
+        write = partial(_call, self.writer.logger, self.method, *args, **kwargs)
+        deliver(self.writer, write, kwargs.get("step"), keys, self.others, row=self.method == "log_metrics")
+
+
+def writer_for(logger: Logger) -> Writer:
+    """The writer of a plain Lightning logger (MultiLogger has its own: ``MultiLogger.writers``)."""
+    if isinstance(logger, TensorBoardLogger):
+        return TensorBoardWriter(logger)
+    if isinstance(logger, WandbLogger):
+        return WandbWriter(logger)
+    return Writer(logger)
+
+
+def guard_lightning_calls(writer: Writer, others: list[Writer]) -> None:
+    """Route Lightning's own calls on a plain TensorBoard/wandb logger (``self.log``, hyperparameters) through
+    :func:`deliver` too, by wrapping the two methods on that logger instance."""
+    if type(writer) is Writer:
+        return  # other loggers are the user's own business
+    for method in ("log_metrics", "log_hyperparams"):
+        setattr(writer.logger, method, _GuardedCall(writer, method, others))
