@@ -1,33 +1,84 @@
-"""On-device statistics for :class:`~lightning_monitor.GradientMonitor`: histograms, exact stats, non-finite counts.
+"""On-device statistics for :class:`~lightning_monitor.GradientMonitor`: norms, histograms, exact stats, non-finite counts.
 
 Everything here only queues device work and returns device tensors; the caller makes the one host transfer.
 A row of :func:`summarize` is ``[min, max, sum, sum_squares, num, lo, hi, counts...]`` where ``lo``/``hi`` is the
-binned range (``bins + 1`` edges ``linspace(lo, hi)``).
+binned range (``bins + 1`` edges ``numpy.linspace(lo, hi, bins + 1)``, the edges :func:`host_histogram` reports).
+
+One event is a fixed number of device ops whatever the number of tensors: all tensors are copied by ONE
+``torch.cat`` into a flat buffer laid out in rows of ``_ROW`` elements (each tensor padded to whole rows), reduced
+per row and then per tensor over the (few) rows, and binned by one ``bincount`` over ``bin + tensor * bins``.
+Bin indices agree with ``numpy.histogram`` count for count (see :func:`_bin_rows`).
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 STAT_COLUMNS = 7  # min, max, sum, sum_squares, num, lo, hi
-_EXACT_FLOAT32_COUNT = 2**24  # float32 counts stop being exact integers beyond this
-_BATCH_NUMEL = 2**18  # tensors up to this size are stacked with others of the same size ...
-_BATCH_ELEMENTS = 2**22  # ... into blocks of at most this many elements
-_BATCH_ROWS = 4096
+_NORM_ROW = 64  # CPU norms: float32 over rows of this many elements, combined in float64
+_NORM_SMALL = 256  # CPU norms: tensors up to this size are normed whole, in one _foreach_norm
+_ROW = 256  # row width of the flat layout; a tensor is padded to whole rows
+_SHIFT = 2.0**-10  # candidate bins are computed this far low, then moved up by one exact comparison
+_MAX_PLANS = 4  # layouts (and, on the CPU, their work buffers) kept for recently seen parameter sets
+_FLT_MAX = float(torch.finfo(torch.float32).max)
 
 HistRange = Union[str, Sequence[float]]
 
 
 def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[P]`` float64 device tensor: the squared L2 norm of each tensor, from one ``torch._foreach_norm`` pass.
+    """``[P]`` float64 device tensor: the squared L2 norm of each tensor, within 1e-6 relative of float64 at any size.
 
-    Accumulated in float32: an fp16 norm overflows at 65504 although every element is finite.
+    CUDA (or float64 tensors): one ``torch._foreach_norm`` accumulating in float64 (a memory-bound read: free on
+    H100/H200-class parts). CPU, where float64 accumulation costs a float64 copy of every tensor (~20x): float32
+    norms of rows of ``_NORM_ROW`` elements (few enough terms per SIMD lane that even a constant tensor stays
+    below ~4e-7), the rows' squares summed in float64; tensors of at most ``_NORM_ROW * 4`` elements go through
+    one ``_foreach_norm``. Neither overflows for fp16/bf16 (float32 or float64 accumulators).
     """
-    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32)).double().square()
+    tensors = [t.detach() for t in tensors]
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    device = tensors[0].device
+    if device.type == "cuda" or any(t.dtype == torch.float64 for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square()
+    small = [t for t in tensors if t.numel() <= _NORM_SMALL]
+    parts = [torch.stack(torch._foreach_norm(small, 2, dtype=torch.float32))] if small else []
+    for t in tensors:
+        n = t.numel()
+        if n > _NORM_SMALL:
+            flat, body = t.reshape(-1), n - n % _NORM_ROW
+            parts.append(torch.linalg.vector_norm(flat[:body].view(-1, _NORM_ROW), dim=1, dtype=torch.float32))
+            if body < n:
+                parts.append(torch.linalg.vector_norm(flat[body:], dtype=torch.float32).reshape(1))
+    rows = torch.cat(parts).double().square()
+    owner = _norm_owner(tuple(t.numel() for t in tensors), device)
+    if owner is None:  # every tensor small: one row each, already in order
+        return rows
+    return torch.zeros(len(tensors), dtype=torch.float64, device=device).index_add_(0, owner, rows)
+
+
+_OWNERS: OrderedDict[tuple, Optional[torch.Tensor]] = OrderedDict()
+
+
+def _norm_owner(numels: tuple[int, ...], device: torch.device) -> Optional[torch.Tensor]:
+    """Which tensor each row of :func:`squared_norms` belongs to (small tensors first), cached per size list."""
+    key = (numels, device)
+    if key not in _OWNERS:
+        small = [i for i, n in enumerate(numels) if n <= _NORM_SMALL]
+        owner = list(small)
+        for i, n in enumerate(numels):
+            if n > _NORM_SMALL:
+                owner += [i] * (n // _NORM_ROW + (1 if n % _NORM_ROW else 0))
+        identity = len(small) == len(numels)
+        _OWNERS[key] = None if identity else torch.tensor(owner, device=device)
+        while len(_OWNERS) > _MAX_PLANS:
+            _OWNERS.popitem(last=False)
+    _OWNERS.move_to_end(key)
+    return _OWNERS[key]
 
 
 def _is_prime(n: int) -> bool:
@@ -52,76 +103,238 @@ def sample_stride(numel: int, max_elements: Optional[int]) -> int:
     return stride
 
 
-def _flat(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.detach().reshape(-1)
-    return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+def _float32_exact(value: float) -> bool:
+    return float(np.float32(value)) == value
+
+
+def _edge_table(lo: torch.Tensor, hi: torch.Tensor, bins: int, work: torch.dtype) -> torch.Tensor:
+    """``[1 + T * bins]`` thresholds: entry ``1 + t * bins + j`` is the smallest ``work`` value >= edge ``j + 1``
+    of tensor ``t``; the last edge of each tensor is ``+inf`` (closed last bin, clamped values); entry 0 unused.
+
+    Edges are computed in float64 exactly as ``numpy.linspace`` does (``arange * step``, then ``+ lo``, the last
+    one ``hi``), so a float32 value compares with its float32 threshold as it does with the float64 edge.
+    """
+    step = (hi - lo) / bins
+    edges = torch.arange(1, bins + 1, dtype=torch.float64, device=lo.device).unsqueeze(0) * step.unsqueeze(1)
+    edges = edges + lo.unsqueeze(1)
+    inf = torch.full_like(edges[:, -1:], math.inf)
+    edges = torch.cat([edges[:, :-1], inf], dim=1)
+    edges = torch.where((hi > lo).unsqueeze(1), edges, inf)  # a constant tensor stays in bin 0; host recentres
+    if work == torch.float32:
+        rounded = edges.float()  # round to nearest, then up where that went below the float64 edge
+        edges = torch.where(rounded.double() < edges, torch.nextafter(rounded, torch.full_like(rounded, math.inf)),
+                            rounded)
+    return torch.cat([edges.new_zeros(1), edges.to(work).reshape(-1)])
+
+
+def _bin_rows(
+    x: torch.Tensor,
+    row_lo: torch.Tensor,
+    row_scale: torch.Tensor,
+    row_offset: torch.Tensor,
+    table: torch.Tensor,
+    bins: int,
+    work: torch.Tensor,
+    index: torch.Tensor,
+    flags: torch.Tensor,
+    trash: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``[T * bins]`` int64 counts of ``x`` (``[K, C]``), row ``r`` binned over its tensor's edges.
+
+    A candidate bin ``floor((x - lo) * scale - _SHIFT)``, clamped into ``[0, bins)``, is exact or one too low
+    (rounding moves it by < ``_SHIFT``, see :func:`_path`); ONE comparison with the next edge's threshold (a
+    gather from ``table``) moves it up. This is numpy's rule: ``edges[i] <= x < edges[i + 1]``, the last bin
+    closed, values outside ``[lo, hi]`` in the edge bins. ``row_offset`` is ``1 + tensor * bins`` per row;
+    positions listed in ``trash`` (padding) are counted in the unused bin 0. ``work``/``index``/``flags`` are
+    ``x``-shaped buffers (work dtype, int32, bool).
+    """
+    torch.sub(x, row_lo, out=work)
+    torch.addcmul(work.new_full((), -_SHIFT), work, row_scale, out=work)
+    work.nan_to_num_(nan=0.0).clamp_(0, bins - 1)  # NaN/Inf (summarize_finite redoes those rows) stay in range
+    index.copy_(work)  # truncation == floor for values >= 0
+    index.add_(row_offset)
+    flat = index.view(-1)
+    torch.index_select(table, 0, flat, out=work.view(-1))  # threshold of the candidate's upper edge
+    torch.ge(x, work, out=flags)
+    index.add_(flags)
+    if trash is not None:
+        flat.index_fill_(0, trash, 0)
+    return torch.bincount(flat, minlength=int(table.numel()))[1:]
+
+
+class _Plan:
+    """Layout, index vectors and (on the CPU) work buffers for one list of tensor sizes; reused every event."""
+
+    def __init__(self, numels: list[int], dtype: torch.dtype, device: torch.device, bins: int,
+                 max_elements: Optional[int], fixed: Optional[tuple[float, float]], keep_buffers: bool) -> None:
+        if min(numels) < 1:
+            raise ValueError(f"summarize needs non-empty tensors, got sizes {numels}")
+        self.numels, self.dtype, self.device, self.bins = numels, dtype, device, bins
+        self.keep_buffers = keep_buffers
+        self._buffers: dict[str, torch.Tensor] = {}
+        # float32 candidates are within _SHIFT when lo is a float32 value (min, -max|x| or a float32-exact bound)
+        exact32 = dtype == torch.float32 and (fixed is None or all(_float32_exact(v) for v in fixed))
+        self.work = torch.float32 if exact32 else torch.float64
+        rows = np.array([-(-n // _ROW) for n in numels])
+        starts = np.concatenate([[0], np.cumsum(rows)[:-1]]) * _ROW
+        self.rows = rows.sum()
+        self.pads = rows * _ROW - np.array(numels)
+        self.row_lengths = self._dev(rows)
+        self.full = self._layout(np.arange(len(numels)), rows, starts, np.array(numels), stride=np.ones_like(rows))
+        strides = np.array([sample_stride(n, max_elements) for n in numels])
+        self.sampled = bool((strides > 1).any())
+        if self.sampled:
+            taken = -(-np.array(numels) // strides)
+            srows = -(-taken // _ROW)
+            self.sample = self._layout(np.arange(len(numels)), srows, starts, taken, stride=strides)
+            self.scale = self._dev(np.array(numels) / taken).to(torch.float64).unsqueeze(1)
+        self.num = self._dev(np.array(numels, dtype=np.float64))
+
+    def _dev(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def _layout(self, ids: np.ndarray, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray,
+                stride: np.ndarray) -> dict[str, Optional[torch.Tensor]]:
+        """Row-to-tensor map, bin offsets, padding positions and (sampled) source positions of a row layout."""
+        seg = np.repeat(ids, rows)
+        out: dict[str, Optional[torch.Tensor]] = {
+            "seg": self._dev(seg),
+            "offset": self._dev((1 + seg * self.bins).astype(np.int32)).unsqueeze(1),
+        }
+        where = np.concatenate([[0], np.cumsum(rows)[:-1]]) * _ROW
+        trash = np.concatenate([np.arange(w + c, w + r * _ROW) for w, c, r in zip(where, counts, rows)])
+        out["trash"] = self._dev(trash.astype(np.int64)) if trash.size else None
+        if (stride > 1).any():  # one gather index: samples of tensor i, padded with its first element
+            src = [np.concatenate([s + np.arange(c) * k, np.full(r * _ROW - c, s)])
+                   for s, c, r, k in zip(starts, counts, rows, stride)]
+            out["source"] = self._dev(np.concatenate(src).astype(np.int64))
+        return out
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A work buffer: kept between events on the CPU (fresh pages cost more than the work), else allocated
+        (the CUDA caching allocator reuses its memory without holding it for us)."""
+        buf = self._buffers.get(name)
+        if buf is None:
+            buf = torch.empty(shape, dtype=dtype, device=self.device)
+            if self.keep_buffers:
+                self._buffers[name] = buf
+        return buf
+
+    def run(self, tensors: list[torch.Tensor], sum_squares: torch.Tensor, hist_range: HistRange) -> torch.Tensor:
+        parts: list[torch.Tensor] = []
+        for tensor, pad in zip(tensors, self.pads):
+            flat = tensor.detach().reshape(-1)
+            parts.append(flat)
+            if pad:
+                parts.append(flat[:1].expand(int(pad)))  # padding repeats the first element: min/max unchanged
+        buf = self.buffer("flat", (int(self.rows) * _ROW,), self.dtype)
+        torch.cat(parts, out=buf)
+        x = buf.view(-1, _ROW)
+        vmin = torch.segment_reduce(x.amin(dim=1), "min", lengths=self.row_lengths).double()
+        vmax = torch.segment_reduce(x.amax(dim=1), "max", lengths=self.row_lengths).double()
+        if self.full["trash"] is not None:
+            buf.index_fill_(0, self.full["trash"], 0)  # now zero for the sums; the padding is binned into the trash bin
+        total = torch.segment_reduce(x.sum(dim=1).double(), "sum", lengths=self.row_lengths)
+        lo, hi = _range(vmin, vmax, hist_range)
+        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        scale = (self.bins / span).clamp(max=_FLT_MAX).to(self.work)
+        table = _edge_table(lo, hi, self.bins, self.work)
+        layout, values = self.full, x
+        if self.sampled:
+            layout = self.sample
+            values = self.buffer("sample", (int(layout["source"].numel()),), self.dtype)  # type: ignore[union-attr]
+            torch.index_select(buf, 0, layout["source"], out=values)  # type: ignore[arg-type]
+            values = values.view(-1, _ROW)
+        seg = layout["seg"]
+        shape = tuple(values.shape)
+        counts = _bin_rows(
+            values, lo.to(self.work).index_select(0, seg).unsqueeze(1), scale.index_select(0, seg).unsqueeze(1),
+            layout["offset"], table, self.bins, self.buffer("work", shape, self.work),  # type: ignore[arg-type]
+            self.buffer("index", shape, torch.int32), self.buffer("flags", shape, torch.bool), layout["trash"],
+        ).view(-1, self.bins).double()
+        if self.sampled:
+            counts = counts * self.scale
+        stats = torch.stack([vmin, vmax, total, sum_squares, self.num, lo, hi], dim=1)
+        return torch.cat([stats, counts], dim=1)
+
+
+_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+
+
+def _plan(tensors: list[torch.Tensor], bins: int, max_elements: Optional[int], hist_range: HistRange,
+          cache: bool) -> _Plan:
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    fixed = None if isinstance(hist_range, str) else (float(hist_range[0]), float(hist_range[1]))
+    numels = [t.numel() for t in tensors]
+    device = tensors[0].device
+    key = (tuple(numels), dtype, device, bins, max_elements, fixed)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _Plan(numels, dtype, device, bins, max_elements, fixed, keep_buffers=cache and device.type == "cpu")
+        if not cache:
+            return plan
+        _PLANS[key] = plan
+        while len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    _PLANS.move_to_end(key)
+    return plan
+
+
+def summarize(
+    tensors: Sequence[torch.Tensor],
+    sum_squares: Union[Sequence[torch.Tensor], torch.Tensor],
+    bins: int,
+    max_elements: Optional[int],
+    hist_range: HistRange,
+    *,
+    cache: bool = True,
+) -> torch.Tensor:
+    """``[len(tensors), STAT_COLUMNS + bins]`` float64 device tensor of exact stats and (sampled) bin counts.
+
+    Assumes every element is finite (the caller checks ``sum_squares`` on the host and sends non-finite tensors
+    through :func:`summarize_finite`). Exact ``min``/``max``/``sum`` cover every element; counts cover every
+    element (``max_elements=None``) or at most ``max_elements`` per tensor taken with a prime stride, scaled to
+    the element count. The same number of device ops for 6 tensors or 400 (plus one view per tensor); the layout
+    is planned once per list of sizes. ``cache=False`` for one-off sizes (no plan or buffer kept).
+    """
+    tensors = list(tensors)
+    if not tensors:
+        return torch.zeros(0, STAT_COLUMNS + bins, dtype=torch.float64)
+    if isinstance(sum_squares, torch.Tensor):
+        sq = sum_squares.reshape(-1).double()
+    else:
+        sq = torch.stack([s.reshape(()) for s in sum_squares]).double()
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:  # one plan per device, rows put back in order
+        rows: list[Optional[torch.Tensor]] = [None] * len(tensors)
+        for device in devices:
+            ids = [i for i, t in enumerate(tensors) if t.device == device]
+            block = summarize([tensors[i] for i in ids], sq.to(device)[ids], bins, max_elements, hist_range,
+                              cache=cache)
+            for r, i in enumerate(ids):
+                rows[i] = block[r].to(tensors[0].device)
+        return torch.stack(rows)  # type: ignore[arg-type]
+    return _plan(tensors, bins, max_elements, hist_range, cache).run(tensors, sq.to(tensors[0].device), hist_range)
 
 
 def bin_counts(sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
     """Counts of each row of ``sample`` (``[k, m]``, or 1-D) in ``bins`` equal bins over its ``[lo, hi]``.
 
-    ``lo``/``hi`` are device tensors (``[k]`` or 0-d), so nothing is read back to the host. The bin index is
-    computed like ``torch.histogram`` does, ``floor((x - lo) * bins / (hi - lo))``; values outside the range fall
-    into the edge bins and NaN/Inf are not counted. The integer indices of all rows, offset by ``row * bins``
-    and centred (``+ 0.5``, so float rounding inside ``histc`` cannot move them), are counted by ONE
-    ``torch.histc`` call with a Python-number range.
+    ``lo``/``hi`` are device tensors (``[k]`` or 0-d), so nothing is read back to the host. Counts equal
+    ``numpy.histogram(row, bins, range=(lo, hi))`` with values outside the range in the edge bins; a constant
+    row (``lo == hi``) lands in bin 0.
     """
-    rows = sample.reshape(1, -1) if sample.dim() == 1 else sample
+    rows = (sample.reshape(1, -1) if sample.dim() == 1 else sample).double()
     k = rows.shape[0]
-    lo, hi = lo.reshape(-1, 1), hi.reshape(-1, 1)
-    span = hi - lo
-    span = torch.where(span > 0, span, torch.ones_like(span))  # a constant tensor lands in bin 0; host recentres
-    index = (rows - lo).mul_(bins).div_(span).floor_().clamp_(0, bins - 1)
-    if k > 1:
-        index = index.add_(torch.arange(k, device=index.device, dtype=index.dtype).unsqueeze(1) * bins)
-    if index.numel() > _EXACT_FLOAT32_COUNT or k * bins > _EXACT_FLOAT32_COUNT // 4:
-        index = index.double()
-    counts = torch.histc(index.add_(0.5), bins=k * bins, min=0, max=k * bins).reshape(k, bins)
+    lo64, hi64 = lo.reshape(-1).double().expand(k), hi.reshape(-1).double().expand(k)
+    span = torch.where(hi64 > lo64, hi64 - lo64, torch.ones_like(hi64))
+    offset = (1 + torch.arange(k, device=rows.device, dtype=torch.int32) * bins).unsqueeze(1)
+    counts = _bin_rows(rows, lo64.unsqueeze(1), (bins / span).unsqueeze(1), offset,
+                       _edge_table(lo64, hi64, bins, torch.float64), bins, torch.empty_like(rows),
+                       torch.empty(rows.shape, dtype=torch.int32, device=rows.device),
+                       torch.empty(rows.shape, dtype=torch.bool, device=rows.device), None)
+    counts = counts.view(k, bins).to(sample.dtype if sample.is_floating_point() else torch.float32)
     return counts if sample.dim() > 1 else counts[0]
-
-
-def summarize(
-    tensors: Sequence[torch.Tensor],
-    sum_squares: Sequence[torch.Tensor],
-    bins: int,
-    max_elements: Optional[int],
-    hist_range: HistRange,
-) -> torch.Tensor:
-    """``[len(tensors), STAT_COLUMNS + bins]`` float64 device tensor of exact stats and (sampled) bin counts.
-
-    Assumes every element is finite (the caller checks ``sum_squares`` on the host and sends non-finite tensors
-    through :func:`summarize_finite`). Sampled counts are scaled to the tensor's element count. Small tensors of
-    the same size are stacked and summarised together (a few kernels for hundreds of biases, not a few each).
-    """
-    batches: dict[tuple, list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        n = tensor.numel()
-        batched = n <= _BATCH_NUMEL
-        batches.setdefault((n, tensor.dtype, tensor.device, i if not batched else -1), []).append(i)
-    rows: list[Optional[torch.Tensor]] = [None] * len(tensors)
-    for (numel, *_), idx in batches.items():
-        per_chunk = max(1, min(_BATCH_ROWS, _BATCH_ELEMENTS // max(numel, 1)))
-        for c in range(0, len(idx), per_chunk):
-            ids = idx[c : c + per_chunk]
-            flats = [_flat(tensors[i]) for i in ids]
-            block = flats[0].unsqueeze(0) if len(ids) == 1 else torch.stack(flats)  # [k, numel]
-            if len(ids) == 1:  # a full reduction: torch.aminmax(dim=1) is ~10x slower on CPU than these
-                lo_val, hi_val = (v.reshape(1) for v in torch.aminmax(block))
-            else:
-                lo_val, hi_val = block.amin(dim=1), block.amax(dim=1)
-            lo, hi = _range(lo_val, hi_val, hist_range)
-            stride = sample_stride(numel, max_elements)
-            sample = block if stride == 1 else block[:, ::stride]
-            counts = bin_counts(sample, lo, hi, bins)
-            if stride != 1:
-                counts = counts * (numel / sample.shape[1])
-            sq = torch.stack([sum_squares[i] for i in ids]).to(block.dtype)
-            total = block.sum().reshape(1) if len(ids) == 1 else block.sum(dim=1)
-            stats = torch.stack([lo_val, hi_val, total, sq, torch.full_like(sq, numel), lo, hi], dim=1)
-            block_rows = torch.cat([stats.double(), counts.double()], dim=1)
-            for r, i in enumerate(ids):
-                rows[i] = block_rows[r]
-    return torch.stack(rows)
 
 
 def summarize_finite(
@@ -135,19 +348,19 @@ def summarize_finite(
     nonfinite, rows = [], []
     width = STAT_COLUMNS + bins
     for tensor in tensors:
-        flat = _flat(tensor)
+        flat = tensor.detach().reshape(-1)
         finite = torch.isfinite(flat)
         nonfinite.append(flat.numel() - finite.sum())
-        values = flat[finite]
+        values = flat[finite]  # sync point (GPU): boolean mask, a data-dependent size
         if values.numel() == 0:
             rows.append(flat.new_full((width,), float("nan"), dtype=torch.float64))
             continue
-        row = summarize([values], [values.square().sum()], bins, max_elements, hist_range)[0]
-        rows.append(row)
+        rows.append(summarize([values], squared_norms([values]), bins, max_elements, hist_range, cache=False)[0])
     return torch.stack(nonfinite).double(), torch.stack(rows)
 
 
 def _range(lo: torch.Tensor, hi: torch.Tensor, hist_range: HistRange) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``(lo, hi)`` per tensor: exactly the values reported in the row (the host builds edges from them)."""
     if isinstance(hist_range, str):
         if hist_range == "symmetric":
             bound = torch.maximum(lo.abs(), hi.abs())

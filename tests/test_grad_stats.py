@@ -1,0 +1,154 @@
+"""_grad_stats against float64 and numpy references: norms at any size, exact histograms count for count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_monitor._grad_stats import STAT_COLUMNS, host_histogram, sample_stride, squared_norms, summarize
+
+
+def _near_edges(lo: float, hi: float, bins: int, n: int, seed: int) -> np.ndarray:
+    """``n`` float32 values within a few ulps of the float64 edges ``linspace(lo, hi)`` (and ``lo``, ``hi``)."""
+    rng = np.random.default_rng(seed)
+    edges = np.linspace(lo, hi, bins + 1).astype(np.float32)
+    values = edges[rng.integers(0, bins + 1, n)]
+    for _ in range(4):  # up to 4 ulps either way
+        step = rng.integers(-1, 2, n)
+        values = np.where(step > 0, np.nextafter(values, np.float32(np.inf)),
+                          np.where(step < 0, np.nextafter(values, np.float32(-np.inf)), values))
+    values = np.clip(values, np.float32(lo), np.float32(hi)).astype(np.float32)
+    values[:2] = [np.float32(lo), np.float32(hi)]
+    return values
+
+
+def _reference(values: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
+    edges = np.linspace(lo, hi, bins + 1)  # as host_histogram builds them
+    by_edges, _ = np.histogram(np.clip(values.astype(np.float64), lo, hi), bins=edges)
+    by_range, _ = np.histogram(np.clip(values.astype(np.float64), lo, hi), bins=bins, range=(lo, hi))
+    np.testing.assert_array_equal(by_edges, by_range)
+    return by_edges
+
+
+@pytest.mark.parametrize("bins", [64, 10, 7])
+@pytest.mark.parametrize("hist_range", ["minmax", "symmetric", (-0.3, 0.1), (-0.25, 0.125)])
+def test_exact_histogram_equals_numpy_count_for_count(bins, hist_range):
+    lo, hi = (-0.31, 0.12) if isinstance(hist_range, str) else hist_range
+    values = _near_edges(lo, hi, bins, 10**6, seed=bins)
+    x = torch.from_numpy(values)
+    row = summarize([x], squared_norms([x]), bins, None, hist_range)[0].numpy()
+    counts, edges, stats = host_histogram(row, bins)
+    lo64, hi64 = row[5], row[6]
+    if hist_range == "minmax":
+        assert (lo64, hi64) == (float(values.min()), float(values.max()))
+    elif hist_range == "symmetric":
+        assert hi64 == -lo64 == float(np.abs(values).max())
+    else:
+        assert (lo64, hi64) == hist_range  # the user's bounds, not rounded to float32
+    np.testing.assert_array_equal(edges, np.linspace(lo64, hi64, bins + 1))
+    np.testing.assert_array_equal(counts, _reference(values, lo64, hi64, bins))
+    assert stats["num"] == values.size and counts.sum() == values.size
+
+
+def test_exact_histograms_of_many_tensors_in_one_call():
+    rng = np.random.default_rng(1)
+    arrays = [_near_edges(-float(k + 1), float(2 * k + 1), 16, int(rng.integers(1, 5000)), seed=k) for k in range(50)]
+    arrays.append(np.full(33, 2.5, dtype=np.float32))  # constant: the host recentres it
+    tensors = [torch.from_numpy(a).reshape(-1, 1) if k % 2 else torch.from_numpy(a) for k, a in enumerate(arrays)]
+    rows = summarize(tensors, squared_norms(tensors), 16, None, "minmax").numpy()
+    for a, row in zip(arrays, rows):
+        counts, _, stats = host_histogram(row, 16)
+        assert (stats["min"], stats["max"], stats["num"]) == (a.min(), a.max(), a.size)
+        assert stats["sum"] == pytest.approx(a.astype(np.float64).sum(), rel=1e-6, abs=1e-6)
+        if a.max() > a.min():
+            np.testing.assert_array_equal(counts, _reference(a, row[5], row[6], 16))
+        else:
+            assert counts.sum() == a.size
+
+
+def test_fixed_range_clamps_outside_values_into_the_edge_bins():
+    x = torch.tensor([-5.0, -1.0, 0.1, 0.2, 0.999, 1.0, 9.0])
+    row = summarize([x], squared_norms([x]), 2, None, (0.0, 1.0))[0].numpy()
+    assert row[STAT_COLUMNS:].tolist() == [4, 3]
+
+
+def test_sampled_counts_match_numpy_on_the_strided_sample():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(1000, 333, generator=g), torch.randn(5000, generator=g), torch.randn(64, generator=g)]
+    rows = summarize(tensors, squared_norms(tensors), 32, 10_000, "minmax").numpy()
+    for t, row in zip(tensors, rows):
+        v = t.reshape(-1).numpy()
+        stride = sample_stride(v.size, 10_000)
+        sample = v[::stride]
+        ref = _reference(sample, row[5], row[6], 32) * (v.size / sample.size)
+        np.testing.assert_allclose(row[STAT_COLUMNS:], ref, rtol=1e-12)
+        assert row[0] == v.min() and row[1] == v.max() and row[4] == v.size
+
+
+def test_half_precision_histograms_and_float64_gradients():
+    g = torch.Generator().manual_seed(2)
+    tensors = [(torch.randn(3000, generator=g) * 100).half(), torch.randn(2000, generator=g).bfloat16(),
+               torch.randn(700, generator=g, dtype=torch.float64)]
+    rows = summarize(tensors, squared_norms(tensors), 20, None, "symmetric").numpy()
+    for t, row in zip(tensors, rows):
+        v = t.double().numpy()
+        np.testing.assert_array_equal(row[STAT_COLUMNS:], _reference(v, row[5], row[6], 20))
+        assert row[3] == pytest.approx(np.square(v).sum(), rel=1e-6)
+
+
+@pytest.mark.parametrize("dist", ["randn", "rand", "shifted"])
+def test_norm_of_a_2_pow_24_element_gradient_within_1e6_of_float64(dist):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2**24, generator=g) if dist != "rand" else torch.rand(2**24, generator=g)
+    if dist == "shifted":
+        x = x.abs_().add_(3.0)
+    small = torch.randn(1000, generator=g)
+    sq = squared_norms([small, x, x[:777].reshape(7, 111)])
+    for got, t in zip(sq.tolist(), [small, x, x[:777]]):
+        ref = float(t.double().square().sum())
+        assert abs(got - ref) <= 1e-6 * ref
+
+
+def test_half_precision_norms_never_overflow():
+    grads = [torch.full((100,), 3e4, dtype=torch.float16), torch.full((40000,), 6e4, dtype=torch.bfloat16)]
+    sq = squared_norms(grads)
+    assert sq.dtype == torch.float64 and torch.isfinite(sq).all()
+    assert float(sq[0].sqrt()) == pytest.approx(3e5, rel=1e-6)
+    assert float(sq[1]) == pytest.approx(40000 * float(grads[1][0]) ** 2, rel=1e-6)
+
+
+def test_nonfinite_norms_stay_nonfinite():
+    x = torch.randn(50_000)
+    x[40_000] = float("nan")
+    assert torch.isnan(squared_norms([torch.ones(3), x])[1])
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.compute = 0
+        self.views = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.is_view or func._schema.name in ("aten::detach", "aten::expand"):
+            self.views += 1
+        else:
+            self.compute += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_per_event(tensors: list[torch.Tensor], max_elements) -> tuple[int, int]:
+    sq = squared_norms(tensors)
+    summarize(tensors, sq, 64, max_elements, "minmax")  # the first call plans the layout
+    with _CountOps() as ops:
+        summarize(tensors, sq, 64, max_elements, "minmax")
+    return ops.compute, ops.views
+
+
+@pytest.mark.parametrize("max_elements", [None, 1000])
+def test_device_ops_per_event_do_not_grow_with_the_number_of_tensors(max_elements):
+    few = [torch.randn(3000), torch.randn(20), torch.randn(50, 60)]
+    many = [torch.randn(3000) for _ in range(100)] + [torch.randn(20) for _ in range(100)]
+    assert _ops_per_event(few, max_elements)[0] == _ops_per_event(many, max_elements)[0]
