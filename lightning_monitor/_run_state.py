@@ -77,6 +77,11 @@ class StepLedger:
                 return max(0, min(later) - 1)
         return max(w for w, _ in rows)
 
+    def next_wandb_step(self) -> int:
+        """The ``_step`` after every history row the wandb run holds (0 for a new run)."""
+        rows, _ = self._read()
+        return max((w for w, _ in rows), default=-1) + 1
+
     def is_restart(self, first_step: Optional[int], last: Optional[int] = None) -> bool:
         """Whether a job whose first value is at ``first_step`` restarts the run from an earlier checkpoint."""
         last = self.last_step() if last is None else last

@@ -95,6 +95,17 @@ class RunWandb(WandbWriter):
             self.logger = self.wb
         return True
 
+    def log_row(self, row: dict[str, Any], step: Optional[int]) -> None:
+        """``run.log`` with the run's next ``_step`` given explicitly (see ``MultiLogger._start_wandb``), the
+        prefix and the ``trainer/global_step`` axis added as ``WandbLogger.log_metrics`` adds them."""
+        from lightning.fabric.utilities.logger import _add_prefix
+
+        wb = self.wandb_logger()
+        row = _add_prefix(row, wb._prefix, wb.LOGGER_JOIN_CHAR)
+        if step is not None:
+            row["trainer/global_step"] = step
+        wb.experiment.log(row, step=_run_state.live_runs[self.multi.run_id].next_step)
+
     def hyperparams(self, params: Any) -> None:
         if self.wb is None:
             self.pending.append(params)

@@ -130,8 +130,12 @@ class WandbWriter(Writer):
     def wandb_logger(self) -> WandbLogger:
         return self.logger  # type: ignore[return-value]
 
+    def log_row(self, row: dict[str, Any], step: Optional[int]) -> None:
+        """One history row (one ``run.log``) at trainer ``step``; every operation below ends here."""
+        _call(self.wandb_logger(), "log_metrics", row, step=step)
+
     def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
-        _call(self.wandb_logger(), "log_metrics", dict(metrics), step=step)
+        self.log_row(dict(metrics), step)
 
     def hyperparams(self, params: Any) -> None:
         _call(self.wandb_logger(), "log_hyperparams", params)
@@ -140,7 +144,7 @@ class WandbWriter(Writer):
         import wandb
 
         rows = {k: wandb.Histogram(np_histogram=(h.counts, h.edges)) for k, h in histograms.items()}
-        _call(self.wandb_logger(), "log_metrics", rows, step=step)  # one row for all of them, not one per key
+        self.log_row(rows, step)  # one row for all of them, not one per key
 
     def images(self, images: Images, step: Optional[int]) -> None:
         import wandb
@@ -150,10 +154,12 @@ class WandbWriter(Writer):
                         caption=None if images.captions is None else images.captions[i])
             for i, array in enumerate(images.arrays)
         ]
-        _call(self.wandb_logger(), "log_metrics", {images.key: items if len(items) > 1 else items[0]}, step=step)
+        self.log_row({images.key: items if len(items) > 1 else items[0]}, step)
 
     def text(self, key: str, text: str, step: Optional[int]) -> None:
-        self.wandb_logger().log_text(key, columns=["text"], data=[[text]], step=step)
+        import wandb
+
+        self.log_row({key: wandb.Table(columns=["text"], data=[[text]])}, step)
 
 
 def _call(logger: Logger, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -82,6 +82,7 @@ class MultiLogger(Logger):
         prefix: str = "",
         tensorboard: Union[bool, dict[str, Any]] = True,
         wandb: Union[bool, dict[str, Any]] = True,
+        wandb_rewind: bool = False,
     ) -> None:
         super().__init__()
         if not name or not isinstance(name, str):
@@ -109,6 +110,7 @@ class MultiLogger(Logger):
         self._writers: list[Writer] = [w for w, on in ((self._tb_writer, tb_options is not None),
                                                         (self._wandb_writer, self._wandb_options is not None)) if on]
         self._step_ledger: Optional[_run_state.StepLedger] = None  # made on rank 0 at the first write
+        self._wandb_rewind = bool(wandb_rewind)
 
     # ------------------------------------------------------------------ identity
     @property
@@ -345,9 +347,9 @@ class MultiLogger(Logger):
         if live is None or getattr(live.run, "_is_finished", False):  # an unpickled copy of us shares the run
             ledger = self.ledger()
             rewind = None
-            if not {"resume", "resume_from", "fork_from", "id"} & set(options):
+            if self._wandb_rewind and not {"resume", "resume_from", "fork_from", "id"} & set(options):
                 rewind = ledger.rewind_point(first_step)
-            if rewind is not None:  # continuing this run: cut it back to just before the step we resume from
+            if rewind is not None:  # opt-in (a wandb preview feature): cut the run back to before `first_step`
                 del init["id"], init["resume"]
                 init["resume_from"] = f"{self.run_id}?_step={rewind}"
             run = _wandb_run.start(init, mode, reason)
@@ -355,7 +357,10 @@ class MultiLogger(Logger):
                 return None
             if rewind is not None:
                 ledger.record_rewind(rewind)
-            next_step = rewind + 1 if rewind is not None else int(getattr(run, "step", 0) or 0)
+            # By default a new segment of the run (test after fit, a restart, a later job) continues wandb's own
+            # `_step` after every row the run already holds, so `wandb sync` of the segments in order appends them
+            # and overwrites nothing (rows carry their `_step` explicitly: an offline run cannot know it).
+            next_step = rewind + 1 if rewind is not None else max(ledger.next_wandb_step(), int(run.step or 0))
             live = _run_state.live_runs[self.run_id] = _run_state.LiveRun(run, ledger, next_step)
         return WandbLogger(experiment=live.run, **logger_kwargs)
 

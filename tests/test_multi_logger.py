@@ -192,31 +192,48 @@ def test_real_tensorboard_server_lists_our_data(tmp_path):
         proc.wait(timeout=10)
 
 
-def test_resume_same_version_continues_one_run(tmp_path):
-    """Fit to step 8 with a checkpoint at step 4, then resume from step 4 with the same version: one TensorBoard
-    run whose series is strictly increasing (the dead run's steps after 4 are not shown twice), one wandb run id."""
+def _fit_then_restart_from_step_4(tmp_path, **logger_options):
+    """Fit to step 8 with a checkpoint at step 4, then restart from step 4 with the same version, to step 12."""
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-    logger = MultiLogger(save_dir=tmp_path / "runs", name="res")
+    logger = MultiLogger(save_dir=tmp_path / "runs", name="res", **logger_options)
     make_trainer(tmp_path, logger=logger, max_steps=8, log_every_n_steps=1, callbacks=[ckpt],
                  enable_checkpointing=True).fit(TinyImageModel(), image_loader(n=128))
     first = tb_scalars(logger.log_dir, "train/loss")
     assert [s for s, _ in first] == list(range(8))
 
-    again = MultiLogger(save_dir=tmp_path / "runs", name="res", version=logger.version)
+    again = MultiLogger(save_dir=tmp_path / "runs", name="res", version=logger.version, **logger_options)
     make_trainer(tmp_path, logger=again, max_steps=12, log_every_n_steps=1).fit(
         TinyImageModel(), image_loader(n=128), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
     )
     assert again.log_dir == logger.log_dir
     assert os.listdir(tmp_path / "runs" / "res") == ["version_0"]
     resumed = tb_scalars(logger.log_dir, "train/loss")
-    steps = [s for s, _ in resumed]
-    assert steps == list(range(12))  # one continuous, strictly increasing series
+    assert [s for s, _ in resumed] == list(range(12))  # one continuous, strictly increasing series in TensorBoard
     assert resumed[:4] == first[:4]  # before the checkpoint: the first run's points
     runs = find_runs(logger.log_dir)
     assert len(runs) == 2 and {r.run_id for r in runs} == {logger.run_id}  # one wandb run, resumed
     assert [s for s, _ in runs[1].series("train/loss")] == list(range(4, 12))
-    # ... rewound to just before step 4 (the dead run's rows at steps 4..7 are replaced when synced), and the
-    # resumed rows continue wandb's own _step from there: no "Tried to log to step" and no dropped points
+    return logger, first, resumed, runs
+
+
+def test_restart_appends_a_segment_that_continues_wandb_steps(tmp_path):
+    """By default (generally available wandb only) a restart writes no rewind: the new segment's rows continue
+    wandb's own `_step` after every row of the first, so syncing the segments in order appends and drops nothing;
+    the points redone after the checkpoint (steps 4..7) appear twice on the trainer/global_step axis."""
+    logger, first, resumed, runs = _fit_then_restart_from_step_4(tmp_path)
+    assert all(run.rewound_to is None for run in runs)
+    steps = [row["_step"] for run in runs for row in run.history]
+    assert steps == list(range(len(steps)))  # strictly increasing across both segments, no gap
+    synced = synced_series(runs, "train/loss")
+    assert [s for s, _ in synced] == [*range(8), *range(4, 12)]  # every point of both jobs
+    assert synced[:8] == [(s, pytest.approx(v)) for s, v in first]
+    assert synced[8:] == [(s, pytest.approx(v)) for s, v in resumed[4:]]
+
+
+def test_restart_with_wandb_rewind_opt_in(tmp_path):
+    """`wandb_rewind=True` (wandb's rewind, a preview feature) cuts the run back to just before step 4: the dead
+    job's rows at steps 4..7 are replaced when synced, and the resumed rows continue `_step` from there."""
+    logger, _, resumed, runs = _fit_then_restart_from_step_4(tmp_path, wandb_rewind=True)
     last_kept = max(row["_step"] for row in runs[0].history if row.get("trainer/global_step", 99) < 4)
     assert runs[1].rewound_to == (logger.run_id, last_kept)
     assert [row["_step"] for row in runs[1].history] == list(range(last_kept + 1, last_kept + 1 + len(runs[1].history)))
@@ -301,7 +318,9 @@ def test_fit_then_test_keeps_every_row_in_both(tmp_path):
     tb_val = tb_scalars(logger.log_dir, "val/loss")
     assert [s for s, _ in tb_val] == [1, 3]
     runs = find_runs(logger.log_dir)
-    assert len(runs) == 2 and runs[1].rewound_to == (logger.run_id, max(r["_step"] for r in runs[0].history))
+    assert len(runs) == 2 and all(run.rewound_to is None for run in runs)
+    steps = [row["_step"] for run in runs for row in run.history]
+    assert steps == list(range(len(steps)))  # the test segment continues wandb's _step
     assert synced_series(runs, "val/loss") == [(s, pytest.approx(v)) for s, v in tb_val]
     assert [s for s, _ in synced_series(runs, "train/loss")] == [0, 1, 2, 3]
 
@@ -320,6 +339,9 @@ def test_a_later_job_testing_the_same_version_drops_nothing(tmp_path):
     assert [s for s, _ in fit_val] == [1, 3] and tb_scalars(logger.log_dir, "val/loss") == fit_val
     assert tb_scalars(logger.log_dir, "train/loss") == fit_train
     runs = find_runs(logger.log_dir)
+    assert all(run.rewound_to is None for run in runs)
+    steps = [row["_step"] for run in runs for row in run.history]
+    assert steps == list(range(len(steps)))
     assert synced_series(runs, "val/loss") == [(s, pytest.approx(v)) for s, v in fit_val]
     assert [s for s, _ in synced_series(runs, "train/loss")] == [0, 1, 2, 3]
     assert [s for s, _ in synced_series(runs, "test/loss")] == [0]
