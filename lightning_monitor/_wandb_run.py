@@ -1,36 +1,64 @@
-"""Starting and finishing a wandb run so that it never blocks or kills training.
+"""Starting and finishing a wandb run so that it never prompts, blocks or kills training.
 
-- The mode is decided without ever prompting: offline when there is no API key, the server is unreachable, or
-  ``WANDB_MODE`` says so.
-- ``wandb.init`` is bounded by ``init_timeout``; an online start that fails falls back to an offline run.
+- The mode is decided by us, never by a prompt: a mode that needs the W&B server (``online``, ``shared``), whether
+  asked for (``mode=``, ``WANDB_MODE``) or chosen because nothing was asked for, is used only when an API key is
+  configured and the server answers within ``NETWORK_TIMEOUT_SEC``; otherwise the run is offline, with one message
+  saying why. wandb itself only prompts for a key it cannot find, and we only let it go online with one it will
+  find (the same places it looks: ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, the ``.netrc`` entry for the
+  server, ``settings.api_key``, an earlier ``wandb.login(key=...)``).
+- ``require_online=True`` (a ``MultiLogger(wandb={...})`` option) turns every fallback to offline into an error:
+  :func:`check_options` raises before training when no key is configured or the server does not answer, and
+  :func:`start` raises when the online start fails.
+- ``wandb.init`` is bounded: the online attempt gets ``ONLINE_INIT_TIMEOUT_SEC``, so that with the fallback to an
+  offline run a start never takes much more than ``INIT_TIMEOUT_SEC`` (``START_BOUND_SEC``, measured).
 - ``finish`` is bounded too: an online run that cannot upload in time keeps its local copy for ``wandb sync``.
-- Environment variables that wandb sets in our process (``WANDB_SERVICE`` …) are put back as they were.
+- ``WANDB_*`` environment variables that wandb sets in our process (``WANDB_SERVICE`` …) are put back as they were,
+  without touching a variable anyone else set meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import inspect
 import netrc
 import os
-import socket
 import threading
 import time
-from typing import Any, Iterator, Optional
-from urllib.parse import urlparse
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from typing import Any, Optional
+from urllib.parse import urlsplit
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-#: seconds ``wandb.init`` may take before we give up on the online run (wandb's own default is 90).
+#: seconds a whole start may take, falling back to offline included (wandb's own ``init_timeout`` default is 90).
 INIT_TIMEOUT_SEC = 30
+#: seconds left to the online attempt: the rest of ``INIT_TIMEOUT_SEC`` is for dropping wandb's service and
+#: starting the offline run (about 5-10 s measured on a busy 2-core machine).
+ONLINE_INIT_TIMEOUT_SEC = 20
+#: the measured worst case of a start against a server that accepts connections but never answers its API.
+START_BOUND_SEC = 35
 #: seconds ``run.finish()`` may take (uploading an online run) before training moves on.
 FINISH_TIMEOUT_SEC = 60
+#: seconds the server may take to answer one HTTP request before the run is offline.
 NETWORK_TIMEOUT_SEC = 2.0
 #: seconds between writes of the offline run file (wandb's default: 15), the same as TensorBoard's flush here.
 TRANSACTION_LOG_FLUSH_SEC = 2.0
 #: ``WandbLogger`` arguments that are not ``wandb.init`` arguments.
 LOGGER_ONLY_KEYS = ("log_model", "prefix", "checkpoint_name", "add_file_policy")
+#: our own option: ``True`` makes every fallback to offline an error (default ``False``: offline, with a warning).
+REQUIRE_ONLINE = "require_online"
+#: modes that need an API key and a reachable server (``run`` is wandb's old name for ``online``).
+SERVER_MODES = ("online", "shared", "run")
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+_ASKED_ONLINE = "asked for"  # how a reason starts when a mode the user asked for was replaced by offline
 _announced: set[str] = set()
+
+
+class WandbOnlineError(RuntimeError):
+    """``require_online=True`` and the run cannot be online (no API key, server unreachable, start failed)."""
 
 
 def option_keys() -> set[str]:
@@ -38,77 +66,212 @@ def option_keys() -> set[str]:
     import wandb
 
     keys = {p for p in inspect.signature(wandb.init).parameters if p not in ("self", "kwargs")}
-    return (keys | set(LOGGER_ONLY_KEYS) | {"offline"}) - {"dir"}
+    return (keys | set(LOGGER_ONLY_KEYS) | {"offline", REQUIRE_ONLINE}) - {"dir"}
+
+
+def check_options(options: Mapping[str, Any]) -> None:
+    """Check the wandb options when the logger is made, on every rank, before any training step.
+
+    Only ``require_online=True`` costs anything (one HTTP request of at most ``NETWORK_TIMEOUT_SEC``).
+
+    Raises:
+        ValueError: ``require_online`` is not a bool, or it asks for online while the mode asked for is not.
+        WandbOnlineError: ``require_online=True`` and no API key is configured or the server does not answer.
+    """
+    require = options.get(REQUIRE_ONLINE, False)
+    if not isinstance(require, bool):
+        raise ValueError(f"wandb option `{REQUIRE_ONLINE}` must be True or False, got {require!r}")
+    if require:
+        decide_mode(dict(options))  # raises WandbOnlineError with the reason
 
 
 def decide_mode(options: dict[str, Any]) -> tuple[str, str]:
-    """``(mode, reason)``; pops ``mode``/``offline`` from ``options``. Never prompts, waits at most 2 s."""
+    """``(mode, reason)`` for ``wandb.init``; never prompts, waits at most about ``NETWORK_TIMEOUT_SEC``.
+
+    Pops ``mode`` and ``offline`` from ``options`` (``require_online`` stays: :func:`start` reads it).
+
+    Raises:
+        ValueError: ``require_online=True`` with an offline or disabled mode asked for.
+        WandbOnlineError: ``require_online=True`` and the run cannot be online.
+    """
+    require = bool(options.get(REQUIRE_ONLINE, False))
+    asked: Optional[str] = None
     if "mode" in options:
-        return options.pop("mode"), "asked for"
-    if options.pop("offline", False):
-        return "offline", "offline=True"
-    env = os.environ.get("WANDB_MODE")
-    if env:
-        return ("offline" if env == "dryrun" else env), f"WANDB_MODE={env}"
-    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    parsed = urlparse(base_url)
-    host = parsed.hostname or "api.wandb.ai"
-    if not _has_api_key(host):
-        return "offline", "no W&B API key: set WANDB_API_KEY or run `wandb login`"
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=NETWORK_TIMEOUT_SEC).close()
-    except OSError:
-        return "offline", f"{host}:{port} is unreachable"
-    return "online", ""
+        mode, asked = options.pop("mode"), "mode={!r}"
+    elif options.pop("offline", False):
+        mode, asked = "offline", "offline=True"
+    elif os.environ.get("WANDB_MODE"):
+        mode, asked = os.environ["WANDB_MODE"], "WANDB_MODE={}"
+    else:
+        mode = "online"
+    options.pop("offline", None)
+    mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
+    asked = asked.format(mode) if asked else None
+    if mode not in SERVER_MODES:
+        if require:
+            raise ValueError(f"wandb option `{REQUIRE_ONLINE}=True` contradicts {asked}: drop one of them")
+        return mode, asked or ""
+    problem = _server_problem(options.get("settings"))
+    if problem is None:
+        return mode, ""
+    if require:
+        raise WandbOnlineError(
+            f"wandb cannot log online ({problem}) and `{REQUIRE_ONLINE}=True` forbids logging offline instead."
+            f" Fix the cause, or drop `{REQUIRE_ONLINE}` to log offline and upload later with `wandb sync`."
+        )
+    return "offline", f"{_ASKED_ONLINE} {asked}, but {problem}" if asked else problem
 
 
-def _has_api_key(host: str) -> bool:
-    if os.environ.get("WANDB_API_KEY"):
+def _server_problem(settings: Any) -> Optional[str]:
+    """Why a run cannot be online (no API key, no answer from the server), or ``None`` when it can."""
+    base_url = str(_setting(settings, "base_url") or os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL)
+    if not _has_credentials(base_url, settings):
+        return "no W&B API key: set WANDB_API_KEY or run `wandb login`"
+    return _no_answer(base_url)
+
+
+def _setting(settings: Any, name: str) -> Any:
+    return settings.get(name) if isinstance(settings, Mapping) else getattr(settings, name, None)
+
+
+def _has_credentials(base_url: str, settings: Any) -> bool:
+    """Whether wandb will find credentials for ``base_url`` without prompting (the places it looks, in order)."""
+    if _setting(settings, "api_key") or os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
     try:
-        return netrc.netrc(path).authenticators(host) is not None
+        entry = netrc.netrc(path).authenticators(urlsplit(base_url).netloc)  # wandb's key: host[:port]
+        if entry is not None and entry[2]:
+            return True
     except (OSError, netrc.NetrcParseError):
+        pass
+    try:  # an earlier `wandb.login(key=...)` in this process (wandb >= 0.22 keeps it here)
+        from wandb.sdk.lib import wbauth
+
+        return wbauth.session_credentials(host=base_url) is not None
+    except Exception:  # noqa: BLE001 - another wandb version: the key is not there
         return False
 
 
+def _no_answer(base_url: str) -> Optional[str]:
+    """``None`` when ``base_url`` answers an HTTP request (any status) within ``NETWORK_TIMEOUT_SEC``, else why not.
+
+    A TCP connection is not enough: a server that accepts connections and never answers made ``wandb.init`` wait
+    for its whole ``init_timeout``. Proxies set in the environment are used, as wandb uses them.
+    """
+    outcome: list[Optional[str]] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(base_url, timeout=NETWORK_TIMEOUT_SEC).close()  # noqa: S310 - the W&B server
+            outcome.append(None)
+        except urllib.error.HTTPError:  # it answered (401, 404 …): it is there
+            outcome.append(None)
+        except Exception as err:  # noqa: BLE001 - any other failure means no answer
+            outcome.append(f"{type(err).__name__}: {getattr(err, 'reason', err)}")
+
+    thread = threading.Thread(target=probe, name="lightning-monitor-wandb-probe", daemon=True)
+    thread.start()
+    thread.join(NETWORK_TIMEOUT_SEC * 1.5)  # name resolution has no timeout of its own
+    if outcome and outcome[0] is None:
+        return None
+    _stop_wandb_analytics()  # wandb would send them to this server, and wait for it at exit
+    if not outcome:
+        return f"{base_url} did not answer within {NETWORK_TIMEOUT_SEC:.0f} s"
+    return f"{base_url} did not answer ({outcome[0]})"
+
+
+def _wandb_environment() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key.startswith("WANDB_")}
+
+
+class _EnvironmentKept:
+    """Undo the ``WANDB_*`` environment changes a wandb call makes in our process, and nothing else.
+
+    Changes are those between entering and leaving the call, or between entering and :meth:`moved_on` when the
+    caller stopped waiting for the call (a timed-out ``finish``): from then on the caller's thread runs on and may
+    set variables itself, so later changes are not taken for wandb's. A variable is put back only while it still
+    holds the value wandb left in it.
+    """
+
+    def __init__(self) -> None:
+        self._before = _wandb_environment()
+        self._seen: Optional[dict[str, str]] = None  # the environment when the caller moved on
+        self._lock = threading.Lock()
+        self._done = False
+
+    def moved_on(self) -> None:
+        """The caller stops waiting for the call: only the changes made until now will be undone."""
+        with self._lock:
+            if not self._done:
+                self._seen = _wandb_environment()
+
+    def restore(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            now = _wandb_environment()
+            left = self._seen if self._seen is not None else now
+            for key in set(self._before) | set(left):
+                if self._before.get(key) == left.get(key) or now.get(key) != left.get(key):
+                    continue  # not changed by the call, or changed again since by someone else
+                if key in self._before:
+                    os.environ[key] = self._before[key]
+                else:
+                    os.environ.pop(key, None)
+
+
 @contextlib.contextmanager
-def _environment_kept() -> Iterator[None]:
-    before = dict(os.environ)
+def _environment_kept() -> Iterator[_EnvironmentKept]:
+    kept = _EnvironmentKept()
     try:
-        yield
+        yield kept
     finally:
-        for key in set(os.environ) - set(before):
-            del os.environ[key]
-        for key, value in before.items():
-            if os.environ.get(key) != value:
-                os.environ[key] = value
+        kept.restore()
 
 
 def start(init: dict[str, Any], mode: str, reason: str, attempts: int = 2) -> Optional[Any]:
-    """Start a run with ``wandb.init(**init)``; ``None`` (with one warning) when even an offline run fails."""
+    """Start a run with ``wandb.init(**init)``; ``None`` (with one warning) when even an offline run fails.
+
+    ``init`` may hold ``require_online`` (see :func:`decide_mode`); it is not passed to wandb.
+
+    Raises:
+        WandbOnlineError: ``require_online=True`` and the online start failed.
+    """
     import wandb
 
+    require = bool(init.pop(REQUIRE_ONLINE, False))
     settings = init.pop("settings", None)
     if settings is None or isinstance(settings, dict):
         settings = {
-            "init_timeout": INIT_TIMEOUT_SEC,
+            "init_timeout": ONLINE_INIT_TIMEOUT_SEC if mode in SERVER_MODES else INIT_TIMEOUT_SEC,
             # wandb writes the run file every 15 s by default: what a killed job logged in its last 15 s was lost.
             "x_transaction_log_flush_interval": TRANSACTION_LOG_FLUSH_SEC,
             **(settings or {}),
         }
+    if mode == "offline":
+        _check_resume(init)
+    run: Any = None
     for attempt in range(attempts):
         try:
             with _environment_kept():
-                run = wandb.init(**init, mode=mode, settings=settings)
+                run = wandb.init(**{**init, "mode": mode, "settings": settings})
             break
         except Exception as err:  # noqa: BLE001 - wandb must never stop training
-            if mode == "online" and not _service_lost(err):
+            if mode in SERVER_MODES and not _service_lost(err):
+                if require:
+                    raise WandbOnlineError(
+                        f"wandb could not start online ({type(err).__name__}: {err}) and `{REQUIRE_ONLINE}=True`"
+                        " forbids logging offline instead"
+                    ) from err
                 rank_zero_warn(f"wandb could not start online ({type(err).__name__}: {err}); logging offline instead.")
                 # The failed online run keeps its id registered in wandb's service ("run ID is in use"): only a
                 # fresh service lets the offline run keep the same id, i.e. stay the same run once synced.
+                _stop_wandb_analytics()
                 _teardown()
+                if isinstance(settings, dict):
+                    settings = {**settings, "init_timeout": INIT_TIMEOUT_SEC}
                 return start(dict(init, settings=settings), "offline", "the online start failed", attempts=3)
             if attempt == attempts - 1:
                 rank_zero_warn(f"wandb could not start ({type(err).__name__}: {err}); logging to TensorBoard only.")
@@ -121,8 +284,42 @@ def start(init: dict[str, Any], mode: str, reason: str, attempts: int = 2) -> Op
     if mode == "offline" and run.id not in _announced:  # once per run, not again when test() resumes it
         _announced.add(run.id)
         run_dir = os.path.dirname(run.dir) if getattr(run, "dir", None) else init.get("dir")
-        rank_zero_info(f"wandb is logging offline ({reason}). Upload the run later with: wandb sync {run_dir}")
+        message = f"wandb is logging offline ({reason}). Upload the run later with: wandb sync {run_dir}"
+        if reason.startswith(_ASKED_ONLINE):  # the user asked for online: a warning, not an info line
+            rank_zero_warn(message)
+        else:
+            rank_zero_info(message)
     return run
+
+
+def _check_resume(init: dict[str, Any]) -> None:
+    """Offline, wandb accepts ``resume="must"`` for a run it has never seen; say so (it starts a new run)."""
+    run_id = init.get("id")
+    if init.get("resume") != "must" or not run_id:
+        return
+    wandb_dir = os.path.join(init.get("dir") or os.environ.get("WANDB_DIR") or os.getcwd(), "wandb")
+    if not glob.glob(os.path.join(glob.escape(wandb_dir), f"*run-*-{glob.escape(str(run_id))}")):
+        rank_zero_warn(
+            f'wandb `resume="must"` asks to continue run {run_id!r}, but this run is offline and {wandb_dir} holds'
+            " no earlier part of it: wandb starts it as a new run (online, it would have refused)."
+        )
+
+
+def _stop_wandb_analytics() -> None:
+    """Stop wandb sending its own usage metrics to a server that did not answer.
+
+    wandb (0.31) exports them to ``base_url`` from a background thread and flushes them at interpreter exit, waiting
+    up to 10 s per request: with a silent server every job exit stalled 10-20 s, even for an offline run.
+    """
+    try:
+        from wandb.analytics.opentelemetry import opentelemetry_proxy as analytics
+
+        analytics.disable()
+        proxy = analytics._singleton_telemetry_proxy
+        if proxy is not None:  # already made: what it holds is dropped at exit instead of sent
+            proxy._server_supports_proxy = False
+    except Exception:  # noqa: BLE001 - another wandb version: nothing of this to stop
+        pass
 
 
 def _teardown() -> None:
@@ -143,18 +340,21 @@ def _service_lost(err: BaseException) -> bool:
 def finish(run: Any, exit_code: int, timeout: float = FINISH_TIMEOUT_SEC) -> None:
     """``run.finish(exit_code)`` in a helper thread, waited for at most ``timeout`` seconds."""
     errors: list[BaseException] = []
+    kept = _EnvironmentKept()
 
     def target() -> None:
         try:
-            with _environment_kept():
-                run.finish(exit_code=exit_code)
+            run.finish(exit_code=exit_code)
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(err)
+        finally:
+            kept.restore()
 
     thread = threading.Thread(target=target, name="lightning-monitor-wandb-finish", daemon=True)
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
+        kept.moved_on()  # from here on, the training thread may set variables of its own
         rank_zero_warn(
             f"wandb did not finish within {timeout:.0f} s (uploading?); training moves on. The local copy is in"
             f" {os.path.dirname(run.dir)}: upload it with `wandb sync` if it does not arrive."

@@ -1,4 +1,10 @@
-"""LightningCLI glue: save the run's config inside the run directory of the first logger."""
+"""LightningCLI glue: :class:`SaveConfigCallback`, the CLI's config saver, which writes the run's ``config.yaml``
+into the run directory of the first logger.
+
+It is not a monitor: pass it as ``LightningCLI(..., save_config_callback=SaveConfigCallback)``, never in
+``trainer.callbacks``. Its class is ``_SaveConfigCallback`` so that LightningCLI's ``--help`` does not offer it among
+the callbacks (jsonargparse lists every imported ``Callback`` subclass whose import path has no private part).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +18,11 @@ from lightning.pytorch.loggers import Logger
 from typing_extensions import override
 
 
-class SaveConfigCallback(_LightningSaveConfigCallback):
-    """LightningCLI's ``SaveConfigCallback`` that writes ``config.yaml`` into the run directory.
+class _SaveConfigCallback(_LightningSaveConfigCallback):
+    """LightningCLI's config saver (``save_config_callback=``) that writes ``config.yaml`` into the run directory.
+
+    This is not a monitor and logs nothing: LightningCLI makes it from its ``save_config_callback`` argument and
+    adds it to the trainer's callbacks itself; do not list it in ``trainer.callbacks``.
 
     Lightning saves the config to ``trainer.log_dir``, which for any logger other than its own TensorBoard and
     CSV loggers is the logger's ``save_dir``: every run of a :class:`~lightning_monitor.MultiLogger` would write
@@ -22,19 +31,10 @@ class SaveConfigCallback(_LightningSaveConfigCallback):
     behaves exactly like Lightning's otherwise. Everything else (``overwrite``, ``multifile``, saving on global
     rank 0 only, ``save_config`` for extra destinations) is Lightning's.
 
-    The callback logs no keys:
-
-    ====  =======
-    key   meaning
-    ====  =======
-    ====  =======
-
     Example::
 
         LightningCLI(LitNet, MNISTDataModule, save_config_callback=SaveConfigCallback)
     """
-
-    LOGGED_KEYS: dict[str, str] = {}
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -50,7 +50,7 @@ class SaveConfigCallback(_LightningSaveConfigCallback):
             exists = fs.isfile(config_path) if trainer.is_global_zero else False
             if trainer.strategy.broadcast(exists):  # every rank raises, none waits on a collective
                 raise RuntimeError(
-                    f"{type(self).__name__} expected {config_path} to NOT exist. Aborting to avoid overwriting the"
+                    f"SaveConfigCallback expected {config_path} to NOT exist. Aborting to avoid overwriting the"
                     " config of an earlier run in the same run directory (same logger version). Start a new version,"
                     " delete that file, or pass `LightningCLI(save_config_kwargs={'overwrite': True})`."
                 )
@@ -64,6 +64,10 @@ class SaveConfigCallback(_LightningSaveConfigCallback):
         # every rank agrees on future setup() calls
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
         return None
+
+
+#: The public name. The class itself has a private name (above) to stay out of LightningCLI's callback choices.
+SaveConfigCallback = _SaveConfigCallback
 
 
 def run_directory(trainer: Trainer) -> Optional[str]:
