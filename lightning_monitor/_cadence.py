@@ -9,7 +9,10 @@ import lightning.pytorch as pl
 
 def logging_interval(trainer: "pl.Trainer", every_n_steps: Optional[int]) -> int:
     """``every_n_steps`` if given, else the trainer's ``log_every_n_steps``."""
-    return every_n_steps if every_n_steps is not None else max(1, int(trainer.log_every_n_steps))
+    if every_n_steps is not None:
+        return every_n_steps
+    # Trainer(log_every_n_steps=...) is public but set by Lightning's logger connector, not declared on the class
+    return max(1, int(trainer.log_every_n_steps))  # type: ignore[attr-defined]
 
 
 def is_logging_step(step: int, every_n_steps: int) -> bool:

@@ -8,7 +8,8 @@ TensorBoard and wandb (a wandb caption alone is invisible in TensorBoard).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ def display_images(
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def _fit(draw, text: str, width: int) -> str:
+def _fit(draw: Any, text: str, width: int) -> str:
     font = _default_font()
     if draw.textlength(text, font=font) <= width:
         return text

@@ -69,8 +69,9 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
 }
 
 # torch.cuda.get_device_name() -> table row; first match wins, so the more specific patterns come first.
-# Real names: "NVIDIA H100 80GB HBM3" (SXM5), "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA GH200 480GB",
-# "NVIDIA A100-SXM4-80GB", "NVIDIA L4", "NVIDIA A10G", "Tesla V100-SXM2-16GB", "Tesla T4", "NVIDIA GeForce RTX 4090".
+# Real names: "NVIDIA H100 80GB HBM3" (SXM5), "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200",
+# "NVIDIA GH200 480GB", "NVIDIA A100-SXM4-80GB", "NVIDIA L4", "NVIDIA A10G", "Tesla V100-SXM2-16GB", "Tesla T4",
+# "NVIDIA GeForce RTX 4090".
 _NAME_PATTERNS: list[tuple[str, str]] = [
     (r"h200.*nvl", "h200 nvl"),
     (r"h200", "h200 sxm"),

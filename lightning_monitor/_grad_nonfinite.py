@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ class NonfiniteLedger:
         per_param: dict[int, float] = {}
         any_steps, off = 0.0, 0
         for present in self._device:
-            for i, v in zip(present, host[off : off + len(present)]):
+            for i, v in zip(present, host[off : off + len(present)], strict=True):
                 per_param[i] = per_param.get(i, 0.0) + float(v)
             any_steps += float(host[off + len(present)])
             off += len(present) + 1
@@ -95,9 +96,9 @@ def act(policy: str, bad: list[int], params: Sequence[torch.Tensor], names: Sequ
         step: int) -> None:
     """``raise`` or ``skip`` for the parameters (indices into ``params``) whose gradients hold NaN/Inf."""
     if policy == "raise":
-        grads = [params[i].grad for i in bad]  # every one present: it was read to find the NaN/Inf
-        counts = torch.stack([(~torch.isfinite(g)).sum() for g in grads if g is not None]).tolist()  # raising anyway
-        named = ", ".join(f"{names[i]} ({int(c)} NaN/Inf)" for i, c in zip(bad[:MAX_NAMED], counts))
+        grads = {i: g for i in bad[:MAX_NAMED] if (g := params[i].grad) is not None}  # all: they held the NaN/Inf
+        counts = torch.stack([(~torch.isfinite(g)).sum() for g in grads.values()]).tolist()  # raising anyway
+        named = ", ".join(f"{names[i]} ({int(c)} NaN/Inf)" for i, c in zip(grads, counts, strict=True))
         raise FloatingPointError(f"GradientMonitor: non-finite gradients at step {step} in {named}")
     # skip: with no gradient, torch optimizers leave the parameter, its momentum and weight decay untouched
     for group in optimizer.param_groups:

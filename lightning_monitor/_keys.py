@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Mapping, TypeVar
+from collections.abc import Mapping
+from typing import TypeVar
 
 #: The docstring line that :func:`document_keys` replaces with the key table (its indentation is kept).
 PLACEHOLDER = "{logged_keys}"

@@ -12,7 +12,8 @@ import importlib.util
 import multiprocessing
 import os
 import threading
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
 
 import psutil
 import torch
@@ -110,7 +111,8 @@ class NvmlSampler:
         except Exception:  # NVML hiccups (a GPU lost, a driver reload) must never reach training
             return
         with self._lock:
-            self._sums = list(values) if self._sums is None else [s + v for s, v in zip(self._sums, values)]
+            sums = self._sums
+            self._sums = list(values) if sums is None else [s + v for s, v in zip(sums, values, strict=True)]
             self._count += 1
             self._last = values
 

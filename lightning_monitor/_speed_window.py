@@ -97,7 +97,7 @@ def metrics(
 def remaining_batches(trainer: "pl.Trainer", step: int, batch_idx: int) -> Optional[float]:
     """Training batches left after batch ``batch_idx`` (of optimizer step ``step``), from max_steps and/or
     max_epochs; ``None`` when unknown."""
-    left = []
+    left: list[float] = []
     accumulate = max(1, int(trainer.accumulate_grad_batches))
     if trainer.max_steps is not None and trainer.max_steps >= 0:
         left.append((trainer.max_steps - (step + 1)) * accumulate)

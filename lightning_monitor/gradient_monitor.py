@@ -201,7 +201,7 @@ class GradientMonitor(Monitor):
         if not present:
             return
         step = trainer.global_step
-        grads = [self._params[i].grad for i in present]
+        grads = [g for g in (self._params[i].grad for i in present) if g is not None]  # one per present index
         sq = squared_norms(grads)  # [P]: one pass over all gradients
         if trainer.is_global_zero and self._logs_at(trainer, step):
             self._log_step(trainer, optimizer, step, present, grads, sq)
@@ -240,7 +240,9 @@ class GradientMonitor(Monitor):
 
         n, width = len(present), STAT_COLUMNS + bins
         host_sq, off = host[:n], n
-        grad_rows = wsq_host = param_rows = None
+        grad_rows: Optional[np.ndarray] = None
+        wsq_host: Optional[np.ndarray] = None
+        param_rows: Optional[np.ndarray] = None
         if self.histograms and hist_idx:
             grad_rows, off = host[off : off + len(hist_idx) * width].reshape(-1, width), off + len(hist_idx) * width
         if want_wsq:
@@ -256,7 +258,7 @@ class GradientMonitor(Monitor):
         if self.per_param_norms:
             metrics.update({f"grad/norm_param/{self._names[i]}": float(np.sqrt(host_sq[j]))
                             for j, i in enumerate(present) if self._selected[i]})
-        if self.param_norms:
+        if self.param_norms and wsq_host is not None:
             metrics["param/norm_total"] = float(np.sqrt(wsq_host.sum()))
             metrics.update(self._group_norms("param/norm", present, wsq_host))
 
@@ -284,20 +286,20 @@ class GradientMonitor(Monitor):
 
         _dispatch.log_scalars(trainer, metrics, step)
         hists = {}
-        for rows, idx, area in ((grad_rows, hist_idx, "grad"), (param_rows, pidx, "param")):
-            if rows is None:
+        for host_rows, idx, area in ((grad_rows, hist_idx, "grad"), (param_rows, pidx, "param")):
+            if host_rows is None:
                 continue
-            for row, j in zip(rows, idx):
+            for row, j in zip(host_rows, idx, strict=True):
                 if not np.all(np.isfinite(row[:STAT_COLUMNS])) or row[4] <= 0:
                     continue  # no finite element at all, or non-finite weights (counted via the gradients)
                 key = f"{area}/hist/{self._names[present[j]]}"
-                counts, edges, stats = host_histogram(row, bins)
-                hists[key] = make_histogram(counts, edges, key=key, stats=stats)
+                hist_counts, edges, stats = host_histogram(row, bins)
+                hists[key] = make_histogram(hist_counts, edges, key=key, stats=stats)
         _dispatch.log_histograms(trainer, hists, step)  # one wandb row for all of them
         if self.nonfinite != "warn" and bad_now:
             bad = [present[j] for j in bad_now]  # acted on after logging what we saw
             _grad_nonfinite.act(self.nonfinite, bad, self._params, self._names, optimizer, step)
-        if self.update_ratio:
+        if self.update_ratio and wsq_host is not None:
             self._snapshot = (step, list(present), [p.detach().clone() for p in params], wsq_host)
 
     def _group_norms(self, prefix: str, present: tuple[int, ...], sq: np.ndarray) -> dict[str, float]:

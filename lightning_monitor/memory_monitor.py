@@ -218,9 +218,10 @@ class MemoryMonitor(Monitor):
         stats = self._cuda.memory_stats()  # host-side copy of the allocator's counters: no device sync
         peak = (int(stats.get("allocated_bytes.all.peak", 0)), int(stats.get("reserved_bytes.all.peak", 0)))
         if self._phase == "train":
-            self._window = [max(a, b) for a, b in zip(self._window, peak)]
+            self._window = [max(a, b) for a, b in zip(self._window, peak, strict=True)]
         if self._phase in self._phase_peaks:
-            self._phase_peaks[self._phase] = [max(a, b) for a, b in zip(self._phase_peaks[self._phase], peak)]
+            before = self._phase_peaks[self._phase]
+            self._phase_peaks[self._phase] = [max(a, b) for a, b in zip(before, peak, strict=True)]
         self._cuda.reset_peak()  # resets torch.cuda.max_memory_allocated/reserved: the next window starts now
         return stats
 
@@ -254,7 +255,7 @@ class MemoryMonitor(Monitor):
             alloc = int(stats.get("allocated_bytes.all.current", 0))
             reserved = int(stats.get("reserved_bytes.all.current", 0))
             counters = self._read_counters(stats)
-            retries, ooms = (now - before for now, before in zip(counters, self._counters))
+            retries, ooms = (now - before for now, before in zip(counters, self._counters, strict=True))
             self._counters = counters
             total = self._total or 1
             values.update({

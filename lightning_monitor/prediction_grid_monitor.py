@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import numpy as np
@@ -143,7 +144,7 @@ class PredictionGridMonitor(Monitor):
             return  # not a logging step, or a micro-batch that did not step the optimizer
         if self._images is None:
             loader = trainer.val_dataloaders
-            datamodule = trainer.datamodule
+            datamodule = getattr(trainer, "datamodule", None)  # a Trainer property, undeclared for type checkers
             if loader is None and datamodule is not None and is_overridden("val_dataloader", datamodule):
                 loader = datamodule.val_dataloader()
             elif loader is None and is_overridden("val_dataloader", pl_module):
@@ -168,7 +169,9 @@ class PredictionGridMonitor(Monitor):
     @override
     def state_key(self) -> str:
         # two grids (say, one per validation dataloader) keep their own samples in the checkpoint
-        return self._generate_state_key(dataloader_idx=self.dataloader_idx, num_samples=self.num_samples, seed=self.seed)
+        return self._generate_state_key(
+            dataloader_idx=self.dataloader_idx, num_samples=self.num_samples, seed=self.seed
+        )
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -187,7 +190,7 @@ class PredictionGridMonitor(Monitor):
         loader = _pick_loader(loaders, self.dataloader_idx)
         dataset = getattr(loader, "dataset", None)
         map_style = dataset is not None and not isinstance(dataset, IterableDataset)
-        if isinstance(loader, DataLoader) and loader.batch_size is not None and map_style:
+        if isinstance(loader, DataLoader) and loader.batch_size is not None and dataset is not None and map_style:
             try:
                 size = len(dataset)
             except TypeError:
@@ -239,7 +242,7 @@ class PredictionGridMonitor(Monitor):
 
     # ------------------------------------------------------------------ predictions and picture
     def _predict(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> np.ndarray:
-        assert self._images is not None
+        assert self._images is not None and self._labels is not None  # taken before any grid is drawn
         precision = trainer.precision_plugin
         x = precision.convert_input(self._images.to(pl_module.device))
         modes = [(module, module.training) for module in pl_module.modules()]
@@ -272,7 +275,8 @@ class PredictionGridMonitor(Monitor):
             raise ValueError(
                 f"`class_names` has {len(self.class_names)} names but the model scores {probs.shape[1]} classes"
             )
-        if self._display is None:  # once per sample set; host tensors only
+        if self._display is None or self._labels_np is None:  # once per sample set; host tensors only
+            assert self._images is not None and self._labels is not None  # taken before any grid is drawn
             self._display = _draw.display_images(self._images, self.tile_size, self.mean, self.std)
             self._labels_np = self._labels.numpy()
         confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -179,10 +180,9 @@ class SpeedMonitor(Monitor):
     ) -> None:
         if self._counter.active:
             self._finish_measurement(trainer)
-        log_step = self._batch_logging_step(trainer)
-        log_now = not self._exclude and log_step is not None
+        log_step = None if self._exclude else self._batch_logging_step(trainer)  # warm-up and measured steps: none
         device = trainer.strategy.root_device
-        if log_now and device.type == "cuda":
+        if log_step is not None and device.type == "cuda":
             torch.cuda.synchronize(device)  # sync point: once per logging step, so the window ends when the GPU is done
         now = self._clock()
         if not self._exclude:
@@ -193,7 +193,7 @@ class SpeedMonitor(Monitor):
                 self._window.add_items(self.items_fn(batch))
         self._prev_end = now
         self._batch_idx = batch_idx
-        if log_now:
+        if log_step is not None:
             self._log_window(trainer, log_step)
             # the logging's own time is wall time of the next window, but not time spent waiting for data
             self._prev_end = self._clock()

@@ -15,7 +15,9 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from types import FrameType
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -31,7 +33,7 @@ def _callback_files() -> dict[str, tuple[str, ...]]:
     which is the only caller of its helpers, so a new monitor needs no entry here."""
     import lightning_monitor
 
-    files = {}
+    files: dict[str, tuple[str, ...]] = {}
     for name in lightning_monitor.__all__:
         obj = getattr(lightning_monitor, name)
         if isinstance(obj, type) and issubclass(obj, pl.Callback):
@@ -70,7 +72,7 @@ class HostSyncCounter(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         name = getattr(func, "__name__", "")
         if name in SYNC_METHODS:
-            frame = sys._getframe(1)
+            frame: Optional[FrameType] = sys._getframe(1)
             while frame is not None and frame.f_code.co_filename.startswith(_SKIP_DIRS):
                 frame = frame.f_back
             filename = frame.f_code.co_filename if frame is not None else "?"
@@ -111,7 +113,8 @@ class SyncsPerStep(pl.Callback):
             step, start = self._open
             owners = self.counter.owners[start:] if self.counter.owner_files is not None else []
             owners += [self.counter.default_owner] * (len(self.counter.calls) - start - len(owners))
-            self.per_step[step] = [(*call, owner) for call, owner in zip(self.counter.calls[start:], owners)]
+            calls = self.counter.calls[start:]
+            self.per_step[step] = [(*call, owner) for call, owner in zip(calls, owners, strict=True)]
             self._open = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
