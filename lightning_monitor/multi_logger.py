@@ -111,6 +111,8 @@ class MultiLogger(Logger):
                                                         (self._wandb_writer, self._wandb_options is not None)) if on]
         self._step_ledger: Optional[_run_state.StepLedger] = None  # made on rank 0 at the first write
         self._wandb_rewind = bool(wandb_rewind)
+        self._hparams: Optional[dict[str, Any]] = None  # flattened, for TensorBoard's HParams tab
+        self._eval_metrics: dict[str, float] = {}  # last value of each validation/test metric: HParams columns
 
     # ------------------------------------------------------------------ identity
     @property
@@ -178,15 +180,23 @@ class MultiLogger(Logger):
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
         scalars = {key: scalar(key, value) for key, value in metrics.items()}
+        self._eval_metrics.update({key: value for key, value in scalars.items() if _is_eval_metric(key)})
         self._deliver(lambda w: partial(w.scalars, scalars, step), step, scalars)
 
     @override
     @rank_zero_only
     def log_hyperparams(self, params: Union[dict[str, Any], Namespace], *args: Any, **kwargs: Any) -> None:
+        """Hyperparameters to TensorBoard's HParams tab and wandb's config. Private keys (``_instantiator`` and
+        other ``_``-prefixed entries LightningCLI adds) are left out. The run's validation and test metrics become
+        the HParams metric columns when the run ends (``finalize``), so runs can be compared on them."""
+        from lightning.fabric.utilities.logger import _convert_params
+
+        params = _public(_convert_params(params))
+
         def to_tensorboard() -> None:
             self._tb.log_hyperparams(params, *args, **kwargs)
             if not self._tb_hp_metric and not (args or kwargs.get("metrics")):
-                self._tb_hparams_table(params)
+                self._tb_hparams(params)
 
         self._deliver(lambda w: to_tensorboard if w is self._tb_writer else partial(w.hyperparams, params),
                       None, ["hyperparameters"], row=False)
@@ -277,6 +287,8 @@ class MultiLogger(Logger):
             try:
                 if status != "success":
                     tb.summary_writer().add_text("run/status", status, global_step=tb.last_step)
+                if not self._tb_hp_metric:
+                    self._tb_hparams(None, status)
                 self._tb.finalize(status)
             except Exception as err:  # noqa: BLE001 - the other backend must still be flushed
                 errors.append(err)
@@ -317,15 +329,34 @@ class MultiLogger(Logger):
             self._step_ledger = _run_state.StepLedger(self.log_dir)
         return self._step_ledger
 
-    def _tb_hparams_table(self, params: Union[dict[str, Any], Namespace]) -> None:
-        """TensorBoard's HParams tab without Lightning's placeholder ``hp_metric = -1`` scalar."""
-        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+    def _tb_hparams(self, params: Optional[Mapping[str, Any]], status: Optional[str] = None) -> None:
+        """TensorBoard's HParams tab without Lightning's placeholder ``hp_metric = -1`` scalar.
+
+        At the start only the session's hyperparameters are written; at the end (``status`` given) the experiment
+        summary naming the metric columns (the validation and test metrics logged: their scalar series hold the
+        values) and the session's end. TensorBoard keeps the first summary of a tag, so the experiment summary is
+        written once, when its metric list is known.
+        """
+        from lightning.fabric.utilities.logger import _add_prefix, _flatten_dict
+        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
         from torch.utils.tensorboard.summary import hparams
 
-        flat = self._tb._sanitize_params(_flatten_dict(_convert_params(params)))
+        if params is not None:
+            self._hparams = self._tb._sanitize_params(_flatten_dict(dict(params)))
+        if self._hparams is None:
+            return
+        metrics = _add_prefix(dict(self._eval_metrics), self._tb._prefix, self._tb.LOGGER_JOIN_CHAR)
+        experiment, session_start, session_end = hparams(self._hparams, metrics)
         writer = self._tb_writer.summary_writer()._get_file_writer()
-        for summary in hparams(flat, {}):
-            writer.add_summary(summary)
+        if status is None:
+            writer.add_summary(session_start)
+            return
+        for value in session_end.value:  # torch writes SUCCESS whatever happened
+            data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+            data.session_end_info.status = api_pb2.STATUS_SUCCESS if status == "success" else api_pb2.STATUS_FAILURE
+            value.metadata.plugin_data.content = data.SerializeToString()
+        writer.add_summary(experiment)
+        writer.add_summary(session_end)
 
     def _start_wandb(self, first_step: Optional[int]) -> Optional[Any]:
         from lightning.pytorch.loggers import WandbLogger
@@ -363,6 +394,19 @@ class MultiLogger(Logger):
             next_step = rewind + 1 if rewind is not None else max(ledger.next_wandb_step(), int(run.step or 0))
             live = _run_state.live_runs[self.run_id] = _run_state.LiveRun(run, ledger, next_step)
         return WandbLogger(experiment=live.run, **logger_kwargs)
+
+
+def _public(params: Any) -> Any:
+    """``params`` without ``_``-prefixed keys (LightningCLI's ``_instantiator``, ``_class_path``), at any depth."""
+    if isinstance(params, Mapping):
+        return {k: _public(v) for k, v in params.items() if not str(k).startswith("_")}
+    return params
+
+
+def _is_eval_metric(key: str) -> bool:
+    """A validation or test metric (``val/loss``, ``val_acc``, ``test-f1``, ``valid/x``): an HParams column."""
+    head = re.split(r"[/_\-.]", key, maxsplit=1)[0].lower()
+    return head in ("val", "valid", "validation", "test")
 
 
 def _slug(text: str) -> str:

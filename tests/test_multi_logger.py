@@ -94,6 +94,34 @@ def test_hyperparams_reach_both(tmp_path):
     assert "_hparams_/session_start_info" in acc.summary_metadata
 
 
+def test_hparams_tab_compares_runs_on_validation_and_test_metrics(tmp_path):
+    """HParams read back from the event file: no private keys (LightningCLI's `_instantiator`), and the run's
+    validation and test metrics as the metric columns, written when the run ends."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    logger = MultiLogger(save_dir=tmp_path, name="hpm")
+    logger.log_hyperparams({"lr": 0.1, "_instantiator": "lightning.pytorch.cli.instantiate_module",
+                            "model": {"width": 8, "_class_path": "x.Y"}})
+    for step, loss in enumerate((0.5, 0.25)):
+        logger.log_metrics({"train/loss": loss, "val/loss": loss / 2, "val_acc": 0.5 + step / 4}, step=step)
+    logger.log_metrics({"test/loss": 0.2}, step=2)
+    logger.finalize("success")
+    acc = tb_accumulator(logger.log_dir)
+
+    def plugin_data(tag):
+        content = acc.summary_metadata[tag].plugin_data.content
+        return plugin_data_pb2.HParamsPluginData.FromString(content)
+
+    session = plugin_data("_hparams_/session_start_info").session_start_info
+    assert set(session.hparams) == {"lr", "model/width"}
+    experiment = plugin_data("_hparams_/experiment").experiment
+    assert {m.name.tag for m in experiment.metric_infos} == {"val/loss", "val_acc", "test/loss"}
+    assert {h.name for h in experiment.hparam_infos} == {"lr", "model/width"}
+    assert [e.value for e in acc.Scalars("val_acc")] == [0.5, 0.75]  # the column's values: the scalar series
+    (run,) = find_runs(logger.log_dir)
+    assert run.config["lr"] == 0.1 and "_instantiator" not in run.config and run.config["model"] == {"width": 8}
+
+
 def test_dispatch_same_steps_through_trainer(tmp_path):
     """A callback logging through the dispatch layer lands at trainer.global_step on both sides."""
 
