@@ -10,8 +10,9 @@ never the run.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import Logger

@@ -7,8 +7,9 @@ same bytes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -41,7 +42,8 @@ def to_uint8_hwc(image: Any, key: str = "image") -> np.ndarray:
             array = np.transpose(array, (1, 2, 0))
         elif array.shape[2] not in (1, 3, 4):
             raise ValueError(
-                f"image {key!r} has shape {tuple(array.shape)}: expected H x W, C x H x W or H x W x C with C in 1, 3, 4"
+                f"image {key!r} has shape {tuple(array.shape)}: expected H x W, C x H x W or H x W x C"
+                " with C in 1, 3, 4"
             )
     else:
         raise ValueError(
@@ -111,7 +113,7 @@ class HistogramData:
 
 def make_histogram(
     values_or_counts: Any,
-    edges: Optional[Sequence[float]] = None,
+    edges: Optional[Union[Sequence[float], np.ndarray, torch.Tensor]] = None,
     bins: int = 64,
     key: str = "histogram",
     stats: Optional[dict] = None,

@@ -7,7 +7,6 @@ import os
 import weakref
 from typing import Any, Optional
 
-
 #: file beside the run that says which wandb ``_step`` holds which trainer step
 LEDGER_NAME = "logged-steps.tsv"
 
@@ -71,7 +70,7 @@ class StepLedger:
         rows, last = self._read()
         if not rows:
             return None
-        if self.is_restart(first_step, last):
+        if first_step is not None and self.is_restart(first_step, last):
             later = [w for w, t in rows if t >= first_step]
             if later:
                 return max(0, min(later) - 1)

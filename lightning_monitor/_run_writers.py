@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
@@ -77,7 +78,7 @@ class RunWandb(WandbWriter):
     step ledger."""
 
     def __init__(self, multi: "MultiLogger") -> None:
-        super().__init__(multi._tb)  # replaced by the WandbLogger when the run starts
+        super().__init__(multi._tb)  # type: ignore[arg-type]  # the WandbLogger replaces it when the run starts
         self.multi = multi
         self.wb: Optional[WandbLogger] = None
         self.pending: list[Any] = []  # hyperparameters logged before the run could start
@@ -101,7 +102,7 @@ class RunWandb(WandbWriter):
         from lightning.fabric.utilities.logger import _add_prefix
 
         wb = self.wandb_logger()
-        row = _add_prefix(row, wb._prefix, wb.LOGGER_JOIN_CHAR)
+        row = dict(_add_prefix(row, wb._prefix, wb.LOGGER_JOIN_CHAR))
         if step is not None:
             row["trainer/global_step"] = step
         wb.experiment.log(row, step=_run_state.live_runs[self.multi.run_id].next_step)

@@ -1,10 +1,10 @@
 """One writer per backend (TensorBoard, wandb, scalars-only) and the one guard every write goes through.
 
-A monitor's value takes one path: the dispatch layer prepares it once (a :class:`~lightning_monitor._media.HistogramData`
-or :class:`~lightning_monitor._media.Images`) and hands the same object to each writer through :func:`deliver`.
-Writers are chosen once per logger: :class:`~lightning_monitor.MultiLogger` exposes its own (``writers``), a plain
-``TensorBoardLogger`` / ``WandbLogger`` gets one of the classes here, and any other Lightning logger gets the
-scalar-only :class:`Writer`.
+A monitor's value takes one path: the dispatch layer prepares it once (a
+:class:`~lightning_monitor._media.HistogramData` or :class:`~lightning_monitor._media.Images`) and hands the same
+object to each writer through :func:`deliver`. Writers are chosen once per logger:
+:class:`~lightning_monitor.MultiLogger` exposes its own (``writers``), a plain ``TensorBoardLogger`` /
+``WandbLogger`` gets one of the classes here, and any other Lightning logger gets the scalar-only :class:`Writer`.
 
 Failure isolation is the same for all of them. A value a backend rejects (``ValueError``, ``TypeError``,
 ``KeyError``, ``IndexError``: a bad key, a picture it cannot encode) is skipped with one warning naming the key, and
@@ -14,8 +14,9 @@ gone), turn that backend off with one warning saying what still logs. Training n
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn

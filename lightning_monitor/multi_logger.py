@@ -6,8 +6,9 @@ import hashlib
 import os
 import re
 from argparse import Namespace
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -101,7 +102,8 @@ class MultiLogger(Logger):
         if self._wandb_options is not None:
             check_keys("wandb", self._wandb_options, _wandb_run.option_keys())
             self._wandb_options.setdefault("prefix", prefix)
-        tb_kwargs = {"default_hp_metric": False, "flush_secs": DEFAULT_FLUSH_SECS, "prefix": prefix, **(tb_options or {})}
+        tb_kwargs: dict[str, Any] = {"default_hp_metric": False, "flush_secs": DEFAULT_FLUSH_SECS, "prefix": prefix}
+        tb_kwargs.update(tb_options or {})
         # Built even when TensorBoard is off: it owns the run directory and the version numbering.
         self._tb = TensorBoardLogger(save_dir, name=name, version=version, **tb_kwargs)
         self._tb_hp_metric = bool(tb_kwargs["default_hp_metric"])
@@ -158,7 +160,7 @@ class MultiLogger(Logger):
         writer = self._wandb_writer
         if writer not in self._writers or writer.failed:
             return None
-        if writer.wb is None and rank_zero_only.rank == 0:
+        if writer.wb is None and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
             writer.start(None, row=True)
         return writer.wb
 
@@ -191,14 +193,14 @@ class MultiLogger(Logger):
         the HParams metric columns when the run ends (``finalize``), so runs can be compared on them."""
         from lightning.fabric.utilities.logger import _convert_params
 
-        params = _public(_convert_params(params))
+        public: dict[str, Any] = _public(_convert_params(params))
 
         def to_tensorboard() -> None:
-            self._tb.log_hyperparams(params, *args, **kwargs)
+            self._tb.log_hyperparams(public, *args, **kwargs)
             if not self._tb_hp_metric and not (args or kwargs.get("metrics")):
-                self._tb_hparams(params)
+                self._tb_hparams(public)
 
-        self._deliver(lambda w: to_tensorboard if w is self._tb_writer else partial(w.hyperparams, params),
+        self._deliver(lambda w: to_tensorboard if w is self._tb_writer else partial(w.hyperparams, public),
                       None, ["hyperparameters"], row=False)
 
     @rank_zero_only
@@ -255,7 +257,8 @@ class MultiLogger(Logger):
     @rank_zero_only
     def log_graph(self, model: torch.nn.Module, input_array: Optional[torch.Tensor] = None) -> None:
         if self.tensorboard is not None:
-            deliver(self._tb_writer, partial(self._tb.log_graph, model, input_array), None, ["graph"], row=False)
+            graph = partial(self._tb.log_graph, model, input_array)  # type: ignore[arg-type]
+            deliver(self._tb_writer, graph, None, ["graph"], row=False)
 
     # ------------------------------------------------------------------ lifecycle
     @override
@@ -305,10 +308,10 @@ class MultiLogger(Logger):
                 _wandb_run.finish(wandb_logger.experiment, exit_code=0 if status == "success" else 1)
             except Exception as err:  # noqa: BLE001
                 errors.append(err)
-        for err in errors:
-            if status == "success" and err is errors[0]:
-                raise err
-            rank_zero_warn(f"MultiLogger.finalize({status!r}): {type(err).__name__}: {err}")
+        for error in errors:
+            if status == "success" and error is errors[0]:
+                raise error
+            rank_zero_warn(f"MultiLogger.finalize({status!r}): {type(error).__name__}: {error}")
 
     # ------------------------------------------------------------------ internals
     def _deliver(
