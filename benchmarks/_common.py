@@ -44,6 +44,32 @@ def pin(threads: int = 1) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def count_ops(fn: Any) -> tuple[int, int]:
+    """``(compute, views)``: torch dispatcher ops ``fn()`` runs, split into ops that run a kernel and views/metadata.
+
+    Counted by a ``TorchDispatchMode`` (every aten op that reaches the dispatcher from Python-level calls; ops that
+    an op calls internally are not counted). On a GPU each compute op is at least one kernel launch.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.compute = 0
+            self.views = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func.is_view or func._schema.name in ("aten::detach", "aten::expand", "aten::lift_fresh"):
+                self.views += 1
+            else:
+                self.compute += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count() as mode:
+        fn()
+    return mode.compute, mode.views
+
+
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"

@@ -1,87 +1,148 @@
 """Cost of one logged gradient event, as a ratio to one training step of the same model (CPU, one torch thread).
 
 An "event" is what a monitor does at a logging step for every parameter's gradient. Compared side by side,
-interleaved round-robin in the same process, medians over ``--reps``:
+interleaved round-robin in the same process (:func:`_common.interleaved`), medians over ``--reps``:
 
 * ``ours exact``   GradientMonitor: total + grouped norms, NaN/Inf counts, a 64-bin histogram of every gradient
                    binned over all elements; written to TensorBoard AND wandb (offline).
 * ``ours sampled`` the same with the default ``max_hist_elements=16384`` (exact min/max/sum/sum_squares).
-* ``ours norms``   norms and NaN/Inf counts only (``histograms=False``).
+* ``ours norms only``  norms and NaN/Inf counts only (``histograms=False``).
+* ``... @REV``     the same monitor with ``_grad_stats`` as of git revision ``REV`` (``--old REV``): old vs new in
+                   one run.
+* ``norms f32 (old)`` / ``norms (new)``  the per-step norm pass alone: ``torch._foreach_norm(dtype=float32)`` (the
+                   old accumulation) vs :func:`squared_norms` (within 1e-6 of float64 at any size).
 * ``tb add_histogram``  ``SummaryWriter.add_histogram(name, grad, step)`` with default bins for every gradient
                    (what a hand-written histogram callback does).
 * ``wandb.watch``  wandb's own per-tensor statistics, ``TorchHistory.log_tensor_stats`` (what
-                   ``wandb.watch(log="gradients")`` runs from each gradient hook: clone, isfinite checks, min/max
-                   ``.item()``, ``histc`` with 64 bins, ``wandb.Histogram``), then one commit; wandb only.
+                   ``wandb.watch(log="gradients")`` runs from each gradient hook), then one commit; wandb only.
 
-Models: a 25M-parameter MLP 1024-4096-4096-1024 and 200 x Linear(256, 256) (many small tensors).
+Models: a 25M-parameter MLP 1024-4096-4096-1024 (6 tensors), an ``nn.TransformerEncoder`` (6 layers, d_model 256,
+8 heads, embedding + head, 16 sequences of 128 tokens; 75 tensors) and 200 x Linear(256, 256) (400 tensors).
+Below each table: torch dispatcher ops per event (``_common.count_ops``: compute ops / views), for the whole
+monitor event and for ``summarize`` alone.
 
 Run::
 
-    python benchmarks/grad_event_cost.py --reps 5
+    python benchmarks/grad_event_cost.py --reps 7 --old 2f4e3dd
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import subprocess
 import tempfile
 import time
-import warnings
-from typing import Callable
+import types
+from typing import Callable, Optional
 
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("WANDB_SILENT", "true")
+from _common import REPO_ROOT, Spread, count_ops, interleaved, machine, markdown_table, pin
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # noqa: E402
 from torch import nn  # noqa: E402
 
+import lightning_monitor.gradient_monitor as gm  # noqa: E402
 from lightning_monitor import GradientMonitor  # noqa: E402
+from lightning_monitor._grad_stats import squared_norms, summarize  # noqa: E402
 
 
 class Wrapped(pl.LightningModule):
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                 loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.net = net
+        self.batch, self.loss_fn = batch, loss
 
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1024))
+def mlp(batch: int) -> Wrapped:
+    net = nn.Sequential(nn.Linear(1024, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 1024))
+    x, y = torch.randn(batch, 1024), torch.randn(batch, 1024)
+    return Wrapped(net, lambda: (x, y), lambda out, t: nn.functional.mse_loss(out, t))
 
 
-def many_linears() -> nn.Module:
-    return nn.Sequential(*[nn.Linear(256, 256) for _ in range(200)])
+def many_linears(batch: int) -> Wrapped:
+    net = nn.Sequential(*[nn.Linear(256, 256) for _ in range(200)])
+    x, y = torch.randn(batch, 256), torch.randn(batch, 256)
+    return Wrapped(net, lambda: (x, y), lambda out, t: nn.functional.mse_loss(out, t))
 
 
-def bench_model(name: str, net: nn.Module, width: int, batch: int, reps: int, root: str) -> list[tuple[str, float, float]]:
+class TokenModel(nn.Module):
+    def __init__(self, vocab: int = 1000, d_model: int = 256, layers: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, 8, 4 * d_model, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)))
+
+
+def transformer(batch: int, seq: int = 128, vocab: int = 1000) -> Wrapped:
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+    return Wrapped(TokenModel(vocab), lambda: (tokens[:, :-1], tokens[:, 1:]),
+                   lambda out, t: nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1)))
+
+
+def load_old(rev: str) -> types.ModuleType:
+    """``lightning_monitor/_grad_stats.py`` as of git revision ``rev``, as a module of its own."""
+    src = subprocess.run(["git", "show", f"{rev}:lightning_monitor/_grad_stats.py"], cwd=REPO_ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    module = types.ModuleType(f"_grad_stats_{rev}")
+    exec(compile(src, f"{rev}:lightning_monitor/_grad_stats.py", "exec"), module.__dict__)
+    return module
+
+
+def with_stats(module: types.ModuleType, fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with GradientMonitor using ``module``'s summarize / squared_norms / summarize_finite."""
+    names = [n for n in ("summarize", "squared_norms", "summarize_finite") if hasattr(gm, n) and hasattr(module, n)]
+
+    def run() -> None:
+        saved = {n: getattr(gm, n) for n in names}
+        for n in names:
+            setattr(gm, n, getattr(module, n))
+        try:
+            fn()
+        finally:
+            for n, f in saved.items():
+                setattr(gm, n, f)
+
+    return run
+
+
+def bench_model(name: str, module: Wrapped, reps: int, root: str, old: Optional[types.ModuleType],
+                rev: str) -> tuple[dict[str, float], dict[str, tuple[int, int]]]:
     torch.manual_seed(0)
-    module = Wrapped(net)
     opt = torch.optim.SGD(module.parameters(), lr=1e-4)
-    x, y = torch.randn(batch, width), torch.randn(batch, net[-1].out_features)
 
     def train_step() -> None:
         opt.zero_grad(set_to_none=True)
-        nn.functional.mse_loss(module.net(x), y).backward()
+        x, y = module.batch()
+        module.loss_fn(module.net(x), y).backward()
         opt.step()
 
     train_step()  # grads now exist for the event configurations below
     tb_logger = TensorBoardLogger(os.path.join(root, name), name="ours")
     wb_logger = WandbLogger(save_dir=os.path.join(root, name), offline=True, project="bench", name=name)
-    trainer = pl.Trainer(
-        accelerator="cpu", logger=[tb_logger, wb_logger], enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = pl.Trainer(accelerator="cpu", logger=[tb_logger, wb_logger], enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
     run = wb_logger.experiment  # starts the offline run: wandb.run is set for wandb.watch's code path too
 
-    monitors = {
-        "ours exact": GradientMonitor(every_n_steps=1, max_hist_elements=None),
-        "ours sampled": GradientMonitor(every_n_steps=1),
-        "ours norms only": GradientMonitor(every_n_steps=1, histograms=False),
-    }
-    for monitor in monitors.values():
-        monitor.setup(trainer, module, "fit")
+    kinds = {"exact": dict(max_hist_elements=None), "sampled": {}, "norms only": dict(histograms=False)}
+    configs: dict[str, Callable[[], None]] = {}
+    monitors: dict[str, GradientMonitor] = {}
+    for kind, kwargs in kinds.items():
+        for label, stats in [("", None), (f" @{rev}", old)]:
+            if label and (stats is None or kind == "norms only"):
+                continue
+            monitor = GradientMonitor(every_n_steps=1, **kwargs)  # type: ignore[arg-type]
+            monitor.setup(trainer, module, "fit")
+            call = (lambda m=monitor: m.on_before_optimizer_step(trainer, module, opt))
+            configs[f"ours {kind}{label}"] = call if stats is None else with_stats(stats, call)
+            monitors[f"ours {kind}{label}"] = monitor
 
     from torch.utils.tensorboard import SummaryWriter
     from wandb.integration.torch.wandb_torch import TorchHistory
@@ -89,9 +150,7 @@ def bench_model(name: str, net: nn.Module, width: int, batch: int, reps: int, ro
     writer = SummaryWriter(os.path.join(root, name, "add_histogram"))
     history = TorchHistory()
     named = [(n, p) for n, p in module.named_parameters()]
-
-    def ours(monitor: GradientMonitor) -> Callable[[], None]:
-        return lambda: monitor.on_before_optimizer_step(trainer, module, opt)
+    grads = [p.grad for _, p in named]
 
     def tb_add_histogram() -> None:
         for n, p in named:
@@ -102,54 +161,67 @@ def bench_model(name: str, net: nn.Module, width: int, batch: int, reps: int, ro
             history.log_tensor_stats(p.grad, f"gradients/{n}")
         run.log({})  # commit the row, as the user's next wandb.log would
 
-    configs: dict[str, Callable[[], None]] = {k: ours(m) for k, m in monitors.items()}
+    configs["norms f32 (old)"] = lambda: torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double()
+    configs["norms (new)"] = lambda: squared_norms(grads)
     configs["tb add_histogram"] = tb_add_histogram
     configs["wandb.watch stats"] = wandb_watch
     times: dict[str, list[float]] = {k: [] for k in ["train step", *configs]}
-    for fn in configs.values():  # warm-up: lazy imports, first writes
+    for fn in configs.values():  # warm-up: lazy imports, first writes, layouts planned
         fn()
-    for rep in range(reps):
-        order = list(configs)
-        order = order[rep % len(order) :] + order[: rep % len(order)]  # rotate so no config always runs first
-        for key in ["train step", *order]:
-            fn = train_step if key == "train step" else configs[key]
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
+    for _, key in interleaved(["train step", *configs], reps):
+        fn = train_step if key == "train step" else configs[key]
+        start = time.perf_counter()
+        fn()
+        times[key].append(time.perf_counter() - start)
     writer.close()
-    step = statistics.median(times["train step"])
+
+    ops = {key: count_ops(configs[key]) for key in configs if key.startswith("ours") and "@" not in key}
+    sq = squared_norms(grads)
+    ops["summarize exact"] = count_ops(lambda: summarize(grads, sq, 64, None, "minmax"))
+    ops["summarize sampled"] = count_ops(lambda: summarize(grads, sq, 64, 16384, "minmax"))
+    ops["squared_norms"] = count_ops(lambda: squared_norms(grads))
+
+    step = Spread(times["train step"])
+    ratios = {key: Spread(times[key]).median / step.median for key in configs}
     n_params = sum(p.numel() for p in module.parameters())
-    print(f"\n{name}: {n_params / 1e6:.1f}M parameters in {len(named)} tensors, batch {batch}, "
-          f"train step {step * 1e3:.1f} ms (median of {reps})")
-    print(f"{'configuration':<22}{'ms / event':>12}{'x train step':>14}")
-    rows = []
-    for key in configs:
-        med = statistics.median(times[key])
-        rows.append((key, med, med / step))
-        print(f"{key:<22}{med * 1e3:>12.1f}{med / step:>14.3f}")
-    ours_sampled = statistics.median(times["ours sampled"])
-    print(f"ours sampled / wandb.watch stats = {ours_sampled / statistics.median(times['wandb.watch stats']):.3f}"
-          f"   ours sampled / tb add_histogram = {ours_sampled / statistics.median(times['tb add_histogram']):.3f}")
+    print(f"\n#### {name}: {n_params / 1e6:.1f}M parameters in {len(named)} tensors, train step "
+          f"{step.fmt(1e3)} ms ({reps} interleaved rounds)\n")
+    rows = [["train step", step.fmt(1e3), "1.000"]]
+    rows += [[key, Spread(times[key]).fmt(1e3, 2), f"{ratios[key]:.3f}"] for key in configs]
+    print(markdown_table(["configuration", "ms / event", "x train step"], rows))
+    tb, wb = ratios["tb add_histogram"], ratios["wandb.watch stats"]
+    print(f"\nours exact / tb add_histogram = {ratios['ours exact'] / tb:.3f}, ours sampled / tb add_histogram = "
+          f"{ratios['ours sampled'] / tb:.3f}, ours sampled / wandb.watch = {ratios['ours sampled'] / wb:.3f}, "
+          f"norms new / old = {ratios['norms (new)'] / ratios['norms f32 (old)']:.2f}")
+    for kind in ("exact", "sampled"):
+        if f"ours {kind} @{rev}" in ratios:
+            print(f"ours {kind}: new / @{rev} = {ratios[f'ours {kind}'] / ratios[f'ours {kind} @{rev}']:.3f}")
+    print("\ndispatcher ops per event (compute / views): " + ", ".join(f"{k} {c}/{v}" for k, (c, v) in ops.items()))
     wb_logger.finalize("success")
     import wandb
 
     wandb.finish()
-    return rows
+    return ratios, {k: v for k, v in ops.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--old", default=None, help="git revision whose _grad_stats is timed alongside (old vs new)")
+    parser.add_argument("--only", default="mlp,transformer,linear", help="comma-separated: mlp, transformer, linear")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
-    warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    pin(args.threads)
+    old = load_old(args.old) if args.old else None
+    print(machine())
+    models = {"mlp": ("mlp_25m", lambda: mlp(args.batch)),
+              "transformer": ("transformer_6x256", lambda: transformer(16)),
+              "linear": ("linear_200x256", lambda: many_linears(args.batch))}
     with tempfile.TemporaryDirectory() as root:
-        bench_model("mlp_25m", mlp(), 1024, args.batch, args.reps, root)
-        bench_model("linear_200x256", many_linears(), 256, args.batch, args.reps, root)
+        for key in args.only.split(","):
+            name, make = models[key]
+            bench_model(name, make(), args.reps, root, old, args.old or "")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -149,17 +150,22 @@ def _bin_rows(
     ``x``-shaped buffers (work dtype, int32, bool).
     """
     torch.sub(x, row_lo, out=work)
-    torch.addcmul(work.new_full((), -_SHIFT), work, row_scale, out=work)
+    work.mul_(row_scale).sub_(_SHIFT)
     work.nan_to_num_(nan=0.0).clamp_(0, bins - 1)  # NaN/Inf (summarize_finite redoes those rows) stay in range
     index.copy_(work)  # truncation == floor for values >= 0
     index.add_(row_offset)
     flat = index.view(-1)
     torch.index_select(table, 0, flat, out=work.view(-1))  # threshold of the candidate's upper edge
     torch.ge(x, work, out=flags)
-    index.add_(flags)
+    as_int = work.view(-1).view(torch.int32)[: flags.numel()].view(flags.shape)  # the thresholds are spent
+    index.add_(as_int.copy_(flags))  # bool -> int32 into existing memory: an add of bool would allocate
     if trash is not None:
         flat.index_fill_(0, trash, 0)
-    return torch.bincount(flat, minlength=int(table.numel()))[1:]
+    size = int(table.numel())
+    if flat.device.type == "cpu":
+        return torch.bincount(flat, minlength=size)[1:]
+    # CUDA bincount reads max() on the host to size its output (a sync); histc with a fixed range does not
+    return torch.histc(flat.double().add_(0.5), bins=size, min=0, max=size)[1:].long()
 
 
 class _Plan:
@@ -179,7 +185,6 @@ class _Plan:
         starts = np.concatenate([[0], np.cumsum(rows)[:-1]]) * _ROW
         self.rows = rows.sum()
         self.pads = rows * _ROW - np.array(numels)
-        self.row_lengths = self._dev(rows)
         self.full = self._layout(np.arange(len(numels)), rows, starts, np.array(numels), stride=np.ones_like(rows))
         strides = np.array([sample_stride(n, max_elements) for n in numels])
         self.sampled = bool((strides > 1).any())
@@ -220,6 +225,11 @@ class _Plan:
                 self._buffers[name] = buf
         return buf
 
+    def _per_tensor(self, per_row: torch.Tensor, reduce: str) -> torch.Tensor:
+        """``[T]`` reduction of per-row values over each tensor's rows (a scatter: no host sync, unlike segment ops)."""
+        out = per_row.new_zeros(len(self.numels))
+        return out.scatter_reduce_(0, self.full["seg"], per_row, reduce, include_self=False)  # type: ignore[arg-type]
+
     def run(self, tensors: list[torch.Tensor], sum_squares: torch.Tensor, hist_range: HistRange) -> torch.Tensor:
         parts: list[torch.Tensor] = []
         for tensor, pad in zip(tensors, self.pads):
@@ -230,11 +240,11 @@ class _Plan:
         buf = self.buffer("flat", (int(self.rows) * _ROW,), self.dtype)
         torch.cat(parts, out=buf)
         x = buf.view(-1, _ROW)
-        vmin = torch.segment_reduce(x.amin(dim=1), "min", lengths=self.row_lengths).double()
-        vmax = torch.segment_reduce(x.amax(dim=1), "max", lengths=self.row_lengths).double()
+        vmin = self._per_tensor(x.amin(dim=1).double(), "amin")
+        vmax = self._per_tensor(x.amax(dim=1).double(), "amax")
         if self.full["trash"] is not None:
             buf.index_fill_(0, self.full["trash"], 0)  # now zero for the sums; the padding is binned into the trash bin
-        total = torch.segment_reduce(x.sum(dim=1).double(), "sum", lengths=self.row_lengths)
+        total = self._per_tensor(x.sum(dim=1).double(), "sum")
         lo, hi = _range(vmin, vmax, hist_range)
         span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
         scale = (self.bins / span).clamp(max=_FLT_MAX).to(self.work)
