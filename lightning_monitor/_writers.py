@@ -14,6 +14,7 @@ gone), turn that backend off with one warning saying what still logs. Training n
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, Optional
@@ -182,6 +183,31 @@ def deliver(
     ``keys`` name what is written (for the warning when the backend rejects it); ``others`` are the writers that
     keep logging if this one stops (for the warning's wording).
     """
+    began = time.perf_counter()
+    try:
+        _deliver(writer, write, step, keys, others, row)
+    finally:
+        global _seconds_writing
+        _seconds_writing += time.perf_counter() - began
+
+
+def seconds_writing() -> float:
+    """Host seconds this process has spent inside :func:`deliver` (starting and writing to backends): SpeedMonitor
+    leaves them out of its timing windows."""
+    return _seconds_writing
+
+
+_seconds_writing = 0.0
+
+
+def _deliver(
+    writer: Writer,
+    write: Callable[[], Any],
+    step: Optional[int],
+    keys: Iterable[str],
+    others: Sequence[Writer],
+    row: bool,
+) -> None:
     if writer.failed or not writer.start(step, row):
         return
     try:

@@ -200,6 +200,11 @@ class MultiLogger(Logger):
             if not self._tb_hp_metric and not (args or kwargs.get("metrics")):
                 self._tb_hparams(public)
 
+        if not self._wandb_rewind:
+            # Lightning logs hyperparameters before the first batch: start the wandb run now, so that its start-up
+            # (seconds) and its banner never land inside a timing window or a progress-bar line. (A rewinding run
+            # waits for its first step, which says where to rewind to.)
+            self.wandb  # noqa: B018 - starts the run
         self._deliver(lambda w: to_tensorboard if w is self._tb_writer else partial(w.hyperparams, public),
                       None, ["hyperparameters"], row=False)
 
