@@ -11,6 +11,7 @@ interleaved round-robin in the same process (:func:`_common.interleaved`), media
                    one run.
 * ``norms f32 (old)`` / ``norms (new)``  the per-step norm pass alone: ``torch._foreach_norm(dtype=float32)`` (the
                    old accumulation) vs :func:`squared_norms` (within 1e-6 of float64 at any size).
+* ``summarize ...``  the device part of an event alone (stats + bin counts of every gradient, no host work).
 * ``tb add_histogram``  ``SummaryWriter.add_histogram(name, grad, step)`` with default bins for every gradient
                    (what a hand-written histogram callback does).
 * ``wandb.watch``  wandb's own per-tensor statistics, ``TorchHistory.log_tensor_stats`` (what
@@ -163,6 +164,11 @@ def bench_model(name: str, module: Wrapped, reps: int, root: str, old: Optional[
 
     configs["norms f32 (old)"] = lambda: torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double()
     configs["norms (new)"] = lambda: squared_norms(grads)
+    sq_all = squared_norms(grads)
+    configs["summarize exact"] = lambda: summarize(grads, sq_all, 64, None, "minmax")
+    configs["summarize sampled"] = lambda: summarize(grads, sq_all, 64, 16384, "minmax")
+    if old is not None:
+        configs[f"summarize sampled @{rev}"] = lambda: old.summarize(grads, list(sq_all), 64, 16384, "minmax")
     configs["tb add_histogram"] = tb_add_histogram
     configs["wandb.watch stats"] = wandb_watch
     times: dict[str, list[float]] = {k: [] for k in ["train step", *configs]}
@@ -176,9 +182,8 @@ def bench_model(name: str, module: Wrapped, reps: int, root: str, old: Optional[
     writer.close()
 
     ops = {key: count_ops(configs[key]) for key in configs if key.startswith("ours") and "@" not in key}
-    sq = squared_norms(grads)
-    ops["summarize exact"] = count_ops(lambda: summarize(grads, sq, 64, None, "minmax"))
-    ops["summarize sampled"] = count_ops(lambda: summarize(grads, sq, 64, 16384, "minmax"))
+    ops["summarize exact"] = count_ops(configs["summarize exact"])
+    ops["summarize sampled"] = count_ops(configs["summarize sampled"])
     ops["squared_norms"] = count_ops(lambda: squared_norms(grads))
 
     step = Spread(times["train step"])
