@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from lightning_monitor import _run_state
+from lightning_monitor import _run_state, _wandb_run
 from lightning_monitor._writers import TensorBoardWriter, WandbWriter, _call
 
 if TYPE_CHECKING:
@@ -27,6 +27,8 @@ class RunTensorBoard(TensorBoardWriter):
         self.started = False  # the SummaryWriter is made and its header written
         self.purge_pending = False
         self.last_step = 0
+        self.hparams: Optional[dict[str, Any]] = None  # flattened, for the HParams tab
+        self.eval_metrics: dict[str, float] = {}  # last value of each validation/test metric: HParams columns
 
     def summary_writer(self) -> Any:
         if not self.started:
@@ -63,6 +65,35 @@ class RunTensorBoard(TensorBoardWriter):
         if step is not None:
             self.multi.ledger().record_step(step)
 
+    def hparams_session(self, params: Optional[Mapping[str, Any]], status: Optional[str] = None) -> None:
+        """TensorBoard's HParams tab without Lightning's placeholder ``hp_metric = -1`` scalar.
+
+        At the start only the session's hyperparameters are written; at the end (``status`` given) the experiment
+        summary naming the metric columns (the validation and test metrics logged: their scalar series hold the
+        values) and the session's end. TensorBoard keeps the first summary of a tag, so the experiment summary is
+        written once, when its metric list is known.
+        """
+        from lightning.fabric.utilities.logger import _add_prefix, _flatten_dict
+        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+        from torch.utils.tensorboard.summary import hparams
+
+        if params is not None:
+            self.hparams = self.tb._sanitize_params(_flatten_dict(dict(params)))
+        if self.hparams is None:
+            return
+        metrics = _add_prefix(dict(self.eval_metrics), self.tb._prefix, self.tb.LOGGER_JOIN_CHAR)
+        experiment, session_start, session_end = hparams(self.hparams, metrics)
+        writer = self.summary_writer()._get_file_writer()
+        if status is None:
+            writer.add_summary(session_start)
+            return
+        for value in session_end.value:  # torch writes SUCCESS whatever happened
+            data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+            data.session_end_info.status = api_pb2.STATUS_SUCCESS if status == "success" else api_pb2.STATUS_FAILURE
+            value.metadata.plugin_data.content = data.SerializeToString()
+        writer.add_summary(experiment)
+        writer.add_summary(session_end)
+
     def failure_message(self, err: BaseException, still_logging: Sequence[str]) -> str:
         if os_error(err) is None:
             return super().failure_message(err, still_logging)
@@ -89,7 +120,7 @@ class RunWandb(WandbWriter):
 
     def start(self, step: Optional[int], row: bool) -> bool:
         if self.wb is None and (row or step is not None):
-            self.wb = self.multi._start_wandb(first_step=step)
+            self.wb = self._start_run(first_step=step)
             if self.wb is None:  # even an offline run failed; _wandb_run warned
                 self.failed = True
                 return False
@@ -97,7 +128,7 @@ class RunWandb(WandbWriter):
         return True
 
     def log_row(self, row: dict[str, Any], step: Optional[int]) -> None:
-        """``run.log`` with the run's next ``_step`` given explicitly (see ``MultiLogger._start_wandb``), the
+        """``run.log`` with the run's next ``_step`` given explicitly (see :meth:`_start_run`), the
         prefix and the ``trainer/global_step`` axis added as ``WandbLogger.log_metrics`` adds them."""
         from lightning.fabric.utilities.logger import _add_prefix
 
@@ -131,6 +162,42 @@ class RunWandb(WandbWriter):
             f" {' and '.join(still_logging) + ' keeps logging' if still_logging else 'nothing more is logged'}."
             + (f" What wandb had received is in {os.path.dirname(where)}." if where else "")
         )
+
+    def _start_run(self, first_step: Optional[int]) -> Optional[WandbLogger]:
+        multi = self.multi
+        options = dict(multi._wandb_options or {})
+        mode, reason = _wandb_run.decide_mode(options)
+        logger_kwargs = {key: options.pop(key) for key in _wandb_run.LOGGER_ONLY_KEYS if key in options}
+        init: dict[str, Any] = {
+            "name": f"{multi.name}/{multi.version_name()}",
+            "project": os.environ.get("WANDB_PROJECT", multi.name),
+            "id": multi.run_id,
+            "dir": os.path.abspath(multi.log_dir),  # wandb's service keeps the first run's cwd
+            "resume": "allow",
+            "reinit": "create_new",  # a second fit in this process gets its own run
+            **options,
+        }
+        os.makedirs(multi.log_dir, exist_ok=True)
+        live = _run_state.live_runs.get(multi.run_id)
+        if live is None or getattr(live.run, "_is_finished", False):  # an unpickled copy of us shares the run
+            ledger = multi.ledger()
+            rewind = None
+            if multi._wandb_rewind and not {"resume", "resume_from", "fork_from", "id"} & set(options):
+                rewind = ledger.rewind_point(first_step)
+            if rewind is not None:  # opt-in (a wandb preview feature): cut the run back to before `first_step`
+                del init["id"], init["resume"]
+                init["resume_from"] = f"{multi.run_id}?_step={rewind}"
+            run = _wandb_run.start(init, mode, reason)
+            if run is None:
+                return None
+            if rewind is not None:
+                ledger.record_rewind(rewind)
+            # By default a new segment of the run (test after fit, a restart, a later job) continues wandb's own
+            # `_step` after every row the run already holds, so `wandb sync` of the segments in order appends them
+            # and overwrites nothing (rows carry their `_step` explicitly: an offline run cannot know it).
+            next_step = rewind + 1 if rewind is not None else max(ledger.next_wandb_step(), int(run.step or 0))
+            live = _run_state.live_runs[multi.run_id] = _run_state.LiveRun(run, ledger, next_step)
+        return WandbLogger(experiment=live.run, **logger_kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

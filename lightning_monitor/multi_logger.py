@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_monitor import _run_state, _wandb_run
+from lightning_monitor._keys import document_keys
 from lightning_monitor._media import HistogramData, make_histogram, prepare_images
 from lightning_monitor._run_writers import RunTensorBoard, RunWandb
 from lightning_monitor._validate import check_keys, check_writable, options, scalar, tensorboard_keys
@@ -26,6 +27,8 @@ from lightning_monitor._writers import Writer, deliver
 #: seconds between TensorBoard flushes; TensorBoard's own default (120 s) is too slow to watch a run live.
 DEFAULT_FLUSH_SECS = 2
 
+
+@document_keys
 class MultiLogger(Logger):
     r"""One Lightning logger that writes to TensorBoard and Weights & Biases at once.
 
@@ -33,21 +36,27 @@ class MultiLogger(Logger):
     :class:`~lightning.pytorch.loggers.WandbLogger` and adds what they lack in common: histograms, images and
     text. Both backends describe one run: TensorBoard writes to ``save_dir/name/version``; the wandb run is stored
     inside that directory, is called ``name/version`` and has an id derived from the run directory, so starting
-    again with the same ``version`` (resuming from a checkpoint) appends to the same TensorBoard run and resumes the
-    same wandb run. Every value lands at the step it is given (``trainer.global_step``) on both sides; wandb plots
-    it against ``trainer/global_step``.
+    again with the same ``version`` (resuming from a checkpoint, ``test`` after ``fit``) continues the same
+    TensorBoard run and the same wandb run. Every value lands at the step it is given (``trainer.global_step``) on
+    both sides; wandb plots it against ``trainer/global_step``.
 
-    wandb never blocks training: without an API key or network, or with ``WANDB_MODE=offline``, it runs offline,
-    says so once with the ``wandb sync`` command to upload later, and never prompts. See the README's "Failure
-    behaviour" for what happens when a backend breaks mid-run.
+    Each new segment of the wandb run (a later ``fit``/``test``, a restarted job) continues wandb's own ``_step``
+    after every row the run holds, so syncing the offline folders in the order they were written appends them
+    (generally available wandb only). After a restart from a checkpoint, the steps the dead job had already logged
+    past the checkpoint are logged again: TensorBoard drops the old points (a purge marker), wandb keeps both, so
+    on the ``trainer/global_step`` axis the line steps back to the checkpoint's step and runs on from there.
+    ``wandb_rewind=True`` instead cuts the wandb run back to the checkpoint (wandb's rewind, a preview feature).
+
+    Hyperparameters go to TensorBoard's HParams tab and wandb's config without ``_``-prefixed keys; when the run
+    ends, its validation and test metrics become the HParams metric columns. wandb never blocks training: without
+    an API key or network, or with ``WANDB_MODE=offline``, it runs offline, says so once with the ``wandb sync``
+    command to upload later, and never prompts. A backend that rejects a value loses that value (one warning); a
+    backend that breaks is turned off (one warning) while the other keeps every step. The monitors write through
+    :attr:`writers`.
 
     Logged keys (only when a run ends badly):
 
-    ==============  ===============================================================================
-    key             meaning
-    ==============  ===============================================================================
-    run/status      text written to TensorBoard when the run ends with a status other than success
-    ==============  ===============================================================================
+    {logged_keys}
 
     Args:
         save_dir: root directory of all runs.
@@ -59,11 +68,14 @@ class MultiLogger(Logger):
             (e.g. ``{"flush_secs": 10, "log_graph": True}``).
         wandb: ``True``, ``False`` or a dict of options for ``WandbLogger`` / ``wandb.init`` (e.g.
             ``{"project": "x", "entity": "y", "mode": "offline", "tags": [...]}``).
+        wandb_rewind: on a restart from a checkpoint, rewind the wandb run to the checkpoint's step
+            (``resume_from="<id>?_step=k"``). A wandb preview feature: it needs W&B's consent for your account and
+            is not available on self-managed servers.
 
     Raises:
         ValueError: an unknown option or a bad value.
+        WandbOnlineError: ``wandb={"require_online": True}`` without an API key or a server that answers.
         NotADirectoryError, PermissionError: a ``save_dir`` that cannot be created or written.
-        ModuleNotFoundError: wandb asked for but not installed.
 
     Example::
 
@@ -78,8 +90,8 @@ class MultiLogger(Logger):
         self,
         save_dir: Union[str, os.PathLike] = "runs",
         name: str = "lightning_logs",
-        version: Optional[Union[int, str]] = None,
         *,
+        version: Optional[Union[int, str]] = None,
         prefix: str = "",
         tensorboard: Union[bool, dict[str, Any]] = True,
         wandb: Union[bool, dict[str, Any]] = True,
@@ -101,6 +113,7 @@ class MultiLogger(Logger):
             )
         if self._wandb_options is not None:
             check_keys("wandb", self._wandb_options, _wandb_run.option_keys())
+            _wandb_run.check_options(self._wandb_options)  # require_online: an error now, before any step
             self._wandb_options.setdefault("prefix", prefix)
         tb_kwargs: dict[str, Any] = {"default_hp_metric": False, "flush_secs": DEFAULT_FLUSH_SECS, "prefix": prefix}
         tb_kwargs.update(tb_options or {})
@@ -113,8 +126,6 @@ class MultiLogger(Logger):
                                                         (self._wandb_writer, self._wandb_options is not None)) if on]
         self._step_ledger: Optional[_run_state.StepLedger] = None  # made on rank 0 at the first write
         self._wandb_rewind = bool(wandb_rewind)
-        self._hparams: Optional[dict[str, Any]] = None  # flattened, for TensorBoard's HParams tab
-        self._eval_metrics: dict[str, float] = {}  # last value of each validation/test metric: HParams columns
 
     # ------------------------------------------------------------------ identity
     @property
@@ -147,7 +158,7 @@ class MultiLogger(Logger):
     def run_id(self) -> str:
         """The wandb run id: ``name-version-<hash of the absolute run directory>``; stable across restarts."""
         digest = hashlib.sha1(os.path.abspath(self.log_dir).encode()).hexdigest()[:8]
-        return _slug(f"{self.name}-{self._version_name()}-{digest}")
+        return _slug(f"{self.name}-{self.version_name()}-{digest}")
 
     @property
     def tensorboard(self) -> Optional[TensorBoardLogger]:
@@ -182,7 +193,7 @@ class MultiLogger(Logger):
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
         scalars = {key: scalar(key, value) for key, value in metrics.items()}
-        self._eval_metrics.update({key: value for key, value in scalars.items() if _is_eval_metric(key)})
+        self._tb_writer.eval_metrics.update({k: v for k, v in scalars.items() if _is_eval_metric(k)})
         self._deliver(lambda w: partial(w.scalars, scalars, step), step, scalars)
 
     @override
@@ -198,7 +209,7 @@ class MultiLogger(Logger):
         def to_tensorboard() -> None:
             self._tb.log_hyperparams(public, *args, **kwargs)
             if not self._tb_hp_metric and not (args or kwargs.get("metrics")):
-                self._tb_hparams(public)
+                self._tb_writer.hparams_session(public)
 
         if not self._wandb_rewind:
             # Lightning logs hyperparameters before the first batch: start the wandb run now, so that its start-up
@@ -296,7 +307,7 @@ class MultiLogger(Logger):
                 if status != "success":
                     tb.summary_writer().add_text("run/status", status, global_step=tb.last_step)
                 if not self._tb_hp_metric:
-                    self._tb_hparams(None, status)
+                    self._tb_writer.hparams_session(None, status)
                 self._tb.finalize(status)
             except Exception as err:  # noqa: BLE001 - the other backend must still be flushed
                 errors.append(err)
@@ -328,7 +339,8 @@ class MultiLogger(Logger):
     def _log_histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int]) -> None:
         self._deliver(lambda w: partial(w.histograms, histograms, step), step, histograms)
 
-    def _version_name(self) -> str:
+    def version_name(self) -> str:
+        """``version_N``, or the version string given."""
         return self.version if isinstance(self.version, str) else f"version_{self.version}"
 
     def ledger(self) -> _run_state.StepLedger:
@@ -336,72 +348,6 @@ class MultiLogger(Logger):
         if self._step_ledger is None:
             self._step_ledger = _run_state.StepLedger(self.log_dir)
         return self._step_ledger
-
-    def _tb_hparams(self, params: Optional[Mapping[str, Any]], status: Optional[str] = None) -> None:
-        """TensorBoard's HParams tab without Lightning's placeholder ``hp_metric = -1`` scalar.
-
-        At the start only the session's hyperparameters are written; at the end (``status`` given) the experiment
-        summary naming the metric columns (the validation and test metrics logged: their scalar series hold the
-        values) and the session's end. TensorBoard keeps the first summary of a tag, so the experiment summary is
-        written once, when its metric list is known.
-        """
-        from lightning.fabric.utilities.logger import _add_prefix, _flatten_dict
-        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
-        from torch.utils.tensorboard.summary import hparams
-
-        if params is not None:
-            self._hparams = self._tb._sanitize_params(_flatten_dict(dict(params)))
-        if self._hparams is None:
-            return
-        metrics = _add_prefix(dict(self._eval_metrics), self._tb._prefix, self._tb.LOGGER_JOIN_CHAR)
-        experiment, session_start, session_end = hparams(self._hparams, metrics)
-        writer = self._tb_writer.summary_writer()._get_file_writer()
-        if status is None:
-            writer.add_summary(session_start)
-            return
-        for value in session_end.value:  # torch writes SUCCESS whatever happened
-            data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
-            data.session_end_info.status = api_pb2.STATUS_SUCCESS if status == "success" else api_pb2.STATUS_FAILURE
-            value.metadata.plugin_data.content = data.SerializeToString()
-        writer.add_summary(experiment)
-        writer.add_summary(session_end)
-
-    def _start_wandb(self, first_step: Optional[int]) -> Optional[Any]:
-        from lightning.pytorch.loggers import WandbLogger
-
-        options = dict(self._wandb_options or {})
-        mode, reason = _wandb_run.decide_mode(options)
-        logger_kwargs = {key: options.pop(key) for key in _wandb_run.LOGGER_ONLY_KEYS if key in options}
-        init: dict[str, Any] = {
-            "name": f"{self.name}/{self._version_name()}",
-            "project": os.environ.get("WANDB_PROJECT", self.name),
-            "id": self.run_id,
-            "dir": os.path.abspath(self.log_dir),  # wandb's service keeps the first run's cwd
-            "resume": "allow",
-            "reinit": "create_new",  # a second fit in this process gets its own run
-            **options,
-        }
-        os.makedirs(self.log_dir, exist_ok=True)
-        live = _run_state.live_runs.get(self.run_id)
-        if live is None or getattr(live.run, "_is_finished", False):  # an unpickled copy of us shares the run
-            ledger = self.ledger()
-            rewind = None
-            if self._wandb_rewind and not {"resume", "resume_from", "fork_from", "id"} & set(options):
-                rewind = ledger.rewind_point(first_step)
-            if rewind is not None:  # opt-in (a wandb preview feature): cut the run back to before `first_step`
-                del init["id"], init["resume"]
-                init["resume_from"] = f"{self.run_id}?_step={rewind}"
-            run = _wandb_run.start(init, mode, reason)
-            if run is None:
-                return None
-            if rewind is not None:
-                ledger.record_rewind(rewind)
-            # By default a new segment of the run (test after fit, a restart, a later job) continues wandb's own
-            # `_step` after every row the run already holds, so `wandb sync` of the segments in order appends them
-            # and overwrites nothing (rows carry their `_step` explicitly: an offline run cannot know it).
-            next_step = rewind + 1 if rewind is not None else max(ledger.next_wandb_step(), int(run.step or 0))
-            live = _run_state.live_runs[self.run_id] = _run_state.LiveRun(run, ledger, next_step)
-        return WandbLogger(experiment=live.run, **logger_kwargs)
 
 
 def _public(params: Any) -> Any:
