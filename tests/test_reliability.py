@@ -164,24 +164,27 @@ def test_unreachable_server_runs_offline(tmp_path):
     env = {"WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}"}
     proc, run_dir = run_job(tmp_path, "--steps", "3", env=env)
     _assert_trained_offline(proc, run_dir, 3)
-    assert "is unreachable" in proc.stdout + proc.stderr
+    assert "did not answer (URLError" in proc.stdout + proc.stderr
 
 
 @pytest.mark.timeout(240)
 def test_silent_server_costs_a_bounded_wait_then_offline(tmp_path):
-    """A server that accepts connections and never answers: the online start gives up after init_timeout and the
-    run continues offline under the same id."""
+    """A server that accepts connections and never answers: the 2 s HTTP probe before the start says so, and the
+    run is offline from the start, under the same id, within a few seconds."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(64)
     held = []
     threading.Thread(target=lambda: [held.append(server.accept()) for _ in iter(int, 1)], daemon=True).start()
     env = {"WANDB_API_KEY": "k" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{server.getsockname()[1]}"}
+    started = time.monotonic()
     proc, run_dir = run_job(tmp_path, "--steps", "3", "--wandb-settings", "init_timeout=5", env=env)
+    took = time.monotonic() - started
     server.close()
     _assert_trained_offline(proc, run_dir, 3)
     text = proc.stdout + proc.stderr
-    assert "wandb could not start online" in text and "logging offline instead" in text
+    assert "did not answer (" in text and "wandb is logging offline" in text
+    assert took < 60  # the whole job; the probe itself gives up after 2 s
     (run,) = find_runs(run_dir)
     assert run.run_id.startswith("job-version_0-")
 
