@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+import fnmatch
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Optional, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -10,7 +12,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_monitor import _cadence
+from lightning_monitor import _cadence, _dispatch
+from lightning_monitor._media import HistogramData
 from lightning_monitor._validate import check_every_n_steps
 from lightning_monitor._warn import WarnOnce
 
@@ -32,10 +35,13 @@ class Monitor(Callback):
     #: empty when it can.
     SHARDED_UNSUPPORTED: ClassVar[str] = ""
 
-    def __init__(self, every_n_steps: Optional[int]) -> None:
+    def __init__(self, every_n_steps: Optional[int], exclude_keys: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         check_every_n_steps(every_n_steps)
+        if isinstance(exclude_keys, str) or not all(isinstance(p, str) for p in exclude_keys or ()):
+            raise ValueError(f"`exclude_keys` must be a list of key patterns (globs), got {exclude_keys!r}")
         self.every_n_steps = every_n_steps
+        self.exclude_keys = list(exclude_keys or ())
         self._warn = WarnOnce()  # self._warn(tag, message): once per run (cleared in setup)
         self._batch_step: Optional[int] = None  # trainer.global_step at the start of this fit's last training batch
 
@@ -68,6 +74,24 @@ class Monitor(Callback):
     ) -> None:
         self._batch_step = trainer.global_step
 
+    # ------------------------------------------------------------------------------------------ logging
+    def _keeps(self, key: str) -> bool:
+        """Whether ``key`` is logged: not matched by any ``exclude_keys`` pattern."""
+        return not any(fnmatch.fnmatchcase(key, pattern) for pattern in self.exclude_keys)
+
+    def _log_scalars(self, trainer: "pl.Trainer", metrics: Mapping[str, float], step: int) -> None:
+        _dispatch.log_scalars(trainer, {k: v for k, v in metrics.items() if self._keeps(k)}, step)
+
+    def _log_histograms(self, trainer: "pl.Trainer", histograms: Mapping[str, HistogramData], step: int) -> None:
+        _dispatch.log_histograms(trainer, {k: v for k, v in histograms.items() if self._keeps(k)}, step)
+
+    def _log_image(
+        self, trainer: "pl.Trainer", key: str, image: Any, step: int, caption: Optional[Union[str, Sequence[str]]]
+    ) -> None:
+        if self._keeps(key):
+            _dispatch.log_image(trainer, key, image, step, caption=caption)
+
+    # ------------------------------------------------------------------------------------------ cadence
     def _logs_at(self, trainer: "pl.Trainer", step: int) -> bool:
         """Whether the optimizer step that starts at ``trainer.global_step == step`` is a logging step."""
         return _cadence.is_logging_step(step, _cadence.logging_interval(trainer, self.every_n_steps))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from typing_extensions import override
 
-from lightning_monitor import _dispatch, _grad_nonfinite
+from lightning_monitor import _grad_nonfinite
 from lightning_monitor._grad_stats import STAT_COLUMNS, host_histogram, squared_norms, summarize, summarize_finite
 from lightning_monitor._keys import document_keys
 from lightning_monitor._media import make_histogram
@@ -63,6 +64,8 @@ class GradientMonitor(Monitor):
             weight decay changes; training continues). Under ``precision="16-mixed"`` the GradScaler's own overflow
             steps (which it skips itself) show up here as non-finite gradients, so ``"raise"`` would stop fp16 AMP
             training in its first steps: keep ``"warn"`` there.
+        exclude_keys: globs over the keys this monitor logs, left out of every backend (e.g. ``["grad/hist/*"]``
+            drops a whole family, ``["memory/host/available_gib"]`` one key).
 
     Raises:
         ValueError: for a bad argument, echoing it.
@@ -108,8 +111,9 @@ class GradientMonitor(Monitor):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         nonfinite: Literal["warn", "raise", "skip"] = "warn",
+        exclude_keys: Optional[Sequence[str]] = None,
     ) -> None:
-        super().__init__(every_n_steps)
+        super().__init__(every_n_steps, exclude_keys)
         if group_depth < 0:
             raise ValueError(f"`group_depth` must be >= 0, got {group_depth!r}")
         if not 1 <= bins <= 512:
@@ -284,7 +288,7 @@ class GradientMonitor(Monitor):
                 f" (policy {self.nonfinite!r}, warned once)."
             ))
 
-        _dispatch.log_scalars(trainer, metrics, step)
+        self._log_scalars(trainer, metrics, step)
         hists = {}
         for host_rows, idx, area in ((grad_rows, hist_idx, "grad"), (param_rows, pidx, "param")):
             if host_rows is None:
@@ -295,7 +299,7 @@ class GradientMonitor(Monitor):
                 key = f"{area}/hist/{self._names[present[j]]}"
                 hist_counts, edges, stats = host_histogram(row, bins)
                 hists[key] = make_histogram(hist_counts, edges, key=key, stats=stats)
-        _dispatch.log_histograms(trainer, hists, step)  # one wandb row for all of them
+        self._log_histograms(trainer, hists, step)  # one wandb row for all of them
         if self.nonfinite != "warn" and bad_now:
             bad = [present[j] for j in bad_now]  # acted on after logging what we saw
             _grad_nonfinite.act(self.nonfinite, bad, self._params, self._names, optimizer, step)
@@ -326,4 +330,4 @@ class GradientMonitor(Monitor):
         den = self._group_norms("x", tuple(present), wsq)
         for key, value in num.items():
             metrics[f"param/update_ratio/{key[2:]}"] = value / den[key] if den[key] > 0 else 0.0
-        _dispatch.log_scalars(trainer, metrics, step)
+        self._log_scalars(trainer, metrics, step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -11,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_monitor import _dispatch, _dist, _memory
+from lightning_monitor import _dist, _memory
 from lightning_monitor._keys import document_keys
 from lightning_monitor._memory import GIB
 from lightning_monitor._monitor import Monitor
@@ -51,6 +52,8 @@ class MemoryMonitor(Monitor):
         nvml: sample GPU utilisation, power and temperature with NVML (``pip install nvidia-ml-py``) on a
             background thread; without it, or on CPU, the ``memory/gpu/*`` keys are skipped.
         nvml_interval_sec: seconds between two NVML samples.
+        exclude_keys: globs over the keys this monitor logs, left out of every backend (e.g. ``["grad/hist/*"]``
+            drops a whole family, ``["memory/host/available_gib"]`` one key).
 
     Raises:
         ValueError: an argument out of range.
@@ -97,8 +100,9 @@ class MemoryMonitor(Monitor):
         warn_share: float = 0.9,
         nvml: bool = True,
         nvml_interval_sec: float = 2.0,
+        exclude_keys: Optional[Sequence[str]] = None,
     ) -> None:
-        super().__init__(every_n_steps)
+        super().__init__(every_n_steps, exclude_keys)
         if isinstance(warn_share, bool) or not isinstance(warn_share, (int, float)) or not warn_share > 0:
             raise ValueError(f"`warn_share` must be a number > 0, got {warn_share!r}")
         if isinstance(nvml_interval_sec, bool) or not isinstance(nvml_interval_sec, (int, float)) \
@@ -290,7 +294,7 @@ class MemoryMonitor(Monitor):
             complete = (~np.isnan(gathered).any(axis=0)).tolist()  # a value missing on any rank is skipped
             cols = [i for i, ok in enumerate(complete) if ok]
             metrics.update(_dist.rank_stats(gathered[:, cols], [keys[i] for i in cols]))
-        _dispatch.log_scalars(trainer, metrics, step)
+        self._log_scalars(trainer, metrics, step)
         return metrics
 
     def _maybe_warn(self, metrics: dict[str, float], step: int) -> None:

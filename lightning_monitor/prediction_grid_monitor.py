@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from lightning_monitor import _dispatch, _draw
+from lightning_monitor import _draw
 from lightning_monitor._keys import document_keys
 from lightning_monitor._monitor import Monitor
 
@@ -61,6 +61,8 @@ class PredictionGridMonitor(Monitor):
             (e.g. ``lambda b: (b["image"], b["label"])``).
         output_fn: maps the module's output for a batch of images to ``[B, num_classes]`` scores,
             log-probabilities or probabilities (e.g. ``lambda out: out["logits"]``).
+        exclude_keys: globs over the keys this monitor logs, left out of every backend (e.g. ``["grad/hist/*"]``
+            drops a whole family, ``["memory/host/available_gib"]`` one key).
 
     Raises:
         ValueError: a bad argument, or (at the first validation) a batch or output layout it cannot read.
@@ -96,6 +98,7 @@ class PredictionGridMonitor(Monitor):
         dataloader_idx: int = 0,
         batch_fn: Optional[Callable[[Any], Any]] = None,
         output_fn: Optional[Callable[[Any], Any]] = None,
+        exclude_keys: Optional[Sequence[str]] = None,
     ) -> None:
         lowest = {"num_samples": 1, "nrow": 1, "tile_size": 8, "padding": 0, "dataloader_idx": 0}
         values = {"num_samples": num_samples, "nrow": nrow, "tile_size": tile_size, "padding": padding,
@@ -104,7 +107,7 @@ class PredictionGridMonitor(Monitor):
             value = values[name]
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-        super().__init__(every_n_steps)
+        super().__init__(every_n_steps, exclude_keys)
         if (mean is None) != (std is None):
             raise ValueError(f"`mean` and `std` go together, got mean={mean!r}, std={std!r}")
         if mean is not None and std is not None:
@@ -300,8 +303,8 @@ class PredictionGridMonitor(Monitor):
             more = f", +{len(mistakes) - _MAX_LISTED} more" if len(mistakes) > _MAX_LISTED else ""
             caption += "; wrong: " + ", ".join(mistakes[:_MAX_LISTED]) + more
         image = _draw.grid(tiles, self.nrow, self.padding)
-        _dispatch.log_image(trainer, "predictions/grid", image, step, caption=caption)
-        _dispatch.log_scalars(trainer, {"predictions/accuracy": right / len(labels)}, step)
+        self._log_image(trainer, "predictions/grid", image, step, caption)
+        self._log_scalars(trainer, {"predictions/accuracy": right / len(labels)}, step)
 
     def _name(self, index: int) -> str:
         if self.class_names is not None and 0 <= index < len(self.class_names):

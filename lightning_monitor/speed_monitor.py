@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_monitor import _dispatch, _dist, _flops, _speed_window
+from lightning_monitor import _dist, _flops, _speed_window
 from lightning_monitor._keys import document_keys
 from lightning_monitor._monitor import Monitor
 
@@ -52,6 +52,8 @@ class SpeedMonitor(Monitor):
         max_measured_shapes: Distinct batch shapes to measure; later new shapes are scaled per sample.
         batch_size_fn: Samples in a batch; default: leading dimension of the first tensor in the batch.
         items_fn: Items in a batch (tokens, pixels), an ``int`` or a tensor (accumulated on the device, no sync).
+        exclude_keys: globs over the keys this monitor logs, left out of every backend (e.g. ``["grad/hist/*"]``
+            drops a whole family, ``["memory/host/available_gib"]`` one key).
 
     Raises:
         ValueError: On a non-positive ``every_n_steps``, FLOPs or peak, or a negative ``warmup_steps``.
@@ -92,8 +94,9 @@ class SpeedMonitor(Monitor):
         max_measured_shapes: int = 8,
         batch_size_fn: Optional[Callable[[Any], int]] = None,
         items_fn: Optional[Callable[[Any], Union[int, torch.Tensor]]] = None,
+        exclude_keys: Optional[Sequence[str]] = None,
     ) -> None:
-        super().__init__(every_n_steps)
+        super().__init__(every_n_steps, exclude_keys)
         if flops_per_batch is not None and not flops_per_batch > 0:
             raise ValueError(f"`flops_per_batch` must be > 0, got {flops_per_batch}")
         if peak_flops_per_sec is not None and not peak_flops_per_sec > 0:
@@ -230,7 +233,7 @@ class SpeedMonitor(Monitor):
         rows = _dist.gather_packed(trainer, torch.tensor([self._val_samples, seconds])).tolist()
         rate = sum(samples / secs for samples, secs in rows if secs > 0)
         step = self._validation_step(trainer)
-        _dispatch.log_scalars(trainer, {"throughput/val_samples_per_sec": rate}, step)
+        self._log_scalars(trainer, {"throughput/val_samples_per_sec": rate}, step)
         self._prev_end = self._clock()  # training resumes: validation time is never counted as data wait
 
     # ---------------------------------------------------------------------------------------- teardown
@@ -314,4 +317,4 @@ class SpeedMonitor(Monitor):
         metrics = _speed_window.metrics(gathered, items=self.items_fn is not None, flops=flops, peak=self._peak,
                                         remaining=remaining)
         if metrics:  # empty when no rank timed a batch in this window
-            _dispatch.log_scalars(trainer, metrics, step)
+            self._log_scalars(trainer, metrics, step)
