@@ -9,17 +9,12 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
-from lightning_monitor import _draw
+from lightning_monitor import _draw, _grid_input
 from lightning_monitor._keys import document_keys
 from lightning_monitor._monitor import Monitor
 
-_BATCH_HELP = (
-    "PredictionGridMonitor expects validation batches `(images, labels, ...)`: images a tensor [B, C, H, W] with"
-    " C 1 or 3 (or [B, H, W]), labels an integer tensor [B] of class ids"
-)
 _MAX_LISTED = 8  # wrong predictions spelled out in the caption
 
 
@@ -34,11 +29,16 @@ class PredictionGridMonitor(Monitor):
     answer, so TensorBoard shows it too; wandb also gets a caption such as
     ``"epoch 3 (step 1200): 29/32 correct; wrong: 4->9 (0.61), ..."``.
 
+    It draws image classifiers: validation batches ``(images, labels, ...)`` (images ``[B, C, H, W]`` with C 1 or
+    3, labels integer class ids) and a module whose output is class scores (logits), log-probabilities or
+    probabilities shaped ``[B, num_classes]``. ``batch_fn`` adapts other batches (a dict, say) and ``output_fn``
+    other outputs. It never ends a run: a batch it cannot read, an output that is not class scores, or a fit with
+    no validation loop (and no ``every_n_steps``) gives one warning saying what it expected and which option fixes
+    it, and the monitor logs nothing more in that run.
+
     Predictions are computed on global rank 0 alone, without gradients, in eval mode (every submodule's
     train/eval mode is restored afterwards), by calling the LightningModule directly, never its DDP wrapper: no
-    collectives, the other ranks do nothing. The module's output must be class scores (logits),
-    log-probabilities or probabilities shaped ``[B, num_classes]``; ``output_fn`` adapts anything else, and
-    ``batch_fn`` adapts batches that are not ``(images, labels)``.
+    collectives, the other ranks do nothing.
 
     {logged_keys}
 
@@ -65,7 +65,7 @@ class PredictionGridMonitor(Monitor):
             drops a whole family, ``["memory/host/available_gib"]`` one key).
 
     Raises:
-        ValueError: a bad argument, or (at the first validation) a batch or output layout it cannot read.
+        ValueError: a bad argument (at construction).
         MisconfigurationException: no logger, or a strategy that shards the model (FSDP, DeepSpeed).
 
     Example::
@@ -132,16 +132,32 @@ class PredictionGridMonitor(Monitor):
         self._display: Optional[np.ndarray] = None  # their pictures, N x h x w x 3 uint8 (made at the first grid)
         self._labels_np: Optional[np.ndarray] = None
         self._last_drawn_at = -1  # trainer.global_step (model updates) of the last grid: one model state, one grid
+        self._off = False  # turned off for the rest of the run (one warning said why)
 
     # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._off = False  # a new run: a model the last one could not read may be readable now
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.every_n_steps is None and not trainer.enable_validation:
+            self._turn_off(
+                "it draws after each validation run, and this fit has none (no val_dataloader, no validation_step,"
+                " or limit_val_batches=0): add a validation loop, or pass `every_n_steps=` to draw during training"
+                " from the samples of a val_dataloader"
+            )
+
     @override
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # After the batch's optimizer step, logged at the batch's step: the step (and the model) a validation run
         # at the end of this batch would show, so the two never disagree and one model state gets one grid.
-        if self.every_n_steps is None or not trainer.is_global_zero:
-            return  # no grids asked for; or not rank 0, the only one that renders (the others do nothing at all)
+        if self.every_n_steps is None or self._off or not trainer.is_global_zero:
+            return  # no grids asked for, or turned off; or not rank 0, the only one that renders
         step = self._batch_logging_step(trainer)
         if step is None:
             return  # not a logging step, or a micro-batch that did not step the optimizer
@@ -153,16 +169,20 @@ class PredictionGridMonitor(Monitor):
             elif loader is None and is_overridden("val_dataloader", pl_module):
                 loader = pl_module.val_dataloader()
             if loader is None:
-                return  # no validation data yet: the first validation takes the samples
-            self._take_samples(loader)
+                self._turn_off("it takes its fixed samples from a val_dataloader, and this fit has none")
+                return
+            if not self._take_samples(loader):
+                return
         self._render(trainer, pl_module, step, f"step {step}")
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not trainer.is_global_zero:
+        if self._off or not trainer.is_global_zero:
             return
         if self._images is None and trainer.val_dataloaders is not None:
-            self._take_samples(trainer.val_dataloaders)  # also in the sanity check: a bad batch fails early
+            # also in the sanity check: a batch it cannot read is said before the first training step
+            if not self._take_samples(trainer.val_dataloaders):
+                return
         if trainer.sanity_checking or self._images is None or self._last_drawn_at == trainer.global_step:
             return  # (the last check: this model state was just drawn at this step by the training grid)
         step = self._validation_step(trainer)  # the step Lightning logs val/* at
@@ -189,59 +209,23 @@ class PredictionGridMonitor(Monitor):
             self._display = None
 
     # ------------------------------------------------------------------ samples
-    def _take_samples(self, loaders: Any) -> None:
-        loader = _pick_loader(loaders, self.dataloader_idx)
-        dataset = getattr(loader, "dataset", None)
-        map_style = dataset is not None and not isinstance(dataset, IterableDataset)
-        if isinstance(loader, DataLoader) and loader.batch_size is not None and dataset is not None and map_style:
-            try:
-                size = len(dataset)
-            except TypeError:
-                size = 0
-            if size > 0:  # a seeded draw over the whole set, one collated batch
-                order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed))
-                indices = order[: self.num_samples].sort().values.tolist()
-                self._images, self._labels = self._split(loader.collate_fn([dataset[i] for i in indices]))
-                return
-        images, labels, count = [], [], 0  # an iterable set: its first samples
-        for batch in loader:
-            x, y = self._split(batch)
-            images.append(x)
-            labels.append(y)
-            count += len(y)
-            if count >= self.num_samples:
-                break
-        if not images:
-            raise ValueError("PredictionGridMonitor found no samples in the validation dataloader")
-        self._images = torch.cat(images)[: self.num_samples]
-        self._labels = torch.cat(labels)[: self.num_samples]
+    def _turn_off(self, why: str) -> None:
+        """One warning saying why, then nothing more from this monitor in this run (it never ends the run)."""
+        self._off = True
+        self._warn("off", f"PredictionGridMonitor logs nothing more in this run: {why}")
 
-    def _split(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.batch_fn(batch) if self.batch_fn is not None else batch
-        problem = f"`batch_fn` returned {_describe(out)}" if self.batch_fn is not None else f"got {_describe(batch)}"
-        how = (
-            "; pass `batch_fn=` a function mapping one batch to (images, labels),"
-            " e.g. `PredictionGridMonitor(batch_fn=lambda b: (b['image'], b['label']))`"
-        )
-        if not isinstance(out, (tuple, list)) or len(out) < 2:
-            raise ValueError(f"{_BATCH_HELP}; {problem}{how}")
-        images, labels = out[0], out[1]
-        if isinstance(labels, (list, tuple)) and all(isinstance(v, int) for v in labels):
-            labels = torch.as_tensor(labels)
-        if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
-            raise ValueError(f"{_BATCH_HELP}; {problem}{how}")
-        if images.ndim == 3:
-            images = images.unsqueeze(1)
-        ok_dtype = images.is_floating_point() or images.dtype == torch.uint8
-        ok_images = images.ndim == 4 and images.shape[1] in (1, 3) and ok_dtype
-        ok_labels = labels.ndim == 1 and not labels.is_floating_point() and len(labels) == len(images)
-        if not (ok_images and ok_labels):
-            raise ValueError(f"{_BATCH_HELP}; {problem}{how}")
-        if self.mean is not None and len(self.mean) not in (1, images.shape[1]):
-            raise ValueError(
-                f"`mean`/`std` have {len(self.mean)} values but the images have {images.shape[1]} channels"
+    def _take_samples(self, loaders: Any) -> bool:
+        """Take the fixed samples; ``False`` (and the monitor off, with one warning) when they cannot be read."""
+        try:
+            loader = _grid_input.pick_loader(loaders, self.dataloader_idx)
+            channels = None if self.mean is None else len(self.mean)
+            self._images, self._labels = _grid_input.take_samples(
+                loader, self.num_samples, self.seed, lambda b: _grid_input.split_batch(b, self.batch_fn, channels)
             )
-        return images.detach().cpu().clone(), labels.detach().cpu().long().clone()
+        except Exception as error:  # a batch_fn of the user's may raise anything: it costs the grid, not the run
+            self._turn_off(_why(error))
+            return False
+        return True
 
     # ------------------------------------------------------------------ predictions and picture
     def _predict(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> np.ndarray:
@@ -258,26 +242,22 @@ class PredictionGridMonitor(Monitor):
         finally:
             for module, mode in modes:
                 module.training = mode
-        n = len(self._labels)
-        if not (isinstance(scores, torch.Tensor) and scores.is_floating_point() and scores.ndim == 2
-                and scores.shape[0] == n and scores.shape[1] >= 2):
-            source = "`output_fn` returned" if self.output_fn is not None else "the module's forward returned"
-            raise ValueError(
-                f"PredictionGridMonitor needs class scores, log-probabilities or probabilities shaped"
-                f" [{n}, num_classes] for {n} images; {source} {_describe(scores)}. Pass `output_fn=` a function"
-                " mapping the module's output to that,"
-                " e.g. `PredictionGridMonitor(output_fn=lambda out: out['logits'])`"
-            )
+        scores = _grid_input.check_scores(scores, len(self._labels), self.output_fn is not None)
         # sync point: the one host transfer of a grid, on rank 0; everything after it is numpy
-        return _to_probabilities(scores.detach().float().numpy(force=True).astype(np.float64))
+        return _grid_input.to_probabilities(scores.detach().float().numpy(force=True).astype(np.float64))
 
     def _render(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int, title: str) -> None:
         self._last_drawn_at = trainer.global_step
-        probs = self._predict(trainer, pl_module)
+        try:
+            probs = self._predict(trainer, pl_module)
+        except Exception as error:  # an output it cannot read, or a forward that fails on these samples
+            self._turn_off(_why(error))
+            return
         if self.class_names is not None and len(self.class_names) < probs.shape[1]:
-            raise ValueError(
-                f"`class_names` has {len(self.class_names)} names but the model scores {probs.shape[1]} classes"
-            )
+            self._warn("class_names", (
+                f"`class_names` has {len(self.class_names)} names but the model scores {probs.shape[1]} classes:"
+                " PredictionGridMonitor shows the ids of the classes past the list"
+            ))
         if self._display is None or self._labels_np is None:  # once per sample set; host tensors only
             assert self._images is not None and self._labels is not None  # taken before any grid is drawn
             self._display = _draw.display_images(self._images, self.tile_size, self.mean, self.std)
@@ -312,35 +292,12 @@ class PredictionGridMonitor(Monitor):
         return str(index)
 
 
-def _pick_loader(loaders: Any, index: int) -> Any:
-    if isinstance(loaders, dict):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        if index >= len(loaders):
-            raise ValueError(f"`dataloader_idx` is {index} but there are {len(loaders)} validation dataloaders")
-        return loaders[index]
-    return loaders
-
-
-def _to_probabilities(scores: np.ndarray) -> np.ndarray:
-    """Log-probabilities (all <= 0, each row's logsumexp ~ 0) -> exp; probabilities kept; anything else softmax."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        top = scores.max(axis=1, keepdims=True)
-        logsumexp = (top + np.log(np.exp(scores - top).sum(axis=1, keepdims=True))).ravel()
-        if (scores <= 0).all() and (np.abs(logsumexp) < 1e-3).all():
-            return np.exp(scores)
-        if np.isfinite(scores).all() and (scores >= 0).all() and (np.abs(scores.sum(axis=1) - 1) < 1e-3).all():
-            return scores
-        shifted = np.exp(scores - top)
-        return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def _describe(obj: Any, depth: int = 0) -> str:
-    if isinstance(obj, torch.Tensor):
-        return f"Tensor{list(obj.shape)} {str(obj.dtype).replace('torch.', '')}"
-    if isinstance(obj, dict):
-        return f"dict with keys {list(obj)[:8]}"
-    if isinstance(obj, (list, tuple)) and depth == 0:
-        inner = ", ".join(_describe(v, 1) for v in list(obj)[:4]) + (", ..." if len(obj) > 4 else "")
-        return f"{type(obj).__name__} of {len(obj)} ({inner})"
-    return type(obj).__name__
+def _why(error: Exception) -> str:
+    """The warning text for what went wrong: an :class:`Unreadable`'s own message, else the error and the fixes."""
+    if isinstance(error, _grid_input.Unreadable):
+        return str(error)
+    return (
+        f"reading the samples or predicting on them raised {type(error).__name__}: {error}. It draws image"
+        f" classifiers and expects {_grid_input.EXPECTED_BATCH} and class scores [B, num_classes] from the"
+        " module's forward; `batch_fn=` and `output_fn=` adapt other layouts"
+    )

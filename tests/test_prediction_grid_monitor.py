@@ -6,6 +6,7 @@ import io
 import os
 import pickle
 import re
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -284,7 +285,8 @@ class Check(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, *args):
         grads = [None if p.grad is None else p.grad for p in pl_module.parameters()]
-        assert all(a is None and b is None or torch.equal(a, b) for a, b in zip(self.snapshot.grads, grads))
+        pairs = zip(self.snapshot.grads, grads, strict=True)
+        assert all(a is None and b is None or torch.equal(a, b) for a, b in pairs)
         assert [m.training for m in pl_module.modules()] == self.snapshot.modes
         assert pl_module.training and not pl_module.frozen.training
         self.renders += len(pl_module.calls) > self.snapshot.calls
@@ -313,22 +315,44 @@ class DictData(Dataset):
         return {"image": rigged_data()[i][0], "label": rigged_data()[i][1]}
 
 
-def test_batch_not_image_label_is_a_clear_error_naming_batch_fn(tmp_path):
+def grid_warnings(record: list) -> list[str]:
+    return [str(w.message) for w in record if "PredictionGridMonitor" in str(w.message)]
+
+
+def test_dict_batch_works_with_batch_fn_and_fails_softly_without(tmp_path):
+    """A dict-batch image classifier: without ``batch_fn`` one warning naming it, no grid, and the fit goes on."""
     monitor = PredictionGridMonitor(num_samples=4)
-    trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
-    with pytest.raises(ValueError, match=r"got dict with keys \['image', 'label'\].*pass `batch_fn=`"):
-        trainer.validate(RiggedModel(list(range(12))), DataLoader(DictData(), batch_size=4))
+    trainer = make_trainer(tmp_path, max_steps=4, num_sanity_val_steps=1, logger=tb_logger(), callbacks=[monitor])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(RiggedModel(list(range(12))), DataLoader(DictData(), batch_size=4),
+                    DataLoader(DictData(), batch_size=4))
+    (message,) = grid_warnings(record)  # said once, at the sanity check, not at every validation
+    assert re.search(r"logs nothing more in this run: it expects validation batches `\(images, labels, ...\)`.*"
+                     r"got dict with keys \['image', 'label'\]; pass `batch_fn=`", message), message
+    assert trainer.global_step == 4 and trainer.state.status == "finished"
+    assert "predictions/accuracy" not in tb_accumulator(trainer.logger.log_dir).Tags()["scalars"]
     monitor = PredictionGridMonitor(num_samples=4, batch_fn=lambda b: (b["image"], b["label"]))
-    trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
-    trainer.validate(RiggedModel(list(range(12))), DataLoader(DictData(), batch_size=4))
-    assert tb_scalars(trainer.logger.log_dir, "predictions/accuracy")[-1] == (0, 1.0)
+    trainer = make_trainer(tmp_path / "ok", max_steps=3, logger=TensorBoardLogger(str(tmp_path / "ok"), name="tb"),
+                           callbacks=[monitor])
+    trainer.fit(RiggedModel(list(range(12))), DataLoader(DictData(), batch_size=4),
+                DataLoader(DictData(), batch_size=4))
+    # one validation, after the 3rd and last batch: at the step Lightning logs its val/loss at
+    assert tb_scalars(trainer.logger.log_dir, "predictions/accuracy") == [(2, 1.0)]
+    assert [s for s, _ in tb_images(trainer.logger.log_dir)] == [2]
 
 
-def test_output_not_class_scores_is_a_clear_error_naming_output_fn(tmp_path):
+def test_output_not_class_scores_warns_once_naming_output_fn(tmp_path):
     monitor = PredictionGridMonitor(num_samples=4)
-    trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
-    with pytest.raises(ValueError, match=r"forward returned dict.*Pass `output_fn=`"):
-        trainer.validate(RiggedModel(list(range(12)), kind="dict"), DataLoader(rigged_data(), batch_size=4))
+    trainer = make_trainer(tmp_path, max_epochs=2, max_steps=-1, logger=tb_logger(), callbacks=[monitor])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(RiggedModel(list(range(12)), kind="dict"), DataLoader(rigged_data(), batch_size=4),
+                    DataLoader(rigged_data(), batch_size=4))
+    (message,) = grid_warnings(record)  # two validations, one warning
+    assert re.search(r"needs class scores.* \[4, num_classes\].*forward returned dict with keys \['logits'\];"
+                     r" pass `output_fn=`", message), message
+    assert trainer.global_step == 6 and not tb_accumulator(trainer.logger.log_dir).Tags()["images"]
     monitor = PredictionGridMonitor(num_samples=4, output_fn=lambda out: out["logits"])
     trainer = make_trainer(tmp_path / "ok", logger=TensorBoardLogger(str(tmp_path / "ok"), name="tb", version=0),
                            callbacks=[monitor])
@@ -336,12 +360,79 @@ def test_output_not_class_scores_is_a_clear_error_naming_output_fn(tmp_path):
     assert tb_scalars(trainer.logger.log_dir, "predictions/accuracy") == [(0, 1.0)]
 
 
-def test_bad_batch_fails_already_in_the_sanity_check(tmp_path):
-    monitor = PredictionGridMonitor()
-    trainer = make_trainer(tmp_path, num_sanity_val_steps=1, logger=tb_logger(), callbacks=[monitor])
-    with pytest.raises(ValueError, match="batch_fn"):
-        trainer.fit(RiggedModel(list(range(12))), DataLoader(rigged_data()), DataLoader(DictData(), batch_size=4))
-    assert trainer.global_step == 0
+class TabularRegression(pl.LightningModule):
+    """Not an image classifier: 8 features -> one float target, batches ``(x [B, 8], y [B] float)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x)).squeeze(1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = nn.functional.mse_loss(self(batch[0]), batch[1])
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val/loss", nn.functional.mse_loss(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _tabular(n: int) -> DataLoader:
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 8, generator=g)
+    return DataLoader(TensorDataset(x, x.sum(1)), batch_size=8)
+
+
+def _fit_all_monitors(root: Any, kind: str, grid: bool) -> tuple[Any, list[str]]:
+    """Fit ``kind`` with MultiLogger and the three other monitors (and the grid when ``grid``); (logger, warnings)."""
+    from lightning_monitor import GradientMonitor, MemoryMonitor, SpeedMonitor
+
+    logger = MultiLogger(save_dir=str(root / "runs"), name=kind)
+    callbacks = [GradientMonitor(), MemoryMonitor(), SpeedMonitor()] + ([PredictionGridMonitor()] if grid else [])
+    trainer = make_trainer(root, max_steps=8, num_sanity_val_steps=1, logger=logger, callbacks=callbacks)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        if kind == "regression":
+            trainer.fit(TabularRegression(), _tabular(32), _tabular(16))
+        else:  # an image classifier trained with no validation data at all
+            trainer.fit(TinyImageModel(), image_loader(n=64))
+    logger.finalize("success")
+    assert trainer.state.status == "finished" and trainer.global_step == 8
+    return logger, grid_warnings(record)
+
+
+@pytest.mark.parametrize("kind", ["regression", "no_validation"])
+def test_all_four_monitors_finish_a_run_the_grid_cannot_draw(tmp_path, kind):
+    """The grid costs itself, with one warning; every key the other monitors log without it is still there."""
+    logger, said = _fit_all_monitors(tmp_path / "grid", kind, grid=True)
+    reference, quiet = _fit_all_monitors(tmp_path / "ref", kind, grid=False)
+    assert quiet == [] and len(said) == 1, said
+    expected = {"regression": r"got list of 2 \(Tensor\[16, 8\] float32, Tensor\[16\] float32\); pass `batch_fn=`",
+                "no_validation": r"this fit has none .*pass `every_n_steps=`"}[kind]
+    assert re.search(expected, said[0]), said[0]
+    acc, ref = tb_accumulator(logger.log_dir), tb_accumulator(reference.log_dir)
+    for family in ("scalars", "histograms"):
+        tags, ref_tags = set(acc.Tags()[family]), set(ref.Tags()[family])
+        assert not any(t.startswith("predictions/") for t in tags)
+        assert ref_tags <= tags, ref_tags - tags
+        read = acc.Scalars if family == "scalars" else acc.Histograms
+        read_ref = ref.Scalars if family == "scalars" else ref.Histograms
+        for tag in ref_tags:  # at the same steps
+            assert [e.step for e in read(tag)] == [e.step for e in read_ref(tag)], tag
+    scalars = set(acc.Tags()["scalars"])
+    for prefix in ("grad/norm", "memory/host/", "throughput/", "time/"):
+        assert any(t.startswith(prefix) for t in scalars), (prefix, sorted(scalars))
+    assert any(t.startswith("grad/hist/") for t in acc.Tags()["histograms"])
+    assert not acc.Tags()["images"]
+    (run,) = find_runs(logger.log_dir)  # wandb got the other monitors' values too
+    tb_steps = [s for s, _ in tb_scalars(logger.log_dir, "grad/norm_total")]
+    assert [s for s, _ in run.series("grad/norm_total")] == tb_steps
 
 
 @pytest.mark.parametrize(
