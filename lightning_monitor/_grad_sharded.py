@@ -1,0 +1,238 @@
+"""Global gradient statistics over sharded parameters (DTensor: FSDP2 ``fully_shard``, tensor parallel).
+
+Every rank holds a shard (``DTensor.to_local()``, possibly uneven or empty) of each parameter. The numbers of the
+full tensors are built from per-shard pieces that combine exactly: squared norms, NaN/Inf counts, finite sums,
+finite sums of squares, finite element counts and bin counts add across ranks; finite ``max`` and ``-min`` take
+the maximum. Histograms bin each local shard against the GLOBAL range (known after the MAX collective) with
+:func:`~lightning_monitor._grad_stats.bin_counts`, numpy's rule, so the summed counts equal the counts of the full
+tensor, element for element (``max_elements=None``).
+
+Collectives: :func:`global_stats` makes exactly :data:`COLLECTIVES_PER_EVENT` (2) all-reduces on the default
+process group, on every rank, whatever the number of parameters: one packed MAX (finite ``max`` and ``-min`` of
+every histogram tensor, plus the caller's ``extra_max``), then one packed SUM (squared norms, weight squared norms,
+NaN/Inf counts, histogram sums, sums of squares, element counts and bin counts). :func:`global_squared_norms` and
+:func:`global_squared_diffs` make one SUM each. Nothing here runs between logging steps unless the caller asks.
+
+A shard is counted once: a rank adds its local values to a SUM only when it is the first replica (coordinate 0 on
+every ``Replicate`` mesh dimension of the tensor, and on the sub-mesh that holds global rank 0); a plain tensor (not
+a DTensor) in a sharded run is counted from global rank 0 only. ``Partial`` placements (unreduced values) are
+refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, bin_counts, sample_stride, squared_norms
+
+COLLECTIVES_PER_EVENT = 2  # one packed MAX, one packed SUM: the all-reduces of one global_stats call
+
+
+def is_sharded(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+    """Whether any of ``tensors`` is a DTensor (a parameter or gradient sharded by FSDP2 or tensor parallel)."""
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def local_shard(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(this rank's local values of ``tensor``, whether this rank counts them in a SUM across ranks).
+
+    Raises:
+        ValueError: for a DTensor with a ``Partial`` placement (its local values are unreduced summands).
+    """
+    rank, world = _world()
+    if not isinstance(tensor, DTensor):
+        return tensor.detach(), rank == 0 or world == 1
+    mesh = tensor.device_mesh
+    counted = world == 1 or 0 in mesh.mesh.reshape(-1).tolist()  # one copy of a sub-mesh: the one holding rank 0
+    coordinate = list(mesh.get_coordinate() or ())
+    for dim, placement in enumerate(tensor.placements):
+        if placement.is_partial():
+            raise ValueError(
+                f"GradientMonitor cannot read a DTensor with a Partial placement ({tensor.placements}): its local"
+                " values are unreduced; log after the gradient reduction (FSDP2 reduces before the optimizer step)"
+            )
+        if placement.is_replicate() and coordinate and coordinate[dim] != 0:
+            counted = False  # another replica along this mesh dimension counts it
+    return tensor.to_local().detach(), counted
+
+
+def _all_reduce(pack: torch.Tensor, op: "dist.ReduceOp.RedOpType") -> torch.Tensor:
+    if _world()[1] > 1:
+        dist.all_reduce(pack, op=op)  # collective: every rank, same size, same order
+    return pack
+
+
+def _local_squares(local: list[torch.Tensor], counted: list[bool], device: torch.device) -> torch.Tensor:
+    """``[n]`` float64: squared norms of the counted, non-empty local shards, 0 elsewhere."""
+    out = torch.zeros(len(local), dtype=torch.float64, device=device)
+    take = [j for j, (t, c) in enumerate(zip(local, counted, strict=True)) if c and t.numel() > 0]
+    if take:
+        index = torch.tensor(take, device=device)
+        out.index_copy_(0, index, squared_norms([local[j] for j in take]).to(device))
+    return out
+
+
+def global_squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[n]`` float64 device tensor: squared L2 norms of the full tensors (one all-reduce SUM, on every rank)."""
+    pairs = [local_shard(t) for t in tensors]
+    local = [p[0] for p in pairs]
+    return _all_reduce(_local_squares(local, [p[1] for p in pairs], local[0].device), dist.ReduceOp.SUM)
+
+
+def global_squared_diffs(after: Sequence[torch.Tensor], before: Sequence[torch.Tensor]) -> np.ndarray:
+    """``[n]`` squared norms of ``after - before`` over the full tensors (one all-reduce SUM); ``before`` are the
+    local shards :func:`snapshot` took."""
+    pairs = [local_shard(t) for t in after]
+    diffs = [a - b for (a, _), b in zip(pairs, before, strict=True)]
+    sq = _local_squares(diffs, [p[1] for p in pairs], diffs[0].device)
+    return np.array(_all_reduce(sq, dist.ReduceOp.SUM).tolist())  # sync point: update_ratio logging steps only
+
+
+def snapshot(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of the local shards of ``tensors`` (what :func:`global_squared_diffs` compares against)."""
+    return [local_shard(t)[0].clone() for t in tensors]
+
+
+@dataclass
+class GlobalStats:
+    """Host values of one logging step, for the full tensors (every rank gets the same)."""
+
+    sq: np.ndarray  #: ``[n]`` squared gradient norms (NaN/Inf when any shard holds NaN/Inf)
+    wsq: Optional[np.ndarray]  #: ``[n]`` squared weight norms, when weights were given
+    nonfinite: np.ndarray  #: ``[n]`` NaN/Inf elements per gradient
+    grad_rows: np.ndarray  #: ``[len(grad_hist), STAT_COLUMNS + bins]``: finite elements only, :func:`summarize` rows
+    param_rows: np.ndarray  #: ``[len(param_hist), STAT_COLUMNS + bins]`` of the weights
+    extra_max: np.ndarray  #: the caller's ``extra_max`` values, maximum over ranks
+
+
+class _Hist:
+    """Local pieces of the histogram of one tensor: phase 1 before the global range, phase 2 after it."""
+
+    def __init__(self, local: torch.Tensor, counted: bool, max_elements: Optional[int]) -> None:
+        self.flat = local.reshape(-1)
+        self.max_elements = max_elements
+        inf = torch.tensor(float("inf"), dtype=torch.float64, device=local.device)
+        self.mask: Optional[torch.Tensor] = None
+        if not counted or self.flat.numel() == 0:  # nothing to add; another replica gives the same max/min
+            self.high, self.neg_low = -inf, -inf
+            return
+        flat64 = self.flat.double()
+        self.mask = torch.isfinite(flat64)
+        self.flat64 = flat64
+        self.high = torch.where(self.mask, flat64, -inf).amax()
+        self.neg_low = torch.where(self.mask, -flat64, -inf).amax()
+
+    def sums(self) -> torch.Tensor:
+        """``[3]``: finite sum, finite sum of squares, finite element count (zeros when not counted here)."""
+        if self.mask is None:
+            return torch.zeros(3, dtype=torch.float64, device=self.flat.device)
+        finite = torch.where(self.mask, self.flat64, 0.0)
+        return torch.stack([finite.sum(), finite.square().sum(), self.mask.sum().double()])
+
+    def counts(self, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
+        """``[bins]`` float64 counts of the finite local elements over the global ``[lo, hi]``."""
+        if self.mask is None:
+            return torch.zeros(bins, dtype=torch.float64, device=self.flat.device)
+        numel = self.flat.numel()
+        stride = sample_stride(numel, self.max_elements)
+        values, mask = self.flat64[::stride], self.mask[::stride]
+        nonfinite = mask.numel() - mask.sum()
+        counts = bin_counts(torch.where(mask, values, lo), lo, hi, bins)  # NaN/Inf stand in at lo: bin 0, taken out
+        counts[0] -= nonfinite
+        return counts * (numel / values.numel()) if stride > 1 else counts
+
+
+def _range(high: torch.Tensor, low: torch.Tensor, hist_range: HistRange) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[T]`` float64 global (lo, hi) from the global finite max/min (0 where a tensor has no finite element)."""
+    high = torch.where(torch.isfinite(high), high, 0.0)
+    low = torch.where(torch.isfinite(low), low, 0.0)
+    if isinstance(hist_range, str):
+        if hist_range == "symmetric":
+            bound = torch.maximum(low.abs(), high.abs())
+            return -bound, bound
+        return low, high
+    return torch.full_like(low, float(hist_range[0])), torch.full_like(high, float(hist_range[1]))
+
+
+def global_stats(
+    grads: Sequence[torch.Tensor],
+    *,
+    params: Optional[Sequence[torch.Tensor]] = None,
+    grad_hist: Sequence[int] = (),
+    param_hist: Sequence[int] = (),
+    bins: int = 64,
+    max_elements: Optional[int] = None,
+    hist_range: HistRange = "minmax",
+    extra_max: Sequence[torch.Tensor] = (),
+) -> GlobalStats:
+    """Norms, NaN/Inf counts and histograms of the full tensors behind ``grads`` (and ``params``), on every rank.
+
+    Call it on EVERY rank with the same arguments' shapes: it makes :data:`COLLECTIVES_PER_EVENT` all-reduces
+    (one MAX, one SUM) and one host transfer. ``grads``/``params`` are DTensors or plain tensors (counted from
+    rank 0); ``grad_hist``/``param_hist`` index the tensors to histogram; ``extra_max`` are device tensors
+    (e.g. per-rank step counts) reduced by maximum in the same MAX collective.
+
+    Histogram rows follow :func:`~lightning_monitor._grad_stats.summarize`: ``[min, max, sum, sum_squares, num, lo,
+    hi, counts...]`` over the finite elements (a row of NaN when there are none); ``hist_range`` as in
+    ``GradientMonitor``. With ``max_elements`` each rank bins at most that many elements of its shard (a prime
+    stride), scaled to the shard's element count; ``None`` gives exact counts.
+    """
+    gpairs = [local_shard(g) for g in grads]
+    glocal, gcount = [p[0] for p in gpairs], [p[1] for p in gpairs]
+    device = glocal[0].device
+    ppairs = [local_shard(p) for p in params] if params is not None else []
+    hists = [_Hist(glocal[j], gcount[j], max_elements) for j in grad_hist]
+    hists += [_Hist(ppairs[j][0], ppairs[j][1], max_elements) for j in param_hist]
+
+    # phase 1: the global finite range (MAX)
+    extras = [e.reshape(-1).double().to(device) for e in extra_max]
+    max_parts = [torch.stack([h.high for h in hists] + [h.neg_low for h in hists])] if hists else []
+    max_pack = torch.cat([*max_parts, *extras]) if max_parts or extras else torch.zeros(0, dtype=torch.float64)
+    max_pack = _all_reduce(max_pack.to(device), dist.ReduceOp.MAX)
+    high, low = max_pack[: len(hists)], -max_pack[len(hists) : 2 * len(hists)]
+    lo, hi = _range(high, low, hist_range)
+
+    # phase 2: everything that adds up (SUM)
+    sum_parts = [_local_squares(glocal, gcount, device)]
+    if params is not None:
+        sum_parts.append(_local_squares([p[0] for p in ppairs], [p[1] for p in ppairs], device))
+    nonfinite = [(t.numel() - torch.isfinite(t).sum()) if c else torch.zeros((), dtype=torch.int64, device=device)
+                 for t, c in zip(glocal, gcount, strict=True)]
+    sum_parts.append(torch.stack(nonfinite).double().to(device))
+    for k, h in enumerate(hists):
+        sum_parts.extend([h.sums(), h.counts(lo[k], hi[k], bins)])
+    sum_pack = _all_reduce(torch.cat(sum_parts), dist.ReduceOp.SUM)
+
+    # sync point: one host transfer per logging step
+    host = np.array(torch.cat([max_pack, sum_pack, lo.to(device), hi.to(device)]).tolist())
+    n, t = len(grads), len(hists)
+    lo_host, hi_host = host[len(host) - 2 * t : len(host) - t], host[len(host) - t :]
+    off = len(max_pack)
+    sq, off = host[off : off + n], off + n
+    wsq = None
+    if params is not None:
+        wsq, off = host[off : off + n], off + n
+    nonfinite_host, off = host[off : off + n], off + n
+    rows = np.full((t, STAT_COLUMNS + bins), np.nan)
+    for k in range(t):
+        total, sum_sq, num = host[off : off + 3]
+        counts, off = host[off + 3 : off + 3 + bins], off + 3 + bins
+        if num > 0:
+            rows[k] = [-host[t + k], host[k], total, sum_sq, num, lo_host[k], hi_host[k], *counts]
+    g = len(grad_hist)
+    return GlobalStats(sq=sq, wsq=wsq, nonfinite=nonfinite_host, grad_rows=rows[:g], param_rows=rows[g:],
+                       extra_max=host[2 * t : len(max_pack)])
+
