@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ class NonfiniteLedger:
         self._host: dict[int, int] = {}  # raise/skip: steps with NaN/Inf per parameter
         self._host_steps = 0  # raise/skip: steps with any NaN/Inf
         self.ever_bad: set[str] = set()  # names that had NaN/Inf in this run: their key stays (0 when clean)
+        self.capped: set[str] = set()  # names that had NaN/Inf but no key: over the per-parameter key cap
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_device": {}}  # device tensors stay behind (ddp_spawn pickles callbacks)
@@ -63,33 +64,46 @@ class NonfiniteLedger:
         self._device.clear()
         return per_param, any_steps
 
+    def note(self, bad: Sequence[int]) -> None:
+        """Count, on the host, an optimizer step whose NaN/Inf were read already (a logging step's earlier step)."""
+        for i in bad:
+            self._host[i] = self._host.get(i, 0) + 1
+        self._host_steps += 1 if len(bad) else 0
+
     def report(
         self,
         names: Sequence[str],
-        present: tuple[int, ...],
         nonfinite: np.ndarray,
-        bad_now: list[int],
+        bad_now: np.ndarray,
+        now_steps: int,
         bad_steps: dict[int, float],
         any_steps: float,
-    ) -> tuple[dict[str, float], set[str]]:
+        max_keys: Optional[int],
+    ) -> tuple[dict[str, float], set[str], int]:
         """The ``grad/nonfinite*`` values of a logging step and the parameters with NaN/Inf since the last one.
 
-        ``nonfinite[j]`` are this step's NaN/Inf elements of parameter ``present[j]``; ``bad_now`` the ``j`` that
-        have any; ``bad_steps``/``any_steps`` what :meth:`read` returned.
+        ``nonfinite[i]`` are this step's NaN/Inf elements of parameter ``i`` (every parameter); ``bad_now`` the
+        parameters that have any, found at ``now_steps`` optimizer steps; ``bad_steps``/``any_steps`` what
+        :meth:`read` returned. Per-parameter keys go to the first ``max_keys`` parameters ever found bad (stable
+        series); the third value is how many offenders that cap left without a key of their own.
         """
         # steps with NaN/Inf since the last logging step: counted on the device (warn) or the host (raise/skip)
-        any_steps += float(self._host_steps) + (1.0 if bad_now else 0.0)
-        offenders = {names[present[j]] for j in bad_now}
+        any_steps += float(self._host_steps + now_steps)
+        offenders = {names[i] for i in bad_now.tolist()}
         offenders |= {names[i] for i, v in bad_steps.items() if v > 0}
         offenders |= {names[i] for i, v in self._host.items() if v > 0}
         self._host.clear()
         self._host_steps = 0
         metrics = {"grad/nonfinite_count": float(nonfinite.sum()), "grad/nonfinite_steps": any_steps}
-        self.ever_bad |= offenders
-        for j, i in enumerate(present):
-            if names[i] in self.ever_bad:
-                metrics[f"grad/nonfinite/{names[i]}"] = float(nonfinite[j])
-        return metrics, offenders
+        fresh = sorted(offenders - self.ever_bad)
+        room = len(fresh) if max_keys is None else max(0, max_keys - len(self.ever_bad))
+        self.ever_bad |= set(fresh[:room])
+        self.capped |= set(fresh[room:])
+        if self.ever_bad:
+            where = {n: i for i, n in enumerate(names)}
+            for name in sorted(self.ever_bad):
+                metrics[f"grad/nonfinite/{name}"] = float(nonfinite[where[name]])
+        return metrics, offenders, len(self.capped)
 
 
 def act(policy: str, bad: list[int], params: Sequence[torch.Tensor], names: Sequence[str], optimizer: Any,

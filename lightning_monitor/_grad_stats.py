@@ -1,4 +1,4 @@
-"""On-device statistics for :class:`~lightning_monitor.GradientMonitor`: norms, histograms, exact stats, non-finite counts.
+"""On-device statistics for :class:`~lightning_monitor.GradientMonitor`: histograms, exact stats, non-finite counts.
 
 Everything here only queues device work and returns device tensors; the caller makes the one host transfer.
 A row of :func:`summarize` is ``[min, max, sum, sum_squares, num, lo, hi, counts...]`` where ``lo``/``hi`` is the
@@ -20,66 +20,15 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from lightning_monitor._grad_norms import fast_norms, squared_norms  # noqa: F401 - re-exported
+
 STAT_COLUMNS = 7  # min, max, sum, sum_squares, num, lo, hi
-_NORM_ROW = 64  # CPU norms: float32 over rows of this many elements, combined in float64
-_NORM_SMALL = 256  # CPU norms: tensors up to this size are normed whole, in one _foreach_norm
 _ROW = 256  # row width of the flat layout; a tensor is padded to whole rows
 _SHIFT = 2.0**-10  # candidate bins are computed this far low, then moved up by one exact comparison
 _MAX_PLANS = 4  # layouts (and, on the CPU, their work buffers) kept for recently seen parameter sets
 _FLT_MAX = float(torch.finfo(torch.float32).max)
 
 HistRange = Union[str, Sequence[float]]
-
-
-def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[P]`` float64 device tensor: the squared L2 norm of each tensor, within 1e-6 relative of float64 at any size.
-
-    CUDA (or float64 tensors): one ``torch._foreach_norm`` accumulating in float64 (a memory-bound read: free on
-    H100/H200-class parts). CPU, where float64 accumulation costs a float64 copy of every tensor (~20x): float32
-    norms of rows of ``_NORM_ROW`` elements (few enough terms per SIMD lane that even a constant tensor stays
-    below ~4e-7), the rows' squares summed in float64; tensors of at most ``_NORM_ROW * 4`` elements go through
-    one ``_foreach_norm``. Neither overflows for fp16/bf16 (float32 or float64 accumulators).
-    """
-    tensors = [t.detach() for t in tensors]
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
-    device = tensors[0].device
-    if device.type == "cuda" or any(t.dtype == torch.float64 for t in tensors):
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square()
-    small = [t for t in tensors if t.numel() <= _NORM_SMALL]
-    parts = [torch.stack(torch._foreach_norm(small, 2, dtype=torch.float32))] if small else []
-    for t in tensors:
-        n = t.numel()
-        if n > _NORM_SMALL:
-            flat, body = t.reshape(-1), n - n % _NORM_ROW
-            parts.append(torch.linalg.vector_norm(flat[:body].view(-1, _NORM_ROW), dim=1, dtype=torch.float32))
-            if body < n:
-                parts.append(torch.linalg.vector_norm(flat[body:], dtype=torch.float32).reshape(1))
-    rows = torch.cat(parts).double().square()
-    owner = _norm_owner(tuple(t.numel() for t in tensors), device)
-    if owner is None:  # every tensor small: one row each, already in order
-        return rows
-    return torch.zeros(len(tensors), dtype=torch.float64, device=device).index_add_(0, owner, rows)
-
-
-_OWNERS: OrderedDict[tuple, Optional[torch.Tensor]] = OrderedDict()
-
-
-def _norm_owner(numels: tuple[int, ...], device: torch.device) -> Optional[torch.Tensor]:
-    """Which tensor each row of :func:`squared_norms` belongs to (small tensors first), cached per size list."""
-    key = (numels, device)
-    if key not in _OWNERS:
-        small = [i for i, n in enumerate(numels) if n <= _NORM_SMALL]
-        owner = list(small)
-        for i, n in enumerate(numels):
-            if n > _NORM_SMALL:
-                owner += [i] * (n // _NORM_ROW + (1 if n % _NORM_ROW else 0))
-        identity = len(small) == len(numels)
-        _OWNERS[key] = None if identity else torch.tensor(owner, device=device)
-        while len(_OWNERS) > _MAX_PLANS:
-            _OWNERS.popitem(last=False)
-    _OWNERS.move_to_end(key)
-    return _OWNERS[key]
 
 
 def _is_prime(n: int) -> bool:
@@ -207,11 +156,11 @@ class _Plan:
             "offset": self._dev((1 + seg * self.bins).astype(np.int32)).unsqueeze(1),
         }
         where = np.concatenate([[0], np.cumsum(rows)[:-1]]) * _ROW
-        trash = np.concatenate([np.arange(w + c, w + r * _ROW) for w, c, r in zip(where, counts, rows)])
+        trash = np.concatenate([np.arange(w + c, w + r * _ROW) for w, c, r in zip(where, counts, rows, strict=True)])
         out["trash"] = self._dev(trash.astype(np.int64)) if trash.size else None
         if (stride > 1).any():  # one gather index: samples of tensor i, padded with its first element
             src = [np.concatenate([s + np.arange(c) * k, np.full(r * _ROW - c, s)])
-                   for s, c, r, k in zip(starts, counts, rows, stride)]
+                   for s, c, r, k in zip(starts, counts, rows, stride, strict=True)]
             out["source"] = self._dev(np.concatenate(src).astype(np.int64))
         return out
 
@@ -232,7 +181,7 @@ class _Plan:
 
     def run(self, tensors: list[torch.Tensor], sum_squares: torch.Tensor, hist_range: HistRange) -> torch.Tensor:
         parts: list[torch.Tensor] = []
-        for tensor, pad in zip(tensors, self.pads):
+        for tensor, pad in zip(tensors, self.pads, strict=True):
             flat = tensor.detach().reshape(-1)
             parts.append(flat)
             if pad:
@@ -256,6 +205,7 @@ class _Plan:
             torch.index_select(buf, 0, layout["source"], out=values)  # type: ignore[arg-type]
             values = values.view(-1, _ROW)
         seg = layout["seg"]
+        assert seg is not None  # every layout has one
         shape = tuple(values.shape)
         counts = _bin_rows(
             values, lo.to(self.work).index_select(0, seg).unsqueeze(1), scale.index_select(0, seg).unsqueeze(1),

@@ -11,42 +11,58 @@ import numpy as np
 import torch
 from typing_extensions import override
 
-from lightning_monitor import _grad_nonfinite
-from lightning_monitor._grad_stats import STAT_COLUMNS, host_histogram, squared_norms, summarize, summarize_finite
+from lightning_monitor import _grad_event, _grad_groups, _grad_nonfinite
+from lightning_monitor._grad_norms import fast_norms
 from lightning_monitor._keys import document_keys
-from lightning_monitor._media import make_histogram
 from lightning_monitor._monitor import Monitor
 
 _POLICIES = ("warn", "raise", "skip")
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 @document_keys
 class GradientMonitor(Monitor):
-    """Gradient norms (total, per module group, per parameter), histograms and NaN/Inf detection.
+    """Gradient norms (total, per module group, per parameter, per optimizer), histograms and NaN/Inf detection.
 
-    Runs in ``on_before_optimizer_step``: once per optimizer step (gradient accumulation respected), after AMP
-    unscaling and after the DDP all-reduce, before gradient clipping. Every ``every_n_steps`` optimizer steps
-    (default: the trainer's ``log_every_n_steps``) it logs, on global rank 0, to every logger the trainer has:
+    Measures in ``on_before_optimizer_step`` (after AMP unscaling and the DDP all-reduce, before gradient
+    clipping) and logs at the end of the training batch, on global rank 0, to every logger the trainer has, at
+    the steps and on the step axis of Lightning's own ``self.log``: every ``every_n_steps`` (default: the trainer's
+    ``log_every_n_steps``) optimizer steps under automatic optimization (gradient accumulation respected), every
+    ``every_n_steps`` training batches under manual optimization, where ``self.log`` counts batches and
+    ``trainer.global_step`` counts every ``optimizer.step()`` call:
 
     {logged_keys}
 
-    Groups are module paths cut to ``group_depth`` (``1``: the model's top-level children; a parameter that
-    sits on the LightningModule itself is its own group), unless a ``group_patterns`` glob claims it first.
+    Several optimizers (manual optimization, e.g. a GAN's generator and discriminator): in a logging batch every
+    optimizer's gradients are measured at its own step (its last one when it steps more than once), so the
+    ``grad/norm_total``, group, per-parameter and histogram keys cover all of them, and
+    ``grad/optimizer_{index}/*`` (``index`` in ``trainer.optimizers``) gives each optimizer's own series.
+
+    Groups are module paths cut to ``group_depth`` levels below the first level with more than one child
+    that holds parameters: single-child wrappers are descended through, so a group never repeats the total.
+    With ``self.model = Wrapper(inner=nn.Sequential(a, b))`` the groups are ``model.inner.0`` and
+    ``model.inner.1`` (``group_depth=2``: ``model.inner.0.weight``, ...). A parameter that sits on that level's
+    module itself is its own group; a ``group_patterns`` glob claims a parameter first.
     ``grad/nonfinite/{name}`` appears for a parameter once it has had NaN/Inf and stays (0 when clean again).
 
-    Cost: between logging steps the only work is one ``torch._foreach_norm`` over all gradients, accumulated on
-    the device (no host sync) so that NaN/Inf on any step is counted. A logging step makes one packed host
-    transfer (a second one only when it found NaN/Inf, and a second with ``update_ratio``, read after the
-    optimizer step). Histograms are binned on the gradient's device: exact ``min``/``max``/``sum``/
-    ``sum_squares`` over the full tensor, bin counts over at most ``max_hist_elements`` elements taken with a
-    deterministic prime stride and scaled to the element count; NaN/Inf never reach a histogram.
-    ``nonfinite="raise"`` or ``"skip"`` must read the NaN/Inf flags on the host at EVERY optimizer step: one
-    small device-to-host copy per step, which on a GPU waits for the backward pass to finish (the CPU can no
-    longer queue ahead), typically costing a few percent of step time.
+    Bounded cost: at most ``max_histograms`` gradient histograms (and as many weight histograms) and at most
+    ``max_param_keys`` keys per family of per-parameter scalars (``grad/norm_param/*``, ``grad/nonfinite/*``)
+    per logging step, chosen by ``param_select`` among the parameters ``include``/``exclude`` select; one
+    warning names the cap when it leaves parameters out.
+
+    Cost: between logging steps the only work is one float32 ``torch._foreach_norm`` over all gradients,
+    accumulated on the device (no host sync) so that NaN/Inf on any step is counted. A logging step computes
+    norms within 1e-6 of float64 and makes one packed host transfer per optimizer step it measures (a second one
+    only when it found NaN/Inf, and one more with ``update_ratio``, read after the optimizer step). Histograms
+    are binned on the gradient's device: exact ``min``/``max``/``sum``/``sum_squares`` over the full tensor, bin
+    counts over at most ``max_hist_elements`` elements taken with a deterministic prime stride and scaled to the
+    element count; NaN/Inf never reach a histogram. ``nonfinite="raise"`` or ``"skip"`` must read the NaN/Inf
+    flags on the host at EVERY optimizer step: one small device-to-host copy per step, which on a GPU waits for
+    the backward pass to finish (the CPU can no longer queue ahead), typically costing a few percent of step time.
 
     Args:
-        every_n_steps: log every n optimizer steps; ``None`` uses ``trainer.log_every_n_steps``.
-        group_depth: module-path depth that defines a group (0: no group norms).
+        every_n_steps: log every n steps of ``self.log``'s axis; ``None`` uses ``trainer.log_every_n_steps``.
+        group_depth: module-path depth below the single-child wrappers that defines a group (0: no group norms).
         group_patterns: ``{group: glob or [globs]}`` over parameter names, checked before ``group_depth``.
         per_param_norms: also log one norm per parameter (of those selected by ``include``/``exclude``).
         param_norms: also log weight norms per group.
@@ -59,6 +75,11 @@ class GradientMonitor(Monitor):
         max_hist_elements: bin at most this many elements per tensor; ``None`` bins every element.
         include: globs over parameter names for histograms and per-parameter norms (default: all).
         exclude: globs over parameter names removed from histograms and per-parameter norms.
+        max_histograms: at most this many gradient (and weight) histograms per logging step; ``None``: no cap.
+        max_param_keys: at most this many ``grad/norm_param/*`` keys, and as many ``grad/nonfinite/*`` keys
+            (the first parameters found with NaN/Inf); ``None``: no cap.
+        param_select: which parameters the caps keep, deterministically, in model order: ``"spread"`` (evenly
+            spaced over the model, first and last included), ``"first"`` or ``"largest"`` (most elements).
         nonfinite: ``"warn"`` (count, log, warn once), ``"raise"`` (raise ``FloatingPointError`` naming the
             parameters) or ``"skip"`` (drop all gradients of that optimizer step so no weight, momentum or
             weight decay changes; training continues). Under ``precision="16-mixed"`` the GradScaler's own overflow
@@ -79,10 +100,12 @@ class GradientMonitor(Monitor):
     """
 
     LOGGED_KEYS = {
-        "grad/norm_total": "L2 norm of all gradients together",
+        "grad/norm_total": "L2 norm of all gradients together (every optimizer's, in a logging step)",
         "grad/norm/{group}": "L2 norm of the gradients of one module group",
         "grad/norm_param/{name}": "L2 norm of one parameter's gradient (``per_param_norms=True``)",
         "grad/hist/{name}": "histogram of one parameter's gradient (``histograms=True``)",
+        "grad/optimizer_{index}/norm_total": "L2 norm of one optimizer's gradients (several optimizers only)",
+        "grad/optimizer_{index}/nonfinite_count": "NaN/Inf elements in one optimizer's gradients (several only)",
         "grad/nonfinite_count": "NaN/Inf elements in all gradients at this step",
         "grad/nonfinite_steps": "optimizer steps since the last logging step with any NaN/Inf",
         "grad/nonfinite/{name}": "NaN/Inf elements in one parameter's gradient (offenders only)",
@@ -110,6 +133,9 @@ class GradientMonitor(Monitor):
         max_hist_elements: Optional[int] = 16384,
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
+        max_histograms: Optional[int] = 64,
+        max_param_keys: Optional[int] = 256,
+        param_select: Literal["spread", "first", "largest"] = "spread",
         nonfinite: Literal["warn", "raise", "skip"] = "warn",
         exclude_keys: Optional[Sequence[str]] = None,
     ) -> None:
@@ -120,6 +146,11 @@ class GradientMonitor(Monitor):
             raise ValueError(f"`bins` must be in 1..512 (wandb's limit), got {bins!r}")
         if max_hist_elements is not None and max_hist_elements < 1:
             raise ValueError(f"`max_hist_elements` must be >= 1 or None, got {max_hist_elements!r}")
+        for option, cap in (("max_histograms", max_histograms), ("max_param_keys", max_param_keys)):
+            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+                raise ValueError(f"`{option}` must be an int >= 0 or None (no cap), got {cap!r}")
+        if param_select not in _grad_groups.SELECTS:
+            raise ValueError(f"`param_select` must be one of {_grad_groups.SELECTS}, got {param_select!r}")
         if nonfinite not in _POLICIES:
             raise ValueError(f"`nonfinite` must be one of {_POLICIES}, got {nonfinite!r}")
         if isinstance(hist_range, str):
@@ -142,32 +173,37 @@ class GradientMonitor(Monitor):
         self.max_hist_elements = max_hist_elements
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude or [])
+        self.max_histograms = max_histograms
+        self.max_param_keys = max_param_keys
+        self.param_select = param_select
         self.nonfinite = nonfinite
+        self._prefix = ""  # module path of the first level with more than one child (see wrapper_prefix)
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
         self._names: list[str] = []
         self._params: list[torch.nn.Parameter] = []
-        self._groups: list[Optional[str]] = []
-        self._selected: list[bool] = []
+        self._gid = _EMPTY  # [P] group id per parameter, -1 for none
+        self._group_names: list[str] = []
+        self._hist_mask = np.zeros(0, dtype=bool)  # [P] histogram logged (selected, within the cap)
+        self._norm_mask = np.zeros(0, dtype=bool)  # [P] per-parameter norm logged
+        self._nonempty = np.zeros(0, dtype=bool)
         self._nonfinite = _grad_nonfinite.NonfiniteLedger()
-        self._snapshot: Optional[tuple[int, list[int], list[torch.Tensor], np.ndarray]] = None
-        self._opt_index: dict[int, list[int]] = {}  # id(optimizer) -> indices of the parameters it steps
+        self._opt_index: dict[int, tuple[int, np.ndarray]] = {}  # id(optimizer) -> (its number, its parameters)
+        self._log_step: Optional[int] = None  # self.log's step of this batch when it is a logging batch
+        self._measured: dict[int, _grad_event.Measured] = {}  # this logging batch's steps, per optimizer
+        self._pending: tuple[dict[int, float], float] = ({}, 0.0)  # NaN/Inf queued before it, read back
+        self._snapshots: dict[int, tuple[np.ndarray, list[torch.Tensor], np.ndarray]] = {}  # update_ratio
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_params"], state["_snapshot"] = [], None  # tensors stay behind (ddp_spawn pickles callbacks)
+        state["_params"], state["_snapshots"] = [], {}  # tensors stay behind (ddp_spawn pickles callbacks)
         return state
 
     def group_of(self, name: str) -> Optional[str]:
-        """The group of parameter ``name``: the first matching ``group_patterns`` entry, else its module prefix."""
-        for group, globs in self.group_patterns.items():
-            if any(fnmatch.fnmatchcase(name, g) for g in globs):
-                return group
-        if self.group_depth == 0:
-            return None
-        parts = name.split(".")
-        return ".".join(parts[: min(self.group_depth, len(parts) - 1)]) or name
+        """The group of parameter ``name``: the first matching ``group_patterns`` entry, else its module path cut to
+        ``group_depth`` levels below the model's single-child wrappers (known once training started)."""
+        return _grad_groups.group_of(name, self._prefix, self.group_depth, self.group_patterns)
 
     def _is_selected(self, name: str) -> bool:
         included = self.include is None or any(fnmatch.fnmatchcase(name, g) for g in self.include)
@@ -181,104 +217,158 @@ class GradientMonitor(Monitor):
         super().setup(trainer, pl_module, stage)
         self._reset_runtime()
 
-    def _index(self, pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer) -> list[int]:
-        """Indices (into ``self._params``) of the parameters ``optimizer`` steps. The parameter list is read at the
-        first optimizer step, after ``configure_model``; frozen parameters are included (a later unfreeze shows)."""
+    def _watch(self, pl_module: "pl.LightningModule") -> None:
+        """Read the parameter list (at the first optimizer step, after ``configure_model``; frozen parameters
+        included, so that a later unfreeze shows), its groups and which parameters the caps keep."""
+        named = list(pl_module.named_parameters())
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self._prefix = _grad_groups.wrapper_prefix(pl_module)
+        groups = [self.group_of(n) for n in self._names]
+        self._group_names = list(dict.fromkeys(g for g in groups if g is not None))
+        where = {g: k for k, g in enumerate(self._group_names)}
+        self._gid = np.array([-1 if g is None else where[g] for g in groups], dtype=np.int64)
+        numels = [p.numel() for p in self._params]
+        self._nonempty = np.array(numels, dtype=np.int64) > 0
+        chosen = np.flatnonzero(np.array([self._is_selected(n) for n in self._names], dtype=bool) & self._nonempty)
+        self._hist_mask = self._cap(chosen, numels, self.max_histograms, "histograms", "max_histograms",
+                                    self.histograms or self.param_histograms)
+        self._norm_mask = self._cap(chosen, numels, self.max_param_keys, "per-parameter norms", "max_param_keys",
+                                    self.per_param_norms)
+
+    def _cap(self, chosen: np.ndarray, numels: list[int], cap: Optional[int], what: str, option: str,
+             used: bool) -> np.ndarray:
+        kept = _grad_groups.pick(chosen, numels, cap, self.param_select)
+        if used and kept.size < chosen.size:
+            self._warn(f"cap:{option}", (
+                f"GradientMonitor: {chosen.size} parameters selected for {what}, logging {kept.size} per logging step"
+                f" ({option}={cap}, chosen by param_select={self.param_select!r}); raise {option} (None: no cap)"
+                " or narrow include/exclude to choose others."
+            ))
+        mask = np.zeros(len(numels), dtype=bool)
+        mask[kept] = True
+        return mask
+
+    def _index(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+               optimizer: torch.optim.Optimizer) -> tuple[int, np.ndarray]:
+        """(the optimizer's index in ``trainer.optimizers``, indices of the parameters it steps)."""
         if not self._params:
-            named = list(pl_module.named_parameters())
-            self._names = [n for n, _ in named]
-            self._params = [p for _, p in named]
-            self._groups = [self.group_of(n) for n in self._names]
-            self._selected = [self._is_selected(n) for n in self._names]
+            self._watch(pl_module)
         key = id(optimizer)
-        if key not in self._opt_index:  # several optimizers (manual optimization): each logs its own parameters
+        if key not in self._opt_index:
             where = {id(p): i for i, p in enumerate(self._params)}
-            ids = [where[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in where]
-            self._opt_index[key] = sorted(set(ids))
+            ids = sorted({where[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in where})
+            number = next((k for k, o in enumerate(trainer.optimizers) if o is optimizer), len(self._opt_index))
+            self._opt_index[key] = (number, np.array(ids, dtype=np.int64))
         return self._opt_index[key]
+
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._measured.clear()
+        self._snapshots.clear()
+        if pl_module.automatic_optimization:
+            step = trainer.global_step  # self.log's step: one per optimizer step (accumulating batches share it)
+        else:
+            # self.log's step under manual optimization counts training batches, whatever number of
+            # optimizer.step() calls each makes (trainer.global_step counts those): the completed batches
+            step = trainer.fit_loop.epoch_loop.batch_progress.total.completed
+        self._log_step = step if trainer.is_global_zero and self._logs_at(trainer, step) else None
 
     @override
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
     ) -> None:
-        present = tuple(i for i in self._index(pl_module, optimizer) if self._params[i].grad is not None)
+        number, index = self._index(trainer, pl_module, optimizer)
+        present = [i for i in index.tolist() if self._params[i].grad is not None]
         if not present:
             return
-        step = trainer.global_step
         grads = [g for g in (self._params[i].grad for i in present) if g is not None]  # one per present index
-        sq = squared_norms(grads)  # [P]: one pass over all gradients
-        if trainer.is_global_zero and self._logs_at(trainer, step):
-            self._log_step(trainer, optimizer, step, present, grads, sq)
+        if self._log_step is not None:
+            bad = self._measure(number, np.array(present, dtype=np.int64), grads)
         elif self.nonfinite == "warn":
-            self._nonfinite.queue(present, sq)  # queued on the device; read at the next logging step
+            self._nonfinite.queue(tuple(present), fast_norms(grads))  # on the device; read at the next logging step
+            return
         else:
-            bad = self._nonfinite.count(present, sq)
-            if bad:
-                _grad_nonfinite.act(self.nonfinite, bad, self._params, self._names, optimizer, step)
+            bad = self._nonfinite.count(tuple(present), fast_norms(grads))  # sync point: raise/skip (documented)
+        if bad and self.nonfinite != "warn":
+            if self.nonfinite == "raise" and self._log_step is not None:
+                self._flush(trainer)  # log what we saw before raising
+            _grad_nonfinite.act(self.nonfinite, bad, self._params, self._names, optimizer, trainer.global_step)
 
-    def _log_step(
-        self,
-        trainer: "pl.Trainer",
-        optimizer: Any,
-        step: int,
-        present: tuple[int, ...],
-        grads: list[torch.Tensor],
-        sq: torch.Tensor,
-    ) -> None:
-        bins, params = self.bins, [self._params[i] for i in present]
-        hist_idx = [j for j, i in enumerate(present) if self._selected[i] and grads[j].numel() > 0]
-        parts = [sq]
-        if self.histograms and hist_idx:
-            parts.append(summarize([grads[j] for j in hist_idx], [sq[j] for j in hist_idx], bins,
-                                   self.max_hist_elements, self.hist_range).reshape(-1))
-        pidx = [j for j in hist_idx if params[j].numel() > 0]
+    def _measure(self, number: int, present: np.ndarray, grads: list[torch.Tensor]) -> list[int]:
+        """Measure one optimizer step of a logging batch (one host transfer); the parameters with NaN/Inf."""
         want_wsq = self.param_norms or self.update_ratio or self.param_histograms
-        if want_wsq:
-            wsq = squared_norms([p.detach() for p in params])
-            parts.append(wsq)
-            if self.param_histograms and pidx:
-                parts.append(summarize([params[j] for j in pidx], [wsq[j] for j in pidx], bins,
-                                       self.max_hist_elements, self.hist_range).reshape(-1))
-        parts.extend(self._nonfinite.pending())
-        host = np.array(torch.cat([p.reshape(-1).double() for p in parts]).tolist())  # sync point: one per logging step
+        weights = [self._params[i].detach() for i in present.tolist()] if want_wsq else []
+        keep = self._hist_mask[present] & self._nonempty[present]
+        measured, pending = _grad_event.measure(
+            number, present, grads, weights, np.flatnonzero(keep) if self.histograms else _EMPTY,
+            np.flatnonzero(keep) if self.param_histograms else _EMPTY, want_wsq, self.bins,
+            self.max_hist_elements, self.hist_range, self._nonfinite.pending(),
+        )
+        if pending.size:
+            bad_steps, any_steps = self._nonfinite.read(pending)
+            before, steps = self._pending
+            for i, v in bad_steps.items():
+                before[i] = before.get(i, 0.0) + v
+            self._pending = (before, steps + any_steps)
+        earlier = self._measured.pop(number, None)
+        if earlier is not None:  # the same optimizer stepped again in this batch: the last step is logged
+            self._nonfinite.note(earlier.bad.tolist())
+        self._measured[number] = measured
+        if self.update_ratio and measured.wsq is not None:
+            self._snapshots[number] = (present, [w.clone() for w in weights], measured.wsq)
+        return measured.bad.tolist()
 
-        n, width = len(present), STAT_COLUMNS + bins
-        host_sq, off = host[:n], n
-        grad_rows: Optional[np.ndarray] = None
-        wsq_host: Optional[np.ndarray] = None
-        param_rows: Optional[np.ndarray] = None
-        if self.histograms and hist_idx:
-            grad_rows, off = host[off : off + len(hist_idx) * width].reshape(-1, width), off + len(hist_idx) * width
-        if want_wsq:
-            wsq_host, off = host[off : off + n], off + n
-            if self.param_histograms and pidx:
-                param_rows = host[off : off + len(pidx) * width].reshape(-1, width)
-                off += len(pidx) * width
-        bad_steps, any_steps = self._nonfinite.read(host[off:])
-        bad_now = [j for j in range(n) if not np.isfinite(host_sq[j])]
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = self._log_step
+        if step is None:
+            return
+        if self._measured:
+            self._flush(trainer)
+        if self._snapshots:
+            self._log_update_ratio(trainer, step)
+        self._log_step = None
 
-        metrics: dict[str, float] = {"grad/norm_total": float(np.sqrt(host_sq.sum()))}
-        metrics.update(self._group_norms("grad/norm", present, host_sq))
+    def _flush(self, trainer: "pl.Trainer") -> None:
+        """Log this logging batch's measurements, every optimizer's together, at ``self.log``'s step."""
+        step, measured = self._log_step, sorted(self._measured.values(), key=lambda m: m.optimizer)
+        self._measured = {}
+        if step is None or not measured:
+            return
+        n = len(self._params)
+        have, sq, nonfinite = np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n)
+        wsq: Optional[np.ndarray] = np.zeros(n) if all(m.wsq is not None for m in measured) else None
+        for m in measured:
+            have[m.present], sq[m.present], nonfinite[m.present] = True, m.sq, m.nonfinite
+            if wsq is not None and m.wsq is not None:
+                wsq[m.present] = m.wsq
+        metrics: dict[str, float] = {"grad/norm_total": float(np.sqrt(sq[have].sum()))}
+        if len(trainer.optimizers) > 1:
+            for m in measured:
+                metrics[f"grad/optimizer_{m.optimizer}/norm_total"] = float(np.sqrt(m.sq.sum()))
+                metrics[f"grad/optimizer_{m.optimizer}/nonfinite_count"] = float(m.nonfinite.sum())
+        metrics.update(self._group_norms("grad/norm", have, sq))
         if self.per_param_norms:
-            metrics.update({f"grad/norm_param/{self._names[i]}": float(np.sqrt(host_sq[j]))
-                            for j, i in enumerate(present) if self._selected[i]})
-        if self.param_norms and wsq_host is not None:
-            metrics["param/norm_total"] = float(np.sqrt(wsq_host.sum()))
-            metrics.update(self._group_norms("param/norm", present, wsq_host))
+            chosen = np.flatnonzero(have & self._norm_mask).tolist()
+            root = np.sqrt(sq[chosen]).tolist()
+            metrics.update({f"grad/norm_param/{self._names[i]}": v for i, v in zip(chosen, root, strict=True)})
+        if self.param_norms and wsq is not None:
+            metrics["param/norm_total"] = float(np.sqrt(wsq[have].sum()))
+            metrics.update(self._group_norms("param/norm", have, wsq))
 
-        # NaN/Inf: exact counts and finite-only histograms, read in a second transfer (only when there are any)
-        nonfinite = np.zeros(n)
-        if bad_now:
-            counts, rows = summarize_finite([grads[j] for j in bad_now], bins, self.max_hist_elements, self.hist_range)
-            packed = np.array(torch.cat([counts, rows.reshape(-1)]).tolist())  # sync point: only with NaN/Inf present
-            nonfinite[bad_now] = packed[: len(bad_now)]
-            fixed = packed[len(bad_now) :].reshape(len(bad_now), width)
-            if grad_rows is not None:
-                row_of = {j: r for r, j in enumerate(hist_idx)}
-                for b, j in enumerate(bad_now):
-                    if j in row_of:
-                        grad_rows[row_of[j]] = fixed[b]
-        values, offenders = self._nonfinite.report(self._names, present, nonfinite, bad_now, bad_steps, any_steps)
+        bad_now = np.flatnonzero(have & ~np.isfinite(sq))
+        bad_steps, any_steps = self._pending
+        self._pending = ({}, 0.0)
+        values, offenders, capped = self._nonfinite.report(
+            self._names, nonfinite, bad_now, sum(1 for m in measured if m.bad.size), bad_steps, any_steps,
+            self.max_param_keys,
+        )
         metrics.update(values)
         if offenders:
             names = ", ".join(sorted(offenders)[: _grad_nonfinite.MAX_NAMED])
@@ -287,47 +377,23 @@ class GradientMonitor(Monitor):
                 f"{' and more' if len(offenders) > _grad_nonfinite.MAX_NAMED else ''}; counted under grad/nonfinite_*"
                 f" (policy {self.nonfinite!r}, warned once)."
             ))
-
+        if capped:
+            self._warn("cap:nonfinite", (
+                f"GradientMonitor: more parameters had NaN/Inf than max_param_keys={self.max_param_keys};"
+                " the others count in grad/nonfinite_count only (raise max_param_keys, None: no cap)."
+            ))
         self._log_scalars(trainer, metrics, step)
-        hists = {}
-        for host_rows, idx, area in ((grad_rows, hist_idx, "grad"), (param_rows, pidx, "param")):
-            if host_rows is None:
-                continue
-            for row, j in zip(host_rows, idx, strict=True):
-                if not np.all(np.isfinite(row[:STAT_COLUMNS])) or row[4] <= 0:
-                    continue  # no finite element at all, or non-finite weights (counted via the gradients)
-                key = f"{area}/hist/{self._names[present[j]]}"
-                hist_counts, edges, stats = host_histogram(row, bins)
-                hists[key] = make_histogram(hist_counts, edges, key=key, stats=stats)
+        hists: dict[str, Any] = {}
+        for m in measured:
+            hists.update(_grad_event.histograms("grad/hist", self._names, m.hist, m.rows, self.bins))
+            hists.update(_grad_event.histograms("param/hist", self._names, m.phist, m.prows, self.bins))
         self._log_histograms(trainer, hists, step)  # one wandb row for all of them
-        if self.nonfinite != "warn" and bad_now:
-            bad = [present[j] for j in bad_now]  # acted on after logging what we saw
-            _grad_nonfinite.act(self.nonfinite, bad, self._params, self._names, optimizer, step)
-        if self.update_ratio and wsq_host is not None:
-            self._snapshot = (step, list(present), [p.detach().clone() for p in params], wsq_host)
 
-    def _group_norms(self, prefix: str, present: tuple[int, ...], sq: np.ndarray) -> dict[str, float]:
-        sums: dict[str, float] = {}
-        for j, i in enumerate(present):
-            group = self._groups[i]
-            if group is not None:
-                sums[group] = sums.get(group, 0.0) + float(sq[j])
-        return {f"{prefix}/{g}": float(np.sqrt(v)) for g, v in sums.items()}
+    def _group_norms(self, prefix: str, have: np.ndarray, sq: np.ndarray) -> dict[str, float]:
+        return _grad_groups.group_norms(prefix, self._group_names, self._gid, have, sq)
 
-    @override
-    def on_train_batch_end(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._snapshot is None:
-            return
-        step, present, before, wsq = self._snapshot
-        self._snapshot = None
-        after = [self._params[i].detach() for i in present]
-        # sync point: logging steps with update_ratio only
-        dsq = np.array(squared_norms(torch._foreach_sub(after, before)).tolist())
-        metrics = {"param/update_ratio_total": float(np.sqrt(dsq.sum() / wsq.sum())) if wsq.sum() > 0 else 0.0}
-        num = self._group_norms("x", tuple(present), dsq)
-        den = self._group_norms("x", tuple(present), wsq)
-        for key, value in num.items():
-            metrics[f"param/update_ratio/{key[2:]}"] = value / den[key] if den[key] > 0 else 0.0
+    def _log_update_ratio(self, trainer: "pl.Trainer", step: int) -> None:
+        snapshots = [self._snapshots[k] for k in sorted(self._snapshots)]
+        self._snapshots = {}
+        metrics = _grad_event.update_ratios(self._params, snapshots, self._group_names, self._gid)
         self._log_scalars(trainer, metrics, step)

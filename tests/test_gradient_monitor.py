@@ -294,7 +294,8 @@ def test_logged_keys_match_docstring_and_a_real_run():
     logged = {t for t in acc.Tags()["scalars"] + acc.Tags()["histograms"] if t.startswith(("grad/", "param/"))}
     patterns = {re.sub(r"\\\{\w+\\\}", ".+", re.escape(k)): k for k in GradientMonitor.LOGGED_KEYS}
     used = {next(k for p, k in patterns.items() if re.fullmatch(p, tag)) for tag in logged}
-    assert used == set(GradientMonitor.LOGGED_KEYS)
+    several = {k for k in GradientMonitor.LOGGED_KEYS if k.startswith("grad/optimizer_")}  # the GAN test logs these
+    assert used == set(GradientMonitor.LOGGED_KEYS) - several and several
 
 
 def test_groups_by_depth_and_patterns():
@@ -479,43 +480,94 @@ def test_half_precision_gradients_are_normed_without_overflow():
     assert torch.isfinite(sq) and float(sq.sqrt()) == pytest.approx(3e5, rel=1e-3)
 
 
-class TwoOptimizers(TinyImageModel):
-    """Manual optimization with two optimizers, one per module, stepped in turn (as a GAN does)."""
+class Gan(pl.LightningModule):
+    """A GAN under manual optimization: a discriminator step, then a generator step, in every batch."""
 
     def __init__(self) -> None:
         super().__init__()
         self.automatic_optimization = False
+        self.generator = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+        self.discriminator = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
 
     def training_step(self, batch, batch_idx):
-        opt_conv, opt_head = self.optimizers()
-        x, y = batch
-        for opt in (opt_conv, opt_head):
-            loss = F.nll_loss(self(x), y)
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
+        opt_g, opt_d = self.optimizers()
+        (real,) = batch
+        fake = self.generator(torch.randn(real.shape[0], 8))
+        ones, zeros = torch.ones(real.shape[0], 1), torch.zeros(real.shape[0], 1)
+        bce = F.binary_cross_entropy_with_logits
+        d_loss = bce(self.discriminator(real), ones) + bce(self.discriminator(fake.detach()), zeros)
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_loss = bce(self.discriminator(fake), ones)  # also leaves gradients on the discriminator (stale for it)
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+        self.log_dict({"gan/d_loss": d_loss, "gan/g_loss": g_loss})
 
     def configure_optimizers(self):
-        return [torch.optim.SGD(self.conv.parameters(), lr=0.01), torch.optim.SGD(self.head.parameters(), lr=0.01)]
+        return [torch.optim.Adam(self.generator.parameters(), lr=1e-3),
+                torch.optim.Adam(self.discriminator.parameters(), lr=1e-3)]
 
 
-def test_each_optimizer_reports_its_own_parameters():
-    class Seen(pl.Callback):
-        def __init__(self):
-            self.norms = {}
+class OptimizerProbe(pl.Callback):
+    """Independent record of each optimizer's own gradients at its step, per training batch it counts itself."""
 
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            self.norms[trainer.global_step] = _norm([p.grad for p in params])
+    def __init__(self) -> None:
+        self.batch = -1
+        self.grads: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (batch, optimizer index) -> name: grad
 
-    seen = Seen()
-    trainer = make_trainer(".", logger=_multi_logger(), callbacks=[GradientMonitor(every_n_steps=1), seen],
-                           max_steps=4)
-    trainer.fit(TwoOptimizers(), image_loader())
-    totals = _tb_scalars(_acc(), "grad/norm_total")
-    # steps alternate conv (even) / head (odd): each total is only that optimizer's gradients, never the stale
-    # gradients the other module still holds
-    assert sorted(totals) == sorted(seen.norms) == [0, 1, 2, 3]
-    assert all(totals[s] == pytest.approx(seen.norms[s], rel=1e-5) for s in totals)
-    assert sorted(_tb_scalars(_acc(), "grad/norm/conv")) == [0, 2]
-    assert sorted(_tb_scalars(_acc(), "grad/norm/head")) == [1, 3]
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batch += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        number = next(k for k, o in enumerate(trainer.optimizers) if o is optimizer)
+        own = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        self.grads[(self.batch, number)] = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()
+                                            if id(p) in own and p.grad is not None}
+
+
+@pytest.mark.parametrize("every", [2, 3, 4])
+def test_gan_every_optimizer_at_every_logging_step_on_self_logs_axis(every):
+    torch.manual_seed(0)
+    probe = OptimizerProbe()
+    trainer = make_trainer(".", logger=TensorBoardLogger("runs"), callbacks=[GradientMonitor(), probe],
+                           max_steps=-1, max_epochs=1, log_every_n_steps=every)
+    real = torch.utils.data.TensorDataset(torch.randn(12 * 8, 4) + 2.0)
+    trainer.fit(Gan(), torch.utils.data.DataLoader(real, batch_size=8))
+    assert trainer.global_step == 24  # two optimizer steps per batch: global_step runs at twice self.log's axis
+    acc = _acc()
+    logged = sorted(_tb_scalars(acc, "gan/d_loss"))  # self.log's steps
+    assert logged == [s for s in range(12) if (s + 1) % every == 0]
+    for key in ("grad/norm_total", "grad/optimizer_0/norm_total", "grad/optimizer_1/norm_total",
+                "grad/optimizer_0/nonfinite_count", "grad/optimizer_1/nonfinite_count",
+                "grad/norm/generator", "grad/norm/discriminator"):
+        assert sorted(_tb_scalars(acc, key)) == logged, key
+    for step in logged:
+        gen, disc = probe.grads[(step, 0)], probe.grads[(step, 1)]
+        expected = {
+            "grad/norm_total": _norm([*gen.values(), *disc.values()]),
+            "grad/optimizer_0/norm_total": _norm(gen.values()),
+            "grad/optimizer_1/norm_total": _norm(disc.values()),
+            "grad/norm/generator": _norm(gen.values()),
+            "grad/norm/discriminator": _norm(disc.values()),
+            "grad/optimizer_0/nonfinite_count": 0.0,
+        }
+        for key, value in expected.items():
+            assert _tb_scalars(acc, key)[step] == pytest.approx(value, rel=1e-6), (key, step)
+        for name in ("generator.0.weight", "discriminator.2.weight"):
+            hist = next(e for e in acc.Histograms(f"grad/hist/{name}") if e.step == step).histogram_value
+            grad = (gen | disc)[name]
+            assert (hist.min, hist.max, hist.num) == pytest.approx((float(grad.min()), float(grad.max()), grad.numel()))
+
+
+def test_one_optimizer_under_automatic_optimization_logs_on_self_logs_steps_without_optimizer_keys():
+    trainer, capture = _fit(GradientMonitor(), logger=TensorBoardLogger("runs"), max_steps=9, log_every_n_steps=3,
+                            accumulate_grad_batches=2)
+    acc = _acc()
+    logged = sorted(_tb_scalars(acc, "train/loss"))
+    assert logged == [2, 5, 8]
+    assert sorted(_tb_scalars(acc, "grad/norm_total")) == logged
+    for step in logged:
+        assert _tb_scalars(acc, "grad/norm_total")[step] == pytest.approx(_norm(capture.grads[step].values()), rel=1e-6)
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith("grad/optimizer_")]

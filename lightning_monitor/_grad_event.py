@@ -1,0 +1,162 @@
+"""GradientMonitor's logging step: one optimizer step measured on the device and read back in one transfer."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from lightning_monitor._grad_groups import group_norms
+from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, squared_norms, summarize, summarize_finite
+from lightning_monitor._media import HistogramData
+
+_INDEX_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+def _device_index(positions: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``positions`` as an int64 tensor on ``device``, made once per (positions, device) and reused."""
+    key = (positions.tobytes(), device)
+    index = _INDEX_CACHE.get(key)
+    if index is None:
+        index = _INDEX_CACHE[key] = torch.from_numpy(positions.astype(np.int64)).to(device)
+        while len(_INDEX_CACHE) > 8:
+            _INDEX_CACHE.popitem(last=False)
+    _INDEX_CACHE.move_to_end(key)
+    return index
+
+
+@dataclass
+class Measured:
+    """Host values of one optimizer step of a logging batch; parameter indices into the monitor's list."""
+
+    optimizer: int  # the optimizer's index in ``trainer.optimizers``
+    present: np.ndarray  # [n] parameters with a gradient at this step
+    sq: np.ndarray  # [n] squared gradient norms (NaN/Inf where the gradient holds any)
+    nonfinite: np.ndarray  # [n] NaN/Inf elements per gradient
+    hist: np.ndarray  # [h] parameters with a gradient histogram row
+    rows: np.ndarray  # [h, STAT_COLUMNS + bins]
+    wsq: Optional[np.ndarray]  # [n] squared weight norms (param_norms / update_ratio / param_histograms)
+    phist: np.ndarray  # [k] parameters with a weight histogram row
+    prows: np.ndarray  # [k, STAT_COLUMNS + bins]
+
+    @property
+    def bad(self) -> np.ndarray:
+        """Parameters (indices) whose gradient holds NaN/Inf at this step."""
+        return self.present[~np.isfinite(self.sq)]
+
+
+def _rows(tensors: list[torch.Tensor], sq: torch.Tensor, positions: np.ndarray, bins: int,
+          max_elements: Optional[int], hist_range: HistRange) -> Optional[torch.Tensor]:
+    if positions.size == 0:
+        return None
+    chosen = sq if positions.size == sq.numel() else sq.index_select(0, _device_index(positions, sq.device))
+    return summarize([tensors[j] for j in positions], chosen, bins, max_elements, hist_range).reshape(-1)
+
+
+def measure(
+    optimizer: int,
+    present: np.ndarray,
+    grads: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    hist_pos: np.ndarray,
+    phist_pos: np.ndarray,
+    want_wsq: bool,
+    bins: int,
+    max_elements: Optional[int],
+    hist_range: HistRange,
+    pending: Sequence[torch.Tensor],
+) -> tuple[Measured, np.ndarray]:
+    """Norms and histogram rows of one optimizer step, read back with ``pending`` (NaN/Inf counts queued since the
+    last logging step) in ONE packed transfer; a second one only when a gradient holds NaN/Inf.
+
+    ``hist_pos``/``phist_pos`` are positions in ``present`` (non-empty tensors) whose gradient / weight histograms
+    are logged. Returns the host values and the host copy of ``pending``.
+    """
+    sq = squared_norms(grads)  # [n] float64 on the device, within 1e-6 of float64
+    parts = [sq]
+    grad_rows = _rows(grads, sq, hist_pos, bins, max_elements, hist_range)
+    parts += [grad_rows] if grad_rows is not None else []
+    wsq_dev = squared_norms(weights) if want_wsq else None
+    param_rows = _rows(weights, wsq_dev, phist_pos, bins, max_elements, hist_range) if wsq_dev is not None else None
+    parts += [wsq_dev] if wsq_dev is not None else []
+    parts += [param_rows] if param_rows is not None else []
+    parts += [p.reshape(-1).double() for p in pending]
+    # sync point: one packed host transfer per optimizer step of a logging step (``to`` copies, ``numpy`` is free)
+    host = torch.cat(parts).to("cpu").numpy()
+    n, width = len(present), STAT_COLUMNS + bins
+    host_sq, off = host[:n], n
+    rows = host[off : off + hist_pos.size * width].reshape(-1, width)
+    off += hist_pos.size * width
+    wsq = None
+    if wsq_dev is not None:
+        wsq, off = host[off : off + n], off + n
+    prows = host[off : off + phist_pos.size * width].reshape(-1, width)
+    off += phist_pos.size * width
+    nonfinite = np.zeros(n)
+    bad_now = np.flatnonzero(~np.isfinite(host_sq))
+    if bad_now.size:  # exact counts and finite-only histograms, read in a second transfer (only with NaN/Inf)
+        counts, fixed = summarize_finite([grads[j] for j in bad_now], bins, max_elements, hist_range)
+        packed = torch.cat([counts, fixed.reshape(-1)]).to("cpu").numpy()  # sync point: only with NaN/Inf present
+        nonfinite[bad_now] = packed[: bad_now.size]
+        fixed_rows = packed[bad_now.size :].reshape(bad_now.size, width)
+        rows = rows.copy()
+        where = {int(j): r for r, j in enumerate(hist_pos)}
+        for b, j in enumerate(bad_now):
+            if int(j) in where:
+                rows[where[int(j)]] = fixed_rows[b]
+    measured = Measured(optimizer, present, host_sq, nonfinite, present[hist_pos], rows, wsq, present[phist_pos],
+                        prows)
+    return measured, host[off:]
+
+
+def histograms(prefix: str, names: Sequence[str], params: np.ndarray, rows: np.ndarray, bins: int
+               ) -> dict[str, HistogramData]:
+    """``{prefix/name: HistogramData}`` from host rows of :func:`summarize`, edges built for all rows at once
+    exactly as ``numpy.linspace`` builds them; rows with no finite element (or non-finite stats) are left out."""
+    if rows.size == 0:
+        return {}
+    keep = np.all(np.isfinite(rows[:, :STAT_COLUMNS]), axis=1) & (rows[:, 4] > 0)
+    params, rows = params[keep], rows[keep]
+    lo, hi = rows[:, 5].copy(), rows[:, 6].copy()
+    flat = ~(hi > lo)  # constant tensor: centred in the middle bin of [lo - 0.5, lo + 0.5]
+    lo[flat], hi[flat] = lo[flat] - 0.5, hi[flat] + 0.5
+    edges = np.arange(bins + 1, dtype=np.float64)[None, :] * ((hi - lo) / bins)[:, None] + lo[:, None]
+    edges[:, -1] = hi
+    counts = rows[:, STAT_COLUMNS:]
+    if flat.any():
+        counts = counts.copy()
+        counts[flat] = 0.0
+        counts[flat, min(bins - 1, bins // 2)] = rows[flat, 4]
+    out: dict[str, HistogramData] = {}
+    for r, i in enumerate(params.tolist()):
+        vmin, vmax, total, sum_sq, num = rows[r, :5].tolist()
+        out[f"{prefix}/{names[i]}"] = HistogramData(counts=counts[r], edges=edges[r], min=vmin, max=vmax, num=num,
+                                                    sum=total, sum_squares=sum_sq)
+    return out
+
+
+Snapshot = tuple[np.ndarray, list[torch.Tensor], np.ndarray]
+
+
+def update_ratios(params: Sequence[torch.Tensor], snapshots: Sequence[Snapshot], group_names: Sequence[str],
+                  gid: np.ndarray) -> dict[str, float]:
+    """``param/update_ratio*`` from weight snapshots ``(parameters, weights before, squared norms before)`` taken
+    at a logging batch's optimizer steps, against the weights now (after the steps)."""
+    present = np.concatenate([s[0] for s in snapshots])
+    before = [t for s in snapshots for t in s[1]]
+    after = [params[i].detach() for i in present.tolist()]
+    # sync point: logging steps with update_ratio only
+    dsq_part = squared_norms(torch._foreach_sub(after, before)).to("cpu").numpy()
+    n = len(params)
+    have, dsq, wsq = np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n)
+    have[present], dsq[present], wsq[present] = True, dsq_part, np.concatenate([s[2] for s in snapshots])
+    total = wsq[have].sum()
+    metrics = {"param/update_ratio_total": float(np.sqrt(dsq[have].sum() / total)) if total > 0 else 0.0}
+    num, den = group_norms("x", group_names, gid, have, dsq), group_norms("x", group_names, gid, have, wsq)
+    for key, value in num.items():
+        metrics[f"param/update_ratio/{key[2:]}"] = value / den[key] if den[key] > 0 else 0.0
+    return metrics

@@ -1,0 +1,80 @@
+"""GradientMonitor's parameter bookkeeping: default groups below single-child wrappers, capped per-parameter picks."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Literal, Optional
+
+import numpy as np
+from torch import nn
+
+ParamSelect = Literal["spread", "first", "largest"]
+SELECTS = ("spread", "first", "largest")
+
+
+def wrapper_prefix(module: nn.Module) -> str:
+    """The module path of the first level below ``module`` with more than one child that holds parameters.
+
+    Single-child wrappers (``self.net = nn.Sequential(...)``, ``self.model = Wrapper(inner=...)``) are descended
+    through, so that the groups they hold are told apart: for ``self.model = Wrapper(inner=nn.Sequential(a, b))``
+    the prefix is ``"model.inner"``. A parameter that sits on a module itself counts as one of its children, and
+    children without parameters (a loss module, a metric) do not count. ``""`` when ``module`` itself branches.
+    """
+    path: list[str] = []
+    while True:
+        if any(True for _ in module.named_parameters(recurse=False)):
+            break
+        holders = [(name, child) for name, child in module.named_children()
+                   if any(True for _ in child.parameters())]
+        if len(holders) != 1:
+            break
+        name, module = holders[0]
+        path.append(name)
+    return ".".join(path)
+
+
+def group_of(name: str, prefix: str, depth: int, patterns: dict[str, list[str]]) -> Optional[str]:
+    """The group of parameter ``name``: the first matching ``patterns`` entry, else its module path cut to ``depth``
+    levels below ``prefix`` (the parameter's own name when it sits directly on that level); ``None`` at depth 0."""
+    for group, globs in patterns.items():
+        if any(fnmatch.fnmatchcase(name, g) for g in globs):
+            return group
+    if depth == 0:
+        return None
+    parts = name.split(".")
+    skip = len(prefix.split(".")) if prefix and name.startswith(prefix + ".") else 0
+    cut = min(skip + depth, len(parts) - 1)
+    return ".".join(parts[:cut]) if cut > skip else name
+
+
+def pick(candidates: np.ndarray, numels: Sequence[int], cap: Optional[int], how: str) -> np.ndarray:
+    """At most ``cap`` of ``candidates`` (indices in model order), chosen deterministically, in model order.
+
+    ``"spread"``: evenly spaced over the model's order (the first and the last parameter included); ``"first"``:
+    the first ``cap``; ``"largest"``: the ``cap`` with most elements (ties: model order).
+    """
+    if cap is None or candidates.size <= cap:
+        return candidates
+    if cap == 0:
+        return candidates[:0]
+    if how == "first":
+        return candidates[:cap]
+    if how == "largest":
+        sizes = np.array([numels[i] for i in candidates])
+        order = np.argsort(-sizes, kind="stable")[:cap]
+        return candidates[np.sort(order)]
+    positions = np.unique(np.round(np.linspace(0, candidates.size - 1, cap)).astype(np.int64))
+    return candidates[positions]
+
+
+def group_norms(prefix: str, group_names: Sequence[str], gid: np.ndarray, have: np.ndarray, sq: np.ndarray
+                ) -> dict[str, float]:
+    """``{prefix/group: sqrt(sum of sq)}`` over the parameters in ``have`` (``gid``: group per parameter, -1: none)."""
+    use = have & (gid >= 0)
+    if not use.any():
+        return {}
+    size = len(group_names)
+    sums = np.bincount(gid[use], weights=sq[use], minlength=size)
+    seen = np.flatnonzero(np.bincount(gid[use], minlength=size))
+    return {f"{prefix}/{group_names[g]}": float(np.sqrt(sums[g])) for g in seen.tolist()}

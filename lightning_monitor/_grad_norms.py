@@ -1,0 +1,87 @@
+"""Gradient and weight norms for GradientMonitor: exact ones for logging steps, fast ones for NaN/Inf detection.
+
+Both only queue device work and return device tensors; the caller makes the one host transfer.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Optional
+
+import numpy as np
+import torch
+
+_NORM_ROW = 64  # CPU norms: float32 over rows of this many elements, combined in float64
+_NORM_SMALL = 256  # CPU norms: tensors up to this size are normed whole, in one _foreach_norm
+_MAX_PLANS = 4  # row-owner vectors kept for recently seen parameter sets
+
+
+def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[P]`` float64 device tensor: the squared L2 norm of each tensor, within 1e-6 relative of float64 at any size.
+
+    CUDA (or float64 tensors): one ``torch._foreach_norm`` accumulating in float64 (a memory-bound read: free on
+    H100/H200-class parts). CPU, where float64 accumulation costs a float64 copy of every tensor (~20x): float32
+    norms of rows of ``_NORM_ROW`` elements (few enough terms per SIMD lane that even a constant tensor stays
+    below ~4e-7), the rows' squares summed in float64; tensors of at most ``_NORM_ROW * 4`` elements go through
+    one ``_foreach_norm``. Neither overflows for fp16/bf16 (float32 or float64 accumulators).
+    """
+    tensors = [t.detach() for t in tensors]
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    device = tensors[0].device
+    if device.type == "cuda" or any(t.dtype == torch.float64 for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square()
+    small = [t for t in tensors if t.numel() <= _NORM_SMALL]
+    parts = [torch.stack(torch._foreach_norm(small, 2, dtype=torch.float32))] if small else []
+    for t in tensors:
+        n = t.numel()
+        if n > _NORM_SMALL:
+            flat, body = t.reshape(-1), n - n % _NORM_ROW
+            parts.append(torch.linalg.vector_norm(flat[:body].view(-1, _NORM_ROW), dim=1, dtype=torch.float32))
+            if body < n:
+                parts.append(torch.linalg.vector_norm(flat[body:], dtype=torch.float32).reshape(1))
+    rows = torch.cat(parts).double().square()
+    owner = _norm_owner(tuple(t.numel() for t in tensors), device)
+    if owner is None:  # every tensor small: one row each, already in order
+        return rows
+    return torch.zeros(len(tensors), dtype=torch.float64, device=device).index_add_(0, owner, rows)
+
+
+def fast_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[P]`` device tensor of L2 norms for NaN/Inf detection only: one ``torch._foreach_norm`` in the tensors' own
+    precision (float32 for fp16/bf16, which would overflow), no float64 accuracy work. Non-finite exactly where
+    a tensor holds NaN/Inf (or, for float32, where its norm exceeds float32's range: ~1e19 per element)."""
+    tensors = [t.detach() for t in tensors]
+    if not tensors:
+        return torch.zeros(0)
+    low = [i for i, t in enumerate(tensors) if t.dtype in (torch.float16, torch.bfloat16)]
+    if not low:
+        return torch.stack(torch._foreach_norm(tensors, 2))
+    if len(low) == len(tensors):
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    high = [i for i, t in enumerate(tensors) if t.dtype not in (torch.float16, torch.bfloat16)]
+    norms = torch.cat([torch.stack(torch._foreach_norm([tensors[i] for i in low], 2, dtype=torch.float32)),
+                       torch.stack(torch._foreach_norm([tensors[i] for i in high], 2)).float()])
+    order = torch.tensor(np.argsort(np.array(low + high), kind="stable"), device=norms.device)
+    return norms.index_select(0, order)
+
+
+_OWNERS: OrderedDict[tuple, Optional[torch.Tensor]] = OrderedDict()
+
+
+def _norm_owner(numels: tuple[int, ...], device: torch.device) -> Optional[torch.Tensor]:
+    """Which tensor each row of :func:`squared_norms` belongs to (small tensors first), cached per size list."""
+    key = (numels, device)
+    if key not in _OWNERS:
+        small = [i for i, n in enumerate(numels) if n <= _NORM_SMALL]
+        owner = list(small)
+        for i, n in enumerate(numels):
+            if n > _NORM_SMALL:
+                owner += [i] * (n // _NORM_ROW + (1 if n % _NORM_ROW else 0))
+        identity = len(small) == len(numels)
+        _OWNERS[key] = None if identity else torch.tensor(owner, device=device)
+        while len(_OWNERS) > _MAX_PLANS:
+            _OWNERS.popitem(last=False)
+    _OWNERS.move_to_end(key)
+    return _OWNERS[key]
