@@ -4,8 +4,9 @@ from lightning_monitor.gradient_monitor import GradientMonitor
 from lightning_monitor.memory_monitor import MemoryMonitor
 from lightning_monitor.multi_logger import MultiLogger
 from lightning_monitor.prediction_grid_monitor import PredictionGridMonitor
+from lightning_monitor.run_summary import RunSummary
 from lightning_monitor.speed_monitor import SpeedMonitor
 
 __version__ = "0.1.0"
 
-__all__ = ["MultiLogger", "GradientMonitor", "MemoryMonitor", "SpeedMonitor", "PredictionGridMonitor"]
+__all__ = ["MultiLogger", "GradientMonitor", "MemoryMonitor", "SpeedMonitor", "PredictionGridMonitor", "RunSummary"]

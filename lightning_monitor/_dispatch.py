@@ -10,7 +10,7 @@ never the run.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -23,6 +23,11 @@ from lightning_monitor.multi_logger import MultiLogger
 
 # writers of plain loggers, made once per logger (their warn-once state lives as long as the logger)
 _plain: "weakref.WeakKeyDictionary[Logger, Writer]" = weakref.WeakKeyDictionary()
+# scalars kept for RunSummary, per trainer: (which keys, key -> [(step, value)]); rank 0 only
+Recorded = dict[str, list[tuple[int, float]]]
+_recorders: "weakref.WeakKeyDictionary[pl.Trainer, tuple[Callable[[str], bool], Recorded]]" = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def writers(trainer: "pl.Trainer") -> list[Writer]:
@@ -47,9 +52,37 @@ def log_scalars(trainer: "pl.Trainer", metrics: Mapping[str, float], step: int) 
     if not trainer.is_global_zero or not metrics:
         return
     metrics = dict(metrics)
+    recorder = _recorders.get(trainer)
+    if recorder is not None:
+        keep, series = recorder
+        for key, value in metrics.items():
+            if keep(key):
+                series.setdefault(key, []).append((int(step), float(value)))  # plain numbers: no sync
     every = writers(trainer)
     for writer in every:
         deliver(writer, partial(writer.scalars, metrics, step), step, metrics, every)
+
+
+def record_scalars(trainer: "pl.Trainer", keep: Callable[[str], bool]) -> None:
+    """From now on keep every scalar logged for ``trainer`` whose key ``keep`` accepts (RunSummary reads them)."""
+    _recorders[trainer] = (keep, {})
+
+
+def stop_recording(trainer: "pl.Trainer") -> Recorded:
+    """What :func:`record_scalars` kept (key -> ``[(step, value)]`` in logging order); recording stops."""
+    recorder = _recorders.pop(trainer, None)
+    return {} if recorder is None else recorder[1]
+
+
+def log_summary(
+    trainer: "pl.Trainer", values: Mapping[str, Any], step: int, card: Optional[tuple[str, str]] = None
+) -> None:
+    """An end-of-run summary (numbers and text) and its text ``card`` (key, Markdown) to every writer."""
+    if not trainer.is_global_zero:
+        return
+    every = writers(trainer)
+    for writer in every:
+        deliver(writer, partial(writer.summary, values, step, card), step, values, every, row=False)
 
 
 def log_histograms(trainer: "pl.Trainer", histograms: Mapping[str, HistogramData], step: int) -> None:

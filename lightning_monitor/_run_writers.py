@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from lightning_monitor import _run_state, _wandb_run
-from lightning_monitor._writers import TensorBoardWriter, WandbWriter, _call
+from lightning_monitor._writers import TensorBoardWriter, WandbWriter, _call, _numbers
 
 if TYPE_CHECKING:
     from lightning_monitor.multi_logger import MultiLogger
@@ -64,6 +64,10 @@ class RunTensorBoard(TensorBoardWriter):
     def end(self, step: Optional[int], row: bool) -> None:
         if step is not None:
             self.multi.ledger().record_step(step)
+
+    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]]) -> None:
+        super().summary(values, step, card)
+        self.eval_metrics.update(_numbers(values))  # HParams metric columns too, written at finalize
 
     def hparams_session(self, params: Optional[Mapping[str, Any]], status: Optional[str] = None) -> None:
         """TensorBoard's HParams tab without Lightning's placeholder ``hp_metric = -1`` scalar.

@@ -79,6 +79,11 @@ class Writer:
     def text(self, key: str, text: str, step: Optional[int]) -> None:
         self._unsupported("text")
 
+    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]]) -> None:
+        """An end-of-run summary (RunSummary): its numbers as scalars at ``step``; its text values and its
+        ``card`` (key, Markdown) where the backend shows text."""
+        _call(self.logger, "log_metrics", _numbers(values), step=step)
+
     def _unsupported(self, kind: str) -> None:
         self.warn(
             kind,
@@ -122,6 +127,11 @@ class TensorBoardWriter(Writer):
     def text(self, key: str, text: str, step: Optional[int]) -> None:
         self.summary_writer().add_text(key, text, global_step=step)
 
+    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]]) -> None:
+        super().summary(values, step, card)  # scalars through TensorBoardLogger.log_metrics (its prefix applies)
+        if card is not None:
+            self.text(card[0], card[1], step)
+
 
 class WandbWriter(Writer):
     """Weights & Biases through Lightning's ``WandbLogger``: every call is one history row (one ``run.log``)."""
@@ -162,6 +172,18 @@ class WandbWriter(Writer):
         import wandb
 
         self.log_row({key: wandb.Table(columns=["text"], data=[[text]])}, step)
+
+    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]]) -> None:
+        """Into the run summary (numbers and text; the runs table shows and sorts by them), not a history row."""
+        from lightning.fabric.utilities.logger import _add_prefix
+
+        wb = self.wandb_logger()
+        wb.experiment.summary.update(dict(_add_prefix(dict(values), wb._prefix, wb.LOGGER_JOIN_CHAR)))
+
+
+def _numbers(values: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of ``values`` (text and flags left out)."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _call(logger: Logger, method: str, *args: Any, **kwargs: Any) -> Any:

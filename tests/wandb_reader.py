@@ -70,6 +70,9 @@ class WandbRun:
     history: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     exit_code: int | None = None
+    #: the run summary (``run.summary``) as its ``summary`` records leave it: wandb's last value of each history
+    #: key plus what was set with ``run.summary.update`` (nested keys joined with ``/``)
+    summary: dict[str, Any] = field(default_factory=dict)
     start_time: float = 0.0
     #: ``(run id, _step)`` this run continues after (``resume_from="id?_step=k"``): rows after it are replaced
     rewound_to: tuple[str, int] | None = None
@@ -110,6 +113,11 @@ def read_run(path: str) -> WandbRun:
         elif kind == "config":
             for item in record.config.update:
                 run.config[item.key if item.key else "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif kind == "summary":
+            for item in record.summary.update:
+                run.summary[item.key if item.key else "/".join(item.nested_key)] = json.loads(item.value_json)
+            for item in record.summary.remove:
+                run.summary.pop(item.key if item.key else "/".join(item.nested_key), None)
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     return run

@@ -1,0 +1,181 @@
+"""RunSummary: what a fit cost and whether it was healthy, in a few numbers at its end (terminal, run directory,
+TensorBoard, wandb)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning_utilities.core.imports import RequirementCache
+from typing_extensions import override
+
+from lightning_monitor import _dispatch, _summary
+from lightning_monitor._keys import document_keys
+
+_RICH_AVAILABLE = RequirementCache("rich")
+
+
+@document_keys
+class RunSummary(Callback):
+    """One compact table at the end of ``fit``: speed, memory peaks, gradient health, accuracy, monitoring cost.
+
+    At the end of ``fit``, and also when it ends with Ctrl-C (``interrupted``) or an exception (``failed``), global
+    rank 0 prints the table once (after the progress bar; drawn with ``rich`` when it is installed, plain text
+    otherwise) and writes the same values, with units, to ``summary.json`` in the run directory
+    (``logger.log_dir``), to wandb's run summary (so the runs table can show and sort by them) and to TensorBoard
+    (scalars at the last step, registered as HParams metrics by :class:`~lightning_monitor.MultiLogger` so runs
+    can be compared, and a text card). Other loggers get the numbers through ``log_metrics``.
+
+    Everything is computed from what the monitors already logged on rank 0 (their scalars are kept per trainer,
+    a few numbers per logging step): no work between logging steps, no sync and no collective, also under DDP,
+    where MemoryMonitor's logged cross-rank maxima give the peaks and the rank that held them. Percentiles are over
+    logging windows (one value of ``throughput/samples_per_sec`` or ``time/step_sec`` per logging step), not over
+    single steps. A row appears only when the monitor it comes from ran and logged; its keys are left out.
+
+    Logged keys:
+
+    {logged_keys}
+
+    Args:
+        print_table: print the table on global rank 0 (the file and the backends get the values either way).
+        use_rich: draw the table with ``rich``; ``None``: when ``rich`` is installed.
+        filename: name of the JSON file written into the run directory; ``None`` writes none.
+
+    Raises:
+        ValueError: a ``filename`` that is not a plain file name.
+        ModuleNotFoundError: ``use_rich=True`` without ``rich`` installed.
+
+    Example::
+
+        trainer = Trainer(logger=MultiLogger(), callbacks=[SpeedMonitor(), MemoryMonitor(), RunSummary()])
+    """
+
+    LOGGED_KEYS: dict[str, str] = {
+        "summary/status": "text: how fit ended, ``success``, ``interrupted`` (Ctrl-C, SIGTERM) or ``failed``",
+        "summary/wall_sec": "wall time of ``fit`` on global rank 0, from ``setup`` to its end",
+        "summary/steps": "optimizer steps taken (``trainer.global_step`` at the end)",
+        "summary/samples_per_sec_p50": "median of ``throughput/samples_per_sec`` over the logging windows",
+        "summary/samples_per_sec_p10": "10th percentile of ``throughput/samples_per_sec`` (the slow windows)",
+        "summary/step_sec_p50": "median of ``time/step_sec`` over the logging windows",
+        "summary/step_sec_p95": "95th percentile of ``time/step_sec`` (the slow windows)",
+        "summary/data_wait_share_mean": "mean of ``time/data_wait_share`` over the logging windows",
+        "summary/mfu_p50": "median of ``throughput/mfu`` (when SpeedMonitor knows the peak)",
+        "summary/cuda_{phase}_peak_allocated_gib_max": "largest ``memory/cuda/{phase}_peak_allocated_gib`` of the"
+        " run (``train``, ``validation``, ``test``) over every rank",
+        "summary/cuda_{phase}_peak_allocated_gib_max_rank": "the global rank that held it",
+        "summary/host_rss_gib_max": "largest ``memory/host/rss_gib`` logged over the run and every rank",
+        "summary/host_rss_gib_max_rank": "the global rank that held it",
+        "summary/grad_nonfinite_steps": "optimizer steps with NaN/Inf gradients up to the last logging step"
+        " (sum of ``grad/nonfinite_steps``)",
+        "summary/grad_norm_max": "largest ``grad/norm_total`` logged",
+        "summary/grad_norm_max_step": "the step it was logged at",
+        "summary/grad_norm_max_group": "text: the module group with the largest ``grad/norm/{group}`` at that step",
+        "summary/accuracy_first": "first ``predictions/accuracy`` on the fixed samples",
+        "summary/accuracy_last": "last ``predictions/accuracy`` on the fixed samples",
+        "summary/overhead_share_mean": "mean of ``time/monitor_share`` over the logging windows: the monitors'"
+        " own share of training time",
+        "summary/table": "text: the table (a TensorBoard text card)",
+    }
+    #: the TensorBoard text card holding the whole table
+    CARD_KEY = "summary/table"
+
+    def __init__(self, print_table: bool = True, *, use_rich: Optional[bool] = None,
+                 filename: Optional[str] = "summary.json") -> None:
+        super().__init__()
+        if filename is not None and (not isinstance(filename, str) or not filename or os.sep in filename
+                                     or filename in (".", "..")):
+            raise ValueError(f"`filename` must be a file name such as 'summary.json' (or None), got {filename!r}")
+        if use_rich and not _RICH_AVAILABLE:
+            raise ModuleNotFoundError(f"RunSummary(use_rich=True) needs rich: pip install rich ({_RICH_AVAILABLE})")
+        self.print_table = print_table
+        self.use_rich = use_rich
+        self.filename = filename
+        #: the values of the last summary (``summary/...`` -> number or text); empty until a fit ends
+        self.summary: dict[str, Any] = {}
+        self._clock: Callable[[], float] = time.perf_counter  # host clock in seconds; tests set a fake one
+        self._began: Optional[float] = None
+        self._open = False  # a fit is running and has no summary yet
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if not trainer.loggers:
+            raise MisconfigurationException(
+                "RunSummary needs a logger, but the Trainer has no logger: pass e.g. Trainer(logger=MultiLogger())"
+            )
+        if stage != "fit":
+            return
+        self._began, self._open = self._clock(), True
+        _dispatch.record_scalars(trainer, _summary.records)
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # before the loggers' finalize: MultiLogger then registers the values as HParams metrics
+        self._finish(trainer, "success", bar_open=False)
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        interrupted = isinstance(exception, (KeyboardInterrupt, SIGTERMException))
+        self._finish(trainer, "interrupted" if interrupted else "failed", bar_open=True)
+
+    def _finish(self, trainer: "pl.Trainer", status: str, bar_open: bool) -> None:
+        if not self._open:
+            return
+        self._open = False
+        series = _dispatch.stop_recording(trainer)  # empty on ranks other than 0, which write nothing
+        if not trainer.is_global_zero:
+            return
+        try:
+            self._report(trainer, status, series, bar_open)
+        except Exception as err:  # noqa: BLE001 - a summary never ends a run, nor hides the error that ended it
+            rank_zero_warn(f"RunSummary could not make the summary ({type(err).__name__}: {err}); training is not"
+                           " affected.")
+
+    def _report(self, trainer: "pl.Trainer", status: str, series: _summary.Series, bar_open: bool) -> None:
+        wall = None if self._began is None else self._clock() - self._began
+        values = self.summary = _summary.compute(series, status=status, wall_sec=wall, steps=trainer.global_step)
+        path = self._write_json(trainer, values)
+        _dispatch.log_summary(trainer, values, trainer.global_step, (self.CARD_KEY, _summary.markdown(values)))
+        if self.print_table:
+            footer = f"written to {path}" if path else ""
+            rich = _RICH_AVAILABLE if self.use_rich is None else self.use_rich
+            text = _summary.rich_text(values, footer) if rich else _summary.plain(values, footer)
+            bar = trainer.progress_bar_callback
+            if bar_open and bar is not None and getattr(bar, "is_enabled", True):
+                sys.stderr.flush()  # a bar interrupted mid-line: start below it
+                text = "\n" + text
+            print(text, flush=True)
+
+    def _write_json(self, trainer: "pl.Trainer", values: Mapping[str, Any]) -> Optional[str]:
+        if self.filename is None:
+            return None
+        path = os.path.join(run_dir(trainer), self.filename)
+        document = {key: {"value": value, "unit": _summary.unit(key)} for key, value in values.items()}
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(document, f, indent=2)
+                f.write("\n")
+        except OSError as err:
+            rank_zero_warn(f"RunSummary could not write {path} ({err}); the summary still goes to the loggers.")
+            return None
+        return path
+
+
+def run_dir(trainer: "pl.Trainer") -> str:
+    """Where the summary file goes: the first logger's run directory (``log_dir``: MultiLogger, TensorBoard, CSV),
+    else a logger's ``save_dir`` (wandb), else ``trainer.default_root_dir``. (Not ``trainer.log_dir``, which
+    broadcasts under DDP, a collective that rank 0 alone must not run.)"""
+    for attribute in ("log_dir", "save_dir"):
+        for logger in trainer.loggers:
+            found = getattr(logger, attribute, None)
+            if found:
+                return str(found)
+    return str(trainer.default_root_dir)
