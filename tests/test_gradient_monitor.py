@@ -571,3 +571,65 @@ def test_one_optimizer_under_automatic_optimization_logs_on_self_logs_steps_with
     for step in logged:
         assert _tb_scalars(acc, "grad/norm_total")[step] == pytest.approx(_norm(capture.grads[step].values()), rel=1e-6)
     assert not [t for t in acc.Tags()["scalars"] if t.startswith("grad/optimizer_")]
+
+
+class Wrapper(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class Regression(pl.LightningModule):
+    """A tabular regression held in ``self.net = nn.Sequential(...)`` or ``self.model = Wrapper(inner=...)``,
+    next to a loss module without parameters (which must not count as a branch)."""
+
+    def __init__(self, nested: bool) -> None:
+        super().__init__()
+        net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
+                                  torch.nn.Linear(8, 1))
+        if nested:
+            self.model = Wrapper(net)
+        else:
+            self.net = net
+        self.loss_fn = torch.nn.MSELoss()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        body = self.model if hasattr(self, "model") else self.net
+        return self.loss_fn(body(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("nested, prefix", [(False, "net"), (True, "model.inner")])
+def test_default_groups_descend_through_single_child_wrappers(nested, prefix):
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 6, generator=g), torch.randn(64, 1, generator=g))
+    _fit(GradientMonitor(), Regression(nested), torch.utils.data.DataLoader(data, batch_size=16), max_steps=4,
+         logger=TensorBoardLogger("runs"))
+    acc = _acc()
+    groups = sorted(t for t in acc.Tags()["scalars"] if t.startswith("grad/norm/"))
+    assert groups == [f"grad/norm/{prefix}.{k}" for k in (0, 2, 4)]
+    for step, total in _tb_scalars(acc, "grad/norm_total").items():
+        values = [_tb_scalars(acc, key)[step] for key in groups]
+        assert all(v < total * (1 - 1e-6) for v in values)  # none repeats the total
+        assert sum(v * v for v in values) == pytest.approx(total * total, rel=1e-5)
+
+
+def test_wrapper_prefix_and_group_depth_below_it():
+    from lightning_monitor._grad_groups import wrapper_prefix
+
+    assert wrapper_prefix(Regression(nested=True)) == "model.inner"
+    assert wrapper_prefix(TinyImageModel()) == ""
+    leaf = Wrapper(torch.nn.Linear(2, 2))  # a lone layer: its weight and bias are the two groups
+    assert wrapper_prefix(leaf) == "inner"
+    monitor = GradientMonitor(group_depth=2)
+    inner = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Linear(2, 2))
+    monitor._watch(Wrapper(Wrapper(inner)))
+    assert monitor._group_names == ["inner.inner.0.0", "inner.inner.1"]  # 2 levels below, or the layer itself
+    monitor._watch(leaf)
+    assert monitor._group_names == ["inner.weight", "inner.bias"]
