@@ -28,7 +28,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import lightning_monitor
-from lightning_monitor import GradientMonitor, MemoryMonitor, MultiLogger, PredictionGridMonitor, SpeedMonitor
+from lightning_monitor import (
+    GradientMonitor,
+    MemoryMonitor,
+    MultiLogger,
+    PredictionGridMonitor,
+    RunSummary,
+    SpeedMonitor,
+)
 from lightning_monitor._keys import PLACEHOLDER, document_keys, keys_table
 
 from helpers import TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator
@@ -59,7 +66,7 @@ def _fit(callbacks: list[Any], logger: Any, **trainer_kwargs: Any) -> Any:
 # ------------------------------------------------------------------------------ key names, patterns, tables
 
 #: The first segment of every key (DESIGN.md "Logged keys").
-AREAS = ("grad", "param", "memory", "throughput", "time", "predictions", "run")
+AREAS = ("grad", "param", "memory", "throughput", "time", "predictions", "run", "summary")
 _PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 _SEGMENT = re.compile(r"^[a-z][a-z0-9_]*$")
 # Units the key must spell as _gib / _sec / _per_sec (tokens between underscores of a key's last segment).
@@ -191,9 +198,9 @@ def test_document_keys_fills_the_placeholder_and_refuses_a_docstring_without_one
 # ----------------------------------------------------------------------------------------- per public class
 
 
-def test_all_lists_the_five_public_classes():
+def test_all_lists_the_public_classes():
     assert lightning_monitor.__all__ == [
-        "MultiLogger", "GradientMonitor", "MemoryMonitor", "SpeedMonitor", "PredictionGridMonitor"]
+        "MultiLogger", "GradientMonitor", "MemoryMonitor", "SpeedMonitor", "PredictionGridMonitor", "RunSummary"]
 
 
 @ALL
@@ -242,7 +249,7 @@ def test_setup_refuses_a_trainer_without_logger_and_a_sharding_strategy(cls):
     with pytest.raises(MisconfigurationException, match=f"{cls.__name__} needs a logger"):
         cls().setup(Trainer([], None), None, "fit")
     fsdp = FSDPStrategy.__new__(FSDPStrategy)
-    if cls.SHARDED_UNSUPPORTED:
+    if getattr(cls, "SHARDED_UNSUPPORTED", ""):  # RunSummary is no Monitor: it reads what the monitors logged
         with pytest.raises(MisconfigurationException, match="FSDPStrategy shards; use DDP or a single device"):
             cls().setup(Trainer([object()], fsdp), None, "fit")
     if cls is GradientMonitor:  # raise/skip still act on NaN/Inf without a logger
@@ -328,6 +335,10 @@ def _conditional(device: str) -> dict[str, str]:
         reasons[f"memory/{{name}}_{suffix}"] = "cross-rank aggregate: world size > 1 only"
         reasons[f"time/pre_sync_sec_{suffix}"] = "DDP straggler timing: world size > 1 only"
     reasons["time/straggler_ratio"] = "DDP straggler timing: world size > 1 only"
+    reasons["summary/cuda_{phase}_peak_allocated_gib_max"] = "CUDA only (MemoryMonitor's per-phase peaks)"
+    reasons["summary/cuda_{phase}_peak_allocated_gib_max_rank"] = "CUDA only (MemoryMonitor's per-phase peaks)"
+    if "time/monitor_share" not in SpeedMonitor.LOGGED_KEYS:
+        reasons["summary/overhead_share_mean"] = "only once SpeedMonitor logs time/monitor_share"
     if device != "cuda":
         for key in MemoryMonitor.LOGGED_KEYS:
             if key.startswith("memory/cuda/"):
@@ -353,6 +364,7 @@ def test_every_logged_key_is_documented_and_every_always_on_key_is_logged(device
         MemoryMonitor(),
         SpeedMonitor(peak_flops_per_sec=1e12, items_fn=_items),
         PredictionGridMonitor(num_samples=8),
+        RunSummary(),
     ]
     logger = MultiLogger(save_dir="runs", name="contract")
     _fit(callbacks, logger, accelerator=device, max_steps=6, val_check_interval=3)
@@ -362,18 +374,21 @@ def test_every_logged_key_is_documented_and_every_always_on_key_is_logged(device
     runs = find_runs("runs")
     assert len(runs) == 1
     wb = {k for row in runs[0].history for k in row} - WANDB_COLUMNS
+    wb |= {k for k in runs[0].summary if k.startswith("summary/")}  # RunSummary's values: the run summary
     for backend, keys in (("TensorBoard", tb), ("wandb", wb)):
         unknown = sorted(k for k in keys - LIGHTNING_KEYS if match_key(k, documented) is None)
         assert not unknown, f"{backend} got keys no class documents: {unknown}"
         assert LIGHTNING_KEYS <= keys, f"{backend} lacks Lightning's own {LIGHTNING_KEYS - keys}"
-    assert tb == wb, "TensorBoard and wandb got the same keys"
+    # the same keys, but for RunSummary's text: a card in TensorBoard, text values in wandb's run summary
+    text = {k for k in wb if isinstance(runs[0].summary.get(k), str)}
+    assert tb - {RunSummary.CARD_KEY} == wb - text, "TensorBoard and wandb got the same keys"
 
     conditional = _conditional(device)
     assert set(conditional) <= set(documented), "a conditional key that no class documents"
     missing = {
         f"{documented[pattern]}: {pattern}"
         for pattern in documented
-        if pattern not in conditional and not any(key_matches(pattern, k) for k in tb)
+        if pattern not in conditional and not any(key_matches(pattern, k) for k in tb | wb)
     }
     assert not missing, f"always-on keys never logged: {sorted(missing)}"
 
