@@ -27,7 +27,9 @@ class PredictionGridMonitor(Monitor):
     epoch. Each tile carries the predicted label with its confidence and the true label in a band under the image;
     wrong predictions get a red frame and, with ``mistakes_first``, come first. The picture itself holds the
     answer, so TensorBoard shows it too; wandb also gets a caption such as
-    ``"epoch 3 (step 1200): 29/32 correct; wrong: 4->9 (0.61), ..."``.
+    ``"epoch 3 (step 1200): 21/24 correct; wrong: 4->9 (0.61), ..."``. The defaults are sized for TensorBoard's
+    default image card (about 301 x 200 px, the image scaled to fit): 24 samples in 8 columns of 66 px tiles with an
+    18 px label font, so ``"9 | 0.55"`` shows with digits about 7 px high without "show actual image size".
 
     It draws image classifiers: validation batches ``(images, labels, ...)`` (images ``[B, C, H, W]`` with C 1 or
     3, labels integer class ids) and a module whose output is class scores (logits), log-probabilities or
@@ -45,9 +47,12 @@ class PredictionGridMonitor(Monitor):
     Args:
         num_samples: how many fixed samples to show.
         seed: seed of the draw of the fixed samples from the validation set.
-        nrow: tiles per row of the grid.
-        tile_size: height in pixels each image is scaled to (28 px MNIST digits become 84 px); a band of 26 px
-            with the labels goes under it.
+        nrow: tiles per row of the grid (``None``: the number that shows the grid largest in TensorBoard's default
+            image card).
+        tile_size: height in pixels each image is scaled to; the label font is the largest at which
+            ``"9 | 0.55"`` fits the tile's width (18 px for the default 66 px tiles), in a band of two lines under it.
+            More samples or wider tiles than the defaults are drawn smaller in TensorBoard's card (full size under
+            "show actual image size" and in wandb).
         padding: pixels between tiles.
         mean: per-channel mean the inputs were normalised with (e.g. ``[0.1307]`` for MNIST); with ``std`` it is
             undone for display. Without them, inputs outside 0..1 are scaled from their min..max.
@@ -84,11 +89,11 @@ class PredictionGridMonitor(Monitor):
 
     def __init__(
         self,
-        num_samples: int = 32,
+        num_samples: int = 24,
         *,
         seed: int = 0,
-        nrow: int = 8,
-        tile_size: int = 84,
+        nrow: Optional[int] = None,
+        tile_size: int = 66,
         padding: int = 2,
         mean: Optional[list[float]] = None,
         std: Optional[list[float]] = None,
@@ -101,8 +106,8 @@ class PredictionGridMonitor(Monitor):
         exclude_keys: Optional[Sequence[str]] = None,
     ) -> None:
         lowest = {"num_samples": 1, "nrow": 1, "tile_size": 8, "padding": 0, "dataloader_idx": 0}
-        values = {"num_samples": num_samples, "nrow": nrow, "tile_size": tile_size, "padding": padding,
-                  "dataloader_idx": dataloader_idx}
+        values = {"num_samples": num_samples, "nrow": 1 if nrow is None else nrow, "tile_size": tile_size,
+                  "padding": padding, "dataloader_idx": dataloader_idx}
         for name, low in lowest.items():
             value = values[name]
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -273,7 +278,7 @@ class PredictionGridMonitor(Monitor):
         for i in order:
             pred, true, conf = self._name(int(predicted[i])), self._name(int(labels[i])), float(confidence[i])
             colour = _draw.WRONG_TEXT_RGB if wrong[i] else _draw.RIGHT_TEXT_RGB
-            lines = [(f"pred {pred} {conf:.2f}", colour), (f"true {true}", _draw.TEXT_RGB)]
+            lines = [(f"{pred} | {conf:.2f}", colour), (f"true {true}", _draw.TEXT_RGB)]
             tiles.append(_draw.tile(pictures[i], lines, wrong[i]))
             if wrong[i]:
                 mistakes.append(f"{true}->{pred} ({conf:.2f})")
@@ -282,7 +287,9 @@ class PredictionGridMonitor(Monitor):
         if mistakes:
             more = f", +{len(mistakes) - _MAX_LISTED} more" if len(mistakes) > _MAX_LISTED else ""
             caption += "; wrong: " + ", ".join(mistakes[:_MAX_LISTED]) + more
-        image = _draw.grid(tiles, self.nrow, self.padding)
+        tile_h, tile_w = tiles[0].shape[:2]
+        ncol = self.nrow or _draw.columns(len(tiles), tile_w, tile_h, self.padding)
+        image = _draw.grid(tiles, ncol, self.padding)
         self._log_image(trainer, "predictions/grid", image, step, caption)
         self._log_scalars(trainer, {"predictions/accuracy": right / len(labels)}, step)
 

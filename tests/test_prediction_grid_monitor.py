@@ -21,8 +21,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_monitor import MultiLogger, PredictionGridMonitor
-from lightning_monitor._draw import BAND_PX, FRAME_PX, PAD_VALUE
+from lightning_monitor import MultiLogger, PredictionGridMonitor, _draw
+from lightning_monitor._draw import FRAME_PX, PAD_VALUE, band_px
 
 KEY = "predictions/grid"
 
@@ -104,7 +104,7 @@ def test_tb_grid_size_layout_and_keys(tmp_path):
     images = tb_images(trainer.logger.log_dir)
     # after each validation epoch, at the step Lightning logs the epoch's val/loss at
     assert [step for step, _ in images] == [s for s, _ in tb_scalars(trainer.logger.log_dir, "val/loss")] == [1, 3]
-    tile_h, tile_w, nrow, pad = 56 + BAND_PX, 56, 4, 3
+    tile_h, tile_w, nrow, pad = 56 + band_px(56), 56, 4, 3
     rows = 3  # 10 tiles, 4 per row
     for _, grid in images:
         assert grid.shape == (rows * (tile_h + pad) + pad, nrow * (tile_w + pad) + pad, 3)
@@ -157,13 +157,13 @@ def test_wandb_holds_the_same_image_with_caption(tmp_path):
 def test_rigged_mistakes_are_framed_red_and_first(tmp_path, kind, mistakes_first):
     wrong = [2, 5, 9]
     predictions = [(i + 1) % 10 if i in wrong else i % 10 for i in range(12)]
-    monitor = PredictionGridMonitor(num_samples=12, nrow=4, padding=2, mistakes_first=mistakes_first,
+    monitor = PredictionGridMonitor(num_samples=12, nrow=4, padding=2, tile_size=84, mistakes_first=mistakes_first,
                                     class_names=[f"c{i}" for i in range(10)])
     trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
     trainer.validate(RiggedModel(predictions, kind), DataLoader(rigged_data(), batch_size=5))
     ((step, grid),) = tb_images(trainer.logger.log_dir)
     assert step == 0
-    tile_h, tile_w = 84 + BAND_PX, 84
+    tile_h, tile_w = 84 + band_px(84), 84
     expected_order = wrong + [i for i in range(12) if i not in wrong] if mistakes_first else list(range(12))
     for k, sample in enumerate(expected_order):
         tile = tile_at(grid, k, tile_h, tile_w, 4, 2)
@@ -175,6 +175,45 @@ def test_rigged_mistakes_are_framed_red_and_first(tmp_path, kind, mistakes_first
         greenish = ((band[..., 1] - band[..., 0]) > 80).sum()
         assert (reddish > 5 and greenish == 0) if sample in wrong else (greenish > 5 and reddish == 0)
     assert tb_scalars(trainer.logger.log_dir, "predictions/accuracy") == [(0, pytest.approx(0.75))]
+
+
+def test_labels_legible_in_tensorboards_default_card(tmp_path):
+    """The default grid (24 samples) fitted into TensorBoard's default image card (about 301 x 200 px, found in the
+    tensorboard 2.x image card's CSS, see ``_draw.CARD_PX``) shows the label digits at least 7 px high, measured on the
+    pixels TensorBoard stored; the first line reads ``"<pred> | <confidence>"``. (The old 690 x 450 grid of 32 tiles
+    with a 10 px font showed them at 8 * 0.44 = 3.5 px.)"""
+    from PIL import Image as PILImage
+    from PIL import ImageDraw, ImageFont
+
+    wrong = [3, 17]
+    predictions = [(i + 1) % 10 if i in wrong else i % 10 for i in range(24)]
+    monitor = PredictionGridMonitor()
+    trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
+    trainer.validate(RiggedModel(predictions), DataLoader(rigged_data(24), batch_size=8))
+    ((_, grid),) = tb_images(trainer.logger.log_dir)
+    tile_w = 66
+    tile_h = tile_w + band_px(tile_w)
+    assert grid.shape == (3 * (tile_h + 2) + 2, 8 * (tile_w + 2) + 2, 3)  # 8 columns x 3 rows
+    height, width = grid.shape[:2]
+    scale = min(_draw.CARD_PX[0] / width, _draw.CARD_PX[1] / height)  # CSS object-fit: contain
+    assert width * scale <= _draw.CARD_PX[0] and height * scale <= _draw.CARD_PX[1]
+    font_size = _draw.font_px(tile_w)
+    font = ImageFont.load_default(size=font_size)
+    for k, sample in enumerate(wrong + [i for i in range(24) if i not in wrong]):
+        tile = tile_at(grid, k, tile_h, tile_w, 8, 2)
+        pred = predictions[sample]
+        colour = _draw.WRONG_TEXT_RGB if sample in wrong else _draw.RIGHT_TEXT_RGB
+        # the predicted digit: the first glyph of the first line; its height in displayed pixels
+        left = _draw.TEXT_MARGIN_PX
+        glyph = tile[tile_w : tile_w + font_size + 4, left : left + int(font.getlength(str(pred)))].astype(int)
+        rows = np.nonzero((np.abs(glyph - np.array(colour)).sum(axis=2) < 60).any(axis=1))[0]
+        assert (rows.max() - rows.min() + 1) * scale >= _draw.LEGIBLE_DIGIT_PX, (k, rows, scale)
+        if sample not in wrong:  # the whole band is exactly these two lines, drawn independently here
+            band = PILImage.new("RGB", (tile_w, band_px(tile_w)), _draw.BAND_RGB)
+            draw = ImageDraw.Draw(band)
+            draw.text((left, 2), f"{pred} | 0.70", fill=colour, font=font)
+            draw.text((left, 2 + font_size + 2), f"true {sample % 10}", fill=_draw.TEXT_RGB, font=font)
+            assert np.array_equal(tile[tile_w:], np.asarray(band)), k
 
 
 def test_caption_lists_mistakes_with_confidence(tmp_path):
@@ -194,7 +233,7 @@ def _sample_ids(grid: np.ndarray, dataset: torch.Tensor, n: int, nrow: int) -> l
     expected = (dataset.clamp(0, 1) * 255).round().to(torch.uint8)[:, 0, 1:-1, 1:-1]
     ids = []
     for k in range(n):
-        tile = tile_at(grid, k, 84 + BAND_PX, 84, nrow, 2)
+        tile = tile_at(grid, k, 84 + band_px(84), 84, nrow, 2)
         pixels = torch.from_numpy(tile[:84:3, :84:3, 0].copy())[1:-1, 1:-1]
         (match,) = [i for i in range(len(dataset)) if torch.equal(expected[i], pixels)]
         ids.append(match)
@@ -205,7 +244,7 @@ def _sample_ids(grid: np.ndarray, dataset: torch.Tensor, n: int, nrow: int) -> l
 def test_same_samples_every_epoch_and_after_resume(tmp_path):
     g = torch.Generator().manual_seed(3)
     val = TensorDataset(torch.rand(40, 1, 28, 28, generator=g), torch.randint(0, 10, (40,), generator=g))
-    monitor = PredictionGridMonitor(num_samples=6, nrow=3, mistakes_first=False, seed=7)
+    monitor = PredictionGridMonitor(num_samples=6, nrow=3, tile_size=84, mistakes_first=False, seed=7)
     trainer = make_trainer(tmp_path, max_epochs=3, max_steps=-1, limit_train_batches=2, logger=tb_logger(),
                            callbacks=[monitor])
     trainer.fit(TinyImageModel(), image_loader(n=32), DataLoader(val, batch_size=8, shuffle=True))
@@ -214,7 +253,7 @@ def test_same_samples_every_epoch_and_after_resume(tmp_path):
     shown = [_sample_ids(grid, val.tensors[0], 6, 3) for _, grid in grids]
     assert shown[0] == shown[1] == shown[2] and len(set(shown[0])) == 6  # the same 6 real samples each epoch
     state = pickle.loads(pickle.dumps(monitor.state_dict()))
-    resumed = PredictionGridMonitor(num_samples=6, nrow=3, mistakes_first=False, seed=7)
+    resumed = PredictionGridMonitor(num_samples=6, nrow=3, tile_size=84, mistakes_first=False, seed=7)
     resumed.load_state_dict(state)
     other = make_trainer(tmp_path / "b", logger=TensorBoardLogger(str(tmp_path / "b"), name="tb", version=0),
                          callbacks=[resumed])
@@ -237,20 +276,20 @@ def test_mean_std_undone_for_one_and_three_channels(tmp_path):
     trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
     trainer.validate(ThreeChannel([0]), DataLoader(TensorDataset(normalised, torch.zeros(8, dtype=torch.long))))
     ((_, grid),) = tb_images(trainer.logger.log_dir)
-    assert grid.shape == (30 + BAND_PX + 4, 8 * 32 + 2, 3)
+    assert grid.shape == (30 + band_px(30) + 4, 8 * 32 + 2, 3)
     expected = (raw * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for k in range(8):  # all right (label 0 = argmax of equal scores): no frame, tile is the 3x upscaled raw image
-        assert np.array_equal(tile_at(grid, k, 30 + BAND_PX, 30, 8, 2)[:30:3, :30:3], expected[k])
+        assert np.array_equal(tile_at(grid, k, 30 + band_px(30), 30, 8, 2)[:30:3, :30:3], expected[k])
 
     grey = torch.rand(4, 1, 28, 28)
-    monitor = PredictionGridMonitor(num_samples=4, mean=[0.1307], std=[0.3081])
+    monitor = PredictionGridMonitor(num_samples=4, nrow=8, tile_size=84, mean=[0.1307], std=[0.3081])
     trainer = make_trainer(tmp_path / "g", logger=TensorBoardLogger(str(tmp_path / "g"), name="tb", version=0),
                            callbacks=[monitor])
     data = TensorDataset((grey - 0.1307) / 0.3081, torch.zeros(4, dtype=torch.long))
     trainer.validate(ThreeChannel([0]), DataLoader(data))
     ((_, grid),) = tb_images(trainer.logger.log_dir)
-    assert grid.shape == (84 + BAND_PX + 4, 4 * 86 + 2, 3)
-    first = tile_at(grid, 0, 84 + BAND_PX, 84, 8, 2)[:84:3, :84:3]
+    assert grid.shape == (84 + band_px(84) + 4, 4 * 86 + 2, 3)
+    first = tile_at(grid, 0, 84 + band_px(84), 84, 8, 2)[:84:3, :84:3]
     assert np.array_equal(first[..., 0], first[..., 2])  # grey stays grey in RGB
     assert np.abs(first[..., 0].astype(int) - (grey[0, 0] * 255).round().numpy()).max() <= 1
 
@@ -455,7 +494,7 @@ def test_arguments_validated_with_the_bad_value(kwargs, message):
 
 def test_defaults_picklable_and_no_logger_is_misconfiguration(tmp_path):
     monitor = pickle.loads(pickle.dumps(PredictionGridMonitor()))
-    assert monitor.num_samples == 32 and monitor.state_dict() == {}
+    assert monitor.num_samples == 24 and monitor.state_dict() == {}
     trainer = make_trainer(tmp_path, logger=False, callbacks=[monitor])
     with pytest.raises(MisconfigurationException, match="needs a logger"):
         trainer.validate(TinyImageModel(), image_loader(n=8))
@@ -547,7 +586,7 @@ def test_reduced_precision_module(tmp_path, precision):
     trainer = make_trainer(tmp_path, precision=precision, logger=tb_logger(), callbacks=[monitor])
     trainer.validate(TinyImageModel(), image_loader(n=8))
     ((step, grid),) = tb_images(trainer.logger.log_dir)
-    assert grid.shape == (84 + BAND_PX + 4, 6 * 86 + 2, 3)
+    assert grid.shape == (2 * (66 + band_px(66) + 2) + 2, 3 * 68 + 2, 3)  # 6 default tiles: 3 columns fit best
 
 
 class DeviceRecorder(TinyImageModel):
