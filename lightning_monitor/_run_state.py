@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any, Optional
 
 #: file beside the run that says which wandb ``_step`` holds which trainer step
@@ -24,9 +25,10 @@ class StepLedger:
     cut the wandb run back to ``_step`` k.
     """
 
-    def __init__(self, log_dir: str) -> None:
+    def __init__(self, log_dir: str, on_fault: Optional[Callable[[OSError], None]] = None) -> None:
         self.path = os.path.join(log_dir, LEDGER_NAME)
         self._last_step: Optional[int] = None
+        self.on_fault = on_fault  # told when the ledger cannot be written (run directory deleted, disk full)
 
     def _read(self) -> tuple[list[tuple[int, int]], int]:
         """``(rows, last step)``: ``(_step, trainer step)`` of every row the wandb run still holds (rows after a
@@ -101,12 +103,12 @@ class StepLedger:
         self._append(f"rewind\t{wandb_step}\n")
 
     def _append(self, line: str) -> None:
-        try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        try:  # never makes the directory: a run directory deleted during the run stays deleted
             with open(self.path, "a") as f:
                 f.write(line)
-        except OSError:
-            pass  # a full disk is reported by TensorBoard; losing the ledger only loses the rewind
+        except OSError as err:
+            if self.on_fault is not None:
+                self.on_fault(err)  # MultiLogger says what each backend still keeps (_disk.what_is_kept)
 
 
 class LiveRun:

@@ -99,6 +99,9 @@ class RunTensorBoard(TensorBoardWriter):
         writer.add_summary(session_end)
 
     def failure_message(self, err: BaseException, still_logging: Sequence[str]) -> str:
+        told = self.multi.run_dir_fault(err)  # run directory deleted or its disk full: what each backend keeps
+        if told is not None:
+            return told
         if os_error(err) is None:
             return super().failure_message(err, still_logging)
         return (

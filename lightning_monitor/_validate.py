@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, Optional, Union
 
@@ -72,3 +73,20 @@ def check_every_n_steps(value: Any) -> None:
     """``every_n_steps`` of a callback: ``None`` (follow the trainer) or an integer >= 1 (not a bool, not 2.5)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"`every_n_steps` must be None or an integer >= 1, got {value!r}")
+
+
+def public_params(params: Any) -> Any:
+    """``params`` without ``_``-prefixed keys (LightningCLI's ``_instantiator``, ``_class_path``), at any depth."""
+    if isinstance(params, Mapping):
+        return {k: public_params(v) for k, v in params.items() if not str(k).startswith("_")}
+    return params
+
+
+def is_eval_metric(key: str) -> bool:
+    """A validation or test metric (``val/loss``, ``val_acc``, ``test-f1``, ``valid/x``): an HParams column."""
+    head = re.split(r"[/_\-.]", key, maxsplit=1)[0].lower()
+    return head in ("val", "valid", "validation", "test")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")[:120]

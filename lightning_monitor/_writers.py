@@ -237,7 +237,9 @@ def _deliver(
         writer.end(step, row)
     except Exception as err:  # noqa: BLE001 - a backend never ends the user's run
         writer.value_errors += 1
-        if isinstance(err, _VALUE_ERRORS) and writer.value_errors < MAX_VALUE_ERRORS:
+        # a value error caused by an OSError (Lightning's TensorBoardLogger wraps a failed write in ValueError) is
+        # the disk failing, not the value
+        if isinstance(err, _VALUE_ERRORS) and not _caused_by_os_error(err) and writer.value_errors < MAX_VALUE_ERRORS:
             names = ", ".join(sorted(keys)[:5]) or "a value"
             writer.warn(
                 f"value:{names}",
@@ -249,6 +251,14 @@ def _deliver(
         rank_zero_warn(writer.failure_message(err, [w.name for w in others if w is not writer and not w.failed]))
         return
     writer.value_errors = 0
+
+
+def _caused_by_os_error(err: Optional[BaseException]) -> bool:
+    while err is not None:
+        if isinstance(err, OSError):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 class _GuardedCall:

@@ -42,6 +42,7 @@ def main():
     parser.add_argument("--flush-secs", type=float, default=None)
     parser.add_argument("--wandb-settings", default="", help="k=v,k=v passed as wandb settings")
     parser.add_argument("--progress", default="")
+    parser.add_argument("--version", type=int, default=None)
     args = parser.parse_args()
     if args.fsize_limit:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
@@ -51,7 +52,7 @@ def main():
     if not args.no_wandb:
         settings = dict(kv.split("=") for kv in args.wandb_settings.split(",") if kv)
         wandb = {"settings": {k: float(v) for k, v in settings.items()}} if settings else True
-    logger = MultiLogger(save_dir=args.runs, name="job", tensorboard=tb, wandb=wandb)
+    logger = MultiLogger(save_dir=args.runs, name="job", version=args.version, tensorboard=tb, wandb=wandb)
     trainer = make_trainer(
         args.runs, logger=logger, max_steps=args.steps, log_every_n_steps=1,
         callbacks=[Progress(args.progress, args.sleep, args.fail_at)],

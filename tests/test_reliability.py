@@ -10,12 +10,14 @@ import io
 import math
 import os
 import pty
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import numpy as np
 import psutil
@@ -532,3 +534,166 @@ def test_a_value_a_backend_rejects_costs_that_value_not_the_backend(tmp_path):
     (run,) = find_runs(logger.log_dir)
     assert [s for s, _ in run.series("ok/x")] == [0, *range(4, 104)]
     assert len(tb_scalars(logger.log_dir, "ok/x")) == 101
+
+
+# ---------------------------------------------------------------------------------------------- one job per run dir
+@pytest.mark.timeout(240)
+def test_a_second_job_on_a_version_in_use_fails_at_start_naming_the_first(tmp_path):
+    """Two real processes on one version: the second fails before its first step with an error naming the first
+    job's host and pid and how to choose another version; the first job's run is untouched."""
+    first, progress = _start_paced_job(tmp_path)
+    _wait_for_step(first, progress, 3)
+    second_progress = tmp_path / "second.txt"
+    proc = subprocess.run(
+        [sys.executable, JOB, "--runs", str(tmp_path / "runs"), "--version", "0", "--steps", "3",
+         "--progress", str(second_progress)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=150,
+    )
+    first.send_signal(signal.SIGINT)
+    first.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert "RunDirectoryInUseError" in proc.stderr
+    assert f"host {socket.gethostname()}, pid {first.pid}" in proc.stderr and "another `version=`" in proc.stderr
+    assert not second_progress.exists()  # failed before its first training step
+    run_dir = tmp_path / "runs" / "job" / "version_0"
+    assert len(event_files(run_dir)) == 1  # the second job opened no event file
+    steps = [s for s, _ in tb_scalars(run_dir, "train/loss")]
+    assert steps == list(range(len(steps))) and len(steps) >= 4
+    (run,) = find_runs(run_dir)
+    assert [s for s, _ in run.series("train/loss")] == steps  # no second segment in the wandb run
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_jobs_lock_does_not_block_its_restart(tmp_path):
+    """kill -9 leaves the lock file behind; the restart on the same version sees its pid gone and takes over."""
+    from lightning_monitor import _run_lock
+
+    first, progress = _start_paced_job(tmp_path)
+    _wait_for_step(first, progress, 2)
+    run_dir = tmp_path / "runs" / "job" / "version_0"
+    assert _run_lock.holder(str(run_dir))["pid"] == first.pid
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=30)
+    assert _run_lock.holder(str(run_dir))["pid"] == first.pid  # left behind
+    proc, _ = run_job(tmp_path, "--version", "0", "--steps", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "JOB DONE" in proc.stdout
+    assert _run_lock.holder(str(run_dir)) is None  # released at the end of the restarted job
+
+
+def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
+    """A lock written by a job on another host blocks while its heartbeat is fresh, and not once it is older than
+    STALE_SEC (the file's mtime set back, as a dead host's lock ages)."""
+    from lightning_monitor import _run_lock
+
+    run_dir = tmp_path / "lk" / "version_0"
+    run_dir.mkdir(parents=True)
+    lock = run_dir / _run_lock.LOCK_NAME
+    lock.write_text('{"host": "node-17.cluster", "pid": 4242, "started": 1.0, "since": "earlier"}')
+    logger = MultiLogger(save_dir=tmp_path, name="lk", version=0)
+    with pytest.raises(_run_lock.RunDirectoryInUseError, match=r"host node-17\.cluster, pid 4242"):
+        logger.log_metrics({"x/v": 1.0}, step=0)
+    old = time.time() - _run_lock.STALE_SEC - 10
+    os.utime(lock, (old, old))
+    logger.log_metrics({"x/v": 1.0}, step=0)
+    assert _run_lock.holder(logger.log_dir)["pid"] == os.getpid()
+    logger.finalize("success")
+    assert not lock.exists()
+    assert tb_scalars(logger.log_dir, "x/v") == [(0, 1.0)]
+
+
+def test_a_reused_pid_does_not_hold_the_lock(tmp_path):
+    """A lock naming a pid that now belongs to a process started after the lock (pid reuse) is stale."""
+    from lightning_monitor import _run_lock
+
+    run_dir = tmp_path / "pid" / "version_0"
+    run_dir.mkdir(parents=True)
+    parent = os.getppid()  # alive, started before this test: recorded as started earlier than it did -> reused
+    (run_dir / _run_lock.LOCK_NAME).write_text(
+        f'{{"host": "{socket.gethostname()}", "pid": {parent}, "started": 1.0, "since": "long ago"}}')
+    logger = MultiLogger(save_dir=tmp_path, name="pid", version=0, wandb=False)
+    logger.log_metrics({"x/v": 1.0}, step=0)
+    logger.finalize("success")
+    (run_dir / _run_lock.LOCK_NAME).write_text(
+        f'{{"host": "{socket.gethostname()}", "pid": {parent}, "started": {psutil.Process(parent).create_time()},'
+        ' "since": "now"}')
+    with pytest.raises(_run_lock.RunDirectoryInUseError, match=f"pid {parent}"):
+        MultiLogger(save_dir=tmp_path, name="pid", version=0, wandb=False).log_metrics({"x/v": 2.0}, step=1)
+
+
+# ---------------------------------------------------------------------------------------------- disk and directory
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB filesystem (tmpfs), mounted for the test; skipped where mounting is not permitted."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip() or proc.returncode}): needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(path, leave=0):
+    """Write zeros into ``path`` until the disk has at most ``leave`` bytes free (all of it when 0)."""
+    with open(path, "ab") as f:
+        while True:
+            free = shutil.disk_usage(os.path.dirname(path)).free
+            if leave and free <= leave:
+                return
+            try:
+                f.write(b"\0" * min(65536, max(4096, free - leave) if leave else 65536))
+                f.flush()
+            except OSError:
+                return
+
+
+def test_a_disk_filling_up_is_told_early_then_truthfully(small_disk, monkeypatch):
+    """On a real 4 MiB filesystem: one warning when free space drops under a tenth of the disk (naming the run
+    directory), and when the disk is full one warning saying that TensorBoard AND wandb's offline run (stored in the
+    same directory) keep nothing more, never that wandb keeps logging. Training-side calls never raise."""
+    from lightning_monitor import _disk
+
+    monkeypatch.setattr(_disk, "CHECK_EVERY_SEC", 0.0)  # look at every write instead of every 10 s
+    logger = MultiLogger(save_dir=small_disk, name="disk", tensorboard={"flush_secs": 0.01})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for step in range(5):
+            logger.log_metrics({"x/v": float(step)}, step=step)
+        assert not [w for w in record if "disk" in str(w.message)]  # 4 MiB free of 4 MiB: nothing to say
+        _fill(str(small_disk / "filler"), leave=300_000)
+        for step in range(5, 10):
+            logger.log_metrics({"x/v": float(step)}, step=step)
+        low = [str(w.message) for w in record if "almost full" in str(w.message)]
+        assert len(low) == 1 and logger.log_dir in low[0]
+        _fill(str(small_disk / "filler"))
+        for step in range(10, 400):
+            logger.log_metrics({"x/v": float(step)}, step=step)
+            if logger._tb_writer.failed:
+                break
+        logger.finalize("success")
+    texts = [str(w.message) for w in record]
+    full = [t for t in texts if "is full;" in t]
+    assert len(full) == 1, "\n".join(texts)
+    assert f"The disk of the run directory {logger.log_dir} is full" in full[0]
+    assert "TensorBoard keeps nothing more" in full[0] and "wandb's offline run lives in that directory" in full[0]
+    assert not [t for t in texts if "keeps logging" in t]
+    assert logger._tb_writer.failed and logger._wandb_writer.failed
+
+
+def test_a_deleted_run_directory_is_told_and_never_recreated(tmp_path):
+    logger = MultiLogger(save_dir=tmp_path, name="gone")
+    for step in range(3):
+        logger.log_metrics({"x/v": float(step)}, step=step)
+    shutil.rmtree(logger.log_dir)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for step in range(3, 30):
+            logger.log_metrics({"x/v": float(step)}, step=step)
+            logger.log_image("img/x", np.zeros((4, 4, 3), np.uint8), step=step)
+        logger.finalize("success")
+    texts = [str(w.message) for w in record if "deleted" in str(w.message)]
+    assert len(texts) == 1 and f"The run directory {logger.log_dir} was deleted" in texts[0]
+    assert "wandb's offline run lives in that directory and keeps nothing more" in texts[0]
+    assert not os.path.exists(logger.log_dir)  # neither the ledger, nor a writer, nor the lock re-created it
