@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
@@ -149,8 +148,7 @@ class RunSummary(Callback):
             text = _summary.rich_text(values, footer) if rich else _summary.plain(values, footer)
             bar = trainer.progress_bar_callback
             if bar_open and bar is not None and getattr(bar, "is_enabled", True):
-                sys.stderr.flush()  # a bar interrupted mid-line: start below it
-                text = "\n" + text
+                text = "\n" + text  # a bar interrupted mid-line: start below it
             print(text, flush=True)
 
     def _write_json(self, trainer: "pl.Trainer", values: Mapping[str, Any]) -> Optional[str]:
