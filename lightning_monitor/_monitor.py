@@ -1,10 +1,14 @@
-"""Monitor: the base of every monitor callback (its cadence, its run-scoped warnings, its ``setup`` checks)."""
+"""Monitor: the base of every monitor callback (its cadence, its run-scoped warnings, its ``setup`` checks, the
+host time spent in its hooks)."""
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Optional, Union
+import functools
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Optional, TypeVar, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -18,6 +22,40 @@ from lightning_monitor._validate import check_every_n_steps
 from lightning_monitor._warn import WarnOnce
 
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+#: the host clock of the hook timing (seconds); tests set a fake one
+_clock: Callable[[], float] = time.perf_counter
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _is_hook(name: str) -> bool:
+    """Whether ``name`` is a Lightning callback hook the trainer calls (``setup``, ``teardown``, ``on_*``)."""
+    return name in ("setup", "teardown") or (name.startswith("on_") and callable(getattr(Callback, name, None)))
+
+
+def _timed_hook(hook: _F) -> _F:
+    """``hook`` adding its host time to ``self._hook_seconds``: two clock reads a call. A hook that calls the hook it
+    overrides (``super()``) is timed once, by the outermost call."""
+
+    @functools.wraps(hook)
+    def timed(self: "Monitor", *args: Any, **kwargs: Any) -> Any:
+        if self._in_hook:
+            return hook(self, *args, **kwargs)
+        self._in_hook = True
+        began = _clock()
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            self._hook_seconds += _clock() - began
+            self._in_hook = False
+
+    timed._monitor_timed = True  # type: ignore[attr-defined]
+    return timed  # type: ignore[return-value]
+
+
+def _time_hooks(cls: type) -> None:
+    for name, value in list(vars(cls).items()):
+        if _is_hook(name) and callable(value) and not getattr(value, "_monitor_timed", False):
+            setattr(cls, name, _timed_hook(value))
 
 
 class Monitor(Callback):
@@ -44,6 +82,19 @@ class Monitor(Callback):
         self.exclude_keys = list(exclude_keys or ())
         self._warn = WarnOnce()  # self._warn(tag, message): once per run (cleared in setup)
         self._batch_step: Optional[int] = None  # trainer.global_step at the start of this fit's last training batch
+        self._hook_seconds = 0.0  # host seconds spent in this monitor's hooks (every hook, timed by the base class)
+        self._in_hook = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _time_hooks(cls)  # every hook of every monitor is timed: SpeedMonitor logs the share (time/monitor_share)
+
+    @classmethod
+    def _cost_key(cls) -> str:
+        """``time/monitor_share/<name>``: the key of this monitor's own cost, named after the library class it is
+        (a user's subclass of ``GradientMonitor`` counts as ``gradient_monitor``)."""
+        base = next(c for c in cls.__mro__ if c.__module__.startswith("lightning_monitor") or c is Monitor)
+        return "time/monitor_share/" + re.sub(r"(?<!^)(?=[A-Z])", "_", base.__name__).lower()
 
     def _needs_logger(self) -> bool:
         """Whether the monitor has nothing to do without a logger (``setup`` then raises)."""
@@ -63,6 +114,10 @@ class Monitor(Callback):
             )
         self._warn.clear()
         self._batch_step = None
+        if trainer.is_global_zero:
+            # the writers' guard in place before the first batch: Lightning's own writes to a plain logger pass
+            # through it (isolation, and their time counted by _writers.seconds_writing) from the start
+            _dispatch.writers(trainer)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -103,3 +158,6 @@ class Monitor(Callback):
     def _validation_step(self, trainer: "pl.Trainer") -> int:
         """The step of values measured in a validation run (the step Lightning's own ``self.log`` gives them)."""
         return _cadence.validation_step(trainer, self._batch_step)
+
+
+_time_hooks(Monitor)  # the base's own hooks (a subclass that does not override one still runs it)

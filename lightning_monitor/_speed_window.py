@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Optional, Union
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
-# columns of the per-rank vector gathered once per logging step
-BATCHES, SAMPLES, ITEMS, WALL, WAIT, PRE_SYNC, FLOPS = range(7)
+# columns of the per-rank vector gathered once per logging step; the monitors' hook seconds follow from HOOKS on
+BATCHES, SAMPLES, ITEMS, WALL, WAIT, PRE_SYNC, FLOPS, WRITTEN = range(8)
+HOOKS = 8
 
 
 class Window:
-    """Sums over the training batches since the last logging step, on the host (items may stay on the device)."""
+    """Sums over the training batches since the last logging step, on the host (items may stay on the device).
 
-    def __init__(self) -> None:
-        self.sums = [0.0] * 7
+    Times are host seconds with the time spent writing to loggers already taken out (``WRITTEN`` keeps how much);
+    ``hooks`` has one column per monitor class: seconds spent in its hooks within the timed spans.
+    """
+
+    def __init__(self, monitors: int = 0) -> None:
+        self.sums = [0.0] * (HOOKS + monitors)
         self._items: Optional[torch.Tensor] = None  # items_fn's tensors, summed on the device until the logging step
 
     def add_batch(self, samples: int, wait: float, step: float, pre_sync: float, flops: float) -> None:
@@ -29,6 +35,12 @@ class Window:
         s[WAIT] += wait
         s[PRE_SYNC] += wait + pre_sync
         s[FLOPS] += flops
+
+    def add_costs(self, written: float, hooks: Sequence[float]) -> None:
+        """Seconds spent writing to loggers (left out of the times above) and in each monitor's hooks."""
+        self.sums[WRITTEN] += written
+        for i, seconds in enumerate(hooks):
+            self.sums[HOOKS + i] += seconds
 
     def add_items(self, items: Union[int, torch.Tensor]) -> None:
         if isinstance(items, torch.Tensor):  # stays on the device until the logging step
@@ -47,19 +59,35 @@ class Window:
 
 
 def metrics(
-    gathered: np.ndarray, *, items: bool, flops: bool, peak: Optional[float], remaining: Optional[float]
+    gathered: np.ndarray,
+    *,
+    items: bool,
+    flops: bool,
+    peak: Optional[float],
+    remaining: Optional[float],
+    cost_keys: Sequence[str] = (),
 ) -> dict[str, float]:
-    """The logged values from a ``[world_size, 7]`` array of every rank's :class:`Window` sums (row = global rank).
+    """The logged values from a ``[world_size, 8 + len(cost_keys)]`` array of every rank's :class:`Window` sums (row =
+    global rank).
 
     Ranks with no timed batch in the window (warm-up, a FLOPs measurement) are left out of the rates and times;
     ``time/pre_sync_sec_max_rank`` is the global rank of the slowest one. ``remaining`` is the number of training
     batches left, timed at the slowest rank's time per batch (DDP steps at the pace of its slowest rank).
+
+    Logger writes: each rank's own are already out of its times; under DDP rank 0 writes while the other ranks wait
+    for it at the next gradient all-reduce, so every rank's wall time also loses the most any rank wrote, less what
+    it wrote itself. ``cost_keys`` name the hook-seconds columns: each monitor's share of the real elapsed time
+    (writes included), at the rank whose monitors cost the largest share.
     """
     world = len(gathered)
     ranks = [r for r in range(world) if gathered[r, BATCHES] > 0 and gathered[r, WALL] > 0]
     if not ranks:
         return {}
-    rows = gathered[ranks]
+    rows = gathered[ranks].copy()
+    elapsed = rows[:, WALL] + rows[:, WRITTEN]  # real host seconds of each rank's timed spans
+    # time another rank spent writing is time this one waited for it (at the all-reduce): not training time either
+    waited = gathered[:, WRITTEN].max() - rows[:, WRITTEN]
+    rows[:, WALL] = np.maximum(rows[:, WALL] - waited, rows[:, WALL] * 1e-3)
 
     def rate(col: int) -> float:
         return float((rows[:, col] / rows[:, WALL]).sum())
@@ -68,10 +96,11 @@ def metrics(
     out: dict[str, float] = {
         "throughput/batches_per_sec": rate(BATCHES),
         "throughput/samples_per_sec": rate(SAMPLES),
-        "throughput/device/samples_per_sec": rate(SAMPLES) / world,
         "time/step_sec": float(step_secs.mean()),
         "time/data_wait_share": float(rows[:, WAIT].sum() / rows[:, WALL].sum()),
     }
+    if world > 1:  # one device: the per-device rate is the global one, nothing to add
+        out["throughput/device/samples_per_sec"] = rate(SAMPLES) / world
     if items:
         out["throughput/items_per_sec"] = rate(ITEMS)
     if flops:
@@ -80,6 +109,11 @@ def metrics(
             out["throughput/mfu"] = rate(FLOPS) / (world * peak)
     if remaining is not None:
         out["time/remaining_sec"] = remaining * float(step_secs.max())
+    if cost_keys:
+        shares = rows[:, HOOKS:HOOKS + len(cost_keys)] / elapsed[:, None]
+        costly = int(shares.sum(axis=1).argmax())
+        out["time/monitor_share"] = float(shares[costly].sum())
+        out.update({key: float(share) for key, share in zip(cost_keys, shares[costly], strict=True)})
     if world > 1:
         pre = rows[:, PRE_SYNC] / rows[:, BATCHES]
         slowest = int(pre.argmax())

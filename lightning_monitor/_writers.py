@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_monitor._media import HistogramData, Images, to_rgb
+from lightning_monitor._validate import check_not_tensorboardx
 from lightning_monitor._warn import WarnOnce
 
 #: value-level errors in a row (no successful write between them) after which a backend is taken as broken
@@ -205,12 +206,12 @@ def deliver(
     ``keys`` name what is written (for the warning when the backend rejects it); ``others`` are the writers that
     keep logging if this one stops (for the warning's wording).
     """
-    began = time.perf_counter()
+    began = _clock()
     try:
         _deliver(writer, write, step, keys, others, row)
     finally:
         global _seconds_writing
-        _seconds_writing += time.perf_counter() - began
+        _seconds_writing += _clock() - began
 
 
 def seconds_writing() -> float:
@@ -220,6 +221,7 @@ def seconds_writing() -> float:
 
 
 _seconds_writing = 0.0
+_clock: Callable[[], float] = time.perf_counter  # the host clock of seconds_writing(); tests set a fake one
 
 
 def _deliver(
@@ -278,6 +280,7 @@ class _GuardedCall:
 def writer_for(logger: Logger) -> Writer:
     """The writer of a plain Lightning logger (MultiLogger has its own: ``MultiLogger.writers``)."""
     if isinstance(logger, TensorBoardLogger):
+        check_not_tensorboardx("lightning-monitor with a TensorBoardLogger")  # in Monitor.setup: before training
         return TensorBoardWriter(logger)
     if isinstance(logger, WandbLogger):
         return WandbWriter(logger)

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_monitor import _dist, _flops, _speed_window
+from lightning_monitor import _dist, _flops, _speed_window, _writers
 from lightning_monitor._keys import document_keys
 from lightning_monitor._monitor import Monitor
 
@@ -28,6 +28,16 @@ class SpeedMonitor(Monitor):
     ``on_train_batch_end``) and its *data wait* (end of the previous batch -> start of this one). Validation, epoch
     ends and checkpointing fall outside both, so they never dilute training throughput. Warm-up steps
     (``global_step < warmup_steps``) and the steps whose FLOPs are being measured are left out of the windows.
+
+    **Logger time is not training time.** Host time spent starting and writing to loggers
+    (:func:`lightning_monitor._writers.seconds_writing`: our values and Lightning's own ``self.log`` writes, through
+    MultiLogger or a plain TensorBoard/wandb logger) is taken out of the span it fell in, so a slow first write
+    (a backend starting up) changes no rate, step time, data-wait share or remaining time. Under DDP rank 0 writes
+    while the other ranks wait for it at the next all-reduce: every rank's window loses the most any rank wrote.
+
+    **The library's own cost.** Every hook of every monitor is timed on the host (two ``perf_counter`` reads a
+    call; :class:`~lightning_monitor._monitor.Monitor`); ``time/monitor_share`` is the share of the window's real
+    elapsed time (logger writes included) spent inside them, with one key per monitor in the trainer.
 
     FLOPs: unless ``flops_per_batch`` is given, the first training batch of every new batch shape runs under
     ``torch.utils.flop_counter.FlopCounterMode`` (forward + backward of the real step; nothing run twice, so no
@@ -66,11 +76,18 @@ class SpeedMonitor(Monitor):
     LOGGED_KEYS = {
         "throughput/batches_per_sec": "training batches per second, summed over ranks",
         "throughput/samples_per_sec": "training samples per second, summed over ranks",
-        "throughput/device/samples_per_sec": "training samples per second per device (global / world size)",
+        "throughput/device/samples_per_sec": "DDP: training samples per second per device (global / world size)",
         "throughput/items_per_sec": "items (tokens, pixels: ``items_fn``) per second, summed over ranks",
         "throughput/flops_per_sec": "model FLOPs per second (forward + backward), summed over ranks",
         "throughput/mfu": "model FLOPs utilisation: per-device FLOPs/s over the device's dense peak",
         "throughput/val_samples_per_sec": "validation samples per second, summed over ranks",
+        "time/monitor_share": "share of the window's elapsed host time spent inside lightning-monitor's hooks (all"
+        " monitors, their logger writes included; DDP: the rank where it is largest)",
+        "time/monitor_share/gradient_monitor": "the part of ``time/monitor_share`` spent in GradientMonitor's hooks",
+        "time/monitor_share/memory_monitor": "the part of ``time/monitor_share`` spent in MemoryMonitor's hooks",
+        "time/monitor_share/speed_monitor": "the part of ``time/monitor_share`` spent in SpeedMonitor's hooks",
+        "time/monitor_share/prediction_grid_monitor": "the part of ``time/monitor_share`` spent in"
+        " PredictionGridMonitor's hooks",
         "time/step_sec": "mean wall time per training batch in the window (data wait included)",
         "time/data_wait_share": "share of the window's wall time spent between batches waiting for the next one",
         "time/remaining_sec": "estimated training time left: remaining batches x the slowest rank's time per batch"
@@ -131,6 +148,15 @@ class SpeedMonitor(Monitor):
         self._batch_flops: Optional[float] = None
         self._first_step: Optional[int] = None  # global_step of this fit's first batch (warm-up counts from it)
         self._window = _speed_window.Window()
+        self._monitors: list[Monitor] = []  # every monitor of the trainer (hook time), grouped by ``_cost_keys``
+        self._cost_keys: list[str] = []
+        # at the end of the previous batch (or the restart of timing): logger-writing and hook seconds so far
+        self._prev_costs: tuple[float, list[float]] = (0.0, [])
+        self._start_costs: tuple[float, list[float]] = (0.0, [])
+        self._wait_costs: tuple[float, list[float]] = (0.0, [])
+        self._cost_index: list[int] = []  # column of each of self._monitors in the hook seconds
+        self._before_backward_written = 0.0
+        self._wait_others = self._wait_hooks = 0.0  # other monitors' hook seconds: at the previous end, in the wait
 
     # ----------------------------------------------------------------------------------------------- setup
     @override
@@ -143,31 +169,39 @@ class SpeedMonitor(Monitor):
             self._peak, self._peak_source = _flops.cuda_peak(device, trainer.precision)
         else:
             self._peak, self._peak_source = None, f"none on {device.type} (pass `peak_flops_per_sec` for MFU)"
+        self._monitors = [c for c in trainer.callbacks if isinstance(c, Monitor)]  # type: ignore[attr-defined]
+        self._cost_keys = sorted({m._cost_key() for m in self._monitors})
+        self._cost_index = [self._cost_keys.index(m._cost_key()) for m in self._monitors]
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # a new fit (after another fit, an interrupted one or a tuner run) starts a new window and warm-up
         super().on_train_start(trainer, pl_module)
-        self._window = _speed_window.Window()
+        self._window = _speed_window.Window(len(self._cost_keys))
         self._first_step = None
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # the first batch's wait includes starting the DataLoader workers: that is time spent waiting for data
-        self._prev_end = self._clock()
+        self._mark(self._clock(), self._costs())
 
     # ----------------------------------------------------------------------------------------- per batch
     @override
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        now = self._clock()
+        now, costs = self._clock(), self._costs()
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         step = trainer.global_step
         if self._first_step is None:
             self._first_step = step  # a resumed fit warms up again too
-        self._wait = now - self._prev_end if self._prev_end is not None else 0.0
-        self._start = now
+        self._wait_costs = self._prev_costs if self._prev_end is not None else costs  # the batch's costs start here
+        # logger writes since the previous batch ended (Lightning writes self.log values there) are no training
+        # time; other monitors' hooks there (their batch ends) are training time but no data wait
+        written = costs[0] - self._wait_costs[0]
+        self._wait = now - self._prev_end - written if self._prev_end is not None else 0.0
+        self._wait_hooks = self._others_hook_seconds() - self._wait_others
+        self._start, self._start_costs = now, costs
         self._before_backward = None
         self._exclude = step < self._first_step + self.warmup_steps
         self._batch_flops = self._flops_for(batch)
@@ -176,6 +210,7 @@ class SpeedMonitor(Monitor):
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
         if self._before_backward is None:
             self._before_backward = self._clock()
+            self._before_backward_written = _writers.seconds_writing()
 
     @override
     def on_train_batch_end(
@@ -187,20 +222,28 @@ class SpeedMonitor(Monitor):
         device = trainer.strategy.root_device
         if log_step is not None and device.type == "cuda":
             torch.cuda.synchronize(device)  # sync point: once per logging step, so the window ends when the GPU is done
-        now = self._clock()
+        now, costs = self._clock(), self._costs()
         if not self._exclude:
-            pre_sync = (self._before_backward or now) - self._start
-            self._window.add_batch(self._batch_size(batch), self._wait, now - self._start, pre_sync,
+            written = costs[0] - self._start_costs[0]  # logger writes inside the step: no training time
+            if self._before_backward is None:
+                pre_sync = now - self._start - written
+            else:
+                pre_sync = self._before_backward - self._start - (self._before_backward_written - self._start_costs[0])
+            self._window.add_batch(self._batch_size(batch), self._wait, now - self._start - written, pre_sync,
                                    self._batch_flops or 0.0)
+            self._window.sums[_speed_window.WAIT] -= min(self._wait_hooks, self._wait)
+            self._span_costs(self._wait_costs, costs)
             if self.items_fn is not None:
                 self._window.add_items(self.items_fn(batch))
-        self._prev_end = now
+        self._mark(now, costs)
         self._batch_idx = batch_idx
         if log_step is not None:
             self._log_window(trainer, log_step)
-            # the logging's own time is wall time of the next window, but not time spent waiting for data
-            self._prev_end = self._clock()
-            self._window.sums[_speed_window.WALL] += self._prev_end - now
+            # the logging's own time (less its logger writes) is wall time of the next window, but no data wait
+            self._mark(self._clock(), self._costs())
+            written = self._prev_costs[0] - costs[0]
+            self._window.sums[_speed_window.WALL] += self._prev_end - now - written
+            self._span_costs(costs, self._prev_costs)
 
     # ---------------------------------------------------------------------------------------- validation
     @override
@@ -234,7 +277,8 @@ class SpeedMonitor(Monitor):
         rate = sum(samples / secs for samples, secs in rows if secs > 0)
         step = self._validation_step(trainer)
         self._log_scalars(trainer, {"throughput/val_samples_per_sec": rate}, step)
-        self._prev_end = self._clock()  # training resumes: validation time is never counted as data wait
+        # training resumes: validation time is never counted as data wait
+        self._mark(self._clock(), self._costs())
 
     # ---------------------------------------------------------------------------------------- teardown
     @override
@@ -254,6 +298,25 @@ class SpeedMonitor(Monitor):
         self._flops_cache.update(state_dict.get("flops_cache", {}))
 
     # ------------------------------------------------------------------------------------------ helpers
+    def _costs(self) -> tuple[float, list[float]]:
+        """Seconds so far spent writing to loggers (this process) and in each monitor class's hooks."""
+        hooks = [0.0] * len(self._cost_keys)
+        for monitor, column in zip(self._monitors, self._cost_index, strict=True):
+            hooks[column] += monitor._hook_seconds
+        return _writers.seconds_writing(), hooks
+
+    def _mark(self, now: float, costs: tuple[float, list[float]]) -> None:
+        """Where the next batch's data wait starts: the clock and the cost counters then."""
+        self._prev_end, self._prev_costs, self._wait_others = now, costs, self._others_hook_seconds()
+
+    def _others_hook_seconds(self) -> float:
+        return sum(m._hook_seconds for m in self._monitors if m is not self)
+
+    def _span_costs(self, begin: tuple[float, list[float]], end: tuple[float, list[float]]) -> None:
+        """Add the logger writes and hook time between two :meth:`_costs` readings to the window."""
+        if not self._exclude:
+            self._window.add_costs(end[0] - begin[0], [b - a for a, b in zip(begin[1], end[1], strict=True)])
+
     def _batch_size(self, batch: Any) -> int:
         if self.batch_size_fn is not None:
             return int(self.batch_size_fn(batch))
@@ -309,12 +372,12 @@ class SpeedMonitor(Monitor):
 
     def _log_window(self, trainer: "pl.Trainer", step: int) -> None:
         packed = self._window.pack()
-        self._window = _speed_window.Window()
+        self._window = _speed_window.Window(len(self._cost_keys))
         # collective on every rank; the one host transfer of this logging step happens inside
         gathered = _dist.gather_packed(trainer, packed)
         remaining = _speed_window.remaining_batches(trainer, step, self._batch_idx)
         flops = self.flops_per_batch is not None or self.measure_flops
         metrics = _speed_window.metrics(gathered, items=self.items_fn is not None, flops=flops, peak=self._peak,
-                                        remaining=remaining)
+                                        remaining=remaining, cost_keys=self._cost_keys)
         if metrics:  # empty when no rank timed a batch in this window
             self._log_scalars(trainer, metrics, step)

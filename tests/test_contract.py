@@ -335,6 +335,9 @@ def _conditional(device: str) -> dict[str, str]:
         reasons[f"memory/{{name}}_{suffix}"] = "cross-rank aggregate: world size > 1 only"
         reasons[f"time/pre_sync_sec_{suffix}"] = "DDP straggler timing: world size > 1 only"
     reasons["time/straggler_ratio"] = "DDP straggler timing: world size > 1 only"
+    reasons["throughput/device/samples_per_sec"] = "per-device rate: world size > 1 only (else the global one)"
+    reasons["grad/optimizer_{index}/norm_total"] = "per-optimizer series: more than one optimizer only"
+    reasons["grad/optimizer_{index}/nonfinite_count"] = "per-optimizer series: more than one optimizer only"
     reasons["summary/cuda_{phase}_peak_allocated_gib_max"] = "CUDA only (MemoryMonitor's per-phase peaks)"
     reasons["summary/cuda_{phase}_peak_allocated_gib_max_rank"] = "CUDA only (MemoryMonitor's per-phase peaks)"
     if "time/monitor_share" not in SpeedMonitor.LOGGED_KEYS:

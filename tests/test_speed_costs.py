@@ -1,0 +1,224 @@
+"""SpeedMonitor's windows hold training time only: a slow logger write (a backend starting up, one slow flush) is left
+out of every window, alone and under DDP; and the library's own cost (time/monitor_share) is exact under a fake
+clock."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any, Optional
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from helpers import event_files, free_port, make_trainer, tb_accumulator, tb_scalars
+from lightning_monitor import SpeedMonitor, _monitor, _writers
+from lightning_monitor._monitor import Monitor
+from test_speed_monitor import ClockedData, ClockedModel, FakeClock, _real_clocks  # noqa: F401 - fixture used
+
+STEADY = {  # batches of 4: loading 4 x 0.0625 s, a step 0.25 s
+    "throughput/samples_per_sec": 8.0,
+    "throughput/batches_per_sec": 2.0,
+    "time/step_sec": 0.5,
+    "time/data_wait_share": 0.5,
+}
+
+
+class SlowWriteLogger(TensorBoardLogger):
+    """A real TensorBoardLogger whose first ``log_metrics`` call that ``which`` picks takes 2 s on the fake clock (a
+    backend starting up at its first write): ``"first"``, the first with that key, or ``"step N"`` the first at N."""
+
+    def __init__(self, clock: FakeClock, which: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.clock, self.which, self.slow_steps = clock, which, []
+
+    @override
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        picked = self.which == "first" or self.which in metrics or self.which == f"step {step}"
+        if not self.slow_steps and picked:
+            self.clock.now += 2.0
+            self.slow_steps.append(step)
+        super().log_metrics(metrics, step)
+
+
+class LoggingModel(ClockedModel):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/loss", loss)
+        return loss
+
+
+@pytest.mark.parametrize("which", ["first", "train/loss", "step 3"])
+def test_a_slow_logger_write_lands_in_no_window(tmp_path, which):
+    """One write (the first: SpeedMonitor's own; Lightning's first ``self.log`` write; one in the middle of the run)
+    takes 2 s: every window still reads the steady values exactly, and the remaining time counts 0.5 s a batch."""
+    clock = FakeClock()
+    logger = SlowWriteLogger(clock, which, save_dir=str(tmp_path), name="tb", version="", default_hp_metric=False)
+    monitor = SpeedMonitor(measure_flops=False)
+    monitor._clock = _writers._clock = clock
+    trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor], max_steps=8, log_every_n_steps=2)
+    trainer.fit(LoggingModel(clock, train_sec=0.25),
+                train_dataloaders=DataLoader(ClockedData(clock, n=64, per_sample=0.0625), batch_size=4))
+
+    assert len(logger.slow_steps) == 1 and 1 <= logger.slow_steps[0] <= 7  # it happened, inside the run
+    for key, value in STEADY.items():
+        assert tb_scalars(logger.log_dir, key) == [(s, value) for s in (1, 3, 5, 7)], key
+    assert tb_scalars(logger.log_dir, "time/remaining_sec") == [(1, 3.0), (3, 2.0), (5, 1.0), (7, 0.0)]
+    assert _writers.seconds_writing() >= 2.0
+
+
+def test_without_the_correction_the_window_would_be_off(tmp_path):
+    """The same run on the real clock for writes: the 2 s then stay in a window (what the correction removes)."""
+    clock = FakeClock()
+    logger = SlowWriteLogger(clock, "first", save_dir=str(tmp_path), name="tb", version="", default_hp_metric=False)
+    monitor = SpeedMonitor(measure_flops=False)
+    monitor._clock = clock  # writes timed on the real clock: the fake 2 s are not seen as writing
+    trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor], max_steps=8, log_every_n_steps=2)
+    trainer.fit(LoggingModel(clock, train_sec=0.25),
+                train_dataloaders=DataLoader(ClockedData(clock, n=64, per_sample=0.0625), batch_size=4))
+    samples = dict(tb_scalars(logger.log_dir, "throughput/samples_per_sec"))
+    assert samples[3] < 0.6 * STEADY["throughput/samples_per_sec"]  # 16 samples in 2 s + 2 s: 4 samples/s
+
+
+class Probe(Monitor):
+    """A monitor whose every training batch end costs 0.125 s on the fake clock (and logs nothing)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(None)
+        self.clock = clock
+
+    @override
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.clock.now += 0.125
+
+
+def test_monitor_share_is_the_hook_time_over_the_elapsed_time(tmp_path):
+    """Each batch: 0.25 s loading, 0.25 s step, 0.125 s in Probe's hook: 0.125 / 0.625 = 0.2 of the time."""
+    clock = FakeClock()
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version="", default_hp_metric=False)
+    monitor = SpeedMonitor(measure_flops=False)
+    monitor._clock = _writers._clock = _monitor._clock = clock
+    trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor, Probe(clock)], max_steps=8,
+                           log_every_n_steps=2)
+    trainer.fit(ClockedModel(clock, train_sec=0.25),
+                train_dataloaders=DataLoader(ClockedData(clock, n=64, per_sample=0.0625), batch_size=4))
+    steps = (1, 3, 5, 7)
+    # Probe's hook runs after SpeedMonitor's batch end, in the span before the next batch: the monitors' time (in
+    # the wall time: it slows training), not data wait
+    fifth = float(np.float32(0.2))  # as TensorBoard stores it
+    assert tb_scalars(logger.log_dir, "time/monitor_share") == [(s, fifth) for s in steps]
+    assert tb_scalars(logger.log_dir, "time/monitor_share/monitor") == [(s, fifth) for s in steps]
+    assert tb_scalars(logger.log_dir, "time/monitor_share/speed_monitor") == [(s, 0.0) for s in steps]
+    assert tb_scalars(logger.log_dir, "time/step_sec") == [(s, 0.625) for s in steps]
+    assert tb_scalars(logger.log_dir, "time/data_wait_share") == [(s, 2 * fifth) for s in steps]  # 0.25 of 0.625 s
+
+
+def test_hooks_are_timed_once_through_super_calls():
+    clock = FakeClock()
+    _monitor._clock = clock
+
+    class Inner(Monitor):
+        @override
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            clock.now += 1.0
+            super().on_train_start(trainer, pl_module)
+
+    class Outer(Inner):
+        @override
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            clock.now += 0.5
+            super().on_train_start(trainer, pl_module)
+
+    probe = Outer(None)
+    probe.on_train_start(None, None)
+    assert probe._hook_seconds == 1.5 and Outer._cost_key() == "time/monitor_share/monitor"
+    assert SpeedMonitor._cost_key() == "time/monitor_share/speed_monitor"
+
+
+# ----------------------------------------------------------------------------------------------- DDP
+_DDP_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    import torch.distributed as dist
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.utilities import rank_zero_only
+    from helpers import TinyImageModel, make_trainer, image_data
+    from lightning_monitor import SpeedMonitor, _writers
+
+    slow = sys.argv[1] == "slow"
+
+    class Clock:
+        now = 100.0
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+
+    class SlowFirstWrite(TensorBoardLogger):
+        @rank_zero_only  # as TensorBoardLogger's own: Lightning calls it on every rank, rank 0 writes
+        def log_metrics(self, metrics, step=None):
+            global slow
+            if slow:
+                clock.now += 2.0  # the backend starting at its first write, on rank 0 (the only rank that writes)
+                slow = False
+            super().log_metrics(metrics, step)
+
+    class Model(TinyImageModel):
+        def training_step(self, batch, batch_idx):
+            clock.now += 0.25
+            loss = F.nll_loss(self(batch[0]), batch[1])
+            self.log("train/loss", loss)
+            return loss
+
+        def on_after_backward(self):
+            # DDP's gradient all-reduce: a rank that got there first waits for the other (the fake clocks meet)
+            t = torch.tensor([clock.now], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            clock.now = float(t)
+
+    monitor = SpeedMonitor(measure_flops=False)
+    monitor._clock = _writers._clock = clock
+    trainer = make_trainer(".", accelerator="cpu", devices=2, strategy="ddp", max_steps=7, log_every_n_steps=2,
+                           logger=SlowFirstWrite(".", name="tb", version="", default_hp_metric=False),
+                           callbacks=[monitor])
+    trainer.fit(Model(), train_dataloaders=DataLoader(image_data(96), batch_size=4))
+    """
+)
+
+
+@pytest.mark.timeout(150)
+def test_ddp_slow_first_write_on_rank_0_lands_in_no_window(tmp_path):
+    """Rank 0 spends 2 s in its first write while rank 1 waits at the next all-reduce: both ranks' windows leave
+    the 2 s out (8 + 8 samples/s at 0.25 s per batch of 4 on each rank), in every window."""
+    script = tmp_path / "ddp_slow_write.py"
+    script.write_text(_DDP_SCRIPT.format(tests=os.path.dirname(__file__)))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PL_DISABLE_FORK="1")
+    runs = {}
+    for mode in ("slow", "steady"):
+        run_dir = tmp_path / mode
+        run_dir.mkdir()
+        env["MASTER_PORT"] = str(free_port())
+        proc = subprocess.run([sys.executable, str(script), mode], cwd=run_dir, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert len(event_files(run_dir)) == 1  # rank 0 wrote, rank 1 nothing
+        tags = tb_accumulator(str(run_dir / "tb")).Tags()["scalars"]
+        runs[mode] = {k: tb_scalars(str(run_dir / "tb"), k) for k in tags if k.startswith(("throughput/", "time/"))}
+    slow, steady = runs["slow"], runs["steady"]
+    assert slow["throughput/samples_per_sec"] == [(s, 32.0) for s in (1, 3, 5)]  # 2 ranks x 4 / 0.25 s
+    assert slow["time/step_sec"] == [(s, 0.25) for s in (1, 3, 5)]
+    assert slow["time/remaining_sec"] == [(1, 1.25), (3, 0.75), (5, 0.25)]
+    for key in ("throughput/samples_per_sec", "throughput/device/samples_per_sec", "time/step_sec",
+                "time/data_wait_share", "time/remaining_sec", "time/pre_sync_sec_max", "time/straggler_ratio"):
+        assert slow[key] == steady[key], key
