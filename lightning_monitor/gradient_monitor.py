@@ -45,10 +45,9 @@ class GradientMonitor(Monitor):
     module itself is its own group; a ``group_patterns`` glob claims a parameter first.
     ``grad/nonfinite/{name}`` appears for a parameter once it has had NaN/Inf and stays (0 when clean again).
 
-    Bounded cost: at most ``max_histograms`` gradient histograms (and as many weight histograms) and at most
-    ``max_param_keys`` keys per family of per-parameter scalars (``grad/norm_param/*``, ``grad/nonfinite/*``)
-    per logging step, chosen by ``param_select`` among the parameters ``include``/``exclude`` select; one
-    warning names the cap when it leaves parameters out.
+    Bounded cost: at most ``max_histograms`` gradient (and weight) histograms and ``max_param_keys`` keys per
+    family of per-parameter or per-group scalars per logging step, chosen by ``param_select``; one warning names
+    the cap when it leaves parameters out.
 
     Cost: between logging steps the only work is one float32 ``torch._foreach_norm`` over all gradients,
     accumulated on the device (no host sync) so that NaN/Inf on any step is counted. A logging step computes
@@ -76,8 +75,9 @@ class GradientMonitor(Monitor):
         include: globs over parameter names for histograms and per-parameter norms (default: all).
         exclude: globs over parameter names removed from histograms and per-parameter norms.
         max_histograms: at most this many gradient (and weight) histograms per logging step; ``None``: no cap.
-        max_param_keys: at most this many ``grad/norm_param/*`` keys, and as many ``grad/nonfinite/*`` keys
-            (the first parameters found with NaN/Inf); ``None``: no cap.
+        max_param_keys: at most this many ``grad/norm_param/*`` keys, as many groups (``grad/norm/*``,
+            ``param/norm/*``, ``param/update_ratio/*``) and as many ``grad/nonfinite/*`` keys (the first
+            parameters found with NaN/Inf); ``None``: no cap.
         param_select: which parameters the caps keep, deterministically, in model order: ``"spread"`` (evenly
             spaced over the model, first and last included), ``"first"`` or ``"largest"`` (most elements).
         nonfinite: ``"warn"`` (count, log, warn once), ``"raise"`` (raise ``FloatingPointError`` naming the
@@ -229,6 +229,11 @@ class GradientMonitor(Monitor):
         where = {g: k for k, g in enumerate(self._group_names)}
         self._gid = np.array([-1 if g is None else where[g] for g in groups], dtype=np.int64)
         numels = [p.numel() for p in self._params]
+        sizes = np.bincount(self._gid[self._gid >= 0], weights=np.array(numels)[self._gid >= 0],
+                            minlength=len(self._group_names))
+        kept = self._cap(np.arange(len(self._group_names)), sizes.tolist(), self.max_param_keys, "group norms",
+                         "max_param_keys", self.group_depth > 0 or bool(self.group_patterns))
+        self._gid = np.where(kept[np.maximum(self._gid, 0)], self._gid, -1)  # groups over the cap: no key
         self._nonempty = np.array(numels, dtype=np.int64) > 0
         chosen = np.flatnonzero(np.array([self._is_selected(n) for n in self._names], dtype=bool) & self._nonempty)
         self._hist_mask = self._cap(chosen, numels, self.max_histograms, "histograms", "max_histograms",
@@ -240,8 +245,9 @@ class GradientMonitor(Monitor):
              used: bool) -> np.ndarray:
         kept = _grad_groups.pick(chosen, numels, cap, self.param_select)
         if used and kept.size < chosen.size:
-            self._warn(f"cap:{option}", (
-                f"GradientMonitor: {chosen.size} parameters selected for {what}, logging {kept.size} per logging step"
+            self._warn(f"cap:{option}:{what}", (
+                f"GradientMonitor: {chosen.size} {'groups' if what == 'group norms' else 'parameters'} selected for"
+                f" {what}, logging {kept.size} per logging step"
                 f" ({option}={cap}, chosen by param_select={self.param_select!r}); raise {option} (None: no cap)"
                 " or narrow include/exclude to choose others."
             ))
@@ -289,8 +295,7 @@ class GradientMonitor(Monitor):
         if self._log_step is not None:
             bad = self._measure(number, np.array(present, dtype=np.int64), grads)
         elif self.nonfinite == "warn":
-            self._nonfinite.queue(tuple(present), fast_norms(grads))  # on the device; read at the next logging step
-            return
+            return self._nonfinite.queue(tuple(present), fast_norms(grads))  # on the device; read when logging
         else:
             bad = self._nonfinite.count(tuple(present), fast_norms(grads))  # sync point: raise/skip (documented)
         if bad and self.nonfinite != "warn":
@@ -311,9 +316,8 @@ class GradientMonitor(Monitor):
         if pending.size:
             bad_steps, any_steps = self._nonfinite.read(pending)
             before, steps = self._pending
-            for i, v in bad_steps.items():
-                before[i] = before.get(i, 0.0) + v
-            self._pending = (before, steps + any_steps)
+            self._pending = ({i: before.get(i, 0.0) + bad_steps.get(i, 0.0) for i in {*before, *bad_steps}},
+                             steps + any_steps)
         earlier = self._measured.pop(number, None)
         if earlier is not None:  # the same optimizer stepped again in this batch: the last step is logged
             self._nonfinite.note(earlier.bad.tolist())
@@ -353,14 +357,14 @@ class GradientMonitor(Monitor):
             for m in measured:
                 metrics[f"grad/optimizer_{m.optimizer}/norm_total"] = float(np.sqrt(m.sq.sum()))
                 metrics[f"grad/optimizer_{m.optimizer}/nonfinite_count"] = float(m.nonfinite.sum())
-        metrics.update(self._group_norms("grad/norm", have, sq))
+        metrics.update(_grad_groups.group_norms("grad/norm", self._group_names, self._gid, have, sq))
         if self.per_param_norms:
             chosen = np.flatnonzero(have & self._norm_mask).tolist()
             root = np.sqrt(sq[chosen]).tolist()
             metrics.update({f"grad/norm_param/{self._names[i]}": v for i, v in zip(chosen, root, strict=True)})
         if self.param_norms and wsq is not None:
             metrics["param/norm_total"] = float(np.sqrt(wsq[have].sum()))
-            metrics.update(self._group_norms("param/norm", have, wsq))
+            metrics.update(_grad_groups.group_norms("param/norm", self._group_names, self._gid, have, wsq))
 
         bad_now = np.flatnonzero(have & ~np.isfinite(sq))
         bad_steps, any_steps = self._pending
@@ -388,9 +392,6 @@ class GradientMonitor(Monitor):
             hists.update(_grad_event.histograms("grad/hist", self._names, m.hist, m.rows, self.bins))
             hists.update(_grad_event.histograms("param/hist", self._names, m.phist, m.prows, self.bins))
         self._log_histograms(trainer, hists, step)  # one wandb row for all of them
-
-    def _group_norms(self, prefix: str, have: np.ndarray, sq: np.ndarray) -> dict[str, float]:
-        return _grad_groups.group_norms(prefix, self._group_names, self._gid, have, sq)
 
     def _log_update_ratio(self, trainer: "pl.Trainer", step: int) -> None:
         snapshots = [self._snapshots[k] for k in sorted(self._snapshots)]

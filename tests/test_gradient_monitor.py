@@ -633,3 +633,51 @@ def test_wrapper_prefix_and_group_depth_below_it():
     assert monitor._group_names == ["inner.inner.0.0", "inner.inner.1"]  # 2 levels below, or the layer itself
     monitor._watch(leaf)
     assert monitor._group_names == ["inner.weight", "inner.bias"]
+
+
+class ManyLayers(pl.LightningModule):
+    """``layers`` tiny Linear layers in a row: 2 * layers parameter tensors."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(*[torch.nn.Linear(3, 3) for _ in range(layers)])
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        return self.net(x).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("select, expected", [
+    ("spread", [0, 14, 28, 42, 57, 71, 85, 99]),  # round(linspace(0, 99, 8)): first and last included
+    ("first", list(range(8))),
+])
+def test_histogram_and_per_parameter_caps_hold_and_warn_once(select, expected):
+    model = ManyLayers(50)
+    names = [n for n, _ in model.named_parameters()]
+    monitor = GradientMonitor(every_n_steps=1, per_param_norms=True, max_histograms=8, max_param_keys=5,
+                              param_select=select)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 3))
+    with pytest.warns(UserWarning) as record:
+        _fit(monitor, model, torch.utils.data.DataLoader(data, batch_size=16), max_steps=3,
+             logger=TensorBoardLogger("runs"))
+    acc = _acc()
+    hists = sorted(acc.Tags()["histograms"])
+    assert hists == sorted(f"grad/hist/{names[i]}" for i in expected)
+    assert all(len(acc.Histograms(t)) == 3 for t in hists)
+    per_param = [t for t in acc.Tags()["scalars"] if t.startswith("grad/norm_param/")]
+    assert len(per_param) == 5
+    caps = [str(w.message) for w in record if "max_histograms" in str(w.message) or "max_param_keys" in str(w.message)]
+    assert len(caps) == 3, caps  # one per capped family, not one per logging step
+    assert "100 parameters selected for histograms, logging 8" in caps[1] and "max_histograms=8" in caps[1]
+    assert "50 groups selected for group norms, logging 5" in caps[0] and "max_param_keys=5" in caps[0]
+    assert "100 parameters selected for per-parameter norms, logging 5" in caps[2]
+    assert len([t for t in acc.Tags()["scalars"] if t.startswith("grad/norm/")]) == 5
+
+
+def test_no_cap_warning_when_the_cap_does_not_bite(recwarn):
+    _fit(GradientMonitor(max_histograms=4, max_param_keys=4, per_param_norms=True), max_steps=2)
+    assert not [w for w in recwarn if "max_" in str(w.message)]
+    assert len(_acc().Tags()["histograms"]) == 4
