@@ -30,7 +30,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, bin_counts, sample_stride, squared_norms
+from lightning_monitor._grad_event import Measured, Snapshot
+from lightning_monitor._grad_groups import group_norms
+from lightning_monitor._grad_norms import squared_norms
+from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, bin_counts, sample_stride
 
 COLLECTIVES_PER_EVENT = 2  # one packed MAX, one packed SUM: the all-reduces of one global_stats call
 
@@ -236,3 +239,70 @@ def global_stats(
     return GlobalStats(sq=sq, wsq=wsq, nonfinite=nonfinite_host, grad_rows=rows[:g], param_rows=rows[g:],
                        extra_max=host[2 * t : len(max_pack)])
 
+
+def check_strategy(strategy: object) -> bool:
+    """Whether ``strategy`` gives GradientMonitor sharded (DTensor) gradients to measure on every rank.
+
+    Raises:
+        MisconfigurationException: for FSDP1 (``FSDPStrategy``) and DeepSpeed, naming what works instead.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        raise MisconfigurationException(
+            f"GradientMonitor cannot read the full gradients under {type(strategy).__name__}: it shards them into"
+            " flat buffers with no per-parameter global view. Use ModelParallelStrategy with"
+            " torch.distributed.fsdp.fully_shard in configure_model (FSDP2: DTensor parameters, global numbers"
+            " supported), DDP, or a single device."
+        )
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def local_shards(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's local values of each tensor (for per-rank work between logging steps: NaN/Inf flags)."""
+    return [local_shard(t)[0] for t in tensors]
+
+
+def measure(
+    optimizer: int,
+    present: np.ndarray,
+    grads: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    hist_pos: np.ndarray,
+    phist_pos: np.ndarray,
+    want_wsq: bool,
+    bins: int,
+    max_elements: Optional[int],
+    hist_range: HistRange,
+    pending: Sequence[torch.Tensor],
+) -> tuple[Measured, np.ndarray]:
+    """:func:`lightning_monitor._grad_event.measure` for sharded gradients, on EVERY rank: the same host values for
+    the full tensors, with :data:`COLLECTIVES_PER_EVENT` all-reduces and one host transfer.
+
+    ``pending`` (NaN/Inf step counts each rank queued since the last logging step) comes back as the maximum over
+    ranks: exact when the NaN/Inf shows on one rank or on all at the same steps, a lower bound otherwise.
+    """
+    stats = global_stats(grads, params=weights if want_wsq else None, grad_hist=hist_pos.tolist(),
+                         param_hist=phist_pos.tolist(), bins=bins, max_elements=max_elements, hist_range=hist_range,
+                         extra_max=pending)
+    measured = Measured(optimizer, present, stats.sq, stats.nonfinite, present[hist_pos], stats.grad_rows, stats.wsq,
+                        present[phist_pos], stats.param_rows)
+    return measured, stats.extra_max
+
+
+def update_ratios(params: Sequence[torch.Tensor], snapshots: Sequence[Snapshot], group_names: Sequence[str],
+                  gid: np.ndarray) -> dict[str, float]:
+    """:func:`lightning_monitor._grad_event.update_ratios` for sharded weights (one all-reduce SUM, every rank)."""
+    present = np.concatenate([s[0] for s in snapshots])
+    before = [local_shard(t)[0] for s in snapshots for t in s[1]]
+    dsq_part = global_squared_diffs([params[i] for i in present.tolist()], before)
+    n = len(params)
+    have, dsq, wsq = np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n)
+    have[present], dsq[present], wsq[present] = True, dsq_part, np.concatenate([s[2] for s in snapshots])
+    total = wsq[have].sum()
+    metrics = {"param/update_ratio_total": float(np.sqrt(dsq[have].sum() / total)) if total > 0 else 0.0}
+    num, den = group_norms("x", group_names, gid, have, dsq), group_norms("x", group_names, gid, have, wsq)
+    for key, value in num.items():
+        metrics[f"param/update_ratio/{key[2:]}"] = value / den[key] if den[key] > 0 else 0.0
+    return metrics
