@@ -31,12 +31,12 @@ import tempfile
 import time
 import warnings
 import xml.etree.ElementTree as ElementTree
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import _common  # noqa: E402  (sets WANDB_MODE=offline before wandb is imported)
-
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -53,7 +53,7 @@ class MLP(pl.LightningModule):
     def __init__(self, widths: tuple[int, ...] = (1024, 4096, 4096, 1024)) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        for a, b in zip(widths, widths[1:]):
+        for a, b in zip(widths, widths[1:], strict=False):
             layers += [nn.Linear(a, b), nn.ReLU()]
         self.net = nn.Sequential(*layers[:-1])
 
@@ -146,7 +146,7 @@ def _fit_steps(model_name: str, callbacks: list[pl.Callback], steps: int, device
     )
     trainer.fit(make(), _data(kind, steps * batch, batch))
     starts = stamp.starts
-    return [b - a for a, b in zip(starts, starts[1:])]
+    return [b - a for a, b in zip(starts, starts[1:], strict=False)]
 
 
 def _median(values: list[float]) -> float:
@@ -168,8 +168,10 @@ def run_gpu_tests(quick: bool) -> tuple[str, bool]:
                 for tag in ("failure", "error", "skipped"):
                     node = case.find(tag)
                     if node is not None:
-                        status = f"{tag}: {(node.get('message') or '').splitlines()[0][:120] if node.get('message') else ''}"
-                rows.append([f"{case.get('classname')}::{case.get('name')}", status, f"{float(case.get('time', 0)):.1f}"])
+                        message = (node.get("message") or "").splitlines()
+                        status = f"{tag}: {message[0][:120] if message else ''}"
+                seconds = f"{float(case.get('time', 0)):.1f}"
+                rows.append([f"{case.get('classname')}::{case.get('name')}", status, seconds])
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-300:]
     text = _common.markdown_table(["test", "result", "seconds"], rows) + f"\n\npytest: `{tail}`\n"
     return text, proc.returncode == 0
