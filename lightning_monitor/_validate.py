@@ -38,6 +38,23 @@ def tensorboard_keys() -> set[str]:
     return keys - {"save_dir", "name", "version", "log_dir", "logdir", "comment"}
 
 
+def check_not_tensorboardx(who: str) -> None:
+    """Refuse the writer Lightning's ``TensorBoardLogger`` picks when the ``tensorboard`` package is missing:
+    tensorboardX, whose writer thread dies on a full disk and then blocks every later write (training hangs).
+
+    Raises:
+        ModuleNotFoundError: ``tensorboard`` is not installed, with the ``pip install`` line.
+    """
+    from lightning.fabric.loggers import tensorboard as fabric_tensorboard
+
+    if not fabric_tensorboard._TENSORBOARD_AVAILABLE:
+        raise ModuleNotFoundError(
+            f"{who} needs the `tensorboard` package: without it Lightning's TensorBoardLogger writes through"
+            " tensorboardX, whose writer blocks training forever once the disk is full. Install it:"
+            " `pip install tensorboard`"
+        )
+
+
 def check_writable(path: str) -> None:
     """Fail early, naming the directory, when ``path`` cannot be created or written (without creating it)."""
     probe = os.path.abspath(path)

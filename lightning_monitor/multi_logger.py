@@ -22,6 +22,7 @@ from lightning_monitor._media import HistogramData, make_histogram, prepare_imag
 from lightning_monitor._run_writers import RunTensorBoard, RunWandb
 from lightning_monitor._validate import (
     check_keys,
+    check_not_tensorboardx,
     check_writable,
     is_eval_metric,
     options,
@@ -112,6 +113,7 @@ class MultiLogger(Logger):
         check_writable(save_dir)
         tb_options = options("tensorboard", tensorboard)
         if tb_options is not None:
+            check_not_tensorboardx("MultiLogger(tensorboard=...)")
             check_keys("tensorboard", tb_options, tensorboard_keys())
         self._wandb_options = options("wandb", wandb)
         if tb_options is None and self._wandb_options is None:

@@ -697,3 +697,46 @@ def test_a_deleted_run_directory_is_told_and_never_recreated(tmp_path):
     assert len(texts) == 1 and f"The run directory {logger.log_dir} was deleted" in texts[0]
     assert "wandb's offline run lives in that directory and keeps nothing more" in texts[0]
     assert not os.path.exists(logger.log_dir)  # neither the ledger, nor a writer, nor the lock re-created it
+
+
+# ---------------------------------------------------------------------------------------------- tensorboardX
+WITHOUT_TENSORBOARD = '''
+import importlib.metadata as md, sys
+sys.path.insert(0, {tests!r})
+real_version = md.version
+def version(name):  # what importlib.metadata says when the `tensorboard` distribution is not installed
+    if name.lower() == "tensorboard":
+        raise md.PackageNotFoundError(name)
+    return real_version(name)
+md.version = version
+class NoTensorBoard:  # and its modules cannot be imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "tensorboard" or name.startswith("tensorboard."):
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+sys.meta_path.insert(0, NoTensorBoard())
+from lightning.pytorch.loggers import TensorBoardLogger
+from helpers import TinyImageModel, image_loader, make_trainer
+from lightning_monitor import GradientMonitor, MultiLogger
+if {plain!r}:
+    trainer = make_trainer({root!r}, logger=TensorBoardLogger({root!r}), callbacks=[GradientMonitor()], max_steps=2)
+    trainer.fit(TinyImageModel(), image_loader())
+else:
+    MultiLogger(save_dir={root!r}, wandb=False)
+'''
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["multilogger", "plain-tensorboardlogger"])
+def test_tensorboardx_is_refused_with_the_fix(tmp_path, plain):
+    """Without the `tensorboard` package Lightning's TensorBoardLogger would write through tensorboardX (which
+    hangs training on a full disk): MultiLogger refuses at construction, a monitor with a plain TensorBoardLogger at
+    setup (before the first step), both naming `pip install tensorboard`."""
+    if plain:
+        pytest.importorskip("tensorboardX", reason="Lightning refuses a TensorBoardLogger with neither package")
+    code = WITHOUT_TENSORBOARD.format(tests=os.path.dirname(__file__), root=str(tmp_path), plain=plain)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=150)
+    assert proc.returncode != 0
+    assert "ModuleNotFoundError" in proc.stderr and "`pip install tensorboard`" in proc.stderr, proc.stderr[-3000:]
+    assert "tensorboardX" in proc.stderr
+    # no training step ran (Lightning makes the plain logger's writer, an empty event file, before callbacks' setup)
+    assert all(not tb_accumulator(os.path.dirname(f)).Tags()["scalars"] for f in event_files(tmp_path))
+    assert plain or not event_files(tmp_path)
