@@ -22,8 +22,8 @@ SOURCE_KEYS = frozenset(
         *_PEAKS, *(f"{key}_max" for key in _PEAKS), *(f"{key}_max_rank" for key in _PEAKS),
     }
 )
-#: families of logged keys the summary reads (the module groups' gradient norms)
-SOURCE_PREFIXES = ("grad/norm/",)
+#: families of logged keys the summary reads (the module groups' gradient norms, each monitor's own cost)
+SOURCE_PREFIXES = ("grad/norm/", "time/monitor_share/")
 
 Series = Mapping[str, Sequence[tuple[int, float]]]
 
@@ -73,6 +73,8 @@ def compute(series: Series, *, status: str, wall_sec: Optional[float], steps: in
         out["summary/accuracy_first"], out["summary/accuracy_last"] = accuracy[0], accuracy[-1]
     if overhead := values("time/monitor_share"):
         out["summary/overhead_share_mean"] = float(np.mean(overhead))
+        for key in sorted(k for k in series if k.startswith("time/monitor_share/")):
+            out[f"summary/overhead_share_mean/{key.removeprefix('time/monitor_share/')}"] = float(np.mean(values(key)))
     return out
 
 
@@ -139,7 +141,10 @@ def rows(values: Mapping[str, Any]) -> list[tuple[str, str]]:
         out.append(("accuracy, fixed samples", f"first {v['summary/accuracy_first']:.1%}, "
                                                f"last {v['summary/accuracy_last']:.1%}"))
     if "summary/overhead_share_mean" in v:
-        out.append(("monitoring cost", f"{v['summary/overhead_share_mean']:.1%} of training time"))
+        parts = [f"{k.rsplit('/', 1)[1].removesuffix('_monitor')} {x:.1%}" for k, x in v.items()
+                 if k.startswith("summary/overhead_share_mean/")]
+        out.append(("monitoring cost", f"{v['summary/overhead_share_mean']:.1%} of training time"
+                                       + (f" ({', '.join(parts)})" if parts else "")))
     return out
 
 

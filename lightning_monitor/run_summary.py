@@ -81,6 +81,7 @@ class RunSummary(Callback):
         "summary/accuracy_last": "last ``predictions/accuracy`` on the fixed samples",
         "summary/overhead_share_mean": "mean of ``time/monitor_share`` over the logging windows: the monitors'"
         " own share of training time",
+        "summary/overhead_share_mean/{name}": "the part of it spent in one monitor (``time/monitor_share/{name}``)",
         "summary/table": "text: the table (a TensorBoard text card)",
     }
     #: the TensorBoard text card holding the whole table

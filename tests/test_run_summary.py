@@ -74,6 +74,9 @@ def _expected(series: dict[str, list[tuple[int, Any]]]) -> dict[str, Any]:
         "summary/grad_norm_max_group": max(groups, key=groups.get),
         "summary/accuracy_first": vals("predictions/accuracy")[0],
         "summary/accuracy_last": vals("predictions/accuracy")[-1],
+        "summary/overhead_share_mean": np.mean(vals("time/monitor_share")),
+        **{f"summary/overhead_share_mean/{k.rsplit('/', 1)[1]}": np.mean(vals(k))
+           for k in series if k.startswith("time/monitor_share/")},
     }
 
 
@@ -92,6 +95,7 @@ def test_summary_equals_aggregates_of_what_tensorboard_and_wandb_hold(capsys):
 
     tb = _tb_series(logger.log_dir)
     assert len(tb["throughput/samples_per_sec"]) >= 3  # several windows: the percentiles are not one value
+    assert {f"summary/overhead_share_mean/{name}" for name in ("gradient_monitor", "speed_monitor")} <= set(written)
     for key, value in _expected(tb).items():  # TensorBoard stores float32
         assert written[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
     (run,) = find_runs("runs")
@@ -118,7 +122,7 @@ def test_summary_equals_aggregates_of_what_tensorboard_and_wandb_hold(capsys):
     out = capsys.readouterr().out
     assert out.count("Run summary (") == 1
     assert f"written to {os.path.join(logger.log_dir, 'summary.json')}" in out
-    assert "  step time " in out and "largest norm" in out
+    assert "  step time " in out and "largest norm" in out and "monitoring cost " in out
 
 
 def test_summary_of_a_fit_without_monitors_and_with_plain_loggers():
