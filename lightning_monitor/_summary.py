@@ -141,7 +141,7 @@ def rows(values: Mapping[str, Any]) -> list[tuple[str, str]]:
         out.append(("accuracy, fixed samples", f"first {v['summary/accuracy_first']:.1%}, "
                                                f"last {v['summary/accuracy_last']:.1%}"))
     if "summary/overhead_share_mean" in v:
-        parts = [f"{k.rsplit('/', 1)[1].removesuffix('_monitor')} {x:.1%}" for k, x in v.items()
+        parts = [f"{k.rsplit('/', 1)[1].removesuffix('_monitor').replace('_', ' ')} {x:.1%}" for k, x in v.items()
                  if k.startswith("summary/overhead_share_mean/")]
         out.append(("monitoring cost", f"{v['summary/overhead_share_mean']:.1%} of training time"
                                        + (f" ({', '.join(parts)})" if parts else "")))

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -182,6 +183,51 @@ def test_a_run_ended_by_ctrl_c_or_an_exception_writes_a_summary_marked_so(error,
     assert f"Run summary ({status})".encode() in card
     out = capsys.readouterr().out
     assert out.count("Run summary (") == 1 and f"\nRun summary ({status})" in out  # below the progress bar
+
+
+def test_a_summary_that_fails_costs_a_warning_not_the_run(monkeypatch):
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ZeroDivisionError("a bug in the summary")
+
+    monkeypatch.setattr(_summary, "compute", broken)
+    trainer = make_trainer(".", logger=CSVLogger("csv"), callbacks=[SpeedMonitor(), RunSummary()], max_steps=2)
+    with pytest.warns(UserWarning, match=r"RunSummary could not make the summary \(ZeroDivisionError: a bug"):
+        trainer.fit(TinyImageModel(), image_loader(64))
+    assert trainer.global_step == 2 and trainer.state.finished
+
+
+class _GAN(TinyImageModel):
+    """Manual optimization with two optimizers: two optimizer steps a batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for opt in self.optimizers():
+            loss = torch.nn.functional.nll_loss(self(x), y)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    def configure_optimizers(self) -> Any:
+        return [torch.optim.SGD(self.conv.parameters(), lr=0.01), torch.optim.SGD(self.head.parameters(), lr=0.01)]
+
+
+def test_manual_optimization_with_two_optimizers():
+    summary = RunSummary(print_table=False)
+    trainer = make_trainer(".", logger=CSVLogger("csv"), callbacks=[GradientMonitor(), SpeedMonitor(), summary],
+                           max_steps=8)
+    trainer.fit(_GAN(), image_loader(64))
+    assert summary.summary["summary/steps"] == trainer.global_step == 8
+    with open(os.path.join(trainer.logger.log_dir, "metrics.csv"), encoding="utf-8") as f:
+        header, *rows = [line.strip().split(",") for line in f]
+    norms = [(int(r[header.index("step")]), float(r[header.index("grad/norm_total")])) for r in rows
+             if r[header.index("grad/norm_total")]]
+    assert len(norms) >= 2
+    assert summary.summary["summary/grad_norm_max"] == pytest.approx(max(v for _, v in norms), rel=1e-6)
+    assert summary.summary["summary/samples_per_sec_p50"] > 0
 
 
 def test_compute_takes_cross_rank_peaks_their_rank_and_the_group_at_the_largest_norm():
