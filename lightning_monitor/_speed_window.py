@@ -77,7 +77,7 @@ def metrics(
     Logger writes: each rank's own are already out of its times; under DDP rank 0 writes while the other ranks wait
     for it at the next gradient all-reduce, so every rank's wall time also loses the most any rank wrote, less what
     it wrote itself. ``cost_keys`` name the hook-seconds columns: each monitor's share of the real elapsed time
-    (writes included), at the rank whose monitors cost the largest share.
+    (writes included), at the rank whose monitors cost the largest share; per monitor only with more than one.
     """
     world = len(gathered)
     ranks = [r for r in range(world) if gathered[r, BATCHES] > 0 and gathered[r, WALL] > 0]
@@ -113,7 +113,8 @@ def metrics(
         shares = rows[:, HOOKS:HOOKS + len(cost_keys)] / elapsed[:, None]
         costly = int(shares.sum(axis=1).argmax())
         out["time/monitor_share"] = float(shares[costly].sum())
-        out.update({key: float(share) for key, share in zip(cost_keys, shares[costly], strict=True)})
+        if len(cost_keys) > 1:  # one monitor: its share is the total
+            out.update({key: float(share) for key, share in zip(cost_keys, shares[costly], strict=True)})
     if world > 1:
         pre = rows[:, PRE_SYNC] / rows[:, BATCHES]
         slowest = int(pre.argmax())

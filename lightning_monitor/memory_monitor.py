@@ -18,13 +18,29 @@ from lightning_monitor._memory import GIB
 from lightning_monitor._monitor import Monitor
 
 
+def _has_workers(trainer: "pl.Trainer") -> bool:
+    """Whether any training or validation DataLoader of the run starts worker processes (``num_workers > 0``)."""
+    loaders: list[Any] = []
+    stack: list[Any] = [trainer.train_dataloader, trainer.val_dataloaders]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif item is not None:
+            loaders.append(item)
+    return any(getattr(loader, "num_workers", 0) > 0 for loader in loaders)
+
+
 @document_keys
 class MemoryMonitor(Monitor):
     r"""Logs CUDA allocator memory per window and per phase, host memory including DataLoader workers, per rank.
 
     At each logging step (the trainer's ``log_every_n_steps``, or ``every_n_steps``) it reads, on the host and
     without a device synchronisation, ``torch.cuda.memory_stats`` of this rank's device, the process's RSS, the
-    RSS of its DataLoader workers and the system's available memory. Between logging steps it does nothing but
+    memory its DataLoader workers add (their unique set size, when the run has workers) and the system's available
+    memory. Between logging steps it does nothing but
     compare two integers.
 
     **Peaks are windows.** After each read it calls ``torch.cuda.reset_peak_memory_stats``, so
@@ -66,8 +82,10 @@ class MemoryMonitor(Monitor):
 
     LOGGED_KEYS = {
         "memory/host/rss_gib": "resident memory of the training process",
-        "memory/host/workers_rss_gib": "total resident memory of its DataLoader worker processes",
-        "memory/host/worker_processes": "number of live DataLoader worker processes",
+        "memory/host/workers_uss_gib": "memory its DataLoader workers add: their unique set size (pages no other"
+        " process maps; not RSS, which counts pages shared copy-on-write with the main process), summed; runs with"
+        " DataLoader workers only",
+        "memory/host/worker_processes": "number of live DataLoader worker processes (runs with DataLoader workers)",
         "memory/host/available_gib": "memory the system can still give to processes",
         "memory/cuda/allocated_gib": "memory held by tensors now",
         "memory/cuda/reserved_gib": "memory the caching allocator holds from the device now",
@@ -248,10 +266,11 @@ class MemoryMonitor(Monitor):
         host = _memory.host_memory()
         values = {
             "memory/host/rss_gib": host.rss / GIB,
-            "memory/host/workers_rss_gib": host.workers_rss / GIB,
-            "memory/host/worker_processes": float(host.workers),
             "memory/host/available_gib": host.available / GIB,
         }
+        if _has_workers(trainer):  # without workers these keys can only read 0 (the same set on every rank)
+            values["memory/host/workers_uss_gib"] = host.workers_uss / GIB
+            values["memory/host/worker_processes"] = float(host.workers)
         if self._cuda is not None:
             stats = self._fold()
             peak_alloc, peak_reserved = self._window

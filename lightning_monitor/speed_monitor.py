@@ -37,7 +37,8 @@ class SpeedMonitor(Monitor):
 
     **The library's own cost.** Every hook of every monitor is timed on the host (two ``perf_counter`` reads a
     call; :class:`~lightning_monitor._monitor.Monitor`); ``time/monitor_share`` is the share of the window's real
-    elapsed time (logger writes included) spent inside them, with one key per monitor in the trainer.
+    elapsed time (logger writes included) spent inside them, with one key per monitor when the trainer has more
+    than one.
 
     FLOPs: unless ``flops_per_batch`` is given, the first training batch of every new batch shape runs under
     ``torch.utils.flop_counter.FlopCounterMode`` (forward + backward of the real step; nothing run twice, so no
@@ -240,9 +241,10 @@ class SpeedMonitor(Monitor):
         if log_step is not None:
             self._log_window(trainer, log_step)
             # the logging's own time (less its logger writes) is wall time of the next window, but no data wait
-            self._mark(self._clock(), self._costs())
+            after = self._clock()
+            self._mark(after, self._costs())
             written = self._prev_costs[0] - costs[0]
-            self._window.sums[_speed_window.WALL] += self._prev_end - now - written
+            self._window.sums[_speed_window.WALL] += after - now - written
             self._span_costs(costs, self._prev_costs)
 
     # ---------------------------------------------------------------------------------------- validation

@@ -9,6 +9,7 @@ always-on key shows up. The key-name rules and the ``{placeholder}`` matching li
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import inspect
 import io
@@ -336,6 +337,8 @@ def _conditional(device: str) -> dict[str, str]:
         reasons[f"time/pre_sync_sec_{suffix}"] = "DDP straggler timing: world size > 1 only"
     reasons["time/straggler_ratio"] = "DDP straggler timing: world size > 1 only"
     reasons["throughput/device/samples_per_sec"] = "per-device rate: world size > 1 only (else the global one)"
+    reasons["memory/host/workers_uss_gib"] = "runs with DataLoader workers only"
+    reasons["memory/host/worker_processes"] = "runs with DataLoader workers only"
     reasons["grad/optimizer_{index}/norm_total"] = "per-optimizer series: more than one optimizer only"
     reasons["grad/optimizer_{index}/nonfinite_count"] = "per-optimizer series: more than one optimizer only"
     reasons["summary/cuda_{phase}_peak_allocated_gib_max"] = "CUDA only (MemoryMonitor's per-phase peaks)"
@@ -394,6 +397,34 @@ def test_every_logged_key_is_documented_and_every_always_on_key_is_logged(device
         if pattern not in conditional and not any(key_matches(pattern, k) for k in tb | wb)
     }
     assert not missing, f"always-on keys never logged: {sorted(missing)}"
+
+
+def _fit_keys(root: str, exclude: dict[type, list[str]]) -> tuple[set[str], set[str]]:
+    """Keys TensorBoard and the offline wandb run received from a fit with every monitor (``exclude``: the
+    ``exclude_keys`` of each monitor class)."""
+    callbacks = [
+        GradientMonitor(histograms=True, exclude_keys=exclude.get(GradientMonitor)),
+        MemoryMonitor(exclude_keys=exclude.get(MemoryMonitor)),
+        SpeedMonitor(exclude_keys=exclude.get(SpeedMonitor)),
+        PredictionGridMonitor(num_samples=8, exclude_keys=exclude.get(PredictionGridMonitor)),
+    ]
+    logger = MultiLogger(save_dir=root, name="exclude")
+    _fit(callbacks, logger, max_steps=4, val_check_interval=2)
+    (run,) = find_runs(root)
+    return _tb_keys(logger.log_dir), {k for row in run.history for k in row} - WANDB_COLUMNS
+
+
+def test_exclude_keys_leaves_out_a_family_from_both_backends_and_nothing_else():
+    exclude = {SpeedMonitor: ["time/*"], GradientMonitor: ["grad/hist/*"], MemoryMonitor: ["memory/host/rss_gib"],
+               PredictionGridMonitor: ["predictions/grid"]}
+    patterns = [p for ps in exclude.values() for p in ps]
+    full = _fit_keys("full", {})
+    trimmed = _fit_keys("trimmed", exclude)
+    for backend, everything, kept in zip(("TensorBoard", "wandb"), full, trimmed, strict=True):
+        left_out = {k for k in everything if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+        # every pattern matched something in the full run (so the test can fail), then nothing of it came through
+        assert all(any(fnmatch.fnmatchcase(k, p) for k in everything) for p in patterns), backend
+        assert kept == everything - left_out, f"{backend}: {sorted(kept ^ (everything - left_out))}"
 
 
 # ------------------------------------------------------------------------------------------ the README table

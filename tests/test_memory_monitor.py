@@ -25,8 +25,9 @@ from lightning_monitor import MemoryMonitor, MultiLogger, _memory
 from lightning_monitor.testing import HostSyncCounter
 
 GIB = 2**30
-HOST_KEYS = ["memory/host/rss_gib", "memory/host/workers_rss_gib", "memory/host/worker_processes",
+HOST_KEYS = ["memory/host/rss_gib", "memory/host/workers_uss_gib", "memory/host/worker_processes",
              "memory/host/available_gib"]
+WORKER_KEYS = ["memory/host/workers_uss_gib", "memory/host/worker_processes"]
 
 
 def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
@@ -123,8 +124,8 @@ class HostRecorder(Callback):
             me = psutil.Process()
             # forked DataLoader workers keep the parent's command line (wandb's service, say, does not)
             children = [c for c in me.children() if _cmdline(c) == me.cmdline()]
-            self.seen[step] = (me.memory_info().rss, sum(c.memory_info().rss for c in children), len(children),
-                               psutil.virtual_memory().available)
+            self.seen[step] = (me.memory_info().rss, sum(c.memory_full_info().uss for c in children),
+                               len(children), psutil.virtual_memory().available)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -139,25 +140,49 @@ def test_host_memory_of_process_and_dataloader_workers(tmp_path, num_workers):
     logged = _scalars(trainer.logger.log_dir)
     assert not [k for k in logged if k.startswith("memory/cuda") or k.startswith("memory/gpu")]  # CPU run
     assert all(re.fullmatch(r"memory/host/[a-z_]+", k) for k in logged if k.startswith("memory/"))
+    if num_workers == 0:  # no workers: no worker keys (they could only read 0)
+        assert not set(WORKER_KEYS) & set(logged)
+        logged.update({k: [(s, 0.0) for s in (1, 3, 5)] for k in WORKER_KEYS})
     for key in HOST_KEYS:
         assert [s for s, _ in logged[key]] == [1, 3, 5], key
     for (step, rss), (_, workers), (_, n), (_, available) in zip(*(logged[k] for k in HOST_KEYS)):
         rss_ref, workers_ref, n_ref, available_ref = recorder.seen[step]
         assert rss * GIB == pytest.approx(rss_ref, rel=0.05) and rss > 0.05  # a torch process holds > 50 MiB
         assert available * GIB == pytest.approx(available_ref, rel=0.2)
-        if num_workers == 0:
-            assert (workers, n) == (0.0, 0.0)
-        else:  # persistent workers each hold their ballast on top of what they share with the main process
+        if num_workers > 0:  # persistent workers each hold their ballast on top of what they share with the main process
             assert n == n_ref == 2
             assert workers * GIB == pytest.approx(workers_ref, rel=0.05)
             assert workers * GIB > 2 * ballast_mib * 2**20
+
+
+def _workers_uss(tmp_path: Any, ballast_mib: int) -> float:
+    """Logged ``memory/host/workers_uss_gib`` (in bytes) at the last logging step of a run with 2 persistent
+    workers each holding ``ballast_mib`` MiB."""
+    loader = DataLoader(BallastDataset(ballast_mib), batch_size=8, num_workers=2, persistent_workers=True)
+    trainer = make_trainer(tmp_path / str(ballast_mib), max_steps=6, callbacks=[MemoryMonitor(every_n_steps=2)])
+    trainer.fit(TinyImageModel(), loader)
+    return _scalars(trainer.logger.log_dir)["memory/host/workers_uss_gib"][-1][1] * GIB
+
+
+def test_workers_memory_counts_what_the_workers_add(tmp_path):
+    """2 workers x 192 MiB of ballast add 384 MiB on top of what 2 bare workers hold on their own (their unique
+    pages: the interpreter state they touched since the fork), and no copy-on-write page they share with the
+    main process (RSS would count the parent's whole torch import in each worker)."""
+    ballast_mib = 192
+    bare = _workers_uss(tmp_path, 0)
+    loaded = _workers_uss(tmp_path, ballast_mib)
+    expected = 2 * ballast_mib * 2**20 + bare
+    print(f"workers USS: bare {bare / 2**20:.1f} MiB, with ballast {loaded / 2**20:.1f} MiB, expected"
+          f" {expected / 2**20:.1f} MiB")
+    assert loaded == pytest.approx(expected, rel=0.10)
+    assert bare < 0.5 * psutil.Process().memory_info().rss  # each bare worker: far less than the parent it forks
 
 
 @pytest.mark.slow
 def test_same_numbers_in_tensorboard_and_wandb(tmp_path):
     logger = MultiLogger(save_dir=tmp_path / "runs", name="mem")
     trainer = make_trainer(tmp_path, max_steps=4, logger=logger, callbacks=[MemoryMonitor(every_n_steps=2)])
-    trainer.fit(TinyImageModel(), image_loader(64))
+    trainer.fit(TinyImageModel(), image_loader(64, num_workers=1))
     logged = _scalars(logger.log_dir)
     (run,) = find_runs(logger.log_dir)
     for key in HOST_KEYS:
@@ -426,11 +451,11 @@ def test_ddp_min_mean_max_and_max_rank_written_by_rank0(tmp_path):
         assert at["memory/host/rss_gib_mean"] == pytest.approx((at["memory/host/rss_gib_min"]
                                                                 + at["memory/host/rss_gib_max"]) / 2, rel=1e-6)
         assert at["memory/host/rss_gib_max"] - at["memory/host/rss_gib_min"] > 0.25
-        # rank 1 is a subprocess of rank 0, not one of its DataLoader workers
-        assert at["memory/host/workers_rss_gib_max"] == 0 and at["memory/host/worker_processes_max"] == 0
+        # no DataLoader workers in this run (rank 1 is a subprocess of rank 0, not a worker): no worker keys
+        assert not [k for k in at if k.startswith(("memory/host/workers_", "memory/host/worker_processes"))]
         assert at["memory/host/available_gib_max_rank"] in (0, 1)
     keys = {k for k in logged if k.startswith("memory/")}
-    base = {k for k in MemoryMonitor.LOGGED_KEYS if "{" not in k and k.startswith("memory/host/")}
+    base = {k for k in MemoryMonitor.LOGGED_KEYS if "{" not in k and k.startswith("memory/host/")} - set(WORKER_KEYS)
     assert keys == base | {f"{k}_{agg}" for k in base for agg in ("min", "mean", "max", "max_rank")}
 
 
