@@ -7,6 +7,9 @@ interleaved round-robin in the same process (:func:`_common.interleaved`), media
                    binned over all elements; written to TensorBoard AND wandb (offline).
 * ``ours sampled`` the same with the default ``max_hist_elements=16384`` (exact min/max/sum/sum_squares).
 * ``ours norms only``  norms and NaN/Inf counts only (``histograms=False``).
+* ``ours ... no cap``  the same with ``max_histograms=None`` (default: at most 64 histograms per event).
+* ``ours non-logging step``  what the monitor does at every other optimizer step (float32 NaN/Inf flags).
+  Every ``ours`` row is a whole batch of hooks: measure at the optimizer step, log at the batch end.
 * ``... @REV``     the same monitor with ``_grad_stats`` as of git revision ``REV`` (``--old REV``): old vs new in
                    one run.
 * ``norms f32 (old)`` / ``norms (new)``  the per-step norm pass alone: ``torch._foreach_norm(dtype=float32)`` (the
@@ -18,7 +21,8 @@ interleaved round-robin in the same process (:func:`_common.interleaved`), media
                    ``wandb.watch(log="gradients")`` runs from each gradient hook), then one commit; wandb only.
 
 Models: a 25M-parameter MLP 1024-4096-4096-1024 (6 tensors), an ``nn.TransformerEncoder`` (6 layers, d_model 256,
-8 heads, embedding + head, 16 sequences of 128 tokens; 75 tensors) and 200 x Linear(256, 256) (400 tensors).
+8 heads, embedding + head, 16 sequences of 128 tokens; 75 tensors), 200 x Linear(256, 256) (400 tensors) and
+5000 x Linear(16, 16) (10,000 tensors: our rows only).
 Below each table: torch dispatcher ops per event (``_common.count_ops``: compute ops / views), for the whole
 monitor event and for ``summarize`` alone.
 
@@ -44,7 +48,7 @@ import torch  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # noqa: E402
 from torch import nn  # noqa: E402
 
-import lightning_monitor.gradient_monitor as gm  # noqa: E402
+import lightning_monitor._grad_event as gm  # noqa: E402
 from lightning_monitor import GradientMonitor  # noqa: E402
 from lightning_monitor._grad_stats import squared_norms, summarize  # noqa: E402
 
@@ -63,9 +67,9 @@ def mlp(batch: int) -> Wrapped:
     return Wrapped(net, lambda: (x, y), lambda out, t: nn.functional.mse_loss(out, t))
 
 
-def many_linears(batch: int) -> Wrapped:
-    net = nn.Sequential(*[nn.Linear(256, 256) for _ in range(200)])
-    x, y = torch.randn(batch, 256), torch.randn(batch, 256)
+def many_linears(batch: int, layers: int = 200, width: int = 256) -> Wrapped:
+    net = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    x, y = torch.randn(batch, width), torch.randn(batch, width)
     return Wrapped(net, lambda: (x, y), lambda out, t: nn.functional.mse_loss(out, t))
 
 
@@ -98,7 +102,8 @@ def load_old(rev: str) -> types.ModuleType:
 
 
 def with_stats(module: types.ModuleType, fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` with GradientMonitor using ``module``'s summarize / squared_norms / summarize_finite."""
+    """``fn`` with GradientMonitor's logging step (``_grad_event``) using ``module``'s summarize / squared_norms /
+    summarize_finite."""
     names = [n for n in ("summarize", "squared_norms", "summarize_finite") if hasattr(gm, n) and hasattr(module, n)]
 
     def run() -> None:
@@ -114,8 +119,21 @@ def with_stats(module: types.ModuleType, fn: Callable[[], None]) -> Callable[[],
     return run
 
 
+def event(monitor: GradientMonitor, trainer: pl.Trainer, module: Wrapped, opt: torch.optim.Optimizer,
+          stats: Optional[types.ModuleType]) -> Callable[[], None]:
+    """One training batch's worth of the monitor's hooks: it measures at the optimizer step, logs at batch end."""
+
+    def call() -> None:
+        monitor.on_train_batch_start(trainer, module, None, 0)
+        monitor.on_before_optimizer_step(trainer, module, opt)
+        monitor.on_train_batch_end(trainer, module, None, None, 0)
+
+    return call if stats is None else with_stats(stats, call)
+
+
 def bench_model(name: str, module: Wrapped, reps: int, root: str, old: Optional[types.ModuleType],
-                rev: str) -> tuple[dict[str, float], dict[str, tuple[int, int]]]:
+                rev: str, few: bool = False) -> tuple[dict[str, float], dict[str, tuple[int, int]]]:
+    """``few``: our rows only (the 10,000-tensor model, where add_histogram / wandb.watch take seconds)."""
     torch.manual_seed(0)
     opt = torch.optim.SGD(module.parameters(), lr=1e-4)
 
@@ -132,7 +150,9 @@ def bench_model(name: str, module: Wrapped, reps: int, root: str, old: Optional[
                          enable_model_summary=False, enable_checkpointing=False)
     run = wb_logger.experiment  # starts the offline run: wandb.run is set for wandb.watch's code path too
 
-    kinds = {"exact": dict(max_hist_elements=None), "sampled": {}, "norms only": dict(histograms=False)}
+    kinds = {"exact": dict(max_hist_elements=None), "sampled": {}, "norms only": dict(histograms=False),
+             "exact no cap": dict(max_hist_elements=None, max_histograms=None),
+             "sampled no cap": dict(max_histograms=None)}
     configs: dict[str, Callable[[], None]] = {}
     monitors: dict[str, GradientMonitor] = {}
     for kind, kwargs in kinds.items():
@@ -141,9 +161,13 @@ def bench_model(name: str, module: Wrapped, reps: int, root: str, old: Optional[
                 continue
             monitor = GradientMonitor(every_n_steps=1, **kwargs)  # type: ignore[arg-type]
             monitor.setup(trainer, module, "fit")
-            call = (lambda m=monitor: m.on_before_optimizer_step(trainer, module, opt))
-            configs[f"ours {kind}{label}"] = call if stats is None else with_stats(stats, call)
+            configs[f"ours {kind}{label}"] = event(monitor, trainer, module, opt, stats)
             monitors[f"ours {kind}{label}"] = monitor
+    quiet = GradientMonitor(every_n_steps=10**9)  # a non-logging step: NaN/Inf flags only
+    quiet.setup(trainer, module, "fit")
+    configs["ours non-logging step"] = event(quiet, trainer, module, opt, None)
+    if few:
+        configs = {k: v for k, v in configs.items() if k.startswith("ours")}
 
     from torch.utils.tensorboard import SummaryWriter
     from wandb.integration.torch.wandb_torch import TorchHistory
@@ -169,8 +193,9 @@ def bench_model(name: str, module: Wrapped, reps: int, root: str, old: Optional[
     configs["summarize sampled"] = lambda: summarize(grads, sq_all, 64, 16384, "minmax")
     if old is not None:
         configs[f"summarize sampled @{rev}"] = lambda: old.summarize(grads, list(sq_all), 64, 16384, "minmax")
-    configs["tb add_histogram"] = tb_add_histogram
-    configs["wandb.watch stats"] = wandb_watch
+    if not few:
+        configs["tb add_histogram"] = tb_add_histogram
+        configs["wandb.watch stats"] = wandb_watch
     times: dict[str, list[float]] = {k: [] for k in ["train step", *configs]}
     for fn in configs.values():  # warm-up: lazy imports, first writes, layouts planned
         fn()
@@ -182,9 +207,10 @@ def bench_model(name: str, module: Wrapped, reps: int, root: str, old: Optional[
     writer.close()
 
     ops = {key: count_ops(configs[key]) for key in configs if key.startswith("ours") and "@" not in key}
-    ops["summarize exact"] = count_ops(configs["summarize exact"])
-    ops["summarize sampled"] = count_ops(configs["summarize sampled"])
-    ops["squared_norms"] = count_ops(lambda: squared_norms(grads))
+    if not few:
+        ops["summarize exact"] = count_ops(configs["summarize exact"])
+        ops["summarize sampled"] = count_ops(configs["summarize sampled"])
+        ops["squared_norms"] = count_ops(lambda: squared_norms(grads))
 
     step = Spread(times["train step"])
     ratios = {key: Spread(times[key]).median / step.median for key in configs}
@@ -194,10 +220,14 @@ def bench_model(name: str, module: Wrapped, reps: int, root: str, old: Optional[
     rows = [["train step", step.fmt(1e3), "1.000"]]
     rows += [[key, Spread(times[key]).fmt(1e3, 2), f"{ratios[key]:.3f}"] for key in configs]
     print(markdown_table(["configuration", "ms / event", "x train step"], rows))
-    tb, wb = ratios["tb add_histogram"], ratios["wandb.watch stats"]
-    print(f"\nours exact / tb add_histogram = {ratios['ours exact'] / tb:.3f}, ours sampled / tb add_histogram = "
-          f"{ratios['ours sampled'] / tb:.3f}, ours sampled / wandb.watch = {ratios['ours sampled'] / wb:.3f}, "
-          f"norms new / old = {ratios['norms (new)'] / ratios['norms f32 (old)']:.2f}")
+    print(f"\nlogging event, ms: sampled {Spread(times['ours sampled']).median * 1e3:.1f}, sampled no cap "
+          f"{Spread(times['ours sampled no cap']).median * 1e3:.1f}; norms new / old = "
+          f"{ratios['norms (new)'] / ratios['norms f32 (old)']:.2f}")
+    if not few:
+        tb, wb = ratios["tb add_histogram"], ratios["wandb.watch stats"]
+        print(f"ours exact / tb add_histogram = {ratios['ours exact'] / tb:.3f} (no cap "
+              f"{ratios['ours exact no cap'] / tb:.3f}), ours sampled / tb add_histogram = "
+              f"{ratios['ours sampled'] / tb:.3f}, ours sampled / wandb.watch = {ratios['ours sampled'] / wb:.3f}")
     for kind in ("exact", "sampled"):
         if f"ours {kind} @{rev}" in ratios:
             print(f"ours {kind}: new / @{rev} = {ratios[f'ours {kind}'] / ratios[f'ours {kind} @{rev}']:.3f}")
@@ -215,18 +245,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--old", default=None, help="git revision whose _grad_stats is timed alongside (old vs new)")
-    parser.add_argument("--only", default="mlp,transformer,linear", help="comma-separated: mlp, transformer, linear")
+    parser.add_argument("--only", default="mlp,transformer,linear,many",
+                        help="comma-separated: mlp, transformer, linear, many (10,000 tensors)")
     args = parser.parse_args()
     pin(args.threads)
     old = load_old(args.old) if args.old else None
     print(machine())
     models = {"mlp": ("mlp_25m", lambda: mlp(args.batch)),
               "transformer": ("transformer_6x256", lambda: transformer(16)),
-              "linear": ("linear_200x256", lambda: many_linears(args.batch))}
+              "linear": ("linear_200x256", lambda: many_linears(args.batch)),
+              "many": ("linear_5000x16", lambda: many_linears(args.batch, layers=5000, width=16))}
     with tempfile.TemporaryDirectory() as root:
         for key in args.only.split(","):
             name, make = models[key]
-            bench_model(name, make(), args.reps, root, old, args.old or "")
+            bench_model(name, make(), args.reps, root, old, args.old or "", few=key == "many")
 
 
 if __name__ == "__main__":
