@@ -8,6 +8,8 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
@@ -38,9 +40,14 @@ class PredictionGridMonitor(Monitor):
     no validation loop (and no ``every_n_steps``) gives one warning saying what it expected and which option fixes
     it, and the monitor logs nothing more in that run.
 
-    Predictions are computed on global rank 0 alone, without gradients, in eval mode (every submodule's
-    train/eval mode is restored afterwards), by calling the LightningModule directly, never its DDP wrapper: no
-    collectives, the other ranks do nothing.
+    Predictions are computed without gradients, in eval mode (every submodule's train/eval mode is restored
+    afterwards), by calling the LightningModule directly, never its DDP wrapper. Under DDP that happens on global
+    rank 0 alone: no collectives, the other ranks do nothing. Under ``ModelParallelStrategy`` (FSDP2's
+    ``fully_shard`` and tensor parallelism applied in ``configure_model``) a forward needs every rank: rank 0 takes
+    the samples and broadcasts them once (one collective per run, so a rank with no validation batches of its own
+    still has them), every rank runs the model on them at each grid (a DTensor output is gathered with
+    ``full_tensor()``) and rank 0 alone draws and logs. Lightning's ``FSDPStrategy`` (FSDP1) and DeepSpeed wrap the
+    module so that its own forward cannot be called: the monitor refuses them in ``setup``.
 
     {logged_keys}
 
@@ -71,7 +78,7 @@ class PredictionGridMonitor(Monitor):
 
     Raises:
         ValueError: a bad argument (at construction).
-        MisconfigurationException: no logger, or a strategy that shards the model (FSDP, DeepSpeed).
+        MisconfigurationException: no logger, or ``FSDPStrategy`` (FSDP1) or ``DeepSpeedStrategy``.
 
     Example::
 
@@ -85,7 +92,6 @@ class PredictionGridMonitor(Monitor):
         "predictions/grid": "image: fixed samples, predicted label + confidence and true label drawn in",
         "predictions/accuracy": "share of the fixed samples predicted right (0..1)",
     }
-    SHARDED_UNSUPPORTED = "runs the model on rank 0 alone (its forward must not need every rank)"
 
     def __init__(
         self,
@@ -143,6 +149,12 @@ class PredictionGridMonitor(Monitor):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            raise MisconfigurationException(
+                f"PredictionGridMonitor calls the LightningModule's forward, which {type(trainer.strategy).__name__}"
+                " wraps and shards out of its reach; use ModelParallelStrategy with FSDP2 (`fully_shard` in"
+                " `configure_model`), DDP or a single device"
+            )
         self._off = False  # a new run: a model the last one could not read may be readable now
 
     @override
@@ -161,32 +173,22 @@ class PredictionGridMonitor(Monitor):
     ) -> None:
         # After the batch's optimizer step, logged at the batch's step: the step (and the model) a validation run
         # at the end of this batch would show, so the two never disagree and one model state gets one grid.
-        if self.every_n_steps is None or self._off or not trainer.is_global_zero:
-            return  # no grids asked for, or turned off; or not rank 0, the only one that renders
+        if self.every_n_steps is None or self._off or not self._runs_model(trainer):
+            return  # no grids asked for, or turned off; or a rank with no part in the grid
         step = self._batch_logging_step(trainer)
         if step is None:
             return  # not a logging step, or a micro-batch that did not step the optimizer
-        if self._images is None:
-            loader = trainer.val_dataloaders
-            datamodule = getattr(trainer, "datamodule", None)  # a Trainer property, undeclared for type checkers
-            if loader is None and datamodule is not None and is_overridden("val_dataloader", datamodule):
-                loader = datamodule.val_dataloader()
-            elif loader is None and is_overridden("val_dataloader", pl_module):
-                loader = pl_module.val_dataloader()
-            if loader is None:
-                self._turn_off("it takes its fixed samples from a val_dataloader, and this fit has none")
-                return
-            if not self._take_samples(loader):
-                return
+        if self._images is None and not self._take_samples(trainer, lambda: _any_val_loader(trainer, pl_module)):
+            return
         self._render(trainer, pl_module, step, f"step {step}")
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._off or not trainer.is_global_zero:
+        if self._off or not self._runs_model(trainer):
             return
         if self._images is None and trainer.val_dataloaders is not None:
             # also in the sanity check: a batch it cannot read is said before the first training step
-            if not self._take_samples(trainer.val_dataloaders):
+            if not self._take_samples(trainer, lambda: trainer.val_dataloaders):
                 return
         if trainer.sanity_checking or self._images is None or self._last_drawn_at == trainer.global_step:
             return  # (the last check: this model state was just drawn at this step by the training grid)
@@ -219,17 +221,40 @@ class PredictionGridMonitor(Monitor):
         self._off = True
         self._warn("off", f"PredictionGridMonitor logs nothing more in this run: {why}")
 
-    def _take_samples(self, loaders: Any) -> bool:
-        """Take the fixed samples; ``False`` (and the monitor off, with one warning) when they cannot be read."""
-        try:
-            loader = _grid_input.pick_loader(loaders, self.dataloader_idx)
-            channels = None if self.mean is None else len(self.mean)
-            self._images, self._labels = _grid_input.take_samples(
-                loader, self.num_samples, self.seed, lambda b: _grid_input.split_batch(b, self.batch_fn, channels)
-            )
-        except Exception as error:  # a batch_fn of the user's may raise anything: it costs the grid, not the run
-            self._turn_off(_why(error))
+    @staticmethod
+    def _every_rank(trainer: "pl.Trainer") -> bool:
+        """Whether the model's forward needs every rank (a sharded model), so every rank runs the grid's forward."""
+        return isinstance(trainer.strategy, ModelParallelStrategy)
+
+    def _runs_model(self, trainer: "pl.Trainer") -> bool:
+        return trainer.is_global_zero or self._every_rank(trainer)
+
+    def _take_samples(self, trainer: "pl.Trainer", loaders: Callable[[], Any]) -> bool:
+        """Take the fixed samples on rank 0 from ``loaders()``; ``False`` (the monitor off, with one warning) when
+        there are none or they cannot be read. When every rank runs the model, rank 0's samples (or its reason for
+        turning off) are broadcast: every rank decides the same, and a rank with no validation batches of its own
+        still runs the forward."""
+        taken: Any = None
+        if trainer.is_global_zero:
+            try:
+                found = loaders()
+                if found is None:
+                    raise _grid_input.Unreadable(
+                        "it takes its fixed samples from a val_dataloader, and this fit has none"
+                    )
+                loader = _grid_input.pick_loader(found, self.dataloader_idx)
+                channels = None if self.mean is None else len(self.mean)
+                taken = _grid_input.take_samples(
+                    loader, self.num_samples, self.seed, lambda b: _grid_input.split_batch(b, self.batch_fn, channels)
+                )
+            except Exception as error:  # a batch_fn of the user's may raise anything: it costs the grid, not the run
+                taken = _why(error)
+        if self._every_rank(trainer):
+            taken = trainer.strategy.broadcast(taken, src=0)  # collective, on every rank; once per run
+        if isinstance(taken, str):
+            self._turn_off(taken)
             return False
+        self._images, self._labels = taken
         return True
 
     # ------------------------------------------------------------------ predictions and picture
@@ -240,15 +265,18 @@ class PredictionGridMonitor(Monitor):
         modes = [(module, module.training) for module in pl_module.modules()]
         pl_module.eval()
         try:
-            # the LightningModule itself, never the DDP wrapper: no collectives, rank 0 alone
+            # the LightningModule itself, never the DDP wrapper: under DDP no collectives, rank 0 alone; sharded,
+            # every rank at once (FSDP2 gathers each layer's parameters; the same inputs on every rank)
             with torch.no_grad(), precision.forward_context():
                 out = pl_module(x)
             scores = self.output_fn(out) if self.output_fn is not None else out
+            if self._every_rank(trainer):
+                scores = _full_tensor(scores)  # a tensor-parallel output is a DTensor: gathered on every rank
         finally:
             for module, mode in modes:
                 module.training = mode
         scores = _grid_input.check_scores(scores, len(self._labels), self.output_fn is not None)
-        # sync point: the one host transfer of a grid, on rank 0; everything after it is numpy
+        # sync point: the one host transfer of a grid (on rank 0; sharded, on every rank); after it, numpy
         return _grid_input.to_probabilities(scores.detach().float().numpy(force=True).astype(np.float64))
 
     def _render(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int, title: str) -> None:
@@ -258,6 +286,8 @@ class PredictionGridMonitor(Monitor):
         except Exception as error:  # an output it cannot read, or a forward that fails on these samples
             self._turn_off(_why(error))
             return
+        if not trainer.is_global_zero:
+            return  # a sharded model: this rank's part was the forward; rank 0 draws
         if self.class_names is not None and len(self.class_names) < probs.shape[1]:
             self._warn("class_names", (
                 f"`class_names` has {len(self.class_names)} names but the model scores {probs.shape[1]} classes:"
@@ -297,6 +327,26 @@ class PredictionGridMonitor(Monitor):
         if self.class_names is not None and 0 <= index < len(self.class_names):
             return self.class_names[index]
         return str(index)
+
+
+def _any_val_loader(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Any:
+    """The validation dataloader(s) before the first validation run: the trainer's, the datamodule's or the
+    module's own ``val_dataloader``; ``None`` when there is none."""
+    if trainer.val_dataloaders is not None:
+        return trainer.val_dataloaders
+    datamodule = getattr(trainer, "datamodule", None)  # a Trainer property, undeclared for type checkers
+    if datamodule is not None and is_overridden("val_dataloader", datamodule):
+        return datamodule.val_dataloader()
+    if is_overridden("val_dataloader", pl_module):
+        return pl_module.val_dataloader()
+    return None
+
+
+def _full_tensor(scores: Any) -> Any:
+    """A DTensor (sharded or replicated across ranks) as the whole tensor on every rank (a collective); else as is."""
+    from torch.distributed.tensor import DTensor
+
+    return scores.full_tensor() if isinstance(scores, DTensor) else scores
 
 
 def _why(error: Exception) -> str:
