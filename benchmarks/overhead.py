@@ -22,11 +22,19 @@ Configurations:
                    every logging step (what most people write).
 * ``wandb.watch``  ``[TensorBoardLogger, WandbLogger(offline)]`` + ``WandbLogger.watch(model, log="all",
                    log_freq=n)`` (gradient and parameter histograms to wandb only).
+* ``monitors``     (``--self-cost``) the baseline's ``TensorBoardLogger`` + the four monitors with defaults: the
+                   end-to-end difference to ``baseline`` is the monitors' cost and nothing else.
+
+``--self-cost`` runs ``baseline``, ``monitors`` and ``ours`` and adds a table that sets the library's own
+measurement of its cost beside the measured one: the end-to-end share ``(T - T_baseline) / T`` of each round,
+the monitors' hook seconds over the same timed window (what ``time/monitor_share`` adds up), and the median of the
+``time/monitor_share`` values SpeedMonitor logged in that window.
 
 Run::
 
     python benchmarks/overhead.py              # default: MNIST LitNet at n=50 and n=10, 25M MLP at n=10
     python benchmarks/overhead.py --quick      # smoke check (numbers meaningless)
+    python benchmarks/overhead.py --self-cost --only mnist10   # time/monitor_share against the measured overhead
 """
 
 from __future__ import annotations
@@ -52,7 +60,9 @@ from examples.mnist.model import LitNet  # noqa: E402
 
 CONFIGS = ["baseline", "ours", "ours+grid", "lightning", "add_histogram", "wandb.watch"]
 #: extra configurations, run only when named with --configs: one monitor alone on the baseline's logger
-SINGLE = ["grad", "memory", "speed"]
+SINGLE = ["grad", "memory", "speed", "monitors"]
+#: time/monitor_share values SpeedMonitor logged in the current fit: (step, value)
+LOGGED_SHARES: list[tuple[int, float]] = []
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
@@ -132,6 +142,13 @@ def build(config: str, model_name: str, n: int, root: str) -> tuple[Any, list[pl
             grid_every = n if config == "ours+grid" else None
             callbacks.append(PredictionGridMonitor(every_n_steps=grid_every, mean=[MNIST_MEAN], std=[MNIST_STD]))
         return MultiLogger(save_dir=root, name="ours"), callbacks, nothing
+    if config == "monitors":
+        from lightning_monitor import GradientMonitor, MemoryMonitor, PredictionGridMonitor, SpeedMonitor
+
+        callbacks = [GradientMonitor(), MemoryMonitor(), SpeedMonitor()]
+        if model_name == "mnist":
+            callbacks.append(PredictionGridMonitor(mean=[MNIST_MEAN], std=[MNIST_STD]))
+        return tb(), callbacks, nothing
     if config in SINGLE:
         from lightning_monitor import GradientMonitor, MemoryMonitor, SpeedMonitor
 
@@ -151,6 +168,43 @@ def build(config: str, model_name: str, n: int, root: str) -> tuple[Any, list[pl
     raise ValueError(config)
 
 
+class HookSeconds(pl.Callback):
+    """Second in ``callbacks``: at the batch starts ``at``, the seconds spent so far in every monitor's hooks."""
+
+    def __init__(self, at: tuple[int, int]) -> None:
+        self.at, self.batches, self.seen = at, 0, {}
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        from lightning_monitor._monitor import Monitor
+
+        if self.batches in self.at:
+            self.seen[self.batches] = sum(c._hook_seconds for c in trainer.callbacks if isinstance(c, Monitor))
+        self.batches += 1
+
+
+def _record_shares() -> None:
+    """Keep every ``time/monitor_share`` SpeedMonitor computes (with its step) in :data:`LOGGED_SHARES`."""
+    from lightning_monitor import _speed_window, speed_monitor
+
+    metrics = _speed_window.metrics
+
+    def recorded(*args: Any, **kwargs: Any) -> dict[str, float]:
+        out = metrics(*args, **kwargs)
+        if "time/monitor_share" in out:
+            LOGGED_SHARES.append((recorded.step, out["time/monitor_share"]))  # type: ignore[attr-defined]
+        return out
+
+    log_window = speed_monitor.SpeedMonitor._log_window
+
+    def log_window_at(self: Any, trainer: Any, step: int) -> None:
+        recorded.step = step  # type: ignore[attr-defined]
+        log_window(self, trainer, step)
+
+    recorded.step = -1  # type: ignore[attr-defined]
+    _speed_window.metrics = recorded  # type: ignore[assignment]
+    speed_monitor.SpeedMonitor._log_window = log_window_at  # type: ignore[method-assign]
+
+
 def run_one(config: str, model_name: str, n: int, warmup: int, steps: int, batch_size: int) -> _common.StepTimes:
     import wandb
 
@@ -159,12 +213,14 @@ def run_one(config: str, model_name: str, n: int, warmup: int, steps: int, batch
     first, last = warmup, warmup + steps
     data = Data(model_name, batches=last + 4, batch_size=batch_size)
     timer = _common.make_step_timer(cpu_at=(first, last))
+    hooks = HookSeconds((first, last))
+    LOGGED_SHARES.clear()
     with tempfile.TemporaryDirectory() as root:
         t0 = time.perf_counter()
         logger, callbacks, before_fit = build(config, model_name, n, root)
         trainer = pl.Trainer(
             accelerator="cpu", devices=1, max_steps=last + 1, log_every_n_steps=n, logger=logger,
-            callbacks=[timer, *callbacks], enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[timer, hooks, *callbacks], enable_progress_bar=False, enable_model_summary=False,
             enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=root,
         )
         before_fit(model)
@@ -179,6 +235,9 @@ def run_one(config: str, model_name: str, n: int, warmup: int, steps: int, batch
     out.extra["quiet_step"] = quiet[len(quiet) // 2]
     # one-off cost of the first logging event (lazy imports, first writes): the window starts after it
     out.extra["first_event"] = out.intervals[n - 1] - out.extra["quiet_step"] if n - 1 < first else float("nan")
+    out.extra["hook_share"] = (hooks.seen.get(last, 0.0) - hooks.seen.get(first, 0.0)) / out.window_wall
+    in_window = [v for step, v in LOGGED_SHARES if first <= step < last]
+    out.extra["logged_share"] = sorted(in_window)[len(in_window) // 2] if in_window else float("nan")
     del trainer, model, data
     gc.collect()
     return out
@@ -215,6 +274,22 @@ def report(title: str, n: int, results: dict[str, list[_common.StepTimes]]) -> s
          "CPU ms / step", "child CPU ms / step", "setup s", "first batch ms", "first event ms"], rows)
 
 
+def report_self_cost(results: dict[str, list[_common.StepTimes]]) -> str:
+    """The monitors' own measurement of their cost beside the measured end-to-end overhead, per configuration."""
+    base = results["baseline"]
+    rows = []
+    for config in ("monitors", "ours"):
+        if config not in results:
+            continue
+        runs = results[config]
+        measured = _common.Spread([(r.window_wall - b.window_wall) / r.window_wall for r, b in zip(runs, base)])
+        rows.append([config, measured.fmt(100, 2), _common.Spread([r.extra["hook_share"] for r in runs]).fmt(100, 2),
+                     _common.Spread([r.extra["logged_share"] for r in runs]).fmt(100, 2)])
+    return "\n" + _common.markdown_table(
+        ["config", "measured overhead % of its time: (T - T_baseline) / T", "hook time % of the same window",
+         "logged time/monitor_share %, median"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds (default 4)")
@@ -228,7 +303,12 @@ def main() -> None:
     parser.add_argument("--configs", default="",
                         help=f"comma-separated subset of {CONFIGS + SINGLE} (baseline always runs); default: {CONFIGS}")
     parser.add_argument("--quick", action="store_true", help="1 round, short windows: a smoke check")
+    parser.add_argument("--self-cost", action="store_true",
+                        help="baseline, monitors and ours, with time/monitor_share against the measured overhead")
     args = parser.parse_args()
+    if args.self_cost:
+        args.configs = "baseline,monitors,ours"
+    _record_shares()
     if args.quick:
         args.rounds, args.steps, args.mlp_steps = 1, 50, 10
     _common.pin(1)
@@ -251,6 +331,8 @@ def main() -> None:
         for _, config in _common.interleaved(configs, args.rounds):
             results[config].append(run_one(config, model_name, n, max(args.warmup, n), steps, args.batch_size))
         print(report(title, n, results))
+        if args.self_cost:
+            print(report_self_cost(results))
         print(f"\nload average after: {_common.load_average()}", flush=True)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
