@@ -13,6 +13,8 @@ import pytest
 import torch
 import yaml
 
+import lightning_monitor
+
 from helpers import event_files, find_runs, tb_accumulator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,8 +173,8 @@ def test_config_parses_with_every_monitor(name, capsys):
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["trainer"]["logger"]["class_path"] == "lightning_monitor.MultiLogger"
     callbacks = {c["class_path"] for c in config["trainer"]["callbacks"]}
-    assert callbacks == {f"lightning_monitor.{c}" for c in
-                         ("GradientMonitor", "MemoryMonitor", "SpeedMonitor", "PredictionGridMonitor")}
+    # every public callback of the package (all but the logger) is in every config
+    assert callbacks == {f"lightning_monitor.{c}" for c in lightning_monitor.__all__ if c != "MultiLogger"}
     if name == "mnist":
         assert config["trainer"]["max_epochs"] == 14 and config["data"]["download"] is True
     else:
