@@ -282,7 +282,8 @@ def report_self_cost(results: dict[str, list[_common.StepTimes]]) -> str:
         if config not in results:
             continue
         runs = results[config]
-        measured = _common.Spread([(r.window_wall - b.window_wall) / r.window_wall for r, b in zip(runs, base)])
+        measured = _common.Spread([(r.window_wall - b.window_wall) / r.window_wall
+                                   for r, b in zip(runs, base, strict=True)])
         rows.append([config, measured.fmt(100, 2), _common.Spread([r.extra["hook_share"] for r in runs]).fmt(100, 2),
                      _common.Spread([r.extra["logged_share"] for r in runs]).fmt(100, 2)])
     return "\n" + _common.markdown_table(

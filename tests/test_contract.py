@@ -450,3 +450,51 @@ def test_readme_holds_the_generated_key_table():
     assert block.strip() == markdown_table(CLASSES).strip(), (
         "README key table is stale: run `python scripts/keys_table.py --update README.md`"
     )
+
+
+# ---------------------------------------------------------------------------------------- the options table
+_ospec = importlib.util.spec_from_file_location("options_table", REPO / "scripts" / "options_table.py")
+assert _ospec is not None and _ospec.loader is not None
+options_script = importlib.util.module_from_spec(_ospec)
+_ospec.loader.exec_module(options_script)
+
+
+@ALL
+def test_every_option_is_documented_with_its_default(cls):
+    """Each ``__init__`` option has an ``Args:`` entry (the options table's meaning) and a row with its default."""
+    params = [p for p in inspect.signature(cls.__init__).parameters.values()
+              if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    rows = options_script.options(cls)
+    assert [name for name, _, _ in rows] == [p.name for p in params]
+    undocumented = [name for name, _, meaning in rows if not meaning]
+    assert not undocumented, f"{cls.__name__}: options with no `Args:` entry: {undocumented}"
+    for (name, default, _), param in zip(rows, params, strict=True):
+        assert default == ("required" if param.default is param.empty else f"`{param.default!r}`"), name
+
+
+def test_options_table_parses_google_args():
+    doc = """Summary.
+
+    Args:
+        alpha: the first one. More about it
+            on a second line.
+        beta (int): the second, e.g. ``2``. Then more.
+
+    Raises:
+        ValueError: not an option.
+    """
+    assert options_script.documented_args(doc) == {
+        "alpha": "the first one. More about it on a second line.", "beta": "the second, e.g. ``2``. Then more."}
+    assert options_script.first_sentence("the second, e.g. ``2``. Then more.") == "the second, e.g. ``2``."
+
+
+def test_readme_holds_the_generated_options_table():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start, end = options_script.START, options_script.END
+    assert start in text and end in text, f"README.md lacks the {start} ... {end} block under '## Options'"
+    block = text.split(start, 1)[1].split(end, 1)[0]
+    assert block.strip() == options_script.table().strip(), (
+        "README.md's options table is stale: run `python scripts/options_table.py --update README.md`")
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "options_table.py")], capture_output=True,
+                         text=True, timeout=120, check=True)
+    assert out.stdout == options_script.table()
