@@ -65,6 +65,10 @@ class RunTensorBoard(TensorBoardWriter):
         if step is not None:
             self.multi.ledger().record_step(step)
 
+    def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
+        self.multi._guard.scalars_written(metrics, step)  # a monitor's keys, to tell a model's self.log of one
+        super().scalars(metrics, step)
+
     def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]]) -> None:
         super().summary(values, step, card)
         self.eval_metrics.update(_numbers(values))  # HParams metric columns too, written at finalize
@@ -150,6 +154,10 @@ class RunWandb(WandbWriter):
             self.pending.append(params)
             return
         super().hyperparams(params)
+
+    def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
+        self.multi._guard.scalars_written(metrics, step)  # a monitor's keys, to tell a model's self.log of one
+        super().scalars(metrics, step)
 
     def end(self, step: Optional[int], row: bool) -> None:
         if self.wb is None:

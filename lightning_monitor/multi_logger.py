@@ -16,9 +16,10 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
-from lightning_monitor import _disk, _run_lock, _run_state, _wandb_run
+from lightning_monitor import _run_state, _wandb_run
 from lightning_monitor._keys import document_keys
 from lightning_monitor._media import HistogramData, make_histogram, prepare_images
+from lightning_monitor._run_guard import RunGuard
 from lightning_monitor._run_writers import RunTensorBoard, RunWandb
 from lightning_monitor._validate import (
     check_keys,
@@ -135,9 +136,7 @@ class MultiLogger(Logger):
         self._writers: list[Writer] = [w for w, on in ((self._tb_writer, tb_options is not None),
                                                         (self._wandb_writer, self._wandb_options is not None)) if on]
         self._step_ledger: Optional[_run_state.StepLedger] = None  # made on rank 0 at the first write
-        self._lock_pid: Optional[int] = None  # the process holding this run directory's lock through us
-        self._disk: Optional[_disk.DiskWatch] = None  # the run directory's free space, watched from rank 0
-        self._dir_fault_told = False
+        self._guard = RunGuard(self)  # run directory lock and disk watch, keys logged twice at one step
         self._wandb_rewind = bool(wandb_rewind)
 
     # ------------------------------------------------------------------ identity
@@ -185,7 +184,7 @@ class MultiLogger(Logger):
         if writer not in self._writers or writer.failed:
             return None
         if writer.wb is None and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
-            self._claim()
+            self._guard.claim()
             writer.start(None, row=True)
         return writer.wb
 
@@ -193,7 +192,7 @@ class MultiLogger(Logger):
     def writers(self) -> list[Writer]:
         """The writers lightning-monitor's callbacks hand their values to: TensorBoard's and wandb's, those on.
         Only rank 0 asks (its first ask takes the run directory's lock)."""
-        self._claim()
+        self._guard.claim()
         return self._writers
 
     @property
@@ -201,7 +200,7 @@ class MultiLogger(Logger):
     def experiment(self) -> Any:
         """The TensorBoard ``SummaryWriter`` (or the wandb run when TensorBoard is off)."""
         if self.tensorboard is not None:
-            self._claim()
+            self._guard.claim()
             return self._tb_writer.summary_writer()
         return self.wandb.experiment if self.wandb is not None else None
 
@@ -211,7 +210,12 @@ class MultiLogger(Logger):
     def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
         scalars = {key: scalar(key, value) for key, value in metrics.items()}
         self._tb_writer.eval_metrics.update({k: v for k, v in scalars.items() if is_eval_metric(k)})
-        self._deliver(lambda w: partial(w.scalars, scalars, step), step, scalars)
+        self._guard.model_scalars(scalars, step)
+        self._guard.from_model = True
+        try:
+            self._deliver(lambda w: partial(w.scalars, scalars, step), step, scalars)
+        finally:
+            self._guard.from_model = False
 
     @override
     @rank_zero_only
@@ -289,7 +293,7 @@ class MultiLogger(Logger):
     @override
     @rank_zero_only
     def log_graph(self, model: torch.nn.Module, input_array: Optional[torch.Tensor] = None) -> None:
-        self._claim()
+        self._guard.claim()
         if self.tensorboard is not None:
             graph = partial(self._tb.log_graph, model, input_array)  # type: ignore[arg-type]
             deliver(self._tb_writer, graph, None, ["graph"], row=False)
@@ -298,7 +302,7 @@ class MultiLogger(Logger):
     @override
     @rank_zero_only
     def save(self) -> None:
-        self._claim()
+        self._guard.claim()
         if self._tb_writer.started and not self._tb_writer.failed:
             deliver(self._tb_writer, self._tb.save, None, ["save"], self._writers, row=False)
 
@@ -317,7 +321,9 @@ class MultiLogger(Logger):
 
         One backend failing does not stop the other from being flushed. After a successful run the first error
         is raised; after a failed or interrupted run it is only warned about, so it never masks the training
-        exception.
+        exception. The run directory's lock is released. A write after ``finalize`` (``test`` after ``fit`` makes
+        one) deliberately reopens the same run: a new TensorBoard event file in the run directory, a new segment
+        of the same wandb run, the lock taken again.
         """
         errors: list[BaseException] = []
         tb = self._tb_writer
@@ -343,9 +349,7 @@ class MultiLogger(Logger):
                 _wandb_run.finish(wandb_logger.experiment, exit_code=0 if status == "success" else 1)
             except Exception as err:  # noqa: BLE001
                 errors.append(err)
-        if self._lock_pid == os.getpid():
-            _run_lock.release(self.log_dir, self)  # the next write (``test`` after ``fit``) takes it again
-            self._lock_pid = None
+        self._guard.release()
         for error in errors:
             if status == "success" and error is errors[0]:
                 raise error
@@ -355,31 +359,13 @@ class MultiLogger(Logger):
     def _deliver(
         self, write: Callable[[Writer], Callable[[], Any]], step: Optional[int], keys: Any, row: bool = True
     ) -> None:
-        self._claim()
+        self._guard.claim()
         for writer in self._writers:
             deliver(writer, write(writer), step, keys, self._writers, row=row)
 
-    def _claim(self) -> None:
-        """Hold the run directory's lock (:mod:`~lightning_monitor._run_lock`) from the first write on rank 0 (the
-        only rank that writes) until :meth:`finalize`; a dict check once held."""
-        if self._lock_pid != os.getpid():
-            _run_lock.claim(self.log_dir, self)
-            self._lock_pid = os.getpid()
-            self._disk = self._disk or _disk.DiskWatch(self.log_dir)
-        self._disk.check()  # type: ignore[union-attr]  # a clock read; a statvfs every CHECK_EVERY_SEC
-
     def run_dir_fault(self, err: BaseException) -> Optional[str]:
-        """The warning when ``err`` means the run directory was deleted or its disk is full (every backend keeping
-        its files there is turned off: :func:`~lightning_monitor._disk.run_dir_fault`); ``None`` otherwise."""
-        message = _disk.run_dir_fault(self, err)
-        self._dir_fault_told = self._dir_fault_told or message is not None
-        return message
-
-    def _ledger_fault(self, err: OSError) -> None:
-        told = self._dir_fault_told
-        message = self.run_dir_fault(err)
-        if message and not told:
-            rank_zero_warn(message)
+        """The warning when ``err`` means the run directory was deleted or its disk is full; ``None`` otherwise."""
+        return self._guard.run_dir_fault(err)
 
     def _log_histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int]) -> None:
         self._deliver(lambda w: partial(w.histograms, histograms, step), step, histograms)
@@ -391,6 +377,6 @@ class MultiLogger(Logger):
     def ledger(self) -> _run_state.StepLedger:
         """What was logged at which step in this run (:class:`~lightning_monitor._run_state.StepLedger`)."""
         if self._step_ledger is None:
-            self._step_ledger = _run_state.StepLedger(self.log_dir, on_fault=self._ledger_fault)
+            self._step_ledger = _run_state.StepLedger(self.log_dir, on_fault=self._guard.ledger_fault)
         return self._step_ledger
 

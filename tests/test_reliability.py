@@ -740,3 +740,130 @@ def test_tensorboardx_is_refused_with_the_fix(tmp_path, plain):
     # no training step ran (Lightning makes the plain logger's writer, an empty event file, before callbacks' setup)
     assert all(not tb_accumulator(os.path.dirname(f)).Tags()["scalars"] for f in event_files(tmp_path))
     assert plain or not event_files(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- image edge cases
+def _read_pictures(logger, key):
+    """The picture TensorBoard and wandb hold for ``key`` (first event), as RGB uint8 arrays."""
+    encoded = tb_accumulator(logger.log_dir).Images(key)[0].encoded_image_string
+    tb_png = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
+    (run,) = find_runs(logger.log_dir)
+    meta = run.series(key)[0][1]
+    wandb_png = np.asarray(Image.open(os.path.join(os.path.dirname(run.path), "files", meta["path"])).convert("RGB"))
+    return tb_png, wandb_png
+
+
+def test_a_huge_image_is_downscaled_once_with_a_warning(tmp_path):
+    """6000 x 4500 px: the longest side over MAX_IMAGE_SIDE (2048) makes a factor of 3; both backends get the mean of
+    each 3 x 3 block (computed here with numpy, in float64), and one warning names the key however often it is
+    logged."""
+    from lightning_monitor import _media
+
+    image = np.random.default_rng(0).integers(0, 256, (6000, 4500, 3), dtype=np.uint8)
+    expected = np.round(image.reshape(2000, 3, 1500, 3, 3).astype(np.float64).mean(axis=(1, 3))).astype(np.uint8)
+    logger = MultiLogger(save_dir=tmp_path, name="huge")
+    with pytest.warns(UserWarning, match=r"image 'img/huge' is 6000 x 4500 px: logged downscaled by 3") as record:
+        logger.log_image("img/huge", image, step=0)
+        logger.log_image("img/huge", image, step=1)
+    assert sum("img/huge" in str(w.message) for w in record) == 1
+    assert _media.MAX_IMAGE_SIDE == 2048
+    logger.finalize("success")
+    tb_png, wandb_png = _read_pictures(logger, "img/huge")
+    assert np.array_equal(tb_png, expected) and np.array_equal(wandb_png, expected)
+
+
+def test_a_float_image_is_downscaled_before_any_full_size_copy():
+    """A 4097 x 10 float64 image (factor 3, edge blocks of 2 rows): block means of the float values, then the usual
+    [0, 1] -> 0..255 mapping; torch and numpy inputs give the same picture."""
+    from lightning_monitor._media import to_uint8_hwc
+
+    values = np.linspace(0, 1, 4097 * 10).reshape(4097, 10)
+    padded = np.full((4098, 12), np.nan)
+    padded[:4097, :10] = values
+    expected = np.round(np.nanmean(padded.reshape(1366, 3, 4, 3), axis=(1, 3)) * 255).astype(np.uint8)
+    with pytest.warns(UserWarning, match="downscaled by 3"):
+        from_numpy = to_uint8_hwc(values, key="img/float")
+    from_torch = to_uint8_hwc(torch.tensor(values)[None], key="img/float")  # CHW tensor, same picture
+    assert np.abs(from_numpy[:, :, 0].astype(int) - expected).max() <= 1  # float32 means vs float64 here
+    assert np.array_equal(from_numpy, from_torch)
+
+
+def test_an_ambiguous_3x8x4_tensor_is_channel_first(tmp_path):
+    """3 x 8 x 4 fits both CHW and HWC: a torch tensor is read as CHW (as torchvision and wandb read tensors), a
+    numpy array as HWC (channel-last when its last dim is 1, 3 or 4, as PIL reads arrays: 3 x 8 px, RGBA)."""
+    chw = torch.arange(3 * 8 * 4, dtype=torch.uint8).reshape(3, 8, 4)
+    logger = MultiLogger(save_dir=tmp_path, name="chw")
+    logger.log_image("img/chw", chw, step=0)
+    logger.log_image("img/hwc", chw.numpy(), step=0)
+    logger.finalize("success")
+    tb_png, wandb_png = _read_pictures(logger, "img/chw")
+    expected = chw.permute(1, 2, 0).numpy()
+    assert tb_png.shape == (8, 4, 3) and np.array_equal(tb_png, expected) and np.array_equal(wandb_png, expected)
+    tb_png, _ = _read_pictures(logger, "img/hwc")
+    assert tb_png.shape == (3, 8, 3)  # 3 x 8 px (read back as RGB)
+
+
+@pytest.mark.parametrize("shape", [(0, 0), (3, 0, 8), (8, 0, 3)], ids=["hw", "chw", "hwc"])
+def test_a_zero_size_image_is_an_error_naming_the_key(tmp_path, shape):
+    logger = MultiLogger(save_dir=tmp_path, name="empty", wandb=False)
+    with pytest.raises(ValueError, match=r"image 'img/empty' has shape .*: an image needs at least one pixel"):
+        logger.log_image("img/empty", torch.zeros(shape), step=0)
+
+
+# ---------------------------------------------------------------------------------------------- smaller items
+class _LogsAMonitorKey(TinyImageModel):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("grad/norm_total", 1.0)  # a key GradientMonitor logs too
+        return loss
+
+
+def test_a_model_logging_a_monitor_key_gets_one_warning(tmp_path):
+    """The model's self.log on a key GradientMonitor writes: one warning naming the key (not one per step); keys
+    Lightning itself logs at one step more than once (``epoch`` with validation) are not flagged."""
+    from lightning_monitor import GradientMonitor
+
+    logger = MultiLogger(save_dir=tmp_path, name="clash")
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=6, log_every_n_steps=1, val_check_interval=2,
+                           limit_val_batches=1, callbacks=[GradientMonitor(histograms=False)])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(_LogsAMonitorKey(), image_loader(n=96), image_loader(n=16))
+    clashes = [str(w.message) for w in record if "logged both by a lightning-monitor callback" in str(w.message)]
+    assert len(clashes) == 1 and clashes[0].startswith("'grad/norm_total' is logged both")
+    assert "exclude_keys" in clashes[0]
+    # what the warning says is true: two values at each step
+    steps = [s for s, _ in tb_scalars(logger.log_dir, "grad/norm_total")]
+    assert steps.count(0) == 2
+
+
+def test_no_warning_without_a_clash(tmp_path):
+    from lightning_monitor import GradientMonitor
+
+    logger = MultiLogger(save_dir=tmp_path, name="noclash", wandb=False)
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=4, log_every_n_steps=1, val_check_interval=2,
+                           limit_val_batches=1, callbacks=[GradientMonitor(histograms=False)])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(TinyImageModel(), image_loader(n=64), image_loader(n=16))
+    assert not [w for w in record if "logged both" in str(w.message)]
+
+
+def test_logging_after_finalize_continues_the_run_in_both(tmp_path):
+    """Documented behaviour: a write after ``finalize`` (what ``test`` after ``fit`` does) reopens both backends on
+    the same run: TensorBoard in a new event file of the same directory, wandb as a new segment of the same run;
+    the run directory's lock is taken again and released at the next finalize."""
+    from lightning_monitor import _run_lock
+
+    logger = MultiLogger(save_dir=tmp_path, name="after")
+    logger.log_metrics({"x/v": 0.0}, step=0)
+    logger.finalize("success")
+    assert _run_lock.holder(logger.log_dir) is None
+    logger.log_metrics({"x/v": 1.0}, step=1)
+    assert _run_lock.holder(logger.log_dir)["pid"] == os.getpid()
+    logger.finalize("success")
+    assert _run_lock.holder(logger.log_dir) is None
+    assert tb_scalars(logger.log_dir, "x/v") == [(0, 0.0), (1, 1.0)] and len(event_files(logger.log_dir)) == 2
+    runs = find_runs(logger.log_dir)
+    assert len(runs) == 2 and len({r.run_id for r in runs}) == 1  # two segments of one wandb run
+    assert sorted(p for r in runs for p in r.series("x/v")) == [(0, 0.0), (1, 1.0)]
