@@ -22,7 +22,9 @@ SHARDED_JOB = '''
 import json, os, sys
 sys.path.insert(0, {tests!r})
 import torch
+from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 from torch.distributed.tensor import DTensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, IterableDataset
@@ -59,6 +61,36 @@ class ShardedNet(TinyImageModel):
         # MODE "rank1_empty": rank 1 has no validation batches, so no sharded forward may run per batch
 
 
+class TensorParallelNet(TinyImageModel):
+    """An MLP classifier whose output layer is split column-wise over the 2 ranks (tensor parallel): its output is
+    a DTensor sharded over the classes, which its own steps gather with ``full_tensor()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(28 * 28, 32), nn.Linear(32, 10)
+
+    def configure_model(self):
+        parallelize_module(self.out, self.device_mesh["tensor_parallel"], ColwiseParallel(use_local_output=False))
+
+    def forward(self, x):
+        out = self.out(torch.relu(self.hidden(x.flatten(1))))
+        if len(x) == N and self._trainer is not None:
+            with open(f"grid_forward_rank{{self.global_rank}}.jsonl", "a") as f:
+                full = out.full_tensor() if isinstance(out, DTensor) else out
+                f.write(json.dumps([self.trainer.global_step, full.argmax(1).tolist(), type(out).__name__]) + "\\n")
+        return out
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x)
+        return F.cross_entropy(out.full_tensor() if isinstance(out, DTensor) else out, y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x)
+        self.log("val/loss", F.cross_entropy(out.full_tensor() if isinstance(out, DTensor) else out, y))
+
+
 class RankZeroOnly(IterableDataset):
     """Validation samples on rank 0 only: rank 1's loader yields nothing."""
 
@@ -76,7 +108,7 @@ class Unsharded(Callback):
     def on_train_end(self, trainer, pl_module):
         state = {{k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in pl_module.state_dict().items()}}
         if trainer.is_global_zero:
-            copy = TinyImageModel()
+            copy = TensorParallelNet() if MODE == "tp" else TinyImageModel()
             copy.load_state_dict(state)
             copy.eval()
             grid = next(c for c in trainer.callbacks if isinstance(c, PredictionGridMonitor))
@@ -89,8 +121,9 @@ class Unsharded(Callback):
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    full = MODE == "full"
+    tp = MODE == "tp"
+    strategy = ModelParallelStrategy(data_parallel_size=1 if tp else 2, tensor_parallel_size=2 if tp else 1)
+    full = MODE in ("full", "tp")
     monitor = PredictionGridMonitor(num_samples=N, every_n_steps=None if full else 3)
     # "full": 64 samples split by Lightning's DistributedSampler, 2 steps an epoch, 2 epochs; "rank1_empty": no
     # sampler (each rank reads all 64), 4 steps, one epoch
@@ -99,7 +132,7 @@ if __name__ == "__main__":
                            logger=TensorBoardLogger({root!r}, name="tb", version=0),
                            callbacks=[monitor, Unsharded()], use_distributed_sampler=full)
     val = image_loader(n=40, batch_size=8, seed=1) if full else DataLoader(RankZeroOnly(), batch_size=None)
-    trainer.fit(ShardedNet(), image_loader(n=64, batch_size=16), val)
+    trainer.fit(TensorParallelNet() if tp else ShardedNet(), image_loader(n=64, batch_size=16), val)
     print("RANK", trainer.global_rank, "DONE", flush=True)
 '''
 
@@ -119,8 +152,9 @@ def _run(tmp_path, mode: str, num_samples: int = 10):
 
 
 def _forwards(tmp_path, rank: int) -> list[tuple[int, list[int]]]:
+    """(trainer.global_step, predicted classes) of every forward of the grid's fixed samples on ``rank``."""
     lines = (tmp_path / f"grid_forward_rank{rank}.jsonl").read_text().splitlines()
-    return [tuple(json.loads(line)) for line in lines]
+    return [tuple(json.loads(line)[:2]) for line in lines]
 
 
 def _grids(log_dir) -> list[tuple[int, np.ndarray]]:
@@ -186,3 +220,21 @@ def test_fsdp1_and_deepspeed_are_refused_in_setup_naming_what_works(strategy):
 
     with pytest.raises(MisconfigurationException, match=rf"{strategy} wraps .*use ModelParallelStrategy with FSDP2"):
         PredictionGridMonitor().setup(Trainer(), None, "fit")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_tensor_parallel_grid_gathers_a_dtensor_output(tmp_path):
+    """Tensor parallel (the output layer split over 2 ranks): the module returns a DTensor sharded over the classes;
+    the grid gathers it on every rank and draws the unsharded model's predictions."""
+    _run(tmp_path, "tp")
+    log_dir = tmp_path / "tb" / "version_0"
+    kinds = [json.loads(line)[2] for line in (tmp_path / "grid_forward_rank0.jsonl").read_text().splitlines()]
+    assert kinds == ["DTensor", "DTensor"]  # what the grid was handed, at each of the 2 validations
+    rank0, rank1 = _forwards(tmp_path, 0), _forwards(tmp_path, 1)
+    assert [s for s, _ in rank0] == [s for s, _ in rank1] == [4, 8]  # both ranks, at each validation
+    unsharded = json.loads((tmp_path / "unsharded.json").read_text())
+    assert rank0[-1][1] == unsharded["predicted"]
+    accuracy = tb_scalars(log_dir, "predictions/accuracy")
+    assert [s for s, _ in accuracy] == [3, 7] and accuracy[-1][1] == pytest.approx(unsharded["accuracy"])
+    assert [s for s, _ in _grids(log_dir)] == [3, 7]
