@@ -46,8 +46,10 @@ class PredictionGridMonitor(Monitor):
     ``fully_shard`` and tensor parallelism applied in ``configure_model``) a forward needs every rank: rank 0 takes
     the samples and broadcasts them once (one collective per run, so a rank with no validation batches of its own
     still has them), every rank runs the model on them at each grid (a DTensor output is gathered with
-    ``full_tensor()``) and rank 0 alone draws and logs. Lightning's ``FSDPStrategy`` (FSDP1) and DeepSpeed wrap the
-    module so that its own forward cannot be called: the monitor refuses them in ``setup``.
+    ``full_tensor()``) and rank 0 alone draws and logs (every rank must still enter the validation loop, as the
+    module's own sharded ``validation_step`` needs: Lightning skips it on a rank whose loader has a length of 0).
+    Lightning's ``FSDPStrategy`` (FSDP1) and DeepSpeed wrap the module so that its own forward cannot be called:
+    the monitor refuses them in ``setup``.
 
     {logged_keys}
 

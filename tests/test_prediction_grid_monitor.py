@@ -399,6 +399,35 @@ def test_output_not_class_scores_warns_once_naming_output_fn(tmp_path):
     assert tb_scalars(trainer.logger.log_dir, "predictions/accuracy") == [(0, 1.0)]
 
 
+def test_a_forward_that_raises_on_the_samples_costs_the_grid_not_the_run(tmp_path):
+    """A model for 3-channel images handed 1-channel samples: its conv raises inside the grid's forward."""
+
+    class ThreeChannelNet(TinyImageModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rgb = nn.Conv2d(3, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(self.rgb(x))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return super().training_step((batch[0].expand(-1, 3, -1, -1), batch[1]), batch_idx)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            super().validation_step((batch[0].expand(-1, 3, -1, -1), batch[1]), batch_idx)
+
+    trainer = make_trainer(tmp_path, max_epochs=2, max_steps=-1, logger=tb_logger(),
+                           callbacks=[PredictionGridMonitor(num_samples=4)])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(ThreeChannelNet(), image_loader(n=32), image_loader(n=16))
+    (message,) = grid_warnings(record)
+    assert re.search(r"raised RuntimeError: .*channels.*`batch_fn=` and `output_fn=` adapt", message), message
+    assert trainer.state.status == "finished" and trainer.global_step == 4
+    assert [s for s, _ in tb_scalars(trainer.logger.log_dir, "val/loss")] == [1, 3]
+    assert not tb_accumulator(trainer.logger.log_dir).Tags()["images"]
+
+
 class TabularRegression(pl.LightningModule):
     """Not an image classifier: 8 features -> one float target, batches ``(x [B, 8], y [B] float)``."""
 
