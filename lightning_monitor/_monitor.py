@@ -91,10 +91,12 @@ class Monitor(Callback):
 
     @classmethod
     def _cost_key(cls) -> str:
-        """``time/monitor_share/<name>``: the key of this monitor's own cost, named after the library class it is
-        (a user's subclass of ``GradientMonitor`` counts as ``gradient_monitor``)."""
+        """``time/monitor_share/<name>``: the key of this monitor's own cost, named after the library class it is,
+        less ``Monitor`` (``gradient``, ``prediction_grid``; a user's subclass of ``GradientMonitor`` counts as
+        ``gradient``, a direct subclass of this base as ``other``)."""
         base = next(c for c in cls.__mro__ if c.__module__.startswith("lightning_monitor") or c is Monitor)
-        return "time/monitor_share/" + re.sub(r"(?<!^)(?=[A-Z])", "_", base.__name__).lower()
+        name = re.sub(r"(?<!^)(?=[A-Z])", "_", base.__name__.removesuffix("Monitor")).lower()
+        return f"time/monitor_share/{name or 'other'}"
 
     def _needs_logger(self) -> bool:
         """Whether the monitor has nothing to do without a logger (``setup`` then raises)."""
@@ -114,7 +116,7 @@ class Monitor(Callback):
             )
         self._warn.clear()
         self._batch_step = None
-        if trainer.is_global_zero:
+        if trainer.loggers and trainer.is_global_zero:
             # the writers' guard in place before the first batch: Lightning's own writes to a plain logger pass
             # through it (isolation, and their time counted by _writers.seconds_writing) from the start
             _dispatch.writers(trainer)

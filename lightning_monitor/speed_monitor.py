@@ -84,11 +84,12 @@ class SpeedMonitor(Monitor):
         "throughput/val_samples_per_sec": "validation samples per second, summed over ranks",
         "time/monitor_share": "share of the window's elapsed host time spent inside lightning-monitor's hooks (all"
         " monitors, their logger writes included; DDP: the rank where it is largest)",
-        "time/monitor_share/gradient_monitor": "the part of ``time/monitor_share`` spent in GradientMonitor's hooks",
-        "time/monitor_share/memory_monitor": "the part of ``time/monitor_share`` spent in MemoryMonitor's hooks",
-        "time/monitor_share/speed_monitor": "the part of ``time/monitor_share`` spent in SpeedMonitor's hooks",
-        "time/monitor_share/prediction_grid_monitor": "the part of ``time/monitor_share`` spent in"
-        " PredictionGridMonitor's hooks",
+        "time/monitor_share/gradient": "the part of ``time/monitor_share`` spent in GradientMonitor's hooks (with"
+        " more than one monitor)",
+        "time/monitor_share/memory": "the part of ``time/monitor_share`` spent in MemoryMonitor's hooks",
+        "time/monitor_share/speed": "the part of ``time/monitor_share`` spent in SpeedMonitor's hooks",
+        "time/monitor_share/prediction_grid": "the part of ``time/monitor_share`` spent in PredictionGridMonitor's"
+        " hooks",
         "time/step_sec": "mean wall time per training batch in the window (data wait included)",
         "time/data_wait_share": "share of the window's wall time spent between batches waiting for the next one",
         "time/remaining_sec": "estimated training time left: remaining batches x the slowest rank's time per batch"

@@ -96,6 +96,11 @@ def match_key(key: str, patterns: Iterable[str]) -> Optional[str]:
     return next((p for p in ordered if key_matches(p, key)), None)
 
 
+#: the public classes' names in snake_case (``gradient_monitor``): no key embeds them (``time/monitor_share``, the
+#: monitors' own cost, names no class)
+_CLASS_NAMES = [re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower() for name in lightning_monitor.__all__]
+
+
 def naming_problems(pattern: str) -> list[str]:
     """What is wrong with a documented key pattern under DESIGN.md "Logged keys" (empty list: nothing).
 
@@ -114,7 +119,7 @@ def naming_problems(pattern: str) -> list[str]:
         plain = _PLACEHOLDER.sub("x", segment)
         if not _SEGMENT.match(plain) or "__" in plain or plain.endswith("_"):
             problems.append(f"segment {segment!r} is not lower_snake_case")
-        if "monitor" in plain or "logger" in plain or plain.startswith("on_"):
+        if any(name in plain for name in _CLASS_NAMES) or "logger" in plain or plain.startswith("on_"):
             problems.append(f"segment {segment!r} embeds a class or hook name")
     tokens = _PLACEHOLDER.sub("x", segments[-1]).split("_")
     wrong = sorted(set(tokens) & _WRONG_UNITS)
@@ -167,7 +172,7 @@ def test_naming_rules_catch_bad_keys():
         assert naming_problems(good) == [], good
     for bad in ("Grad/norm", "grad-norm", "grad", "loss/total", "grad/Norm", "grad/norm.total", "memory/peak_mb",
                 "time/step_ms", "throughput/samples_per_s", "memory/rss_bytes", "grad/{name}/norm",
-                "speed_monitor/x", "time/on_train_batch_end_sec", "grad/norm__total"):
+                "speed_monitor/x", "time/on_train_batch_end_sec", "grad/norm__total", "time/share/gradient_monitor"):
         assert naming_problems(bad), bad
 
 

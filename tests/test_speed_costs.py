@@ -114,8 +114,8 @@ def test_monitor_share_is_the_hook_time_over_the_elapsed_time(tmp_path):
     # the wall time: it slows training), not data wait
     fifth = float(np.float32(0.2))  # as TensorBoard stores it
     assert tb_scalars(logger.log_dir, "time/monitor_share") == [(s, fifth) for s in steps]
-    assert tb_scalars(logger.log_dir, "time/monitor_share/monitor") == [(s, fifth) for s in steps]
-    assert tb_scalars(logger.log_dir, "time/monitor_share/speed_monitor") == [(s, 0.0) for s in steps]
+    assert tb_scalars(logger.log_dir, "time/monitor_share/other") == [(s, fifth) for s in steps]
+    assert tb_scalars(logger.log_dir, "time/monitor_share/speed") == [(s, 0.0) for s in steps]
     assert tb_scalars(logger.log_dir, "time/step_sec") == [(s, 0.625) for s in steps]
     assert tb_scalars(logger.log_dir, "time/data_wait_share") == [(s, 2 * fifth) for s in steps]  # 0.25 of 0.625 s
 
@@ -138,8 +138,8 @@ def test_hooks_are_timed_once_through_super_calls():
 
     probe = Outer(None)
     probe.on_train_start(None, None)
-    assert probe._hook_seconds == 1.5 and Outer._cost_key() == "time/monitor_share/monitor"
-    assert SpeedMonitor._cost_key() == "time/monitor_share/speed_monitor"
+    assert probe._hook_seconds == 1.5 and Outer._cost_key() == "time/monitor_share/other"
+    assert SpeedMonitor._cost_key() == "time/monitor_share/speed"
 
 
 # ----------------------------------------------------------------------------------------------- DDP
