@@ -472,7 +472,7 @@ class FailOnRankOne(Callback):
             raise RuntimeError("boom on rank 1")
 
 if __name__ == "__main__":
-    logger = MultiLogger(save_dir={runs!r}, name="ddp")
+    logger = MultiLogger(save_dir={runs!r}, name="ddp", version={version!r})
     callbacks = [GradientMonitor(), MemoryMonitor(), SpeedMonitor(), PredictionGridMonitor(num_samples=8), FailOnRankOne()]
     trainer = make_trainer({root!r}, logger=logger, strategy=DDPStrategy(timeout=timedelta(seconds=20)), devices=2,
                            max_steps=8, log_every_n_steps=2, callbacks=callbacks, limit_val_batches=2)
@@ -481,10 +481,10 @@ if __name__ == "__main__":
 '''
 
 
-def _ddp_job(tmp_path, fail_at):
+def _ddp_job(tmp_path, fail_at, version=None):
     script = tmp_path / "ddp_job.py"
     script.write_text(DDP_JOB.format(tests=os.path.dirname(__file__), runs=str(tmp_path / "runs"), root=str(tmp_path),
-                                     fail_at=fail_at))
+                                     fail_at=fail_at, version=version))
     started = time.monotonic()
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=170)
     elapsed = time.monotonic() - started
@@ -515,6 +515,26 @@ def test_ddp_exception_on_one_rank_ends_the_job_with_its_error(tmp_path):
     assert "RuntimeError: boom on rank 1" in proc.stderr
     assert not orphans  # no rank left behind
     assert elapsed < 120  # ended by the failure, not by a collective waiting out its timeout
+
+
+@pytest.mark.timeout(180)
+def test_ddp_on_a_version_in_use_fails_on_rank_zero_and_ends_every_rank(tmp_path):
+    """Under DDP only rank 0 takes the lock: with the run directory held by a live job (this test process), rank 0
+    fails at start naming it and the whole job ends (no rank left waiting in a collective); rank 1 never reads the
+    lock, so it never reports the directory in use itself."""
+    from lightning_monitor import _run_lock
+
+    run_dir = tmp_path / "runs" / "ddp" / "version_0"
+    run_dir.mkdir(parents=True)
+    me = psutil.Process()
+    (run_dir / _run_lock.LOCK_NAME).write_text(
+        f'{{"host": "{socket.gethostname()}", "pid": {me.pid}, "started": {me.create_time()}, "since": "now"}}')
+    proc, elapsed, orphans = _ddp_job(tmp_path, fail_at=-1, version=0)
+    assert proc.returncode != 0 and not orphans
+    assert proc.stderr.count(f"is in use by another job (host {socket.gethostname()}, pid {me.pid}") == 1
+    assert "RANK 1 DONE" not in proc.stdout and elapsed < 150
+    assert _run_lock.holder(str(run_dir))["pid"] == me.pid  # the holder's lock is left alone
+    assert not event_files(run_dir)
 
 
 def test_a_value_a_backend_rejects_costs_that_value_not_the_backend(tmp_path):
@@ -867,3 +887,40 @@ def test_logging_after_finalize_continues_the_run_in_both(tmp_path):
     runs = find_runs(logger.log_dir)
     assert len(runs) == 2 and len({r.run_id for r in runs}) == 1  # two segments of one wandb run
     assert sorted(p for r in runs for p in r.series("x/v")) == [(0, 0.0), (1, 1.0)]
+
+
+class _BadValuesAt(Callback):
+    """At step ``at``: the issue's bad image (an empty list: an error naming the key at once, caught here as a user
+    would), an image and a text under a key holding ``../`` (wandb takes the image, rejects the text)."""
+
+    def __init__(self, at):
+        self.at, self.errors = at, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step - 1 == self.at:
+            step = trainer.global_step - 1
+            trainer.logger.log_image("img/../bad", np.zeros((4, 4, 3), np.uint8), step=step)
+            trainer.logger.log_text("notes/../escape", "hello", step=step)
+            try:
+                trainer.logger.log_image("img/none", [], step=step)
+            except ValueError as err:
+                self.errors.append(str(err))
+
+
+def test_a_bad_image_and_a_bad_key_mid_run_then_100_metrics_all_in_wandb(tmp_path):
+    """The issue's scenario in a real fit: at step 3 a bad image and a bad key; the bad value costs that value (one
+    warning) and wandb keeps every one of the 104 steps of train/loss, as TensorBoard does."""
+    bad = _BadValuesAt(3)
+    logger = MultiLogger(save_dir=tmp_path, name="badfit")
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=104, log_every_n_steps=1, callbacks=[bad])
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(TinyImageModel(), image_loader(n=104 * 16))
+    texts = [str(w.message) for w in record]
+    assert len([t for t in texts if "wandb rejected notes/../escape at step 3" in t]) == 1
+    assert not [t for t in texts if "stopped working" in t]
+    assert bad.errors == ["image 'img/none': an empty list; pass one image or a non-empty list"]
+    (run,) = find_runs(logger.log_dir)
+    assert [s for s, _ in run.series("train/loss")] == list(range(104))
+    assert [s for s, _ in tb_scalars(logger.log_dir, "train/loss")] == list(range(104))
+    assert [e.step for e in tb_accumulator(logger.log_dir).Images("img/../bad")] == [3]  # TensorBoard took it
