@@ -7,10 +7,11 @@ the maximum. Histograms bin each local shard against the GLOBAL range (known aft
 :func:`~lightning_monitor._grad_stats.bin_counts`, numpy's rule, so the summed counts equal the counts of the full
 tensor, element for element (``max_elements=None``).
 
-Collectives: :func:`global_stats` makes exactly :data:`COLLECTIVES_PER_EVENT` (2) all-reduces on the default
-process group, on every rank, whatever the number of parameters: one packed MAX (finite ``max`` and ``-min`` of
-every histogram tensor, plus the caller's ``extra_max``), then one packed SUM (squared norms, weight squared norms,
-NaN/Inf counts, histogram sums, sums of squares, element counts and bin counts). :func:`global_squared_norms` and
+Collectives: :func:`global_stats` makes :data:`COLLECTIVES_PER_EVENT` (2) all-reduces on the default process
+group, on every rank, whatever the number of parameters: one packed MAX (``max`` and ``-min`` of every histogram
+tensor, plus the caller's ``extra_max``), then one packed SUM (squared norms, weight squared norms, histogram sums,
+element counts and bin counts). A step whose reduced norms hold NaN/Inf (every rank sees it) adds one MAX and
+one SUM for the offending tensors: exact NaN/Inf counts and finite-only histograms. :func:`global_squared_norms` and
 :func:`global_squared_diffs` make one SUM each. Nothing here runs between logging steps unless the caller asks.
 
 A shard is counted once: a rank adds its local values to a SUM only when it is the first replica (coordinate 0 on
@@ -21,6 +22,7 @@ refused.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -33,7 +35,7 @@ from torch.distributed.tensor import DTensor
 from lightning_monitor._grad_event import Measured, Snapshot
 from lightning_monitor._grad_groups import group_norms
 from lightning_monitor._grad_norms import squared_norms
-from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, bin_counts, sample_stride
+from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, bin_counts, sample_stride, summarize
 
 COLLECTIVES_PER_EVENT = 2  # one packed MAX, one packed SUM: the all-reduces of one global_stats call
 
@@ -170,6 +172,69 @@ def _range(high: torch.Tensor, low: torch.Tensor, hist_range: HistRange) -> tupl
     return torch.full_like(low, float(hist_range[0])), torch.full_like(high, float(hist_range[1]))
 
 
+def _local_rows(tensors: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor, bins: int,
+                max_elements: Optional[int], hist_range: HistRange) -> torch.Tensor:
+    """``[T, 2 + bins]`` float64: (sum, element count, counts...) of local shards binned over the GLOBAL ranges.
+
+    Rows of tensors holding NaN/Inf are wrong here (the caller redoes them in :func:`_finite_pieces`). Each
+    (sampled) shard goes through :func:`summarize` with the global ``lo`` and ``hi`` added: its own min..max is then
+    exactly the global range (``minmax``, ``symmetric``), so its bins are the full tensor's; the two added elements
+    are taken out of the edge bins again (both of bin 0 when ``lo == hi``).
+    """
+    samples, scales = [], []
+    for t in tensors:
+        flat = t.reshape(-1)
+        stride = sample_stride(flat.numel(), max_elements)
+        samples.append(flat[::stride] if stride > 1 else flat)
+        scales.append(flat.numel() / samples[-1].numel())
+    device, zeros = lo.device, torch.zeros(len(tensors), dtype=torch.float64, device=lo.device)
+    # NaN/Inf (their rows are redone) become 0: summarize assumes finite values, and an Inf would spill a count into
+    # the next tensor's first bin
+    parts = [torch.cat([a.to(s.dtype).reshape(1), s, b.to(s.dtype).reshape(1)]).nan_to_num_(0.0, 0.0, 0.0)
+             for s, a, b in zip(samples, lo.unbind(), hi.unbind(), strict=True)]
+    rows = summarize(parts, zeros, bins, None, "minmax" if isinstance(hist_range, str) else hist_range)
+    counts = rows[:, STAT_COLUMNS:].clone()
+    flat_range = (lo == hi).double()
+    counts[:, 0] -= 1.0 + flat_range
+    counts[:, bins - 1] -= 1.0 - flat_range
+    sums = rows[:, 2] - lo - hi
+    scale = torch.tensor(scales, dtype=torch.float64, device=device)
+    if any(v != 1.0 for v in scales):  # sampled: counts scaled to the shard, the sum over the whole shard
+        counts = counts * scale.unsqueeze(1)
+        sums = torch.stack([t.sum(dtype=torch.float64) for t in tensors])
+    numel = torch.tensor([float(t.numel()) for t in tensors], dtype=torch.float64, device=device)
+    return torch.cat([sums.unsqueeze(1), numel.unsqueeze(1), counts], dim=1)
+
+
+def _finite_pieces(tensors: list[tuple[torch.Tensor, bool]], hist: Sequence[int], bins: int,
+                   max_elements: Optional[int], hist_range: HistRange) -> tuple[np.ndarray, np.ndarray]:
+    """Slow path, only at a logging step whose global norms hold NaN/Inf (the same on every rank): exact NaN/Inf
+    counts of ``tensors`` and finite-only rows of those at positions ``hist``. Two all-reduces, one transfer."""
+    device = tensors[0][0].device
+    pieces = [_Hist(tensors[k][0], tensors[k][1], max_elements) for k in hist]
+    high = torch.stack([h.high for h in pieces]) if pieces else torch.zeros(0, dtype=torch.float64, device=device)
+    low_neg = torch.stack([h.neg_low for h in pieces]) if pieces else high
+    max_pack = _all_reduce(torch.cat([high, low_neg]), dist.ReduceOp.MAX)
+    t = len(pieces)
+    lo, hi = _range(max_pack[:t], -max_pack[t:], hist_range)
+    nonfinite = [(x.numel() - torch.isfinite(x).sum()).double() if c else torch.zeros((), device=device,
+                 dtype=torch.float64) for x, c in tensors]
+    parts = [torch.stack(nonfinite)] + [torch.cat([h.sums(), h.counts(lo[k], hi[k], bins)])
+                                        for k, h in enumerate(pieces)]
+    sum_pack = _all_reduce(torch.cat(parts), dist.ReduceOp.SUM)
+    host = torch.cat([max_pack, sum_pack, lo, hi]).tolist()  # sync point: only at steps with NaN/Inf
+    n, off = len(tensors), 2 * t
+    counts, off = np.array(host[off : off + n]), off + n
+    rows = np.full((t, STAT_COLUMNS + bins), np.nan)
+    for k in range(t):
+        total, sum_sq, num = host[off : off + 3]
+        if num > 0:
+            rows[k] = [-host[t + k], host[k], total, sum_sq, num, host[-2 * t + k], host[-t + k],
+                       *host[off + 3 : off + 3 + bins]]
+        off += 3 + bins
+    return counts, rows
+
+
 def global_stats(
     grads: Sequence[torch.Tensor],
     *,
@@ -184,59 +249,67 @@ def global_stats(
     """Norms, NaN/Inf counts and histograms of the full tensors behind ``grads`` (and ``params``), on every rank.
 
     Call it on EVERY rank with the same arguments' shapes: it makes :data:`COLLECTIVES_PER_EVENT` all-reduces
-    (one MAX, one SUM) and one host transfer. ``grads``/``params`` are DTensors or plain tensors (counted from
-    rank 0); ``grad_hist``/``param_hist`` index the tensors to histogram; ``extra_max`` are device tensors
-    (e.g. per-rank step counts) reduced by maximum in the same MAX collective.
+    (one MAX, one SUM) and one host transfer, plus two all-reduces and a transfer at a step whose gradients hold
+    NaN/Inf (known from the reduced norms, so on every rank alike). ``grads``/``params`` are DTensors or plain
+    tensors (counted from rank 0); ``grad_hist``/``param_hist`` index the tensors to histogram; ``extra_max``
+    are device tensors (e.g. per-rank step counts) reduced by maximum in the same MAX collective.
 
     Histogram rows follow :func:`~lightning_monitor._grad_stats.summarize`: ``[min, max, sum, sum_squares, num, lo,
-    hi, counts...]`` over the finite elements (a row of NaN when there are none); ``hist_range`` as in
-    ``GradientMonitor``. With ``max_elements`` each rank bins at most that many elements of its shard (a prime
-    stride), scaled to the shard's element count; ``None`` gives exact counts.
+    hi, counts...]`` over the finite elements (a row of NaN when there are none; weights holding NaN/Inf get a NaN
+    row); ``hist_range`` as in ``GradientMonitor``. With ``max_elements`` each rank bins at most that many elements
+    of its shard (a prime stride), scaled to the shard's element count; ``None`` gives exact counts.
     """
     gpairs = [local_shard(g) for g in grads]
-    glocal, gcount = [p[0] for p in gpairs], [p[1] for p in gpairs]
-    device = glocal[0].device
     ppairs = [local_shard(p) for p in params] if params is not None else []
-    hists = [_Hist(glocal[j], gcount[j], max_elements) for j in grad_hist]
-    hists += [_Hist(ppairs[j][0], ppairs[j][1], max_elements) for j in param_hist]
+    device = gpairs[0][0].device
+    tensors = [gpairs[j] for j in grad_hist] + [ppairs[j] for j in param_hist]
+    t = len(tensors)
+    live = [k for k, (x, c) in enumerate(tensors) if c and x.numel() > 0]  # shards this rank adds
+    live_index = torch.tensor(live, dtype=torch.int64, device=device)
 
-    # phase 1: the global finite range (MAX)
+    # collective 1 (MAX): the global max and -min of every histogram tensor, and the caller's extra values
+    high = torch.full((t,), -math.inf, dtype=torch.float64, device=device)
+    low_neg = high.clone()
+    if live:
+        low, top = zip(*(torch.aminmax(tensors[k][0]) for k in live), strict=True)
+        high.index_copy_(0, live_index, torch.stack(top).double())
+        low_neg.index_copy_(0, live_index, -torch.stack(low).double())
     extras = [e.reshape(-1).double().to(device) for e in extra_max]
-    max_parts = [torch.stack([h.high for h in hists] + [h.neg_low for h in hists])] if hists else []
-    max_pack = torch.cat([*max_parts, *extras]) if max_parts or extras else torch.zeros(0, dtype=torch.float64)
-    max_pack = _all_reduce(max_pack.to(device), dist.ReduceOp.MAX)
-    high, low = max_pack[: len(hists)], -max_pack[len(hists) : 2 * len(hists)]
-    lo, hi = _range(high, low, hist_range)
+    max_pack = _all_reduce(torch.cat([high, low_neg, *extras]), dist.ReduceOp.MAX)
+    lo, hi = _range(max_pack[:t], -max_pack[t : 2 * t], hist_range)
 
-    # phase 2: everything that adds up (SUM)
-    sum_parts = [_local_squares(glocal, gcount, device)]
+    # collective 2 (SUM): squared norms, then per histogram tensor (sum, element count, counts...)
+    sum_parts = [_local_squares([x for x, _ in gpairs], [c for _, c in gpairs], device)]
     if params is not None:
-        sum_parts.append(_local_squares([p[0] for p in ppairs], [p[1] for p in ppairs], device))
-    nonfinite = [(t.numel() - torch.isfinite(t).sum()) if c else torch.zeros((), dtype=torch.int64, device=device)
-                 for t, c in zip(glocal, gcount, strict=True)]
-    sum_parts.append(torch.stack(nonfinite).double().to(device))
-    for k, h in enumerate(hists):
-        sum_parts.extend([h.sums(), h.counts(lo[k], hi[k], bins)])
-    sum_pack = _all_reduce(torch.cat(sum_parts), dist.ReduceOp.SUM)
+        sum_parts.append(_local_squares([x for x, _ in ppairs], [c for _, c in ppairs], device))
+    rows_local = torch.zeros(t, 2 + bins, dtype=torch.float64, device=device)
+    if live:
+        rows_local.index_copy_(0, live_index, _local_rows(
+            [tensors[k][0] for k in live], lo[live_index], hi[live_index], bins, max_elements, hist_range))
+    sum_pack = _all_reduce(torch.cat([*sum_parts, rows_local.reshape(-1)]), dist.ReduceOp.SUM)
+    host = np.array(torch.cat([max_pack, sum_pack, lo, hi]).tolist())  # sync point: one transfer per logging step
 
-    # sync point: one host transfer per logging step
-    host = np.array(torch.cat([max_pack, sum_pack, lo.to(device), hi.to(device)]).tolist())
-    n, t = len(grads), len(hists)
-    lo_host, hi_host = host[len(host) - 2 * t : len(host) - t], host[len(host) - t :]
-    off = len(max_pack)
+    n, off = len(grads), len(max_pack)
     sq, off = host[off : off + n], off + n
     wsq = None
     if params is not None:
         wsq, off = host[off : off + n], off + n
-    nonfinite_host, off = host[off : off + n], off + n
-    rows = np.full((t, STAT_COLUMNS + bins), np.nan)
-    for k in range(t):
-        total, sum_sq, num = host[off : off + 3]
-        counts, off = host[off + 3 : off + 3 + bins], off + 3 + bins
-        if num > 0:
-            rows[k] = [-host[t + k], host[k], total, sum_sq, num, lo_host[k], hi_host[k], *counts]
+    table = host[off : off + t * (2 + bins)].reshape(t, 2 + bins)
+    square = np.concatenate([sq[list(grad_hist)], (wsq if wsq is not None else sq)[list(param_hist)]])
+    rows = np.concatenate([-host[t : 2 * t, None], host[:t, None], table[:, :1], square[:, None], table[:, 1:2],
+                           host[-2 * t :].reshape(2, t).T, table[:, 2:]], axis=1)
+    rows[~np.isfinite(square)] = np.nan  # redone below from the finite elements (gradients) or left out (weights)
+    nonfinite = np.zeros(n)
+    bad = np.flatnonzero(~np.isfinite(sq))
+    if bad.size:  # the same on every rank: the reduced norms say so
+        where = {j: b for b, j in enumerate(bad.tolist())}
+        redo = [k for k, j in enumerate(grad_hist) if j in where]
+        counts, fixed = _finite_pieces([gpairs[j] for j in bad.tolist()], [where[grad_hist[k]] for k in redo],
+                                       bins, max_elements, hist_range)
+        nonfinite[bad] = counts
+        rows[redo] = fixed
     g = len(grad_hist)
-    return GlobalStats(sq=sq, wsq=wsq, nonfinite=nonfinite_host, grad_rows=rows[:g], param_rows=rows[g:],
+    return GlobalStats(sq=sq, wsq=wsq, nonfinite=nonfinite, grad_rows=rows[:g], param_rows=rows[g:],
                        extra_max=host[2 * t : len(max_pack)])
 
 
