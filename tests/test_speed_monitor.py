@@ -342,7 +342,7 @@ _DDP_SCRIPT = textwrap.dedent(
     from torch.utils.data import DataLoader
     from lightning.pytorch.loggers import TensorBoardLogger
     from helpers import TinyImageModel, make_trainer, image_data
-    from lightning_monitor import SpeedMonitor
+    from lightning_monitor import SpeedMonitor, _writers
 
     mode = sys.argv[1]
 
@@ -364,7 +364,7 @@ _DDP_SCRIPT = textwrap.dedent(
 
     monitor = SpeedMonitor(measure_flops=False)
     if mode == "fake":
-        monitor._clock = clock  # the test seam: a clock that only the model moves
+        monitor._clock = _writers._clock = clock  # the test seams: a clock that only the model moves
     trainer = make_trainer(".", accelerator="cpu", devices=2, strategy="ddp", max_steps=6, log_every_n_steps=3,
                            logger=TensorBoardLogger(".", name="tb", version=""), callbacks=[monitor])
     trainer.fit(Model(), train_dataloaders=DataLoader(image_data(96), batch_size=4))
