@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -34,7 +35,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_monitor._grad_event import Measured, Snapshot
 from lightning_monitor._grad_groups import group_norms
-from lightning_monitor._grad_norms import squared_norms
+from lightning_monitor._grad_norms import fast_norms, squared_norms
 from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, bin_counts, sample_stride, summarize
 
 COLLECTIVES_PER_EVENT = 2  # one packed MAX, one packed SUM: the all-reduces of one global_stats call
@@ -332,9 +333,24 @@ def check_strategy(strategy: object) -> bool:
     return isinstance(strategy, ModelParallelStrategy)
 
 
-def local_shards(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """This rank's local values of each tensor (for per-rank work between logging steps: NaN/Inf flags)."""
-    return [local_shard(t)[0] for t in tensors]
+def measures_here(trainer: "pl.Trainer") -> bool:
+    """Whether GradientMonitor measures logging steps on this rank: rank 0, or every rank under
+    ``ModelParallelStrategy`` (the measurement makes collectives; only rank 0 writes)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return trainer.is_global_zero or isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def local_shards(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """This rank's local values of each tensor (``tensors`` itself when none is a DTensor): for per-rank work
+    between logging steps (NaN/Inf flags)."""
+    return [local_shard(t)[0] for t in tensors] if is_sharded(tensors) else tensors
+
+
+def step_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Per-step norms for ``nonfinite="raise"``/``"skip"``: float32 ``fast_norms``, or, for DTensors, the full
+    tensors' squared norms (one all-reduce per step, so that every rank acts alike)."""
+    return global_squared_norms(grads) if is_sharded(grads) else fast_norms(grads)
 
 
 def measure(

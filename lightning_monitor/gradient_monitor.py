@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from typing_extensions import override
 
-from lightning_monitor import _grad_event, _grad_groups, _grad_nonfinite
+from lightning_monitor import _grad_event, _grad_groups, _grad_nonfinite, _grad_sharded
 from lightning_monitor._grad_norms import fast_norms
 from lightning_monitor._keys import document_keys
 from lightning_monitor._monitor import Monitor
@@ -58,6 +58,7 @@ class GradientMonitor(Monitor):
     element count; NaN/Inf never reach a histogram. ``nonfinite="raise"`` or ``"skip"`` must read the NaN/Inf
     flags on the host at EVERY optimizer step: one small device-to-host copy per step, which on a GPU waits for
     the backward pass to finish (the CPU can no longer queue ahead), typically costing a few percent of step time.
+    FSDP2 / tensor parallel (DTensor shards): the full tensors' numbers, 2 all-reduces per logging step, rank 0 writes.
 
     Args:
         every_n_steps: log every n steps of ``self.log``'s axis; ``None`` uses ``trainer.log_every_n_steps``.
@@ -90,9 +91,8 @@ class GradientMonitor(Monitor):
 
     Raises:
         ValueError: for a bad argument, echoing it.
-        MisconfigurationException: in ``setup`` when the trainer has no logger (under ``nonfinite="warn"``: the
-            other policies act without one) or shards gradients (FSDP, DeepSpeed, model parallel), where local
-            gradients are not the full gradients.
+        MisconfigurationException: in ``setup`` without a logger (``nonfinite="warn"`` only) or under
+            ``FSDPStrategy`` (FSDP1) or DeepSpeed, whose flat gradient shards have no per-parameter global view.
 
     Example::
 
@@ -115,7 +115,7 @@ class GradientMonitor(Monitor):
         "param/update_ratio_total": "||w_after - w_before|| / ||w_before|| of all weights (``update_ratio``)",
         "param/update_ratio/{group}": "the same ratio for one module group (``update_ratio=True``)",
     }
-    SHARDED_UNSUPPORTED = "needs full gradients on every rank"
+    SHARDED_UNSUPPORTED = ""  # DTensor shards: _grad_sharded; FSDP1 / DeepSpeed refused in setup
 
     def __init__(
         self,
@@ -216,6 +216,7 @@ class GradientMonitor(Monitor):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._reset_runtime()
+        _grad_sharded.check_strategy(trainer.strategy)
 
     def _watch(self, pl_module: "pl.LightningModule") -> None:
         """Read the parameter list (at the first optimizer step, after ``configure_model``; frozen parameters
@@ -281,7 +282,7 @@ class GradientMonitor(Monitor):
             # self.log's step under manual optimization counts training batches, whatever number of
             # optimizer.step() calls each makes (trainer.global_step counts those): the completed batches
             step = trainer.fit_loop.epoch_loop.batch_progress.total.completed
-        self._log_step = step if trainer.is_global_zero and self._logs_at(trainer, step) else None
+        self._log_step = step if _grad_sharded.measures_here(trainer) and self._logs_at(trainer, step) else None
 
     @override
     def on_before_optimizer_step(
@@ -295,9 +296,9 @@ class GradientMonitor(Monitor):
         if self._log_step is not None:
             bad = self._measure(number, np.array(present, dtype=np.int64), grads)
         elif self.nonfinite == "warn":
-            return self._nonfinite.queue(tuple(present), fast_norms(grads))  # on the device; read when logging
+            return self._nonfinite.queue(tuple(present), fast_norms(_grad_sharded.local_shards(grads)))  # device
         else:
-            bad = self._nonfinite.count(tuple(present), fast_norms(grads))  # sync point: raise/skip (documented)
+            bad = self._nonfinite.count(tuple(present), _grad_sharded.step_norms(grads))  # sync point: raise/skip
         if bad and self.nonfinite != "warn":
             if self.nonfinite == "raise" and self._log_step is not None:
                 self._flush(trainer)  # log what we saw before raising
@@ -308,7 +309,7 @@ class GradientMonitor(Monitor):
         want_wsq = self.param_norms or self.update_ratio or self.param_histograms
         weights = [self._params[i].detach() for i in present.tolist()] if want_wsq else []
         keep = self._hist_mask[present] & self._nonempty[present]
-        measured, pending = _grad_event.measure(
+        measured, pending = (_grad_sharded if _grad_sharded.is_sharded(grads) else _grad_event).measure(
             number, present, grads, weights, np.flatnonzero(keep) if self.histograms else _EMPTY,
             np.flatnonzero(keep) if self.param_histograms else _EMPTY, want_wsq, self.bins,
             self.max_hist_elements, self.hist_range, self._nonfinite.pending(),
@@ -394,7 +395,6 @@ class GradientMonitor(Monitor):
         self._log_histograms(trainer, hists, step)  # one wandb row for all of them
 
     def _log_update_ratio(self, trainer: "pl.Trainer", step: int) -> None:
-        snapshots = [self._snapshots[k] for k in sorted(self._snapshots)]
-        self._snapshots = {}
-        metrics = _grad_event.update_ratios(self._params, snapshots, self._group_names, self._gid)
-        self._log_scalars(trainer, metrics, step)
+        snapshots, self._snapshots = [self._snapshots[k] for k in sorted(self._snapshots)], {}
+        ratios = _grad_sharded.update_ratios if _grad_sharded.is_sharded(snapshots[0][1]) else _grad_event.update_ratios
+        self._log_scalars(trainer, ratios(self._params, snapshots, self._group_names, self._gid), step)

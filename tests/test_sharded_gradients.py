@@ -298,3 +298,20 @@ def _check_memory_and_speed(ddp: dict, fsdp: dict) -> None:
         per_batch = [f / b for (_, f), (_, b) in zip(scalars["throughput/flops_per_sec"],
                                                      scalars["throughput/batches_per_sec"], strict=True)]
         assert per_batch == pytest.approx([2 * _flops_of_one_rank_batch()] * len(per_batch), rel=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_fsdp1_and_deepspeed_are_refused_in_setup_naming_what_works(strategy):
+    """Flat gradient shards (FSDP1, DeepSpeed ZeRO) have no per-parameter global view: a clear error in setup."""
+    from lightning.pytorch import strategies
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_monitor import GradientMonitor
+
+    cls = getattr(strategies, strategy)
+
+    class Trainer:  # what setup reads of a trainer, without building the strategy (it needs a GPU / a process group)
+        loggers, is_global_zero, strategy = [object()], False, cls.__new__(cls)
+
+    with pytest.raises(MisconfigurationException, match=rf"under {strategy}.*Use ModelParallelStrategy with"):
+        GradientMonitor().setup(Trainer(), None, "fit")
