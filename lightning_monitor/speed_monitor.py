@@ -8,12 +8,23 @@ from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_monitor import _dist, _flops, _speed_window, _writers
 from lightning_monitor._keys import document_keys
 from lightning_monitor._monitor import Monitor
+
+
+def _say(trainer: "pl.Trainer", message: str) -> None:
+    """An info line on global rank 0, printed through the progress bar when one is shown (between two of its
+    updates, never inside a bar line), else through Lightning's info log."""
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, (TQDMProgressBar, RichProgressBar)) and bar.is_enabled and trainer.is_global_zero:
+        bar.print(message)
+    else:
+        rank_zero_info(message)
 
 
 @document_keys
@@ -206,7 +217,7 @@ class SpeedMonitor(Monitor):
         self._start, self._start_costs = now, costs
         self._before_backward = None
         self._exclude = step < self._first_step + self.warmup_steps
-        self._batch_flops = self._flops_for(batch)
+        self._batch_flops = self._flops_for(trainer, batch)
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
@@ -330,10 +341,10 @@ class SpeedMonitor(Monitor):
             return 1
         return int(tensors[0].shape[0])
 
-    def _flops_for(self, batch: Any) -> Optional[float]:
+    def _flops_for(self, trainer: "pl.Trainer", batch: Any) -> Optional[float]:
         if self.flops_per_batch is not None:
             if self.flops_source is None:
-                self._announce(f"{_flops.format_flops(self.flops_per_batch)}/batch given by `flops_per_batch`")
+                self._announce(trainer, f"{_flops.format_flops(self.flops_per_batch)}/batch given by `flops_per_batch`")
             return self.flops_per_batch
         if not self.measure_flops:
             return None
@@ -360,13 +371,13 @@ class SpeedMonitor(Monitor):
         what = (f"{_flops.format_flops(flops)}/batch measured by FlopCounterMode (forward + backward of the real"
                 f" training step at global_step {self._batch_step}) on batch shape {shapes}")
         if self.flops_source is None:
-            self._announce(what)
+            self._announce(trainer, what)
         else:
-            rank_zero_info(f"SpeedMonitor: {what}")
+            _say(trainer, f"SpeedMonitor: {what}")
 
-    def _announce(self, what: str) -> None:
+    def _announce(self, trainer: "pl.Trainer", what: str) -> None:
         self.flops_source = f"{what}; peak {self._peak_source}"
-        rank_zero_info(f"SpeedMonitor: {self.flops_source}")
+        _say(trainer, f"SpeedMonitor: {self.flops_source}")
 
     def _abort_measurement(self) -> None:
         if self._counter.active:

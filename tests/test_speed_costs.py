@@ -5,6 +5,7 @@ clock."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -222,3 +223,42 @@ def test_ddp_slow_first_write_on_rank_0_lands_in_no_window(tmp_path):
     for key in ("throughput/samples_per_sec", "throughput/device/samples_per_sec", "time/step_sec",
                 "time/data_wait_share", "time/remaining_sec", "time/pre_sync_sec_max", "time/straggler_ratio"):
         assert slow[key] == steady[key], key
+
+
+# ------------------------------------------------------------------------------------------ progress bar
+_BAR_JOB = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    import lightning.pytorch as pl
+    from helpers import TinyImageModel, image_loader
+    from lightning_monitor import MultiLogger, SpeedMonitor
+
+    trainer = pl.Trainer(accelerator="cpu", max_steps=6, log_every_n_steps=2, enable_progress_bar=True,
+                         enable_model_summary=False, enable_checkpointing=False, num_sanity_val_steps=0,
+                         logger=MultiLogger(save_dir="runs", name="bar"), callbacks=[SpeedMonitor()])
+    trainer.fit(TinyImageModel(), image_loader(64, batch_size=8))
+    """
+)
+
+
+@pytest.mark.timeout(150)
+def test_start_up_messages_never_land_inside_a_progress_bar_line(tmp_path):
+    """A real job with the progress bar on, wandb offline and its banner not silenced, stdout and stderr in one
+    unbuffered stream: wandb's start-up banner comes before the first bar update, and no message (wandb's, the
+    offline notice, SpeedMonitor's FLOPs line, printed during the first batch) is glued to a bar line."""
+    script = tmp_path / "bar_job.py"
+    script.write_text(_BAR_JOB.format(tests=os.path.dirname(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=140)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:]
+    first_bar = out.index("Epoch 0:")
+    assert -1 < out.find("wandb: Tracking run") < first_bar, out[:first_bar]
+    assert "SpeedMonitor: " in out and "wandb sync" in out
+    for chunk in re.split(r"[\r\n]", out):  # a bar update starts with \r; a message after it is glued to the bar
+        for marker in ("wandb:", "SpeedMonitor:", "wandb is logging offline"):
+            if marker in chunk:
+                assert chunk.startswith(marker), repr(chunk)
