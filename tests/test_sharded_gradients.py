@@ -197,14 +197,14 @@ FIT_SCRIPT = textwrap.dedent(
                 grad[7, 5] = float("nan")
 
     if __name__ == "__main__":
-        kind, runs = sys.argv[1], sys.argv[2]
+        kind, runs, accelerator = sys.argv[1], sys.argv[2], sys.argv[3]
         torch.manual_seed(0)
         model = Sharded() if kind == "fsdp2" else TinyImageModel()
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if kind == "fsdp2" else "ddp"
         monitor = GradientMonitor(per_param_norms=True, param_norms=True, update_ratio=True, param_histograms=True,
                                   max_hist_elements=None, bins=32)
         trainer = make_trainer(runs, logger=MultiLogger(save_dir=runs, name=kind, wandb=False), strategy=strategy,
-                               devices=2, max_steps=6, log_every_n_steps=2,
+                               accelerator=accelerator, devices=2, max_steps=6, log_every_n_steps=2,
                                callbacks=[Poison(), monitor, MemoryMonitor(), SpeedMonitor(peak_flops_per_sec=1e12)])
         trainer.fit(model, image_loader(n=192, batch_size=32))
         print("RANK", trainer.global_rank, "DONE", flush=True)
@@ -212,12 +212,12 @@ FIT_SCRIPT = textwrap.dedent(
 )
 
 
-def _fit(tmp_path, kind: str):
+def _fit(tmp_path, kind: str, accelerator: str = "cpu"):
     """One 2-process fit (``ddp`` or ``fsdp2``); the TensorBoard scalars and histograms rank 0 wrote."""
     from helpers import event_files, tb_accumulator
 
     runs = tmp_path / "runs"
-    proc = run_job(tmp_path / f"fit_{kind}.py", FIT_SCRIPT, tmp_path, extra_args=[kind, str(runs)])
+    proc = run_job(tmp_path / f"fit_{kind}.py", FIT_SCRIPT, tmp_path, extra_args=[kind, str(runs), accelerator])
     assert "RANK 0 DONE" in proc.stdout and "RANK 1 DONE" in proc.stdout, proc.stdout[-1500:] + proc.stderr[-3000:]
     files = event_files(runs / kind)
     assert len(files) == 1, files  # one writer: rank 0
@@ -241,8 +241,12 @@ def test_fsdp2_logs_the_numbers_of_the_unsharded_run(tmp_path):
     processes): every key, norms within 1e-5 relative, identical exact histograms (gradients and weights), the
     NaN count of a gradient poisoned on one shard, all under the original parameter names. MemoryMonitor and
     SpeedMonitor in the same runs: their keys, sane host values, and the FLOPs of the whole model."""
-    ddp_scalars, ddp_hists = _fit(tmp_path, "ddp")
-    fsdp_scalars, fsdp_hists = _fit(tmp_path, "fsdp2")
+    _compare_ddp_and_fsdp2(tmp_path, "cpu")
+
+
+def _compare_ddp_and_fsdp2(tmp_path, accelerator: str) -> None:
+    ddp_scalars, ddp_hists = _fit(tmp_path, "ddp", accelerator)
+    fsdp_scalars, fsdp_hists = _fit(tmp_path, "fsdp2", accelerator)
     grad_keys = {k for k in ddp_scalars if k.startswith(("grad/", "param/"))}
     assert grad_keys == {k for k in fsdp_scalars if k.startswith(("grad/", "param/"))}
     assert {"grad/norm_total", "grad/norm/conv", "grad/norm_param/head.weight", "param/norm/head",
@@ -315,3 +319,45 @@ def test_fsdp1_and_deepspeed_are_refused_in_setup_naming_what_works(strategy):
 
     with pytest.raises(MisconfigurationException, match=rf"under {strategy}.*Use ModelParallelStrategy with"):
         GradientMonitor().setup(Trainer(), None, "fit")
+
+
+# ---------------------------------------------------------------------------------------------- CUDA (not run here)
+def _two_gpus() -> bool:
+    import torch
+
+    return torch.cuda.device_count() >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _two_gpus(), reason="needs 2 CUDA devices")
+@pytest.mark.timeout(2 * JOB_TIMEOUT + 60)
+def test_fsdp2_on_two_gpus_logs_the_numbers_of_ddp(tmp_path):
+    """The CPU equality test on 2 GPUs (NCCL): DDP vs ModelParallelStrategy + fully_shard."""
+    _compare_ddp_and_fsdp2(tmp_path, "cuda")
+
+
+def _refused_on_cuda(tmp_path, strategy: str) -> None:
+    from helpers import TinyImageModel, image_loader, make_trainer
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_monitor import GradientMonitor, MultiLogger
+
+    trainer = make_trainer(tmp_path, accelerator="cuda", devices=1, strategy=strategy, max_steps=2,
+                           logger=MultiLogger(save_dir=tmp_path, wandb=False), callbacks=[GradientMonitor()])
+    with pytest.raises(MisconfigurationException, match="Use ModelParallelStrategy with"):
+        trainer.fit(TinyImageModel(), image_loader(n=32))
+    assert trainer.global_step == 0  # refused in setup, before any step
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_fsdp1_on_cuda_is_refused_in_setup(tmp_path):
+    """Lightning's FSDPStrategy (FSDP1) for real on a GPU: flat gradient shards, refused naming what works."""
+    _refused_on_cuda(tmp_path, "fsdp")
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(120)
+def test_deepspeed_on_cuda_is_refused_in_setup(tmp_path):
+    pytest.importorskip("deepspeed")
+    _refused_on_cuda(tmp_path, "deepspeed_stage_2")
