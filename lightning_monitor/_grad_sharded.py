@@ -298,7 +298,7 @@ def global_stats(
     table = host[off : off + t * (2 + bins)].reshape(t, 2 + bins)
     square = np.concatenate([sq[list(grad_hist)], (wsq if wsq is not None else sq)[list(param_hist)]])
     rows = np.concatenate([-host[t : 2 * t, None], host[:t, None], table[:, :1], square[:, None], table[:, 1:2],
-                           host[-2 * t :].reshape(2, t).T, table[:, 2:]], axis=1)
+                           host[host.size - 2 * t :].reshape(2, t).T, table[:, 2:]], axis=1)
     rows[~np.isfinite(square)] = np.nan  # redone below from the finite elements (gradients) or left out (weights)
     nonfinite = np.zeros(n)
     bad = np.flatnonzero(~np.isfinite(sq))

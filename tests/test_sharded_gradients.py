@@ -76,6 +76,7 @@ STATS_SCRIPT = textwrap.dedent(
         clean = [t for k, t in enumerate(tensors) if k != 2]
         result["clean_sq"] = global_stats(clean, grad_hist=range(6), bins=16).sq.tolist()
         result["clean_calls"] = list(calls)
+        result["norms_only_sq"] = global_stats(clean, bins=16).sq.tolist()  # no histogram at all
         calls.clear()
         result["update"] = _grad_sharded.global_squared_diffs(tensors, [t * 0.5 for t in
                               _grad_sharded.snapshot(tensors)]).tolist()
@@ -155,6 +156,8 @@ def test_global_stats_equal_the_full_tensors(tmp_path):
         assert calls == [("MAX", 2 * 9 + 2), ("SUM", 2 * 7 + 9 * 18), ("MAX", 2), ("SUM", 1 + 19)]
     # a step without NaN/Inf: exactly 2 all-reduces (MAX of max/-min, SUM of norms, sums, counts, bins)
     assert [(op.split(".")[-1], n) for op, n in result["clean_calls"]] == [("MAX", 2 * 6), ("SUM", 6 + 6 * 18)]
+    assert result["norms_only_sq"] == result["clean_sq"]
+    np.testing.assert_allclose(result["clean_sq"], np.delete(sq, 2), rtol=1e-6)
     sampled = result["sampled"]  # the big tensor is binned from a stride sample on each rank, scaled back
     row = np.array(sampled["grad_rows"][6])
     assert row[4] == full[6].size and abs(row[7:].sum() - full[6].size) < 1e-6 * full[6].size
