@@ -101,7 +101,8 @@ class SpeedMonitor(Monitor):
         "time/monitor_share/speed": "the part of ``time/monitor_share`` spent in SpeedMonitor's hooks",
         "time/monitor_share/prediction_grid": "the part of ``time/monitor_share`` spent in PredictionGridMonitor's"
         " hooks",
-        "time/step_sec": "mean wall time per training batch in the window (data wait included)",
+        "time/step_sec": "mean wall time per training batch in the window (data wait included, logger writes left"
+        " out)",
         "time/data_wait_share": "share of the window's wall time spent between batches waiting for the next one",
         "time/remaining_sec": "estimated training time left: remaining batches x the slowest rank's time per batch"
         " (DDP steps at its pace; ``time/step_sec`` is the mean over ranks), validation excluded",
