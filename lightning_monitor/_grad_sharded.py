@@ -17,7 +17,7 @@ one SUM for the offending tensors: exact NaN/Inf counts and finite-only histogra
 A shard is counted once: a rank adds its local values to a SUM only when it is the first replica (coordinate 0 on
 every ``Replicate`` mesh dimension of the tensor, and on the sub-mesh that holds global rank 0); a plain tensor (not
 a DTensor) in a sharded run is counted from global rank 0 only. ``Partial`` placements (unreduced values) are
-refused.
+reduced to ``Replicate`` first (one more collective per such tensor).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
 from lightning_monitor._grad_event import Measured, Snapshot
 from lightning_monitor._grad_groups import group_norms
@@ -52,26 +52,24 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def local_shard(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def local_shard(tensor: torch.Tensor, reduce_partial: bool = True) -> tuple[torch.Tensor, bool]:
     """(this rank's local values of ``tensor``, whether this rank counts them in a SUM across ranks).
 
-    Raises:
-        ValueError: for a DTensor with a ``Partial`` placement (its local values are unreduced summands).
+    A ``Partial`` placement (unreduced summands) is reduced first (a collective, the same on every rank since the
+    placements are), unless ``reduce_partial=False`` (per-step NaN/Inf flags: a summand with NaN/Inf flags it too).
     """
     rank, world = _world()
     if not isinstance(tensor, DTensor):
         return tensor.detach(), rank == 0 or world == 1
+    if reduce_partial and any(p.is_partial() for p in tensor.placements):
+        tensor = tensor.redistribute(tensor.device_mesh, [Replicate() if p.is_partial() else p for p in
+                                                          tensor.placements])  # collective: logging steps only
     mesh = tensor.device_mesh
     counted = world == 1 or 0 in mesh.mesh.reshape(-1).tolist()  # one copy of a sub-mesh: the one holding rank 0
     coordinate = list(mesh.get_coordinate() or ())
     for dim, placement in enumerate(tensor.placements):
-        if placement.is_partial():
-            raise ValueError(
-                f"GradientMonitor cannot read a DTensor with a Partial placement ({tensor.placements}): its local"
-                " values are unreduced; log after the gradient reduction (FSDP2 reduces before the optimizer step)"
-            )
-        if placement.is_replicate() and coordinate and coordinate[dim] != 0:
-            counted = False  # another replica along this mesh dimension counts it
+        if (placement.is_replicate() or placement.is_partial()) and coordinate and coordinate[dim] != 0:
+            counted = False  # Replicate (or Partial, unreduced): coordinate 0 along this mesh dimension counts it
     return tensor.to_local().detach(), counted
 
 
@@ -344,7 +342,7 @@ def measures_here(trainer: "pl.Trainer") -> bool:
 def local_shards(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """This rank's local values of each tensor (``tensors`` itself when none is a DTensor): for per-rank work
     between logging steps (NaN/Inf flags)."""
-    return [local_shard(t)[0] for t in tensors] if is_sharded(tensors) else tensors
+    return [local_shard(t, reduce_partial=False)[0] for t in tensors] if is_sharded(tensors) else tensors
 
 
 def step_norms(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -41,7 +41,7 @@ STATS_SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     import torch.multiprocessing as mp
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
     from lightning_monitor import _grad_sharded
     from lightning_monitor._grad_sharded import global_stats
 
@@ -77,6 +77,10 @@ STATS_SCRIPT = textwrap.dedent(
         result["clean_sq"] = global_stats(clean, grad_hist=range(6), bins=16).sq.tolist()
         result["clean_calls"] = list(calls)
         result["norms_only_sq"] = global_stats(clean, bins=16).sq.tolist()  # no histogram at all
+        # unreduced summands (Partial): each rank holds half of the full tensor's values
+        partial = DTensor.from_local(full_tensors()[6] * 0.5, mesh, [Partial()])
+        stats = global_stats([partial], grad_hist=[0], bins=16)
+        result["partial"] = dict(sq=stats.sq.tolist(), rows=stats.grad_rows.tolist())
         calls.clear()
         result["update"] = _grad_sharded.global_squared_diffs(tensors, [t * 0.5 for t in
                               _grad_sharded.snapshot(tensors)]).tolist()
@@ -157,6 +161,8 @@ def test_global_stats_equal_the_full_tensors(tmp_path):
     # a step without NaN/Inf: exactly 2 all-reduces (MAX of max/-min, SUM of norms, sums, counts, bins)
     assert [(op.split(".")[-1], n) for op, n in result["clean_calls"]] == [("MAX", 2 * 6), ("SUM", 6 + 6 * 18)]
     assert result["norms_only_sq"] == result["clean_sq"]
+    np.testing.assert_allclose(result["partial"]["sq"], sq[6:7], rtol=1e-6)
+    np.testing.assert_array_equal(result["partial"]["rows"][0][7:], _reference(full, 16, "minmax")[6][7:])
     np.testing.assert_allclose(result["clean_sq"], np.delete(sq, 2), rtol=1e-6)
     sampled = result["sampled"]  # the big tensor is binned from a stride sample on each rank, scaled back
     row = np.array(sampled["grad_rows"][6])
