@@ -370,3 +370,75 @@ def test_fsdp1_on_cuda_is_refused_in_setup(tmp_path):
 def test_deepspeed_on_cuda_is_refused_in_setup(tmp_path):
     pytest.importorskip("deepspeed")
     _refused_on_cuda(tmp_path, "deepspeed_stage_2")
+
+
+TP_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch import nn
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.nn import functional as F
+    from helpers import image_loader, make_trainer
+    from lightning_monitor import GradientMonitor, MultiLogger
+
+    class TensorParallelMLP(pl.LightningModule):
+        # hidden: column-wise (weight and bias Shard(0)); out: row-wise (weight Shard(1), bias Replicate)
+        def __init__(self):
+            super().__init__()
+            self.hidden = nn.Linear(784, 32)
+            self.out = nn.Linear(32, 10)
+
+        def configure_model(self):
+            if self.device_mesh is not None:
+                parallelize_module(self, self.device_mesh["tensor_parallel"],
+                                   {"hidden": ColwiseParallel(), "out": RowwiseParallel()})
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.nll_loss(F.log_softmax(self.out(F.relu(self.hidden(x.flatten(1)))), dim=1), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    if __name__ == "__main__":
+        kind, runs = sys.argv[1], sys.argv[2]
+        torch.manual_seed(0)
+        tp = kind == "tp"
+        strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+        options = dict(strategy=strategy, devices=2) if tp else dict()
+        monitor = GradientMonitor(per_param_norms=True, param_norms=True, update_ratio=True, max_hist_elements=None)
+        trainer = make_trainer(runs, logger=MultiLogger(save_dir=runs, name=kind, wandb=False), max_steps=4,
+                               log_every_n_steps=2, callbacks=[monitor], use_distributed_sampler=False, **options)
+        trainer.fit(TensorParallelMLP(), image_loader(n=64, batch_size=16))
+        print("RANK", trainer.global_rank, "DONE", flush=True)
+    """
+)
+
+
+@pytest.mark.timeout(2 * JOB_TIMEOUT + 60)
+def test_tensor_parallel_logs_the_numbers_of_one_process(tmp_path):
+    """Tensor parallel on 2 ranks (both read the same batches, in order): column-wise shards, row-wise shards and
+    a replicated bias (counted once) give the numbers of the same model trained in one process."""
+    from helpers import event_files, tb_accumulator
+
+    runs = tmp_path / "runs"
+    logged = {}
+    for kind in ("single", "tp"):
+        proc = run_job(tmp_path / f"{kind}.py", TP_SCRIPT, tmp_path, extra_args=[kind, str(runs)])
+        assert "RANK 0 DONE" in proc.stdout
+        (path,) = event_files(runs / kind)
+        acc = tb_accumulator(os.path.dirname(path))
+        tags = acc.Tags()
+        logged[kind] = ({t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags["scalars"]},
+                        {t: [list(e.histogram_value.bucket) for e in acc.Histograms(t)] for t in tags["histograms"]})
+    (single, single_hists), (tp, tp_hists) = logged["single"], logged["tp"]
+    assert set(single) == set(tp) and "grad/norm_param/out.bias" in tp and "param/update_ratio/out" in tp
+    for key in single:
+        assert [s for s, _ in single[key]] == [s for s, _ in tp[key]], key
+        assert [v for _, v in tp[key]] == pytest.approx([v for _, v in single[key]], rel=1e-5), key
+    assert set(single_hists) == set(tp_hists) == {f"grad/hist/{n}" for n in
+                                                  ("hidden.weight", "hidden.bias", "out.weight", "out.bias")}
+    assert tp_hists == single_hists  # exact counts
