@@ -12,11 +12,11 @@ import errno
 import os
 import shutil
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_monitor import _run_state
+from lightning_monitor import _run_state, _wandb_run
 
 if TYPE_CHECKING:
     from lightning_monitor.multi_logger import MultiLogger
@@ -82,11 +82,24 @@ def run_dir_fault(multi: "MultiLogger", err: BaseException) -> Optional[str]:
         return None
     tb, wb = multi._tb_writer, multi._wandb_writer
     live = _run_state.live_runs.get(multi.run_id)
-    online = None if wb not in multi.writers or wb.failed else bool(live and not live.run.offline)
+    online = None if wb not in multi.writers or wb.failed else bool(live and _is_online(live.run))
     message = what_is_kept(multi.log_dir, kind, tb in multi.writers, online)
     tb.failed = True
-    wb.failed = wb.failed or not online
+    if not online and not wb.failed:
+        wb.failed = True
+        if wb.wb is not None:  # finished now (bounded), so a later wandb.init in this process finds no active run
+            wandb_logger, wb.wb = wb.wb, None
+            _run_state.live_runs.pop(multi.run_id, None)
+            try:
+                _wandb_run.finish(wandb_logger.experiment, exit_code=1)
+            except Exception:  # noqa: BLE001 - its files are lost either way; training goes on
+                pass
     return message
+
+
+def _is_online(run: Any) -> bool:
+    """Whether a wandb run sends to a server (its settings' mode; ``Run.offline`` is not in every wandb)."""
+    return str(getattr(run.settings, "mode", "offline")) not in ("offline", "dryrun", "disabled")
 
 
 def what_is_kept(log_dir: str, kind: str, tensorboard: bool, wandb: Optional[bool]) -> str:
