@@ -176,7 +176,7 @@ def test_global_stats_equal_the_full_tensors(tmp_path):
 
 FIT_SCRIPT = textwrap.dedent(
     """
-    import sys
+    import os, sys
     import torch
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -185,7 +185,8 @@ FIT_SCRIPT = textwrap.dedent(
     from helpers import TinyImageModel, image_loader, make_trainer
     from lightning_monitor import GradientMonitor, MemoryMonitor, MultiLogger, SpeedMonitor
 
-    POISON_STEP = 5
+    POLICY = sys.argv[4]
+    POISON_STEPS = (5,) if POLICY == "warn" else (4, 5)  # skip: a non-logging step too (per-step, all ranks)
 
     class Sharded(TinyImageModel):
         def configure_model(self):
@@ -196,7 +197,7 @@ FIT_SCRIPT = textwrap.dedent(
     class Poison(Callback):
         # one NaN in head.weight[7, 5]: on rank 1's shard under FSDP2 (rows 5..9), in every replica under DDP
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            if trainer.global_step != POISON_STEP:
+            if trainer.global_step not in POISON_STEPS:
                 return
             grad = pl_module.head.weight.grad
             if isinstance(grad, DTensor):
@@ -211,22 +212,22 @@ FIT_SCRIPT = textwrap.dedent(
         model = Sharded() if kind == "fsdp2" else TinyImageModel()
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if kind == "fsdp2" else "ddp"
         monitor = GradientMonitor(per_param_norms=True, param_norms=True, update_ratio=True, param_histograms=True,
-                                  max_hist_elements=None, bins=32)
+                                  max_hist_elements=None, bins=32, nonfinite=POLICY)
         trainer = make_trainer(runs, logger=MultiLogger(save_dir=runs, name=kind, wandb=False), strategy=strategy,
                                accelerator=accelerator, devices=2, max_steps=6, log_every_n_steps=2,
                                callbacks=[Poison(), monitor, MemoryMonitor(), SpeedMonitor(peak_flops_per_sec=1e12)])
         trainer.fit(model, image_loader(n=192, batch_size=32))
-        print("RANK", trainer.global_rank, "DONE", flush=True)
+        os.write(1, f"RANK {trainer.global_rank} DONE\\n".encode())  # one write: ranks share stdout
     """
 )
 
 
-def _fit(tmp_path, kind: str, accelerator: str = "cpu"):
+def _fit(tmp_path, kind: str, accelerator: str = "cpu", policy: str = "warn"):
     """One 2-process fit (``ddp`` or ``fsdp2``); the TensorBoard scalars and histograms rank 0 wrote."""
     from helpers import event_files, tb_accumulator
 
     runs = tmp_path / "runs"
-    proc = run_job(tmp_path / f"fit_{kind}.py", FIT_SCRIPT, tmp_path, extra_args=[kind, str(runs), accelerator])
+    proc = run_job(tmp_path / f"fit_{kind}.py", FIT_SCRIPT, tmp_path, extra_args=[kind, str(runs), accelerator, policy])
     assert "RANK 0 DONE" in proc.stdout and "RANK 1 DONE" in proc.stdout, proc.stdout[-1500:] + proc.stderr[-3000:]
     files = event_files(runs / kind)
     assert len(files) == 1, files  # one writer: rank 0
@@ -374,7 +375,7 @@ def test_deepspeed_on_cuda_is_refused_in_setup(tmp_path):
 
 TP_SCRIPT = textwrap.dedent(
     """
-    import sys
+    import os, sys
     import torch
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -413,7 +414,7 @@ TP_SCRIPT = textwrap.dedent(
         trainer = make_trainer(runs, logger=MultiLogger(save_dir=runs, name=kind, wandb=False), max_steps=4,
                                log_every_n_steps=2, callbacks=[monitor], use_distributed_sampler=False, **options)
         trainer.fit(TensorParallelMLP(), image_loader(n=64, batch_size=16))
-        print("RANK", trainer.global_rank, "DONE", flush=True)
+        os.write(1, f"RANK {trainer.global_rank} DONE\\n".encode())  # one write: ranks share stdout
     """
 )
 
@@ -442,3 +443,16 @@ def test_tensor_parallel_logs_the_numbers_of_one_process(tmp_path):
     assert set(single_hists) == set(tp_hists) == {f"grad/hist/{n}" for n in
                                                   ("hidden.weight", "hidden.bias", "out.weight", "out.bias")}
     assert tp_hists == single_hists  # exact counts
+
+
+@pytest.mark.skipif(_gradient_monitor_refuses_sharding(), reason="GradientMonitor not yet wired to _grad_sharded")
+@pytest.mark.timeout(2 * JOB_TIMEOUT + 60)
+def test_fsdp2_skip_policy_agrees_across_ranks(tmp_path):
+    """``nonfinite="skip"`` with a NaN on rank 1's shard only, at a non-logging step (4) and a logging step (5):
+    every rank drops the step (one all-reduce per step), so FSDP2 trains and logs exactly as DDP does."""
+    ddp, _ = _fit(tmp_path, "ddp", policy="skip")
+    fsdp, _ = _fit(tmp_path, "fsdp2", policy="skip")
+    assert fsdp["grad/nonfinite_steps"] == ddp["grad/nonfinite_steps"] == [(1, 0.0), (3, 0.0), (5, 2.0)]
+    for key in ("grad/norm_total", "param/norm_total", "param/update_ratio_total", "train/loss"):
+        assert [v for _, v in fsdp[key]] == pytest.approx([v for _, v in ddp[key]], rel=1e-5, nan_ok=True), key
+    assert fsdp["param/update_ratio_total"][-1][1] == 0.0  # step 5 skipped on every shard: no weight moved
