@@ -97,17 +97,12 @@ def global_squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def global_squared_diffs(after: Sequence[torch.Tensor], before: Sequence[torch.Tensor]) -> np.ndarray:
-    """``[n]`` squared norms of ``after - before`` over the full tensors (one all-reduce SUM); ``before`` are the
-    local shards :func:`snapshot` took."""
+    """``[n]`` squared norms of ``after - before`` over the full tensors (one all-reduce SUM); ``before`` are
+    copies of the local shards."""
     pairs = [local_shard(t) for t in after]
     diffs = [a - b for (a, _), b in zip(pairs, before, strict=True)]
     sq = _local_squares(diffs, [p[1] for p in pairs], diffs[0].device)
     return np.array(_all_reduce(sq, dist.ReduceOp.SUM).tolist())  # sync point: update_ratio logging steps only
-
-
-def snapshot(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Copies of the local shards of ``tensors`` (what :func:`global_squared_diffs` compares against)."""
-    return [local_shard(t)[0].clone() for t in tensors]
 
 
 @dataclass
@@ -331,24 +326,31 @@ def check_strategy(strategy: object) -> bool:
     return isinstance(strategy, ModelParallelStrategy)
 
 
+def _model_parallel(trainer: "pl.Trainer") -> bool:
+    """Whether the trainer's strategy can give DTensor parameters (Lightning's ``ModelParallelStrategy``)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
 def measures_here(trainer: "pl.Trainer") -> bool:
     """Whether GradientMonitor measures logging steps on this rank: rank 0, or every rank under
     ``ModelParallelStrategy`` (the measurement makes collectives; only rank 0 writes)."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return trainer.is_global_zero or isinstance(trainer.strategy, ModelParallelStrategy)
+    return trainer.is_global_zero or _model_parallel(trainer)
 
 
-def local_shards(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """This rank's local values of each tensor (``tensors`` itself when none is a DTensor): for per-rank work
-    between logging steps (NaN/Inf flags)."""
-    return [local_shard(t, reduce_partial=False)[0] for t in tensors] if is_sharded(tensors) else tensors
+def local_shards(tensors: list[torch.Tensor], trainer: "pl.Trainer") -> list[torch.Tensor]:
+    """This rank's local values of each tensor for per-rank work between logging steps (NaN/Inf flags):
+    ``tensors`` itself, unchecked, outside ``ModelParallelStrategy``."""
+    if not _model_parallel(trainer) or not is_sharded(tensors):
+        return tensors
+    return [local_shard(t, reduce_partial=False)[0] for t in tensors]
 
 
-def step_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+def step_norms(grads: list[torch.Tensor], trainer: "pl.Trainer") -> torch.Tensor:
     """Per-step norms for ``nonfinite="raise"``/``"skip"``: float32 ``fast_norms``, or, for DTensors, the full
     tensors' squared norms (one all-reduce per step, so that every rank acts alike)."""
-    return global_squared_norms(grads) if is_sharded(grads) else fast_norms(grads)
+    return global_squared_norms(grads) if _model_parallel(trainer) and is_sharded(grads) else fast_norms(grads)
 
 
 def measure(

@@ -296,9 +296,9 @@ class GradientMonitor(Monitor):
         if self._log_step is not None:
             bad = self._measure(number, np.array(present, dtype=np.int64), grads)
         elif self.nonfinite == "warn":
-            return self._nonfinite.queue(tuple(present), fast_norms(_grad_sharded.local_shards(grads)))  # device
+            return self._nonfinite.queue(tuple(present), fast_norms(_grad_sharded.local_shards(grads, trainer)))
         else:
-            bad = self._nonfinite.count(tuple(present), _grad_sharded.step_norms(grads))  # sync point: raise/skip
+            bad = self._nonfinite.count(tuple(present), _grad_sharded.step_norms(grads, trainer))  # sync: raise/skip
         if bad and self.nonfinite != "warn":
             if self.nonfinite == "raise" and self._log_step is not None:
                 self._flush(trainer)  # log what we saw before raising

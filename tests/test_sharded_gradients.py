@@ -82,8 +82,8 @@ STATS_SCRIPT = textwrap.dedent(
         stats = global_stats([partial], grad_hist=[0], bins=16)
         result["partial"] = dict(sq=stats.sq.tolist(), rows=stats.grad_rows.tolist())
         calls.clear()
-        result["update"] = _grad_sharded.global_squared_diffs(tensors, [t * 0.5 for t in
-                              _grad_sharded.snapshot(tensors)]).tolist()
+        before = [_grad_sharded.local_shard(t)[0] * 0.5 for t in tensors]
+        result["update"] = _grad_sharded.global_squared_diffs(tensors, before).tolist()
         result["update_calls"] = list(calls)
         with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
             json.dump(result, f)
