@@ -36,7 +36,8 @@ class GradientMonitor(Monitor):
     Several optimizers (manual optimization, e.g. a GAN's generator and discriminator): in a logging batch every
     optimizer's gradients are measured at its own step (its last one when it steps more than once), so the
     ``grad/norm_total``, group, per-parameter and histogram keys cover all of them, and
-    ``grad/optimizer_{index}/*`` (``index`` in ``trainer.optimizers``) gives each optimizer's own series.
+    ``grad/optimizer_norm/{index}`` and ``grad/optimizer_nonfinite_count/{index}`` (``index`` in
+    ``trainer.optimizers``) give each optimizer its own series.
 
     Groups are module paths cut to ``group_depth`` levels below the first level with more than one child
     that holds parameters: single-child wrappers are descended through, so a group never repeats the total.
@@ -104,8 +105,8 @@ class GradientMonitor(Monitor):
         "grad/norm/{group}": "L2 norm of the gradients of one module group",
         "grad/norm_param/{name}": "L2 norm of one parameter's gradient (``per_param_norms=True``)",
         "grad/hist/{name}": "histogram of one parameter's gradient (``histograms=True``)",
-        "grad/optimizer_{index}/norm_total": "L2 norm of one optimizer's gradients (several optimizers only)",
-        "grad/optimizer_{index}/nonfinite_count": "NaN/Inf elements in one optimizer's gradients (several only)",
+        "grad/optimizer_norm/{index}": "L2 norm of one optimizer's gradients (several optimizers only)",
+        "grad/optimizer_nonfinite_count/{index}": "NaN/Inf elements in one optimizer's gradients (several only)",
         "grad/nonfinite_count": "NaN/Inf elements in all gradients at this step",
         "grad/nonfinite_steps": "optimizer steps since the last logging step with any NaN/Inf",
         "grad/nonfinite/{name}": "NaN/Inf elements in one parameter's gradient (offenders only)",
@@ -356,8 +357,8 @@ class GradientMonitor(Monitor):
         metrics: dict[str, float] = {"grad/norm_total": float(np.sqrt(sq[have].sum()))}
         if len(trainer.optimizers) > 1:
             for m in measured:
-                metrics[f"grad/optimizer_{m.optimizer}/norm_total"] = float(np.sqrt(m.sq.sum()))
-                metrics[f"grad/optimizer_{m.optimizer}/nonfinite_count"] = float(m.nonfinite.sum())
+                metrics[f"grad/optimizer_norm/{m.optimizer}"] = float(np.sqrt(m.sq.sum()))
+                metrics[f"grad/optimizer_nonfinite_count/{m.optimizer}"] = float(m.nonfinite.sum())
         metrics.update(_grad_groups.group_norms("grad/norm", self._group_names, self._gid, have, sq))
         if self.per_param_norms:
             chosen = np.flatnonzero(have & self._norm_mask).tolist()

@@ -344,8 +344,8 @@ def _conditional(device: str) -> dict[str, str]:
     reasons["throughput/device/samples_per_sec"] = "per-device rate: world size > 1 only (else the global one)"
     reasons["memory/host/workers_uss_gib"] = "runs with DataLoader workers only"
     reasons["memory/host/worker_processes"] = "runs with DataLoader workers only"
-    reasons["grad/optimizer_{index}/norm_total"] = "per-optimizer series: more than one optimizer only"
-    reasons["grad/optimizer_{index}/nonfinite_count"] = "per-optimizer series: more than one optimizer only"
+    reasons["grad/optimizer_norm/{index}"] = "per-optimizer series: more than one optimizer only"
+    reasons["grad/optimizer_nonfinite_count/{index}"] = "per-optimizer series: more than one optimizer only"
     reasons["summary/cuda_{phase}_peak_allocated_gib_max"] = "CUDA only (MemoryMonitor's per-phase peaks)"
     reasons["summary/cuda_{phase}_peak_allocated_gib_max_rank"] = "CUDA only (MemoryMonitor's per-phase peaks)"
     if "time/monitor_share" not in SpeedMonitor.LOGGED_KEYS:

@@ -539,19 +539,19 @@ def test_gan_every_optimizer_at_every_logging_step_on_self_logs_axis(every):
     acc = _acc()
     logged = sorted(_tb_scalars(acc, "gan/d_loss"))  # self.log's steps
     assert logged == [s for s in range(12) if (s + 1) % every == 0]
-    for key in ("grad/norm_total", "grad/optimizer_0/norm_total", "grad/optimizer_1/norm_total",
-                "grad/optimizer_0/nonfinite_count", "grad/optimizer_1/nonfinite_count",
+    for key in ("grad/norm_total", "grad/optimizer_norm/0", "grad/optimizer_norm/1",
+                "grad/optimizer_nonfinite_count/0", "grad/optimizer_nonfinite_count/1",
                 "grad/norm/generator", "grad/norm/discriminator"):
         assert sorted(_tb_scalars(acc, key)) == logged, key
     for step in logged:
         gen, disc = probe.grads[(step, 0)], probe.grads[(step, 1)]
         expected = {
             "grad/norm_total": _norm([*gen.values(), *disc.values()]),
-            "grad/optimizer_0/norm_total": _norm(gen.values()),
-            "grad/optimizer_1/norm_total": _norm(disc.values()),
+            "grad/optimizer_norm/0": _norm(gen.values()),
+            "grad/optimizer_norm/1": _norm(disc.values()),
             "grad/norm/generator": _norm(gen.values()),
             "grad/norm/discriminator": _norm(disc.values()),
-            "grad/optimizer_0/nonfinite_count": 0.0,
+            "grad/optimizer_nonfinite_count/0": 0.0,
         }
         for key, value in expected.items():
             assert _tb_scalars(acc, key)[step] == pytest.approx(value, rel=1e-6), (key, step)
