@@ -83,8 +83,8 @@ class MemoryMonitor(Monitor):
     LOGGED_KEYS = {
         "memory/host/rss_gib": "resident memory of the training process",
         "memory/host/workers_uss_gib": "memory its DataLoader workers add: their unique set size (pages no other"
-        " process maps; not RSS, which counts pages shared copy-on-write with the main process), summed; runs with"
-        " DataLoader workers only",
+        " process maps; not RSS, which counts pages shared copy-on-write with the main process), summed, read at most"
+        " every 10 s; runs with DataLoader workers only",
         "memory/host/worker_processes": "number of live DataLoader worker processes (runs with DataLoader workers)",
         "memory/host/available_gib": "memory the system can still give to processes",
         "memory/cuda/allocated_gib": "memory held by tensors now",

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import warnings
 from typing import Any
 
@@ -129,7 +130,8 @@ class HostRecorder(Callback):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_host_memory_of_process_and_dataloader_workers(tmp_path, num_workers):
+def test_host_memory_of_process_and_dataloader_workers(tmp_path, num_workers, monkeypatch):
+    monkeypatch.setattr(_memory, "WORKERS_READ_EVERY_SEC", 0.0)  # read at every logging step, as the recorder does
     ballast_mib = 64
     loader = DataLoader(BallastDataset(ballast_mib), batch_size=16, num_workers=num_workers,
                         persistent_workers=num_workers > 0)
@@ -162,6 +164,30 @@ def _workers_uss(tmp_path: Any, ballast_mib: int) -> float:
     trainer = make_trainer(tmp_path / str(ballast_mib), max_steps=6, callbacks=[MemoryMonitor(every_n_steps=2)])
     trainer.fit(TinyImageModel(), loader)
     return _scalars(trainer.logger.log_dir)["memory/host/workers_uss_gib"][-1][1] * GIB
+
+
+def test_workers_unique_memory_is_read_at_most_every_interval(monkeypatch):
+    """Reading a worker's USS walks its page map (~10 ms): the same workers are read again only after the interval."""
+    import multiprocessing
+
+    monkeypatch.setattr(_memory, "WORKERS_READ_EVERY_SEC", 3600.0)
+    monkeypatch.setattr(_memory, "_workers_read", (frozenset(), float("-inf"), 0))
+    ctx = multiprocessing.get_context("fork")
+    worker = ctx.Process(target=time.sleep, args=(30,))
+    worker.start()
+    try:
+        first = _memory.host_memory()
+        when = _memory._workers_read[1]
+        again = _memory.host_memory()
+        assert (first.workers, first.workers_uss > 0) == (1, True)
+        assert _memory._workers_read[1] == when and again.workers_uss == first.workers_uss  # not read again
+        monkeypatch.setattr(_memory, "WORKERS_READ_EVERY_SEC", 0.0)
+        _memory.host_memory()
+        assert _memory._workers_read[1] > when  # read again once the interval passed
+    finally:
+        worker.terminate()
+        worker.join()
+    assert _memory.host_memory().workers == 0 and _memory._workers_read[0] == frozenset()  # new set: read at once
 
 
 def test_workers_memory_counts_what_the_workers_add(tmp_path):
