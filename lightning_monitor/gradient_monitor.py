@@ -35,9 +35,8 @@ class GradientMonitor(Monitor):
 
     Several optimizers (manual optimization, e.g. a GAN's generator and discriminator): in a logging batch every
     optimizer's gradients are measured at its own step (its last one when it steps more than once), so the
-    ``grad/norm_total``, group, per-parameter and histogram keys cover all of them, and
-    ``grad/optimizer_norm/{index}`` and ``grad/optimizer_nonfinite_count/{index}`` (``index`` in
-    ``trainer.optimizers``) give each optimizer its own series.
+    ``grad/norm_total``, group, per-parameter and histogram keys cover all of them, and ``grad/optimizer_*/{index}``
+    (``index`` in ``trainer.optimizers``) give each optimizer its own series.
 
     Groups are module paths cut to ``group_depth`` levels below the first level with more than one child
     that holds parameters: single-child wrappers are descended through, so a group never repeats the total.
