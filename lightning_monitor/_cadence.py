@@ -24,6 +24,19 @@ def is_logging_step(step: int, every_n_steps: int) -> bool:
     return (step + 1) % every_n_steps == 0
 
 
+def batch_start_step(trainer: "pl.Trainer") -> int:
+    """The step Lightning's ``self.log`` gives the training batch that starts now.
+
+    ``trainer.global_step`` under automatic optimization (batches that accumulate gradients share it). Under
+    manual optimization ``self.log`` counts training batches while ``trainer.global_step`` counts every
+    ``optimizer.step()`` call (twice per batch in a GAN), so the step is the number of completed batches.
+    """
+    module = trainer.lightning_module
+    if module is None or module.automatic_optimization:
+        return trainer.global_step
+    return int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)
+
+
 def batch_logging_step(trainer: "pl.Trainer", batch_step: Optional[int], every_n_steps: Optional[int]) -> Optional[int]:
     """At a training batch's end: the step to log at, if one of the optimizer steps the batch made (none on a
     micro-batch under gradient accumulation, several under manual optimization) is a logging step; else ``None``.
@@ -33,6 +46,9 @@ def batch_logging_step(trainer: "pl.Trainer", batch_step: Optional[int], every_n
     if batch_step is None:
         return None
     n = logging_interval(trainer, every_n_steps)
+    module = trainer.lightning_module
+    if module is not None and not module.automatic_optimization:  # one self.log step per batch
+        return batch_step if is_logging_step(batch_step, n) else None
     return next((s for s in range(batch_step, trainer.global_step) if is_logging_step(s, n)), None)
 
 

@@ -81,7 +81,7 @@ class Monitor(Callback):
         self.every_n_steps = every_n_steps
         self.exclude_keys = list(exclude_keys or ())
         self._warn = WarnOnce()  # self._warn(tag, message): once per run (cleared in setup)
-        self._batch_step: Optional[int] = None  # trainer.global_step at the start of this fit's last training batch
+        self._batch_step: Optional[int] = None  # self.log's step of this fit's last training batch (_cadence)
         self._hook_seconds = 0.0  # host seconds spent in this monitor's hooks (every hook, timed by the base class)
         self._in_hook = False
 
@@ -129,7 +129,7 @@ class Monitor(Callback):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        self._batch_step = trainer.global_step
+        self._batch_step = _cadence.batch_start_step(trainer)
 
     # ------------------------------------------------------------------------------------------ logging
     def _keeps(self, key: str) -> bool:

@@ -276,13 +276,9 @@ class GradientMonitor(Monitor):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._measured.clear()
         self._snapshots.clear()
-        if pl_module.automatic_optimization:
-            step = trainer.global_step  # self.log's step: one per optimizer step (accumulating batches share it)
-        else:
-            # self.log's step under manual optimization counts training batches, whatever number of
-            # optimizer.step() calls each makes (trainer.global_step counts those): the completed batches
-            step = trainer.fit_loop.epoch_loop.batch_progress.total.completed
-        self._log_step = step if _grad_sharded.measures_here(trainer) and self._logs_at(trainer, step) else None
+        step = self._batch_step  # self.log's step (_cadence.batch_start_step): batches under manual optimization
+        logs = step is not None and self._logs_at(trainer, step)
+        self._log_step = step if logs and _grad_sharded.measures_here(trainer) else None
 
     @override
     def on_before_optimizer_step(

@@ -681,3 +681,22 @@ def test_no_cap_warning_when_the_cap_does_not_bite(recwarn):
     _fit(GradientMonitor(max_histograms=4, max_param_keys=4, per_param_norms=True), max_steps=2)
     assert not [w for w in recwarn if "max_" in str(w.message)]
     assert len(_acc().Tags()["histograms"]) == 4
+
+
+def test_every_monitor_logs_on_self_logs_axis_under_manual_optimization():
+    """Under manual optimization with two optimizers global_step runs at twice self.log's axis: SpeedMonitor and
+    MemoryMonitor log at self.log's steps too (the shared cadence), not at every other one of them."""
+    from lightning_monitor import MemoryMonitor, SpeedMonitor
+
+    torch.manual_seed(0)
+    monitors = [GradientMonitor(), SpeedMonitor(warmup_steps=0, measure_flops=False), MemoryMonitor()]
+    trainer = make_trainer(".", logger=TensorBoardLogger("runs"), callbacks=monitors, max_steps=-1, max_epochs=1,
+                           log_every_n_steps=3)
+    real = torch.utils.data.TensorDataset(torch.randn(12 * 8, 4) + 2.0)
+    trainer.fit(Gan(), torch.utils.data.DataLoader(real, batch_size=8))
+    acc = _acc()
+    logged = sorted(_tb_scalars(acc, "gan/d_loss"))
+    assert logged == [2, 5, 8, 11]
+    for key in ("grad/norm_total", "throughput/samples_per_sec", "time/step_sec", "memory/host/rss_gib"):
+        assert sorted(_tb_scalars(acc, key)) == logged, key
+    assert _tb_scalars(acc, "throughput/samples_per_sec")  # 8 samples per batch, 3 batches per window
