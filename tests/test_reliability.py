@@ -191,6 +191,19 @@ def test_silent_server_costs_a_bounded_wait_then_offline(tmp_path):
     assert run.run_id.startswith("job-version_0-")
 
 
+@pytest.fixture
+def fresh_wandb_service():
+    """A test that kills wandb's service leaves this process's connection to it dead; drop it afterwards so that
+    the next test's plain ``WandbLogger`` starts a new service (MultiLogger does that by itself)."""
+    yield
+    import wandb
+
+    try:
+        wandb.teardown()
+    except Exception:  # noqa: BLE001 - the service is dead: there is nothing to tell it
+        pass
+
+
 class KillWandbService(Callback):
     """Kills wandb's service process at step 3, as a crash or an OOM kill would."""
 
@@ -203,7 +216,7 @@ class KillWandbService(Callback):
 
 
 @pytest.mark.timeout(120)
-def test_wandb_service_dying_mid_run(tmp_path):
+def test_wandb_service_dying_mid_run(tmp_path, fresh_wandb_service):
     """Kill wandb's service process at step 3: training goes on, TensorBoard keeps every step, one message."""
     logger = MultiLogger(save_dir=tmp_path, name="svc")
     trainer = make_trainer(tmp_path, logger=logger, max_steps=8, log_every_n_steps=1, callbacks=[KillWandbService()])
@@ -216,7 +229,7 @@ def test_wandb_service_dying_mid_run(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_plain_logger_list_gets_the_same_isolation(tmp_path):
+def test_plain_logger_list_gets_the_same_isolation(tmp_path, fresh_wandb_service):
     """A plain ``[TensorBoardLogger, WandbLogger]`` list, wandb's service killed at step 3: Lightning's own
     ``self.log`` and the monitor's values both keep reaching TensorBoard at every step; one warning."""
     from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
