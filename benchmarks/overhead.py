@@ -34,7 +34,7 @@ window. ``ours+grid`` costs enough (a prediction grid at every logging step) to 
 
 Run::
 
-    python benchmarks/overhead.py              # default: MNIST LitNet at n=50 and n=10, 25M MLP at n=10
+    python benchmarks/overhead.py              # default: MNIST LitNet at n=50 and n=10, 25M MLP and a transformer at n=10
     python benchmarks/overhead.py --quick      # smoke check (numbers meaningless)
     python benchmarks/overhead.py --self-cost --only mnist10   # time/monitor_share against the measured overhead
 """
@@ -66,6 +66,7 @@ SINGLE = ["grad", "memory", "speed", "monitors"]
 #: time/monitor_share values SpeedMonitor logged in the current fit: (step, value)
 LOGGED_SHARES: list[tuple[int, float]] = []
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+TRANSFORMER_BATCH = 16
 
 
 class MLP(pl.LightningModule):
@@ -89,6 +90,30 @@ class MLP(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-3, momentum=0.9)
 
 
+class Transformer(pl.LightningModule):
+    """A 6-layer ``nn.TransformerEncoder`` (d_model 256, 4 heads, feed-forward 1024) over 64-token sequences, with a
+    token embedding and an output head: 75 parameter tensors, 5.3M parameters, AdamW."""
+
+    def __init__(self, vocab: int = 1000, d_model: int = 256) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=4 * d_model, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=6, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens, targets = batch
+        loss = F.cross_entropy(self(tokens).flatten(0, 1), targets.flatten())
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
+
 class Data(pl.LightningDataModule):
     """Synthetic batches shaped like the model's input; enough training batches that no epoch ends in the run."""
 
@@ -99,6 +124,9 @@ class Data(pl.LightningDataModule):
         if model == "mnist":
             x = (torch.rand(n, 1, 28, 28, generator=g) - MNIST_MEAN) / MNIST_STD
             y = torch.randint(0, 10, (n,), generator=g)
+        elif model == "transformer":
+            x = torch.randint(0, 1000, (n, 64), generator=g)
+            y = x.roll(-1, dims=1)
         else:
             x, y = torch.randn(n, 1024, generator=g), torch.randn(n, 1024, generator=g)
         self.train_set = TensorDataset(x, y)
@@ -211,7 +239,7 @@ def run_one(config: str, model_name: str, n: int, warmup: int, steps: int, batch
     import wandb
 
     torch.manual_seed(0)
-    model = LitNet() if model_name == "mnist" else MLP()
+    model = {"mnist": LitNet, "mlp": MLP, "transformer": Transformer}[model_name]()
     first, last = warmup, warmup + steps
     data = Data(model_name, batches=last + 4, batch_size=batch_size)
     timer = _common.make_step_timer(cpu_at=(first, last))
@@ -302,8 +330,10 @@ def main() -> None:
     parser.add_argument("--mlp-steps", type=int, default=30, help="timed 25M-MLP steps per fit (multiple of 10)")
     parser.add_argument("--warmup", type=int, default=0,
                         help="untimed steps before the window (at least n: the first logging event is one-off)")
+    parser.add_argument("--transformer-steps", type=int, default=20,
+                        help="timed transformer steps per fit (multiple of 10)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--only", choices=["mnist50", "mnist10", "mlp10"], action="append",
+    parser.add_argument("--only", choices=["mnist50", "mnist10", "mlp10", "transformer10"], action="append",
                         help="run only these comparisons (repeatable)")
     parser.add_argument("--configs", default="",
                         help=f"comma-separated subset of {CONFIGS + SINGLE} (baseline always runs); default: {CONFIGS}")
@@ -315,12 +345,15 @@ def main() -> None:
         args.configs = "baseline,monitors,ours,ours+grid"
     _record_shares()
     if args.quick:
-        args.rounds, args.steps, args.mlp_steps = 1, 50, 10
+        args.rounds, args.steps, args.mlp_steps, args.transformer_steps = 1, 50, 10, 10
     _common.pin(1)
     suites = [("mnist", 50, args.steps, "MNIST LitNet (1.2M parameters), batch %d" % args.batch_size, "mnist50"),
               ("mnist", 10, args.steps, "MNIST LitNet (1.2M parameters), batch %d" % args.batch_size, "mnist10"),
               ("mlp", 10, args.mlp_steps, "MLP 1024-4096-4096-1024 (25M parameters), batch %d" % args.batch_size,
-               "mlp10")]
+               "mlp10"),
+              ("transformer", 10, args.transformer_steps,
+               "Transformer encoder, 6 layers, d_model 256 (5.3M parameters, 75 tensors), batch %d x 64 tokens"
+               % TRANSFORMER_BATCH, "transformer10")]
     suites = [s for s in suites if not args.only or s[4] in args.only]
     print(f"## End-to-end step time\n\n{_common.machine()}\n")
     t_start = time.perf_counter()
@@ -334,7 +367,8 @@ def main() -> None:
         configs = [c for c in wanted if model_name == "mnist" or c != "ours+grid"]
         results: dict[str, list[_common.StepTimes]] = {c: [] for c in configs}
         for _, config in _common.interleaved(configs, args.rounds):
-            results[config].append(run_one(config, model_name, n, max(args.warmup, n), steps, args.batch_size))
+            batch = TRANSFORMER_BATCH if model_name == "transformer" else args.batch_size
+            results[config].append(run_one(config, model_name, n, max(args.warmup, n), steps, batch))
         print(report(title, n, results))
         if args.self_cost:
             print(report_self_cost(results))
