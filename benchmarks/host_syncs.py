@@ -18,7 +18,7 @@ of a tensor that ``.cpu()`` just returned, or the grid's per-tile labels read fr
 
 Run::
 
-    python benchmarks/host_syncs.py [--steps 20 --every 5]
+    python benchmarks/host_syncs.py [--steps 20 --every 5] [--model transformer]
 """
 
 from __future__ import annotations
@@ -51,14 +51,14 @@ OWN_CODE = {
     "add_histogram": [os.path.abspath(overhead.__file__)],
     "wandb.watch": [os.path.dirname(wandb.__file__)],
 }
-def count(config: str, steps: int, n: int) -> dict[int, list[tuple[str, str, int, str]]]:
+def count(config: str, steps: int, n: int, model_name: str = "mnist") -> dict[int, list[tuple[str, str, int, str]]]:
     torch.manual_seed(0)
-    model = overhead.LitNet()
-    data = overhead.Data("mnist", batches=steps + 4, batch_size=16)
+    model = overhead.LitNet() if model_name == "mnist" else overhead.Transformer()
+    data = overhead.Data(model_name, batches=steps + 4, batch_size=16)
     counter = HostSyncCounter(only_from=None, owners=CALLBACK_FILES)
     per_step = SyncsPerStep(counter)
     with tempfile.TemporaryDirectory() as root:
-        logger, callbacks, before_fit = overhead.build(config, "mnist", n, root)
+        logger, callbacks, before_fit = overhead.build(config, model_name, n, root)
         trainer = pl.Trainer(
             accelerator="cpu", devices=1, max_steps=steps, log_every_n_steps=n, logger=logger,
             callbacks=[per_step, *callbacks], enable_progress_bar=False, enable_model_summary=False,
@@ -76,17 +76,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--every", type=int, default=5, help="logging interval n")
+    parser.add_argument("--model", choices=["mnist", "transformer"], default="mnist",
+                        help="the MNIST LitNet or the 6-layer transformer encoder of overhead.py (16 x 64 tokens)")
     args = parser.parse_args()
     _common.pin(1)
     n = args.every
     print(f"## Host-sync-forcing calls per training step\n\n{_common.machine()}\n")
-    print(f"MNIST LitNet, batch 16, {args.steps} steps, logging every {n}; steps 0 and {n - 1} (first batch: FLOP "
+    title = "MNIST LitNet" if args.model == "mnist" else "Transformer encoder (6 layers, d_model 256, 64 tokens)"
+    print(f"{title}, batch 16, {args.steps} steps, logging every {n}; steps 0 and {n - 1} (first batch: FLOP "
           f"count, first logging event: sample capture) left out of the means. `ours` has "
           f"every callback at its defaults (the prediction grid is drawn after validation only); `ours+grid` adds "
           f"PredictionGridMonitor(every_n_steps={n}); the per-callback table is from `ours+grid`.\n")
     rows, ours = [], {}
     for config in overhead.CONFIGS:
-        per_step = count(config, args.steps, n)
+        if config == "ours+grid" and args.model != "mnist":
+            continue  # no images to draw
+        per_step = count(config, args.steps, n, args.model)
+        if config == "ours" and args.model != "mnist":
+            ours = per_step
         if config == "ours+grid":
             ours = per_step
         own = tuple(OWN_CODE[config])
