@@ -96,7 +96,7 @@ def test_summary_equals_aggregates_of_what_tensorboard_and_wandb_hold(capsys):
 
     tb = _tb_series(logger.log_dir)
     assert len(tb["throughput/samples_per_sec"]) >= 3  # several windows: the percentiles are not one value
-    assert {f"summary/overhead_share_mean/{name}" for name in ("gradient_monitor", "speed_monitor")} <= set(written)
+    assert {f"summary/overhead_share_mean/{name}" for name in ("gradient", "speed")} <= set(written)
     for key, value in _expected(tb).items():  # TensorBoard stores float32
         assert written[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
     (run,) = find_runs("runs")
