@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import lightning_monitor
@@ -32,24 +32,30 @@ def table() -> str:
     return markdown_table(getattr(lightning_monitor, name) for name in lightning_monitor.__all__)
 
 
-def update(path: Path) -> None:
+def update_block(path: Path, start: str, end: str, table_text: str) -> None:
+    """Rewrite the block between the ``start`` and ``end`` markers of ``path`` with ``table_text``."""
     text = path.read_text(encoding="utf-8")
-    if START not in text or END not in text:
-        sys.exit(f"{path} has no {START} ... {END} block to fill")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{START}\n{table()}{END}{tail}", encoding="utf-8")
+    if start not in text or end not in text:
+        sys.exit(f"{path} has no {start} ... {end} block to fill")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{start}\n{table_text}{end}{tail}", encoding="utf-8")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--update", type=Path, metavar="README", help="rewrite the key block of this file")
+def cli(description: str, make_table: Callable[[], str], start: str, end: str, what: str) -> None:
+    """Print ``make_table()``, or with ``--update README.md`` rewrite that file's ``start``...``end`` block."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--update", type=Path, metavar="README", help=f"rewrite the {what} block of this file")
     args = parser.parse_args()
     if args.update is not None:
-        update(args.update)
+        update_block(args.update, start, end, make_table())
     else:
-        sys.stdout.write(table())
+        sys.stdout.write(make_table())
+
+
+def update(path: Path) -> None:
+    update_block(path, START, END, table())
 
 
 if __name__ == "__main__":
-    main()
+    cli(__doc__.splitlines()[0], table, START, END, "key")

@@ -8,7 +8,6 @@ block between ``<!-- options:start -->`` and ``<!-- options:end -->`` in place i
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import re
 import sys
@@ -16,6 +15,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import lightning_monitor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from keys_table import cli, update_block  # noqa: E402  (the README block writer shared by both tables)
 
 START, END = "<!-- options:start -->", "<!-- options:end -->"
 _ENTRY = re.compile(r"^(\*{0,2}\w+)\s*(\([^)]*\))?:\s*(.*)$")
@@ -79,23 +81,8 @@ def table() -> str:
 
 
 def update(path: Path) -> None:
-    text = path.read_text(encoding="utf-8")
-    if START not in text or END not in text:
-        sys.exit(f"{path} has no {START} ... {END} block to fill")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{START}\n{table()}{END}{tail}", encoding="utf-8")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--update", type=Path, metavar="README", help="rewrite the options block of this file")
-    args = parser.parse_args()
-    if args.update is not None:
-        update(args.update)
-    else:
-        sys.stdout.write(table())
+    update_block(path, START, END, table())
 
 
 if __name__ == "__main__":
-    main()
+    cli(__doc__.splitlines()[0], table, START, END, "options")
