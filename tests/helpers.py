@@ -88,6 +88,12 @@ def tb_scalars(log_dir: str, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in tb_accumulator(log_dir).Scalars(tag)]
 
 
+def tb_all_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series TensorBoard wrote under ``log_dir``: ``{tag: [(step, value), ...]}``."""
+    acc = tb_accumulator(log_dir)
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def event_files(log_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(str(log_dir), "**", "events.out.tfevents.*"), recursive=True))
 

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-from helpers import TinyImageModel, event_files, find_runs, image_data, image_loader, make_trainer, tb_accumulator
+from helpers import TinyImageModel, event_files, find_runs, image_data, image_loader, make_trainer, tb_all_scalars
 from lightning_monitor import MemoryMonitor, MultiLogger, _memory
 from lightning_monitor.testing import HostSyncCounter
 
@@ -29,11 +29,6 @@ GIB = 2**30
 HOST_KEYS = ["memory/host/rss_gib", "memory/host/workers_uss_gib", "memory/host/worker_processes",
              "memory/host/available_gib"]
 WORKER_KEYS = ["memory/host/workers_uss_gib", "memory/host/worker_processes"]
-
-
-def _scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
-    acc = tb_accumulator(log_dir)
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 # ------------------------------------------------------------------------------------------------ contract
@@ -139,7 +134,7 @@ def test_host_memory_of_process_and_dataloader_workers(tmp_path, num_workers, mo
     trainer = make_trainer(tmp_path, max_steps=6, callbacks=[recorder, MemoryMonitor(every_n_steps=2)])
     trainer.fit(TinyImageModel(), loader)
 
-    logged = _scalars(trainer.logger.log_dir)
+    logged = tb_all_scalars(trainer.logger.log_dir)
     assert not [k for k in logged if k.startswith("memory/cuda") or k.startswith("memory/gpu")]  # CPU run
     assert all(re.fullmatch(r"memory/host/[a-z_]+", k) for k in logged if k.startswith("memory/"))
     if num_workers == 0:  # no workers: no worker keys (they could only read 0)
@@ -163,7 +158,7 @@ def _workers_uss(tmp_path: Any, ballast_mib: int) -> float:
     loader = DataLoader(BallastDataset(ballast_mib), batch_size=8, num_workers=2, persistent_workers=True)
     trainer = make_trainer(tmp_path / str(ballast_mib), max_steps=6, callbacks=[MemoryMonitor(every_n_steps=2)])
     trainer.fit(TinyImageModel(), loader)
-    return _scalars(trainer.logger.log_dir)["memory/host/workers_uss_gib"][-1][1] * GIB
+    return tb_all_scalars(trainer.logger.log_dir)["memory/host/workers_uss_gib"][-1][1] * GIB
 
 
 def test_workers_unique_memory_is_read_at_most_every_interval(monkeypatch):
@@ -209,7 +204,7 @@ def test_same_numbers_in_tensorboard_and_wandb(tmp_path):
     logger = MultiLogger(save_dir=tmp_path / "runs", name="mem")
     trainer = make_trainer(tmp_path, max_steps=4, logger=logger, callbacks=[MemoryMonitor(every_n_steps=2)])
     trainer.fit(TinyImageModel(), image_loader(64, num_workers=1))
-    logged = _scalars(logger.log_dir)
+    logged = tb_all_scalars(logger.log_dir)
     (run,) = find_runs(logger.log_dir)
     for key in HOST_KEYS:
         assert run.series(key) == [(s, pytest.approx(v, rel=1e-6)) for s, v in logged[key]] and len(logged[key]) == 2
@@ -309,7 +304,7 @@ def test_cuda_peaks_reset_per_window_and_phase_with_share_fragmentation_and_one_
     fake = FakeCuda(total=16 * GIB)
     with caplog.at_level(logging.INFO):
         trainer, warned = _fit_scripted(tmp_path, monkeypatch, fake)
-    logged = _scalars(trainer.logger.log_dir)
+    logged = tb_all_scalars(trainer.logger.log_dir)
 
     def series(name):
         return logged[f"memory/cuda/{name}"]
@@ -353,7 +348,7 @@ def test_no_warning_below_threshold_and_nvml_means(tmp_path, monkeypatch):
     fake = FakeCuda(total=64 * GIB, nvml=(40.0, 250.0, 61.0))
     trainer, warned = _fit_scripted(tmp_path, monkeypatch, fake, warn_share=0.95, nvml_interval_sec=3600.0)
     assert [w for w in warned if "peak allocated" in w] == []  # 15 / 64 < 0.95
-    logged = _scalars(trainer.logger.log_dir)
+    logged = tb_all_scalars(trainer.logger.log_dir)
     assert logged["memory/gpu/utilization_percent"] == [(s, 40.0) for s in (1, 3, 5, 7)]
     assert logged["memory/gpu/power_watts"] == [(s, 250.0) for s in (1, 3, 5, 7)]
     assert logged["memory/gpu/temperature_celsius"] == [(s, 61.0) for s in (1, 3, 5, 7)]
@@ -465,7 +460,7 @@ def test_ddp_min_mean_max_and_max_rank_written_by_rank0(tmp_path):
 
     files = event_files(root)
     assert len(files) == 1  # rank 0 wrote, rank 1 nothing
-    logged = _scalars(os.path.dirname(files[0]))
+    logged = tb_all_scalars(os.path.dirname(files[0]))
     seen = [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
     for step in (1, 3):
         at = {k: dict(v)[step] for k, v in logged.items() if k.startswith("memory/")}
@@ -506,7 +501,7 @@ def test_real_cuda_peak_matches_max_memory_allocated(tmp_path):
     trainer = make_trainer(tmp_path, accelerator="cuda", max_steps=6,
                            callbacks=[recorder, MemoryMonitor(every_n_steps=2)])
     trainer.fit(TinyImageModel(), image_loader(256, batch_size=32))  # one epoch: windows inside it
-    logged = _scalars(trainer.logger.log_dir)
+    logged = tb_all_scalars(trainer.logger.log_dir)
     assert [s for s, _ in logged["memory/cuda/peak_allocated_gib"]] == [1, 3, 5]
     for step, value in logged["memory/cuda/peak_allocated_gib"]:
         assert value == pytest.approx(recorder.peaks[step], rel=1e-6) and value > 0

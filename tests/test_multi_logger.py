@@ -25,17 +25,6 @@ from lightning_monitor import _cadence, _dispatch
 from lightning_monitor._media import make_histogram
 
 
-def _logged_media(logger_or_trainer, log):
-    """Log the same scalars, histograms and an image at steps 0, 5, 10 through ``log`` (a dispatch or a logger)."""
-    rng = np.random.default_rng(0)
-    values = {}
-    for step in (0, 5, 10):
-        raw = rng.normal(size=1000)
-        values[step] = raw
-        log(step, raw)
-    return values
-
-
 def test_tensorboard_and_wandb_round_trip(tmp_path):
     logger = MultiLogger(save_dir=tmp_path / "runs", name="rt")
     image = torch.zeros(3, 20, 30)

@@ -29,7 +29,7 @@ from lightning_monitor import (
     run_summary,
 )
 
-from helpers import TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator
+from helpers import TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator, tb_all_scalars
 
 def _monitors() -> list[Any]:
     return [GradientMonitor(), MemoryMonitor(), SpeedMonitor(peak_flops_per_sec=1e12),
@@ -44,11 +44,6 @@ def _fake_clock(summary: RunSummary, start: float = 100.0, tick: float = 2.5) ->
 def _json(log_dir: str) -> dict[str, Any]:
     with open(os.path.join(log_dir, "summary.json"), encoding="utf-8") as f:
         return json.load(f)
-
-
-def _tb_series(log_dir: str) -> dict[str, list[tuple[int, float]]]:
-    acc = tb_accumulator(log_dir)
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def _expected(series: dict[str, list[tuple[int, Any]]]) -> dict[str, Any]:
@@ -94,7 +89,7 @@ def test_summary_equals_aggregates_of_what_tensorboard_and_wandb_hold(capsys):
     assert _json(logger.log_dir)["summary/wall_sec"]["unit"] == "s"
     assert _json(logger.log_dir)["summary/host_rss_gib_max"]["unit"] == "GiB"
 
-    tb = _tb_series(logger.log_dir)
+    tb = tb_all_scalars(logger.log_dir)
     assert len(tb["throughput/samples_per_sec"]) >= 3  # several windows: the percentiles are not one value
     assert {f"summary/overhead_share_mean/{name}" for name in ("gradient", "speed")} <= set(written)
     for key, value in _expected(tb).items():  # TensorBoard stores float32
@@ -139,7 +134,7 @@ def test_summary_of_a_fit_without_monitors_and_with_plain_loggers():
         "summary/wall_sec": {"value": 4.0, "unit": "s"},
         "summary/steps": {"value": 3, "unit": "steps"},
     }
-    assert _tb_series(tb.log_dir)["summary/wall_sec"] == [(3, 4.0)]
+    assert tb_all_scalars(tb.log_dir)["summary/wall_sec"] == [(3, 4.0)]
     assert "summary/table/text_summary" in tb_accumulator(tb.log_dir).Tags()["tensors"]
     with open(os.path.join(csv.log_dir, "metrics.csv"), encoding="utf-8") as f:
         header, *rows = [line.strip().split(",") for line in f]
@@ -312,7 +307,7 @@ def test_ddp_writes_one_summary_with_the_cross_rank_peak_and_its_rank(tmp_path):
     (path,) = glob.glob(str(root / "**" / "summary.json"), recursive=True)
     assert len(event_files(root)) == 1
     written = {key: entry["value"] for key, entry in _json(os.path.dirname(path)).items()}
-    tb = _tb_series(os.path.dirname(path))
+    tb = tb_all_scalars(os.path.dirname(path))
     assert written["summary/host_rss_gib_max_rank"] == 1
     assert written["summary/host_rss_gib_max"] == pytest.approx(max(v for _, v in tb["memory/host/rss_gib_max"]),
                                                                 rel=1e-6)
