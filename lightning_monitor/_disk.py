@@ -82,8 +82,8 @@ def run_dir_fault(multi: "MultiLogger", err: BaseException) -> Optional[str]:
         return None
     tb, wb = multi._tb_writer, multi._wandb_writer
     live = _run_state.live_runs.get(multi.run_id)
-    online = None if wb not in multi.writers or wb.failed else bool(live and _is_online(live.run))
-    message = what_is_kept(multi.log_dir, kind, tb in multi.writers, online)
+    online = None if wb not in multi._monitor_writers or wb.failed else bool(live and _is_online(live.run))
+    message = what_is_kept(multi.log_dir, kind, tb in multi._monitor_writers, online)
     tb.failed = True
     if not online and not wb.failed:
         wb.failed = True

@@ -36,7 +36,7 @@ def writers(trainer: "pl.Trainer") -> list[Writer]:
     fresh: list[Writer] = []
     for logger in trainer.loggers:
         if isinstance(logger, MultiLogger):
-            out.extend(logger.writers)
+            out.extend(logger._monitor_writers)
             continue
         writer = _plain.get(logger)
         if writer is None:

@@ -278,7 +278,7 @@ class _GuardedCall:
 
 
 def writer_for(logger: Logger) -> Writer:
-    """The writer of a plain Lightning logger (MultiLogger has its own: ``MultiLogger.writers``)."""
+    """The writer of a plain Lightning logger (MultiLogger has its own: ``MultiLogger._monitor_writers``)."""
     if isinstance(logger, TensorBoardLogger):
         check_not_tensorboardx("lightning-monitor with a TensorBoardLogger")  # in Monitor.setup: before training
         return TensorBoardWriter(logger)

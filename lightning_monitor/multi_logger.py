@@ -62,7 +62,7 @@ class MultiLogger(Logger):
     an API key or network, or with ``WANDB_MODE=offline``, it runs offline, says so once with the ``wandb sync``
     command to upload later, and never prompts. A backend that rejects a value loses that value (one warning); a
     backend that breaks is turned off (one warning) while the other keeps every step. The monitors write through
-    :attr:`writers`.
+    its writers.
 
     Logged keys (only when a run ends badly):
 
@@ -189,9 +189,10 @@ class MultiLogger(Logger):
         return writer.wb
 
     @property
-    def writers(self) -> list[Writer]:
-        """The writers lightning-monitor's callbacks hand their values to: TensorBoard's and wandb's, those on.
-        Only rank 0 asks (its first ask takes the run directory's lock)."""
+    def _monitor_writers(self) -> list[Writer]:
+        """The writers lightning-monitor's dispatch layer hands the monitors' values to: TensorBoard's and wandb's,
+        those on (package-internal: a public method never hands out a private type). Only rank 0 asks (its first
+        ask takes the run directory's lock)."""
         self._guard.claim()
         return self._writers
 
