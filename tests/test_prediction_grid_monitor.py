@@ -263,6 +263,21 @@ def test_same_samples_every_epoch_and_after_resume(tmp_path):
     assert _sample_ids(grid, val.tensors[0], 6, 3) == shown[0]  # resume shows the same samples
 
 
+def test_a_tampered_checkpoint_state_costs_the_stored_samples_not_the_run(tmp_path):
+    """Samples restored from a checkpoint are checked: a wrong shape gives one warning and new samples from the
+    validation data (not an opaque shape error at validation)."""
+    monitor = PredictionGridMonitor(num_samples=6, nrow=3, tile_size=84)
+    with pytest.warns(UserWarning, match=r"ignores the samples stored in the checkpoint \(images of shape \(6, 28, 28\)"):
+        monitor.load_state_dict({"images": torch.rand(6, 28, 28), "labels": torch.zeros(6, dtype=torch.long)})
+    with pytest.warns(UserWarning, match="labels of shape"):
+        monitor._warn.clear()
+        monitor.load_state_dict({"images": torch.rand(6, 1, 28, 28), "labels": torch.zeros(5)})
+    trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
+    trainer.validate(TinyImageModel(), image_loader(n=16, seed=1))
+    ((_, grid),) = tb_images(trainer.logger.log_dir)  # drawn from fresh samples
+    assert grid.shape[0] > 0
+
+
 def test_mean_std_undone_for_one_and_three_channels(tmp_path):
     mean, std = [0.5, 0.1307, 0.2], [0.25, 0.3081, 0.5]
     raw = torch.rand(8, 3, 10, 10, generator=torch.Generator().manual_seed(0))
