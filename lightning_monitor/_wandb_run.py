@@ -288,7 +288,10 @@ def start(init: dict[str, Any], mode: str, reason: str, attempts: int = 2) -> Op
     if mode == "offline" and run.id not in _announced:  # once per run, not again when test() resumes it
         _announced.add(run.id)
         run_dir = os.path.dirname(run.dir) if getattr(run, "dir", None) else init.get("dir")
-        message = f"wandb is logging offline ({reason}). Upload the run later with: wandb sync {run_dir}"
+        # every segment of this run (a later test or restart adds one), synced in the order they were written;
+        # wandb adds -1, -2, ... to a folder name already taken in the same second
+        segments = os.path.join(os.path.dirname(str(run_dir)), f"offline-run-*-{run.id}*")
+        message = f"wandb is logging offline ({reason}). Upload the run later with: wandb sync {segments}"
         if reason.startswith(_ASKED_ONLINE):  # the user asked for online: a warning, not an info line
             rank_zero_warn(message)
         else:

@@ -86,9 +86,9 @@ class Writer:
         _call(self.logger, "log_metrics", _numbers(values), step=step)
 
     def _unsupported(self, kind: str) -> None:
-        self.warn(
-            kind,
-            f"{self.name} cannot show {kind}; lightning-monitor logs only scalars to it."
+        self.warn(  # one warning for every kind of media (histograms, images, text): not one per kind
+            "media",
+            f"{self.name} cannot show {kind} (or any other media); lightning-monitor logs only scalars to it."
             " Use MultiLogger, TensorBoardLogger or WandbLogger to see them.",
         )
 

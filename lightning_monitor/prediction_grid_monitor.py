@@ -217,7 +217,8 @@ class PredictionGridMonitor(Monitor):
             return
         images, labels = state_dict.get("images"), state_dict.get("labels")
         problem = _state_problem(images, labels)
-        if problem or images is None or labels is None:  # a checkpoint from another version or edited by hand: never trusted blindly
+        # a checkpoint from another version, or edited by hand: never trusted blindly
+        if problem or images is None or labels is None:
             self._warn("state", f"PredictionGridMonitor ignores the samples stored in the checkpoint ({problem}); it"
                                 " takes new ones from the validation data.")
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -319,9 +320,13 @@ def test_offline_is_announced_once_with_sync_command(tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records if "offline" in r.getMessage()]
     assert len(messages) == 1
     assert "no W&B API key" in messages[0] and "wandb sync " in messages[0]
-    run_dir = messages[0].split("wandb sync ")[1].strip()
-    assert os.path.isdir(run_dir) and os.path.basename(run_dir).startswith("offline-run-")
+    pattern = messages[0].split("wandb sync ")[1].strip()  # every segment of the run, not just the first
     logger.finalize("success")
+    logger.log_metrics({"x": 2.0}, step=3)  # a second segment (as `test` after `fit` makes)
+    logger.finalize("success")
+    segments = sorted(glob.glob(pattern))
+    assert len(segments) == 2 and all(os.path.basename(s).startswith("offline-run-") for s in segments)
+    assert {os.path.dirname(s) for s in segments} == {os.path.join(logger.log_dir, "wandb")}
 
 
 def test_fit_then_test_keeps_every_row_in_both(tmp_path):
