@@ -144,7 +144,8 @@ def test_dispatch_to_plain_list_and_csv(tmp_path):
         for step in (3, 4):
             _dispatch.log_scalars(trainer, {"x/value": float(step)}, step)
             _dispatch.log_histograms(trainer, {"x/hist": make_histogram(torch.arange(8.0), bins=4, key="x/hist")}, step)
-    assert sum("CSVLogger" in str(w.message) for w in record) == 1  # one warning, not one per call
+            _dispatch.log_image(trainer, "x/img", torch.zeros(8, 8), step)
+    assert sum("CSVLogger" in str(w.message) for w in record) == 1  # one warning, not one per call or per kind
     tb.experiment.flush()
     wb.experiment.finish()
     csv.save()
