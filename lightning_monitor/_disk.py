@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_monitor import _run_state, _wandb_run
+from lightning_monitor._writers import os_error
 
 if TYPE_CHECKING:
     from lightning_monitor.multi_logger import MultiLogger
@@ -66,11 +67,8 @@ def fault(log_dir: str, err: Optional[BaseException]) -> Optional[str]:
     for any other error (a per-file size limit, a permission, a backend's own failure)."""
     if not os.path.isdir(log_dir):
         return "deleted"
-    while err is not None:
-        if isinstance(err, OSError):
-            return "full" if err.errno in FULL_ERRNOS else None
-        err = err.__cause__ or err.__context__
-    return None
+    cause = os_error(err)
+    return "full" if cause is not None and cause.errno in FULL_ERRNOS else None
 
 
 def run_dir_fault(multi: "MultiLogger", err: BaseException) -> Optional[str]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from lightning_monitor import _run_state, _wandb_run
-from lightning_monitor._writers import TensorBoardWriter, WandbWriter, _call, _numbers
+from lightning_monitor._writers import TensorBoardWriter, WandbWriter, _call, _numbers, os_error
 
 if TYPE_CHECKING:
     from lightning_monitor.multi_logger import MultiLogger
@@ -219,14 +219,6 @@ class RunWandb(WandbWriter):
         state["wb"] = None  # a live run does not pickle; the copy resumes it by id when it first logs
         state["logger"] = self.multi._tb
         return state
-
-
-def os_error(err: Optional[BaseException]) -> Optional[OSError]:
-    while err is not None:
-        if isinstance(err, OSError):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def tb_error(log_dir: str, err: BaseException) -> OSError:

@@ -204,13 +204,34 @@ def deliver(
     """Run ``write`` (one operation of ``writer``) inside the failure guard described in the module docstring.
 
     ``keys`` name what is written (for the warning when the backend rejects it); ``others`` are the writers that
-    keep logging if this one stops (for the warning's wording).
+    keep logging if this one stops (for the warning's wording). The host time spent here is added to
+    :func:`seconds_writing`.
     """
+    global _seconds_writing
     began = _clock()
     try:
-        _deliver(writer, write, step, keys, others, row)
+        # start() runs outside the guard: a run directory that cannot be written fails before training, as documented
+        if writer.failed or not writer.start(step, row):
+            return
+        try:
+            write()
+            writer.end(step, row)
+            writer.value_errors = 0
+        except Exception as err:  # noqa: BLE001 - a backend never ends the user's run
+            writer.value_errors += 1
+            # a value error caused by an OSError (Lightning's TensorBoardLogger wraps a failed write in ValueError)
+            # is the disk failing, not the value
+            if isinstance(err, _VALUE_ERRORS) and os_error(err) is None and writer.value_errors < MAX_VALUE_ERRORS:
+                names = ", ".join(sorted(keys)[:5]) or "a value"
+                writer.warn(
+                    f"value:{names}",
+                    f"{writer.name} rejected {names} at step {step} ({type(err).__name__}: {err}); that value is"
+                    " skipped and everything else keeps logging.",
+                )
+                return
+            writer.failed = True
+            rank_zero_warn(writer.failure_message(err, [w.name for w in others if w is not writer and not w.failed]))
     finally:
-        global _seconds_writing
         _seconds_writing += _clock() - began
 
 
@@ -224,43 +245,13 @@ _seconds_writing = 0.0
 _clock: Callable[[], float] = time.perf_counter  # the host clock of seconds_writing(); tests set a fake one
 
 
-def _deliver(
-    writer: Writer,
-    write: Callable[[], Any],
-    step: Optional[int],
-    keys: Iterable[str],
-    others: Sequence[Writer],
-    row: bool,
-) -> None:
-    if writer.failed or not writer.start(step, row):
-        return
-    try:
-        write()
-        writer.end(step, row)
-    except Exception as err:  # noqa: BLE001 - a backend never ends the user's run
-        writer.value_errors += 1
-        # a value error caused by an OSError (Lightning's TensorBoardLogger wraps a failed write in ValueError) is
-        # the disk failing, not the value
-        if isinstance(err, _VALUE_ERRORS) and not _caused_by_os_error(err) and writer.value_errors < MAX_VALUE_ERRORS:
-            names = ", ".join(sorted(keys)[:5]) or "a value"
-            writer.warn(
-                f"value:{names}",
-                f"{writer.name} rejected {names} at step {step} ({type(err).__name__}: {err}); that value is skipped"
-                " and everything else keeps logging.",
-            )
-            return
-        writer.failed = True
-        rank_zero_warn(writer.failure_message(err, [w.name for w in others if w is not writer and not w.failed]))
-        return
-    writer.value_errors = 0
-
-
-def _caused_by_os_error(err: Optional[BaseException]) -> bool:
+def os_error(err: Optional[BaseException]) -> Optional[OSError]:
+    """The first ``OSError`` in ``err``'s chain of causes (a disk or a directory failing), else ``None``."""
     while err is not None:
         if isinstance(err, OSError):
-            return True
+            return err
         err = err.__cause__ or err.__context__
-    return False
+    return None
 
 
 class _GuardedCall:
