@@ -308,21 +308,10 @@ def global_stats(
 
 
 def check_strategy(strategy: object) -> bool:
-    """Whether ``strategy`` gives GradientMonitor sharded (DTensor) gradients to measure on every rank.
+    """Whether ``strategy`` gives GradientMonitor sharded (DTensor) gradients to measure on every rank (FSDP1 and
+    DeepSpeed are refused by ``Monitor.setup``: ``GradientMonitor.FLAT_SHARDS_UNSUPPORTED``)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    Raises:
-        MisconfigurationException: for FSDP1 (``FSDPStrategy``) and DeepSpeed, naming what works instead.
-    """
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
-        raise MisconfigurationException(
-            f"GradientMonitor cannot read the full gradients under {type(strategy).__name__}: it shards them into"
-            " flat buffers with no per-parameter global view. Use ModelParallelStrategy with"
-            " torch.distributed.fsdp.fully_shard in configure_model (FSDP2: DTensor parameters, global numbers"
-            " supported), DDP, or a single device."
-        )
     return isinstance(strategy, ModelParallelStrategy)
 
 

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Optional, TypeVar, Union
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -21,7 +21,8 @@ from lightning_monitor._media import HistogramData
 from lightning_monitor._validate import check_every_n_steps
 from lightning_monitor._warn import WarnOnce
 
-_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+#: strategies that hide parameters in flat shards, behind their own wrapper (FSDP1, DeepSpeed ZeRO)
+_FLAT_SHARDS = (FSDPStrategy, DeepSpeedStrategy)
 #: the host clock of the hook timing (seconds); tests set a fake one
 _clock: Callable[[], float] = time.perf_counter
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -69,9 +70,10 @@ class Monitor(Callback):
     #: Every key the monitor logs, ``key -> meaning``: the one source of its docstring table, the README table and
     #: the contract test (:func:`lightning_monitor._keys.document_keys`).
     LOGGED_KEYS: ClassVar[dict[str, str]] = {}
-    #: Why the monitor cannot run under a strategy that shards the model (``"needs full gradients on every rank"``);
-    #: empty when it can.
-    SHARDED_UNSUPPORTED: ClassVar[str] = ""
+    #: Why the monitor cannot run under a strategy that keeps parameters in flat shards behind its own wrapper
+    #: (``FSDPStrategy``, DeepSpeed), said after the strategy's name; empty when it can. DTensor sharding
+    #: (``ModelParallelStrategy`` with FSDP2 or tensor parallel) is for each monitor to handle.
+    FLAT_SHARDS_UNSUPPORTED: ClassVar[str] = ""
 
     def __init__(self, every_n_steps: Optional[int], exclude_keys: Optional[Sequence[str]] = None) -> None:
         super().__init__()
@@ -109,10 +111,11 @@ class Monitor(Callback):
             raise MisconfigurationException(
                 f"{name} needs a logger, but the Trainer has no logger: pass e.g. Trainer(logger=MultiLogger())"
             )
-        if self.SHARDED_UNSUPPORTED and isinstance(trainer.strategy, _SHARDED):
+        if self.FLAT_SHARDS_UNSUPPORTED and isinstance(trainer.strategy, _FLAT_SHARDS):
+            strategy = type(trainer.strategy).__name__
             raise MisconfigurationException(
-                f"{name} {self.SHARDED_UNSUPPORTED}, which {type(trainer.strategy).__name__} shards;"
-                " use DDP or a single device"
+                f"{name} cannot run under {strategy}: {strategy} {self.FLAT_SHARDS_UNSUPPORTED}; use"
+                " ModelParallelStrategy with FSDP2 (`fully_shard` in `configure_model`), DDP or a single device"
             )
         self._warn.clear()
         self._batch_step = None

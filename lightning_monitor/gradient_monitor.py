@@ -115,7 +115,7 @@ class GradientMonitor(Monitor):
         "param/update_ratio_total": "||w_after - w_before|| / ||w_before|| of all weights (``update_ratio``)",
         "param/update_ratio/{group}": "the same ratio for one module group (``update_ratio=True``)",
     }
-    SHARDED_UNSUPPORTED = ""  # DTensor shards: _grad_sharded; FSDP1 / DeepSpeed refused in setup
+    FLAT_SHARDS_UNSUPPORTED = "shards gradients into flat buffers with no per-parameter global view"
 
     def __init__(
         self,

@@ -8,8 +8,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
@@ -94,6 +93,7 @@ class PredictionGridMonitor(Monitor):
         "predictions/grid": "image: fixed samples, predicted label + confidence and true label drawn in",
         "predictions/accuracy": "share of the fixed samples predicted right (0..1)",
     }
+    FLAT_SHARDS_UNSUPPORTED = "wraps the LightningModule's forward and shards it out of the grid's reach"
 
     def __init__(
         self,
@@ -151,12 +151,6 @@ class PredictionGridMonitor(Monitor):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
-            raise MisconfigurationException(
-                f"PredictionGridMonitor calls the LightningModule's forward, which {type(trainer.strategy).__name__}"
-                " wraps and shards out of its reach; use ModelParallelStrategy with FSDP2 (`fully_shard` in"
-                " `configure_model`), DDP or a single device"
-            )
         self._off = False  # a new run: a model the last one could not read may be readable now
 
     @override

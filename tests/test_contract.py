@@ -255,8 +255,9 @@ def test_setup_refuses_a_trainer_without_logger_and_a_sharding_strategy(cls):
     with pytest.raises(MisconfigurationException, match=f"{cls.__name__} needs a logger"):
         cls().setup(Trainer([], None), None, "fit")
     fsdp = FSDPStrategy.__new__(FSDPStrategy)
-    if getattr(cls, "SHARDED_UNSUPPORTED", ""):  # RunSummary is no Monitor: it reads what the monitors logged
-        with pytest.raises(MisconfigurationException, match="FSDPStrategy shards; use DDP or a single device"):
+    if getattr(cls, "FLAT_SHARDS_UNSUPPORTED", ""):  # RunSummary is no Monitor: it reads what the monitors logged
+        with pytest.raises(MisconfigurationException, match=f"{cls.__name__} cannot run under FSDPStrategy: "
+                                                             "FSDPStrategy .*; use ModelParallelStrategy with FSDP2"):
             cls().setup(Trainer([object()], fsdp), None, "fit")
     if cls is GradientMonitor:  # raise/skip still act on NaN/Inf without a logger
         GradientMonitor(nonfinite="raise").setup(Trainer([], None), None, "fit")
