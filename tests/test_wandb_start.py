@@ -234,7 +234,8 @@ def test_finish_in_time_restores_wandb_changes(monkeypatch):
 
 # ---------------------------------------------------------------------- resume="must" offline
 def test_resume_must_with_unknown_id_offline_warns(tmp_path):
-    init = {"dir": str(tmp_path), "id": "never-seen", "resume": "must", "project": "p"}
+    # reinit as MultiLogger passes it: a run another test left open does not get in the way
+    init = {"dir": str(tmp_path), "id": "never-seen", "resume": "must", "project": "p", "reinit": "create_new"}
     with pytest.warns(UserWarning, match=r"resume=\"must\"` asks to continue run 'never-seen'.*holds no earlier"):
         run = _wandb_run.start(dict(init), "offline", "test")
     assert run is not None and run.id == "never-seen"
