@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
+from lightning_monitor import _grad_stats
 from lightning_monitor._grad_event import Measured, Snapshot
 from lightning_monitor._grad_groups import group_norms
 from lightning_monitor._grad_norms import fast_norms, squared_norms
@@ -158,12 +159,7 @@ def _range(high: torch.Tensor, low: torch.Tensor, hist_range: HistRange) -> tupl
     """``[T]`` float64 global (lo, hi) from the global finite max/min (0 where a tensor has no finite element)."""
     high = torch.where(torch.isfinite(high), high, 0.0)
     low = torch.where(torch.isfinite(low), low, 0.0)
-    if isinstance(hist_range, str):
-        if hist_range == "symmetric":
-            bound = torch.maximum(low.abs(), high.abs())
-            return -bound, bound
-        return low, high
-    return torch.full_like(low, float(hist_range[0])), torch.full_like(high, float(hist_range[1]))
+    return _grad_stats._range(low, high, hist_range)  # the unsharded rule: minmax, symmetric or fixed
 
 
 def _local_rows(tensors: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor, bins: int,
