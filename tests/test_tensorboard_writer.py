@@ -1,0 +1,96 @@
+"""What lightning-monitor writes into TensorBoard's event file, read back record by record: one event per logging
+step and kind (not one per key), the logger's prefix, and checksums TensorBoard's own code agrees with."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+from helpers import TinyImageModel, event_files, image_loader, make_trainer, tb_all_scalars
+from lightning_monitor import GradientMonitor, MultiLogger
+from lightning_monitor._tb_crc import use_fast_crc
+
+
+def read_records(path: str) -> list[Event]:
+    """Every record of a TFRecord event file, each checksum recomputed with TensorBoard's pure-Python CRC32C."""
+    events = []
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos < len(data):
+        header = data[pos : pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack("<I", data[pos + 8 : pos + 12])
+        body = data[pos + 12 : pos + 12 + length]
+        (body_crc,) = struct.unpack("<I", data[pos + 12 + length : pos + 16 + length])
+        assert header_crc == masked_crc32c(header) and body_crc == masked_crc32c(body)
+        events.append(Event.FromString(body))
+        pos += 16 + length
+    return events
+
+
+def _tags(event: Event) -> list[str]:
+    return [v.tag for v in event.summary.value]
+
+
+@pytest.mark.parametrize("prefix", ["", "pre"])
+def test_one_event_per_logging_step_with_checksums_tensorboard_accepts(tmp_path, prefix):
+    assert use_fast_crc()  # google-crc32c's C extension is a dependency: the writer below uses it
+    logger = TensorBoardLogger(tmp_path / "runs", prefix=prefix)
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=6, log_every_n_steps=3,
+                           callbacks=[GradientMonitor(group_depth=1, per_param_norms=True)])
+    trainer.fit(TinyImageModel(), image_loader(96))
+    (path,) = event_files(logger.log_dir)
+    events = read_records(path)  # every record's checksum equals TensorBoard's own CRC of it
+    lead = f"{prefix}-" if prefix else ""
+    ours = [e for e in events if any(t.startswith(f"{lead}grad/") for t in _tags(e))]
+    by_step: dict[int, list[list[str]]] = {}
+    for event in ours:
+        by_step.setdefault(event.step, []).append(_tags(event))
+    assert sorted(by_step) == [2, 5]  # self.log's logging steps (log_every_n_steps=3)
+    for step, groups in by_step.items():
+        scalars, hists = groups  # one event of scalars, then one of histograms
+        assert sorted(scalars) == sorted(
+            [f"{lead}grad/norm_total", f"{lead}grad/nonfinite_count", f"{lead}grad/nonfinite_steps"]
+            + [f"{lead}grad/norm/{g}" for g in ("conv", "head")]
+            + [f"{lead}grad/norm_param/{n}" for n in ("conv.weight", "conv.bias", "head.weight", "head.bias")]
+        ), step
+        assert sorted(hists) == sorted(f"{lead}grad/hist/{n}" for n in ("conv.weight", "conv.bias", "head.weight",
+                                                                         "head.bias"))
+    # ... and TensorBoard reads each value of an event as its own point
+    series = tb_all_scalars(logger.log_dir)
+    assert [s for s, _ in series[f"{lead}grad/norm_param/head.bias"]] == [2, 5]
+
+
+def test_multilogger_self_log_is_one_event_per_call(tmp_path):
+    logger = MultiLogger(save_dir=tmp_path, wandb=False)
+    for step in range(3):
+        logger.log_metrics({"a/x": float(step), "a/y": 2.0 * step, "a/z": -1.0}, step=step)
+    logger.finalize("success")
+    (path,) = event_files(logger.log_dir)
+    rows = [(e.step, sorted(_tags(e))) for e in read_records(path) if any(t.startswith("a/") for t in _tags(e))]
+    assert rows == [(s, ["a/x", "a/y", "a/z"]) for s in range(3)]
+    assert tb_all_scalars(logger.log_dir)["a/y"] == [(0, 0.0), (1, 2.0), (2, 4.0)]
+
+
+class _OwnLogMetrics(TensorBoardLogger):
+    """A user's TensorBoardLogger with its own ``log_metrics``: it must still see every monitor scalar."""
+
+    seen: list[str]
+
+    def log_metrics(self, metrics, step=None):
+        self.seen = [*getattr(self, "seen", []), *metrics]
+        super().log_metrics({f"own/{k}": v for k, v in metrics.items()}, step)
+
+
+def test_a_subclass_log_metrics_keeps_its_say(tmp_path):
+    logger = _OwnLogMetrics(tmp_path / "runs")
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=4, log_every_n_steps=2, callbacks=[GradientMonitor()])
+    trainer.fit(TinyImageModel(), image_loader(64))
+    assert "grad/norm_total" in logger.seen
+    series = tb_all_scalars(logger.log_dir)
+    assert [s for s, _ in series["own/grad/norm_total"]] == [1, 3] and "grad/norm_total" not in series
