@@ -120,13 +120,16 @@ def with_stats(module: types.ModuleType, fn: Callable[[], None]) -> Callable[[],
 
 
 def event(monitor: GradientMonitor, trainer: pl.Trainer, module: Wrapped, opt: torch.optim.Optimizer,
-          stats: Optional[types.ModuleType]) -> Callable[[], None]:
-    """One training batch's worth of the monitor's hooks: it measures at the optimizer step, logs at batch end."""
+          stats: Optional[types.ModuleType], flush: Callable[[], None] = lambda: None) -> Callable[[], None]:
+    """One training batch's worth of the monitor's hooks: it measures at the optimizer step, logs at batch end.
+    ``flush`` waits for the TensorBoard writer's thread, so that the work it does for this event (serializing,
+    checksumming, writing: it holds the GIL) is counted here and not in whatever runs next."""
 
     def call() -> None:
         monitor.on_train_batch_start(trainer, module, None, 0)
         monitor.on_before_optimizer_step(trainer, module, opt)
         monitor.on_train_batch_end(trainer, module, None, None, 0)
+        flush()
 
     return call if stats is None else with_stats(stats, call)
 
@@ -149,6 +152,7 @@ def bench_model(name: str, module: Wrapped, reps: int, root: str, old: Optional[
     trainer = pl.Trainer(accelerator="cpu", logger=[tb_logger, wb_logger], enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False)
     run = wb_logger.experiment  # starts the offline run: wandb.run is set for wandb.watch's code path too
+    tb_flush = tb_logger.experiment.flush
 
     kinds = {"exact": dict(max_hist_elements=None), "sampled": {}, "norms only": dict(histograms=False),
              "exact no cap": dict(max_hist_elements=None, max_histograms=None),
@@ -161,11 +165,11 @@ def bench_model(name: str, module: Wrapped, reps: int, root: str, old: Optional[
                 continue
             monitor = GradientMonitor(every_n_steps=1, **kwargs)  # type: ignore[arg-type]
             monitor.setup(trainer, module, "fit")
-            configs[f"ours {kind}{label}"] = event(monitor, trainer, module, opt, stats)
+            configs[f"ours {kind}{label}"] = event(monitor, trainer, module, opt, stats, tb_flush)
             monitors[f"ours {kind}{label}"] = monitor
     quiet = GradientMonitor(every_n_steps=10**9)  # a non-logging step: NaN/Inf flags only
     quiet.setup(trainer, module, "fit")
-    configs["ours non-logging step"] = event(quiet, trainer, module, opt, None)
+    configs["ours non-logging step"] = event(quiet, trainer, module, opt, None, tb_flush)
     if few:
         configs = {k: v for k, v in configs.items() if k.startswith("ours")}
 
@@ -180,6 +184,7 @@ def bench_model(name: str, module: Wrapped, reps: int, root: str, old: Optional[
     def tb_add_histogram() -> None:
         for n, p in named:
             writer.add_histogram(f"grad/{n}", p.grad, 0)
+        writer.flush()  # its writer thread's work counts here, as ours does
 
     def wandb_watch() -> None:
         for n, p in named:
