@@ -49,12 +49,23 @@ class Measured:
         return self.present[~np.isfinite(self.sq)]
 
 
-def _rows(tensors: list[torch.Tensor], sq: torch.Tensor, positions: np.ndarray, bins: int,
-          max_elements: Optional[int], hist_range: HistRange) -> Optional[torch.Tensor]:
+def _norms_and_rows(tensors: list[torch.Tensor], positions: np.ndarray, bins: int, max_elements: Optional[int],
+                    hist_range: HistRange) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(``[n]`` squared norms of every tensor, flat histogram rows of those at ``positions`` or ``None``).
+
+    The histogrammed tensors' norms come out of :func:`summarize`'s own copy of them (no second pass over them);
+    the others go through :func:`squared_norms`.
+    """
     if positions.size == 0:
-        return None
-    chosen = sq if positions.size == sq.numel() else sq.index_select(0, _device_index(positions, sq.device))
-    return summarize([tensors[j] for j in positions], chosen, bins, max_elements, hist_range).reshape(-1)
+        return squared_norms(tensors), None
+    rows = summarize([tensors[j] for j in positions], None, bins, max_elements, hist_range)
+    if positions.size == len(tensors):
+        return rows[:, 3], rows.reshape(-1)
+    device = rows.device
+    rest = np.setdiff1d(np.arange(len(tensors)), positions)
+    sq = rows.new_zeros(len(tensors)).index_copy_(0, _device_index(positions, device), rows[:, 3])
+    sq.index_copy_(0, _device_index(rest, device), squared_norms([tensors[j] for j in rest.tolist()]))
+    return sq, rows.reshape(-1)
 
 
 def measure(
@@ -76,14 +87,13 @@ def measure(
     ``hist_pos``/``phist_pos`` are positions in ``present`` (non-empty tensors) whose gradient / weight histograms
     are logged. Returns the host values and the host copy of ``pending``.
     """
-    sq = squared_norms(grads)  # [n] float64 on the device, within 1e-6 of float64
+    sq, grad_rows = _norms_and_rows(grads, hist_pos, bins, max_elements, hist_range)  # float64, within 1e-6
     parts = [sq]
-    grad_rows = _rows(grads, sq, hist_pos, bins, max_elements, hist_range)
     parts += [grad_rows] if grad_rows is not None else []
-    wsq_dev = squared_norms(weights) if want_wsq else None
-    param_rows = _rows(weights, wsq_dev, phist_pos, bins, max_elements, hist_range) if wsq_dev is not None else None
-    parts += [wsq_dev] if wsq_dev is not None else []
-    parts += [param_rows] if param_rows is not None else []
+    if want_wsq:
+        wsq_dev, param_rows = _norms_and_rows(weights, phist_pos, bins, max_elements, hist_range)
+        parts += [wsq_dev]
+        parts += [param_rows] if param_rows is not None else []
     parts += [p.reshape(-1).double() for p in pending]
     # sync point: one packed host transfer per optimizer step of a logging step (``to`` copies, ``numpy`` is free)
     host = torch.cat(parts).to("cpu").numpy()
@@ -92,7 +102,7 @@ def measure(
     rows = host[off : off + hist_pos.size * width].reshape(-1, width)
     off += hist_pos.size * width
     wsq = None
-    if wsq_dev is not None:
+    if want_wsq:
         wsq, off = host[off : off + n], off + n
     prows = host[off : off + phist_pos.size * width].reshape(-1, width)
     off += phist_pos.size * width

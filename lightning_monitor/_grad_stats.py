@@ -20,7 +20,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from lightning_monitor._grad_norms import fast_norms, squared_norms  # noqa: F401 - re-exported
+from lightning_monitor._grad_norms import _NORM_ROW, fast_norms, squared_norms  # noqa: F401 - re-exported
 
 STAT_COLUMNS = 7  # min, max, sum, sum_squares, num, lo, hi
 _ROW = 256  # row width of the flat layout; a tensor is padded to whole rows
@@ -58,23 +58,28 @@ def _float32_exact(value: float) -> bool:
 
 
 def _edge_table(lo: torch.Tensor, hi: torch.Tensor, bins: int, work: torch.dtype) -> torch.Tensor:
-    """``[1 + T * bins]`` thresholds: entry ``1 + t * bins + j`` is the smallest ``work`` value >= edge ``j + 1``
-    of tensor ``t``; the last edge of each tensor is ``+inf`` (closed last bin, clamped values); entry 0 unused.
+    """``[1 + T * (bins + 1)]`` step-up limits: entry ``1 + t * (bins + 1) + j`` is the largest ``work`` value below
+    edge ``j + 1`` of tensor ``t`` (a value is in bin ``j + 1`` or above exactly when it is greater); ``+inf``
+    for the last edge (closed last bin, clamped values) and for each tensor's spare slot ``j = bins`` (where a
+    NaN/Inf in the last bin may step: that tensor is redone by :func:`summarize_finite`, no other one is
+    touched). Entry 0 is the padding's slot.
 
     Edges are computed in float64 exactly as ``numpy.linspace`` does (``arange * step``, then ``+ lo``, the last
-    one ``hi``), so a float32 value compares with its float32 threshold as it does with the float64 edge.
+    one ``hi``); rounded to float32 (up, then one float32 down) a float32 value compares with the limit as it
+    does with the float64 edge.
     """
     step = (hi - lo) / bins
     edges = torch.arange(1, bins + 1, dtype=torch.float64, device=lo.device).unsqueeze(0) * step.unsqueeze(1)
     edges = edges + lo.unsqueeze(1)
     inf = torch.full_like(edges[:, -1:], math.inf)
-    edges = torch.cat([edges[:, :-1], inf], dim=1)
-    edges = torch.where((hi > lo).unsqueeze(1), edges, inf)  # a constant tensor stays in bin 0; host recentres
     if work == torch.float32:
-        rounded = edges.float()  # round to nearest, then up where that went below the float64 edge
-        edges = torch.where(rounded.double() < edges, torch.nextafter(rounded, torch.full_like(rounded, math.inf)),
-                            rounded)
-    return torch.cat([edges.new_zeros(1), edges.to(work).reshape(-1)])
+        rounded = edges.float()  # the smallest float32 >= the float64 edge, one float32 below it
+        below = torch.where(rounded.double() < edges, rounded, torch.nextafter(rounded, -inf.float()))
+    else:
+        below = torch.nextafter(edges, -inf)
+    limits = torch.cat([below[:, :-1].to(work), inf.to(work), inf.to(work)], dim=1)  # last edge, spare slot
+    limits = torch.where((hi > lo).unsqueeze(1), limits, inf.to(work))  # a constant tensor stays in bin 0
+    return torch.cat([limits.new_zeros(1), limits.reshape(-1)])
 
 
 def _bin_rows(
@@ -88,33 +93,48 @@ def _bin_rows(
     index: torch.Tensor,
     flags: torch.Tensor,
     trash: Optional[torch.Tensor],
+    clamp: bool = True,
 ) -> torch.Tensor:
-    """``[T * bins]`` int64 counts of ``x`` (``[K, C]``), row ``r`` binned over its tensor's edges.
+    """``[T, bins]`` int64 counts of ``x`` (``[K, C]``), row ``r`` binned over its tensor's edges.
 
     A candidate bin ``floor((x - lo) * scale - _SHIFT)``, clamped into ``[0, bins)``, is exact or one too low
-    (rounding moves it by < ``_SHIFT``, see :func:`_path`); ONE comparison with the next edge's threshold (a
-    gather from ``table``) moves it up. This is numpy's rule: ``edges[i] <= x < edges[i + 1]``, the last bin
-    closed, values outside ``[lo, hi]`` in the edge bins. ``row_offset`` is ``1 + tensor * bins`` per row;
-    positions listed in ``trash`` (padding) are counted in the unused bin 0. ``work``/``index``/``flags`` are
-    ``x``-shaped buffers (work dtype, int32, bool).
+    (rounding moves it by far less than ``_SHIFT`` for at most 512 bins); ONE comparison with the limit below the
+    next edge (a gather from ``table``, see :func:`_edge_table`) moves it up. This is numpy's rule: ``edges[i]
+    <= x < edges[i + 1]``, the last bin closed, values outside ``[lo, hi]`` in the edge bins. ``row_offset`` is
+    ``1 + tensor * (bins + 1)`` per row; positions listed in ``trash`` (padding) are counted in the unused slot 0.
+    ``work``/``index``/``flags`` are ``x``-shaped buffers (work dtype, int32, bool). ``clamp=False`` when every
+    finite value lies in its row's ``[lo, hi]`` (a min..max or symmetric range): truncation already lands in
+    ``[0, bins)`` and one pass is saved; NaN/Inf are still mapped into range.
     """
     torch.sub(x, row_lo, out=work)
-    work.mul_(row_scale).sub_(_SHIFT)
-    work.nan_to_num_(nan=0.0).clamp_(0, bins - 1)  # NaN/Inf (summarize_finite redoes those rows) stay in range
-    index.copy_(work)  # truncation == floor for values >= 0
+    work.mul_(row_scale).sub_(_SHIFT)  # (an addcmul is slower on a CPU than these two)
+    if clamp:
+        work.nan_to_num_(nan=0.0).clamp_(0, bins - 1)
+    else:
+        work.nan_to_num_(nan=0.0, posinf=bins - 1, neginf=0.0)
+    index.copy_(work)  # truncation == floor for values > -1
     index.add_(row_offset)
     flat = index.view(-1)
-    torch.index_select(table, 0, flat, out=work.view(-1))  # threshold of the candidate's upper edge
-    torch.ge(x, work, out=flags)
-    as_int = work.view(-1).view(torch.int32)[: flags.numel()].view(flags.shape)  # the thresholds are spent
-    index.add_(as_int.copy_(flags))  # bool -> int32 into existing memory: an add of bool would allocate
+    torch.index_select(table, 0, flat, out=work.view(-1))  # the step-up limit of each candidate
+    if work.dtype == torch.float32:
+        # limit - x < 0 exactly when x > limit (a rounded difference keeps its sign and is 0 only for equal
+        # values): its sign bit, shifted over the int32 (-1 or 0), is the step. 2x faster on a CPU than a
+        # comparison into bool, its copy to int32 and an add.
+        torch.sub(work, x, out=work)
+        step = work.view(torch.int32).bitwise_right_shift_(31)
+        index.sub_(step)
+    else:
+        torch.gt(x, work, out=flags)
+        step = work.view(-1).view(torch.int32)[: flags.numel()].view(flags.shape)  # the limits are spent
+        index.add_(step.copy_(flags))  # bool -> int32 into existing memory: an add of bool would allocate
     if trash is not None:
         flat.index_fill_(0, trash, 0)
     size = int(table.numel())
     if flat.device.type == "cpu":
-        return torch.bincount(flat, minlength=size)[1:]
-    # CUDA bincount reads max() on the host to size its output (a sync); histc with a fixed range does not
-    return torch.histc(flat.double().add_(0.5), bins=size, min=0, max=size)[1:].long()
+        counts = torch.bincount(flat, minlength=size)[1:]
+    else:  # CUDA bincount reads max() on the host to size its output (a sync); histc with a fixed range does not
+        counts = torch.histc(flat.double().add_(0.5), bins=size, min=0, max=size)[1:].long()
+    return counts.view(-1, bins + 1)[:, :bins]
 
 
 class _Plan:
@@ -143,6 +163,7 @@ class _Plan:
             self.sample = self._layout(np.arange(len(numels)), srows, starts, taken, stride=strides)
             self.scale = self._dev(np.array(numels) / taken).to(torch.float64).unsqueeze(1)
         self.num = self._dev(np.array(numels, dtype=np.float64))
+        self.norm_seg = self._dev(np.repeat(np.arange(len(numels)), rows * (_ROW // _NORM_ROW)))  # [rows * 4]
 
     def _dev(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
@@ -153,11 +174,13 @@ class _Plan:
         seg = np.repeat(ids, rows)
         out: dict[str, Optional[torch.Tensor]] = {
             "seg": self._dev(seg),
-            "offset": self._dev((1 + seg * self.bins).astype(np.int32)).unsqueeze(1),
+            "offset": self._dev((1 + seg * (self.bins + 1)).astype(np.int32)).unsqueeze(1),
         }
         where = np.concatenate([[0], np.cumsum(rows)[:-1]]) * _ROW
         trash = np.concatenate([np.arange(w + c, w + r * _ROW) for w, c, r in zip(where, counts, rows, strict=True)])
         out["trash"] = self._dev(trash.astype(np.int64)) if trash.size else None
+        first = np.concatenate([np.full(r * _ROW - c, w) for w, c, r in zip(where, counts, rows, strict=True)])
+        out["first"] = self._dev(first.astype(np.int64)) if trash.size else None  # each padding's tensor's start
         if (stride > 1).any():  # one gather index: samples of tensor i, padded with its first element
             src = [np.concatenate([s + np.arange(c) * k, np.full(r * _ROW - c, s)])
                    for s, c, r, k in zip(starts, counts, rows, stride, strict=True)]
@@ -179,7 +202,8 @@ class _Plan:
         out = per_row.new_zeros(len(self.numels))
         return out.scatter_reduce_(0, self.full["seg"], per_row, reduce, include_self=False)  # type: ignore[arg-type]
 
-    def run(self, tensors: list[torch.Tensor], sum_squares: torch.Tensor, hist_range: HistRange) -> torch.Tensor:
+    def run(self, tensors: list[torch.Tensor], sum_squares: Optional[torch.Tensor], hist_range: HistRange
+            ) -> torch.Tensor:
         parts: list[torch.Tensor] = []
         for tensor, pad in zip(tensors, self.pads, strict=True):
             flat = tensor.detach().reshape(-1)
@@ -191,9 +215,15 @@ class _Plan:
         x = buf.view(-1, _ROW)
         vmin = self._per_tensor(x.amin(dim=1).double(), "amin")
         vmax = self._per_tensor(x.amax(dim=1).double(), "amax")
-        if self.full["trash"] is not None:
-            buf.index_fill_(0, self.full["trash"], 0)  # now zero for the sums; the padding is binned into the trash bin
+        trash = self.full["trash"]
+        if trash is not None:
+            buf.index_fill_(0, trash, 0)  # zero for the sums ...
         total = self._per_tensor(x.sum(dim=1).double(), "sum")
+        if sum_squares is None:  # float32 norms of 64-element rows combined in float64: as squared_norms on a CPU
+            rows = torch.linalg.vector_norm(buf.view(-1, _NORM_ROW), dim=1, dtype=torch.float32).double().square()
+            sum_squares = rows.new_zeros(len(self.numels)).index_add_(0, self.norm_seg, rows)
+        if trash is not None:  # ... then the first element again: every value in range, binned into the trash bin
+            buf.index_copy_(0, trash, buf.index_select(0, self.full["first"]))  # type: ignore[arg-type]
         lo, hi = _range(vmin, vmax, hist_range)
         span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
         scale = (self.bins / span).clamp(max=_FLT_MAX).to(self.work)
@@ -211,7 +241,8 @@ class _Plan:
             values, lo.to(self.work).index_select(0, seg).unsqueeze(1), scale.index_select(0, seg).unsqueeze(1),
             layout["offset"], table, self.bins, self.buffer("work", shape, self.work),  # type: ignore[arg-type]
             self.buffer("index", shape, torch.int32), self.buffer("flags", shape, torch.bool), layout["trash"],
-        ).view(-1, self.bins).double()
+            clamp=not isinstance(hist_range, str),
+        ).double()
         if self.sampled:
             counts = counts * self.scale
         stats = torch.stack([vmin, vmax, total, sum_squares, self.num, lo, hi], dim=1)
@@ -242,7 +273,7 @@ def _plan(tensors: list[torch.Tensor], bins: int, max_elements: Optional[int], h
 
 def summarize(
     tensors: Sequence[torch.Tensor],
-    sum_squares: Union[Sequence[torch.Tensor], torch.Tensor],
+    sum_squares: Union[Sequence[torch.Tensor], torch.Tensor, None],
     bins: int,
     max_elements: Optional[int],
     hist_range: HistRange,
@@ -251,30 +282,35 @@ def summarize(
 ) -> torch.Tensor:
     """``[len(tensors), STAT_COLUMNS + bins]`` float64 device tensor of exact stats and (sampled) bin counts.
 
-    Assumes every element is finite (the caller checks ``sum_squares`` on the host and sends non-finite tensors
-    through :func:`summarize_finite`). Exact ``min``/``max``/``sum`` cover every element; counts cover every
-    element (``max_elements=None``) or at most ``max_elements`` per tensor taken with a prime stride, scaled to
-    the element count. The same number of device ops for 6 tensors or 400 (plus one view per tensor); the layout
-    is planned once per list of sizes. ``cache=False`` for one-off sizes (no plan or buffer kept).
+    ``sum_squares`` are the squared norms to report, or ``None``: computed here from the flat copy (float32
+    norms of 64-element rows summed in float64, within 1e-6 of float64 as :func:`squared_norms` on a CPU), which
+    spares the caller its own pass over these tensors. Assumes every element is finite (the caller checks the
+    squared norms on the host and sends non-finite tensors through :func:`summarize_finite`). Exact
+    ``min``/``max``/``sum`` cover every element; counts cover every element (``max_elements=None``) or at most
+    ``max_elements`` per tensor taken with a prime stride, scaled to the element count. The same number of device
+    ops for 6 tensors or 400 (plus one view per tensor); the layout is planned once per list of sizes.
+    ``cache=False`` for one-off sizes (no plan or buffer kept).
     """
     tensors = list(tensors)
     if not tensors:
         return torch.zeros(0, STAT_COLUMNS + bins, dtype=torch.float64)
+    sq: Optional[torch.Tensor] = None
     if isinstance(sum_squares, torch.Tensor):
         sq = sum_squares.reshape(-1).double()
-    else:
+    elif sum_squares is not None:
         sq = torch.stack([s.reshape(()) for s in sum_squares]).double()
     devices = {t.device for t in tensors}
     if len(devices) > 1:  # one plan per device, rows put back in order
         rows: list[Optional[torch.Tensor]] = [None] * len(tensors)
         for device in devices:
             ids = [i for i, t in enumerate(tensors) if t.device == device]
-            block = summarize([tensors[i] for i in ids], sq.to(device)[ids], bins, max_elements, hist_range,
-                              cache=cache)
+            block = summarize([tensors[i] for i in ids], None if sq is None else sq.to(device)[ids], bins,
+                              max_elements, hist_range, cache=cache)
             for r, i in enumerate(ids):
                 rows[i] = block[r].to(tensors[0].device)
         return torch.stack(rows)  # type: ignore[arg-type]
-    return _plan(tensors, bins, max_elements, hist_range, cache).run(tensors, sq.to(tensors[0].device), hist_range)
+    sq = None if sq is None else sq.to(tensors[0].device)
+    return _plan(tensors, bins, max_elements, hist_range, cache).run(tensors, sq, hist_range)
 
 
 def bin_counts(sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
@@ -288,12 +324,12 @@ def bin_counts(sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: i
     k = rows.shape[0]
     lo64, hi64 = lo.reshape(-1).double().expand(k), hi.reshape(-1).double().expand(k)
     span = torch.where(hi64 > lo64, hi64 - lo64, torch.ones_like(hi64))
-    offset = (1 + torch.arange(k, device=rows.device, dtype=torch.int32) * bins).unsqueeze(1)
+    offset = (1 + torch.arange(k, device=rows.device, dtype=torch.int32) * (bins + 1)).unsqueeze(1)
     counts = _bin_rows(rows, lo64.unsqueeze(1), (bins / span).unsqueeze(1), offset,
                        _edge_table(lo64, hi64, bins, torch.float64), bins, torch.empty_like(rows),
                        torch.empty(rows.shape, dtype=torch.int32, device=rows.device),
                        torch.empty(rows.shape, dtype=torch.bool, device=rows.device), None)
-    counts = counts.view(k, bins).to(sample.dtype if sample.is_floating_point() else torch.float32)
+    counts = counts.reshape(k, bins).to(sample.dtype if sample.is_floating_point() else torch.float32)
     return counts if sample.dim() > 1 else counts[0]
 
 

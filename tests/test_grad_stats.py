@@ -105,10 +105,12 @@ def test_norm_of_a_2_pow_24_element_gradient_within_1e6_of_float64(dist):
     if dist == "shifted":
         x = x.abs_().add_(3.0)
     small = torch.randn(1000, generator=g)
-    sq = squared_norms([small, x, x[:777].reshape(7, 111)])
-    for got, t in zip(sq.tolist(), [small, x, x[:777]]):
+    tensors = [small, x, x[:777].reshape(7, 111)]
+    sq = squared_norms(tensors)
+    from_copy = summarize(tensors, None, 8, 1000, "minmax", cache=False)[:, 3]  # summarize's own, from its copy
+    for got, own, t in zip(sq.tolist(), from_copy.tolist(), tensors):
         ref = float(t.double().square().sum())
-        assert abs(got - ref) <= 1e-6 * ref
+        assert abs(got - ref) <= 1e-6 * ref and abs(own - ref) <= 1e-6 * ref
 
 
 def test_half_precision_norms_never_overflow():
@@ -152,3 +154,16 @@ def test_device_ops_per_event_do_not_grow_with_the_number_of_tensors(max_element
     few = [torch.randn(3000), torch.randn(20), torch.randn(50, 60)]
     many = [torch.randn(3000) for _ in range(100)] + [torch.randn(20) for _ in range(100)]
     assert _ops_per_event(few, max_elements)[0] == _ops_per_event(many, max_elements)[0]
+
+
+@pytest.mark.parametrize("hist_range", ["minmax", "symmetric", (-1.0, 1.0)])
+def test_nan_and_inf_never_reach_another_tensors_histogram(hist_range):
+    """A +Inf in the last bin of a fixed range used to step into the next tensor's first bin (one count too many)."""
+    g = torch.Generator().manual_seed(5)
+    bad = torch.randn(1000, generator=g)
+    bad[[5, 7, 9]] = torch.tensor([float("inf"), float("nan"), -float("inf")])
+    clean = torch.randn(1000, generator=g)
+    rows = summarize([bad, clean, bad, clean], None, 16, None, hist_range, cache=False).numpy()
+    for row in rows[[1, 3]]:
+        np.testing.assert_array_equal(row[STAT_COLUMNS:], _reference(clean.double().numpy(), row[5], row[6], 16))
+    assert not np.isfinite(rows[[0, 2], 3]).any()  # the caller sees NaN/Inf there and redoes those rows
