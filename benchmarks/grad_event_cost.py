@@ -24,7 +24,9 @@ Models: a 25M-parameter MLP 1024-4096-4096-1024 (6 tensors), an ``nn.Transformer
 8 heads, embedding + head, 16 sequences of 128 tokens; 75 tensors), 200 x Linear(256, 256) (400 tensors) and
 5000 x Linear(16, 16) (10,000 tensors: our rows only).
 Below each table: torch dispatcher ops per event (``_common.count_ops``: compute ops / views), for the whole
-monitor event and for ``summarize`` alone.
+monitor event and for ``summarize`` alone, and the whole event's compute ops on the CUDA path (``_grad_norms.FUSED``:
+the norms of the tensors without a histogram by one fused ``_foreach_norm``, as on a GPU, instead of the CPU's
+per-tensor float32 rows).
 
 Run::
 
@@ -49,6 +51,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # noqa: E4
 from torch import nn  # noqa: E402
 
 import lightning_monitor._grad_event as gm  # noqa: E402
+from lightning_monitor import _grad_norms  # noqa: E402
 from lightning_monitor import GradientMonitor  # noqa: E402
 from lightning_monitor._grad_stats import squared_norms, summarize  # noqa: E402
 
@@ -212,6 +215,11 @@ def bench_model(name: str, module: Wrapped, reps: int, root: str, old: Optional[
     writer.close()
 
     ops = {key: count_ops(configs[key]) for key in configs if key.startswith("ours") and "@" not in key}
+    _grad_norms.FUSED = True  # the norm pass CUDA takes (one fused _foreach_norm), run here on the CPU
+    try:
+        fused_ops = {key: count_ops(configs[key])[0] for key in ops}
+    finally:
+        _grad_norms.FUSED = None
     if not few:
         ops["summarize exact"] = count_ops(configs["summarize exact"])
         ops["summarize sampled"] = count_ops(configs["summarize sampled"])
@@ -237,6 +245,8 @@ def bench_model(name: str, module: Wrapped, reps: int, root: str, old: Optional[
         if f"ours {kind} @{rev}" in ratios:
             print(f"ours {kind}: new / @{rev} = {ratios[f'ours {kind}'] / ratios[f'ours {kind} @{rev}']:.3f}")
     print("\ndispatcher ops per event (compute / views): " + ", ".join(f"{k} {c}/{v}" for k, (c, v) in ops.items()))
+    print("the same on the CUDA path (compute ops; norms by one fused _foreach_norm): "
+          + ", ".join(f"{k} {c}" for k, c in fused_ops.items()))
     wb_logger.finalize("success")
     import wandb
 

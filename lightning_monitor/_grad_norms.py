@@ -16,6 +16,11 @@ _NORM_ROW = 64  # CPU norms: float32 over rows of this many elements, combined i
 _NORM_SMALL = 256  # CPU norms: tensors up to this size are normed whole, in one _foreach_norm
 _MAX_PLANS = 4  # row-owner vectors kept for recently seen parameter sets
 
+#: the pass :func:`squared_norms` takes: ``None`` picks by device (the fused float64 ``_foreach_norm`` on CUDA or for
+#: float64 tensors, float32 rows elsewhere); ``True`` forces the fused one (benchmarks and tests count the CUDA
+#: path's device ops on a CPU with it)
+FUSED: Optional[bool] = None
+
 
 def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[P]`` float64 device tensor: the squared L2 norm of each tensor, within 1e-6 relative of float64 at any size.
@@ -30,7 +35,8 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
     device = tensors[0].device
-    if device.type == "cuda" or any(t.dtype == torch.float64 for t in tensors):
+    fused = FUSED if FUSED is not None else device.type == "cuda" or any(t.dtype == torch.float64 for t in tensors)
+    if fused:
         return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square()
     small = [t for t in tensors if t.numel() <= _NORM_SMALL]
     parts = [torch.stack(torch._foreach_norm(small, 2, dtype=torch.float32))] if small else []

@@ -167,3 +167,28 @@ def test_nan_and_inf_never_reach_another_tensors_histogram(hist_range):
     for row in rows[[1, 3]]:
         np.testing.assert_array_equal(row[STAT_COLUMNS:], _reference(clean.double().numpy(), row[5], row[6], 16))
     assert not np.isfinite(rows[[0, 2], 3]).any()  # the caller sees NaN/Inf there and redoes those rows
+
+
+@pytest.mark.parametrize("max_elements", [None, 1000])
+def test_a_measured_step_has_a_fixed_op_count_on_the_cuda_norm_path(monkeypatch, max_elements):
+    """The device part of a logging event (norms, histograms, the packed transfer) runs the same number of ops for
+    3 tensors or 200, with every tensor histogrammed or only some (the cap), when the norms take the fused
+    ``_foreach_norm`` pass CUDA takes (forced here on the CPU)."""
+    from lightning_monitor import _grad_norms
+    from lightning_monitor._grad_event import measure
+
+    monkeypatch.setattr(_grad_norms, "FUSED", True)
+
+    def ops(tensors: list[torch.Tensor], hist: np.ndarray) -> int:
+        args = (0, np.arange(len(tensors)), tensors, [], hist, np.zeros(0, dtype=np.int64), False, 64, max_elements,
+                "minmax", [])
+        measured, _ = measure(*args)  # plans the layout
+        with _CountOps() as counted:
+            measure(*args)
+        np.testing.assert_allclose(measured.sq, [float(t.double().square().sum()) for t in tensors], rtol=1e-6)
+        return counted.compute
+
+    few = [torch.randn(3000), torch.randn(20), torch.randn(50, 60)]
+    many = [torch.randn(3000) for _ in range(100)] + [torch.randn(20) for _ in range(100)]
+    assert ops(few, np.arange(3)) == ops(many, np.arange(200))
+    assert ops(few, np.array([0, 2])) == ops(many, np.arange(0, 200, 4))
