@@ -128,7 +128,15 @@ class TensorBoardWriter(Writer):
             return super().scalars(metrics, step)  # a subclass's own log_metrics keeps its say
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        self._one_event([Summary.Value(tag=key, simple_value=float(value)) for key, value in metrics.items()], step)
+        values, rejected = [], []
+        for key, value in metrics.items():
+            try:
+                values.append(Summary.Value(tag=key, simple_value=float(value)))
+            except (TypeError, ValueError):
+                rejected.append(key)
+        self._one_event(values, step)  # the numbers are written even when another value is not one
+        if rejected:
+            raise ValueError(f"not a number: {', '.join(rejected[:5])}")
 
     def histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int]) -> None:
         from torch.utils.tensorboard.summary import histogram_raw

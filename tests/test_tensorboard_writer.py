@@ -94,3 +94,16 @@ def test_a_subclass_log_metrics_keeps_its_say(tmp_path):
     assert "grad/norm_total" in logger.seen
     series = tb_all_scalars(logger.log_dir)
     assert [s for s, _ in series["own/grad/norm_total"]] == [1, 3] and "grad/norm_total" not in series
+
+
+def test_a_value_that_is_not_a_number_costs_that_value_only(tmp_path):
+    from lightning_monitor._dispatch import log_scalars
+
+    logger = TensorBoardLogger(tmp_path / "runs")
+    trainer = make_trainer(tmp_path, logger=logger)
+    with pytest.warns(UserWarning, match=r"TensorBoard rejected .* at step 3 \(ValueError: not a number: a/text\)"):
+        log_scalars(trainer, {"a/x": 1.5, "a/text": "high", "a/y": 2.0}, 3)
+    log_scalars(trainer, {"a/x": 2.5}, 4)  # the backend keeps logging
+    logger.experiment.flush()
+    series = tb_all_scalars(logger.log_dir)
+    assert series["a/x"] == [(3, 1.5), (4, 2.5)] and series["a/y"] == [(3, 2.0)] and "a/text" not in series
