@@ -24,6 +24,7 @@ from lightning_monitor._grad_norms import _NORM_ROW, fast_norms, squared_norms  
 
 STAT_COLUMNS = 7  # min, max, sum, sum_squares, num, lo, hi
 _ROW = 256  # row width of the flat layout; a tensor is padded to whole rows
+_IN_PLACE = 1 << 22  # sampled tensors this large are reduced where they lie, not copied (see _Plan)
 _SHIFT = 2.0**-10  # candidate bins are computed this far low, then moved up by one exact comparison
 _MAX_PLANS = 4  # layouts (and, on the CPU, their work buffers) kept for recently seen parameter sets
 _FLT_MAX = float(torch.finfo(torch.float32).max)
@@ -138,7 +139,14 @@ def _bin_rows(
 
 
 class _Plan:
-    """Layout, index vectors and (on the CPU) work buffers for one list of tensor sizes; reused every event."""
+    """Layout, index vectors and (on the CPU) work buffers for one list of tensor sizes; reused every event.
+
+    Tensors are copied into one flat buffer of ``_ROW``-element rows (each padded to whole rows) and reduced and
+    binned there, a fixed number of ops for any number of tensors. The exception: when histograms are sampled, a
+    tensor of at least ``_IN_PLACE`` elements is not copied; its min/max/sum/norm are reduced where it lies (a few
+    ops whose memory traffic dwarfs their launch) and only its strided sample joins the binning, which spares
+    copying the large gradients of a large model (on a CPU the copy cost more than the statistics).
+    """
 
     def __init__(self, numels: list[int], dtype: torch.dtype, device: torch.device, bins: int,
                  max_elements: Optional[int], fixed: Optional[tuple[float, float]], keep_buffers: bool) -> None:
@@ -150,27 +158,42 @@ class _Plan:
         # float32 candidates are within _SHIFT when lo is a float32 value (min, -max|x| or a float32-exact bound)
         exact32 = dtype == torch.float32 and (fixed is None or all(_float32_exact(v) for v in fixed))
         self.work = torch.float32 if exact32 else torch.float64
-        rows = np.array([-(-n // _ROW) for n in numels])
-        starts = np.concatenate([[0], np.cumsum(rows)[:-1]]) * _ROW
-        self.rows = rows.sum()
-        self.pads = rows * _ROW - np.array(numels)
-        self.full = self._layout(np.arange(len(numels)), rows, starts, np.array(numels), stride=np.ones_like(rows))
+        sizes, ids = np.array(numels), np.arange(len(numels))
         strides = np.array([sample_stride(n, max_elements) for n in numels])
         self.sampled = bool((strides > 1).any())
+        in_place = (strides > 1) & (sizes >= _IN_PLACE)
+        self.copied = ~in_place
+        self.in_place = np.flatnonzero(in_place)
+        copied = np.where(in_place, 0, sizes)
+        rows = -(-copied // _ROW)
+        starts = np.concatenate([[0], np.cumsum(rows)[:-1]]) * _ROW
+        self.rows = int(rows.sum())
+        self.pads = rows * _ROW - copied
+        self.full = self._layout(ids, rows, copied)
         if self.sampled:
-            taken = -(-np.array(numels) // strides)
+            taken = -(-sizes // strides)
             srows = -(-taken // _ROW)
-            self.sample = self._layout(np.arange(len(numels)), srows, starts, taken, stride=strides)
-            self.scale = self._dev(np.array(numels) / taken).to(torch.float64).unsqueeze(1)
-        self.num = self._dev(np.array(numels, dtype=np.float64))
-        self.norm_seg = self._dev(np.repeat(np.arange(len(numels)), rows * (_ROW // _NORM_ROW)))  # [rows * 4]
+            order = np.concatenate([np.flatnonzero(self.copied), self.in_place])  # samples of copied tensors first
+            self.sample = self._layout(order, srows[order], taken[order])
+            # one gather index into the flat buffer: the samples of each copied tensor, padded with its first element
+            src = [np.concatenate([starts[i] + np.arange(taken[i]) * strides[i], np.full(srows[i] * _ROW - taken[i],
+                                                                                         starts[i])])
+                   for i in np.flatnonzero(self.copied)]
+            self.source = self._dev(np.concatenate(src).astype(np.int64)) if src else None
+            self.source_len = int(srows[self.copied].sum()) * _ROW
+            self.sample_len = int(srows.sum()) * _ROW
+            self.in_place_take = [(int(strides[i]), int(srows[i] * _ROW - taken[i])) for i in self.in_place]
+            self.scale = self._dev(sizes / taken).to(torch.float64).unsqueeze(1)
+        self.in_place_dev = self._dev(self.in_place) if self.in_place.size else None
+        self.num = self._dev(sizes.astype(np.float64))
+        self.norm_seg = self._dev(np.repeat(ids, rows * (_ROW // _NORM_ROW)))  # [rows * 4]
 
     def _dev(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
-    def _layout(self, ids: np.ndarray, rows: np.ndarray, starts: np.ndarray, counts: np.ndarray,
-                stride: np.ndarray) -> dict[str, Optional[torch.Tensor]]:
-        """Row-to-tensor map, bin offsets, padding positions and (sampled) source positions of a row layout."""
+    def _layout(self, ids: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> dict[str, Optional[torch.Tensor]]:
+        """Row-to-tensor map, bin offsets and padding positions (with each padding's tensor's start) of a layout
+        holding ``counts[k]`` values of tensor ``ids[k]`` in ``rows[k]`` rows, in that order."""
         seg = np.repeat(ids, rows)
         out: dict[str, Optional[torch.Tensor]] = {
             "seg": self._dev(seg),
@@ -180,11 +203,7 @@ class _Plan:
         trash = np.concatenate([np.arange(w + c, w + r * _ROW) for w, c, r in zip(where, counts, rows, strict=True)])
         out["trash"] = self._dev(trash.astype(np.int64)) if trash.size else None
         first = np.concatenate([np.full(r * _ROW - c, w) for w, c, r in zip(where, counts, rows, strict=True)])
-        out["first"] = self._dev(first.astype(np.int64)) if trash.size else None  # each padding's tensor's start
-        if (stride > 1).any():  # one gather index: samples of tensor i, padded with its first element
-            src = [np.concatenate([s + np.arange(c) * k, np.full(r * _ROW - c, s)])
-                   for s, c, r, k in zip(starts, counts, rows, stride, strict=True)]
-            out["source"] = self._dev(np.concatenate(src).astype(np.int64))
+        out["first"] = self._dev(first.astype(np.int64)) if trash.size else None
         return out
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -204,36 +223,62 @@ class _Plan:
 
     def run(self, tensors: list[torch.Tensor], sum_squares: Optional[torch.Tensor], hist_range: HistRange
             ) -> torch.Tensor:
-        parts: list[torch.Tensor] = []
-        for tensor, pad in zip(tensors, self.pads, strict=True):
-            flat = tensor.detach().reshape(-1)
-            parts.append(flat)
-            if pad:
-                parts.append(flat[:1].expand(int(pad)))  # padding repeats the first element: min/max unchanged
-        buf = self.buffer("flat", (int(self.rows) * _ROW,), self.dtype)
-        torch.cat(parts, out=buf)
-        x = buf.view(-1, _ROW)
-        vmin = self._per_tensor(x.amin(dim=1).double(), "amin")
-        vmax = self._per_tensor(x.amax(dim=1).double(), "amax")
-        trash = self.full["trash"]
-        if trash is not None:
-            buf.index_fill_(0, trash, 0)  # zero for the sums ...
-        total = self._per_tensor(x.sum(dim=1).double(), "sum")
-        if sum_squares is None:  # float32 norms of 64-element rows combined in float64: as squared_norms on a CPU
-            rows = torch.linalg.vector_norm(buf.view(-1, _NORM_ROW), dim=1, dtype=torch.float32).double().square()
-            sum_squares = rows.new_zeros(len(self.numels)).index_add_(0, self.norm_seg, rows)
-        if trash is not None:  # ... then the first element again: every value in range, binned into the trash bin
-            buf.index_copy_(0, trash, buf.index_select(0, self.full["first"]))  # type: ignore[arg-type]
+        count, own_norms = len(self.numels), sum_squares is None
+        buf: Optional[torch.Tensor] = None
+        if self.rows:
+            parts: list[torch.Tensor] = []
+            for tensor, pad, copy in zip(tensors, self.pads, self.copied, strict=True):
+                if copy:
+                    flat = tensor.detach().reshape(-1)
+                    parts.append(flat)
+                    if pad:
+                        parts.append(flat[:1].expand(int(pad)))  # padding repeats the first element: min/max unchanged
+            buf = self.buffer("flat", (self.rows * _ROW,), self.dtype)
+            torch.cat(parts, out=buf)
+            x = buf.view(-1, _ROW)
+            vmin = self._per_tensor(x.amin(dim=1).double(), "amin")
+            vmax = self._per_tensor(x.amax(dim=1).double(), "amax")
+            trash = self.full["trash"]
+            if trash is not None:
+                buf.index_fill_(0, trash, 0)  # zero for the sums ...
+            total = self._per_tensor(x.sum(dim=1).double(), "sum")
+            if sum_squares is None:  # float32 norms of 64-element rows combined in float64: as squared_norms on a CPU
+                rows = torch.linalg.vector_norm(buf.view(-1, _NORM_ROW), dim=1, dtype=torch.float32).double().square()
+                sum_squares = rows.new_zeros(count).index_add_(0, self.norm_seg, rows)
+            if trash is not None:  # ... then the first element again: every value in range, binned into the trash bin
+                buf.index_copy_(0, trash, buf.index_select(0, self.full["first"]))  # type: ignore[arg-type]
+        else:
+            vmin, vmax, total = (torch.zeros(count, dtype=torch.float64, device=self.device) for _ in range(3))
+            if sum_squares is None:
+                sum_squares = torch.zeros(count, dtype=torch.float64, device=self.device)
+        large = [tensors[i].detach().reshape(-1) for i in self.in_place.tolist()]
+        if large:  # reduced where they lie: no copy
+            where = self.in_place_dev
+            assert where is not None and sum_squares is not None
+            vmin.index_copy_(0, where, torch.stack([t.amin() for t in large]).double())
+            vmax.index_copy_(0, where, torch.stack([t.amax() for t in large]).double())
+            total.index_copy_(0, where, torch.stack([t.sum(dtype=self.dtype) for t in large]).double())
+            if own_norms:
+                sum_squares.index_copy_(0, where, squared_norms(large))
         lo, hi = _range(vmin, vmax, hist_range)
         span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
         scale = (self.bins / span).clamp(max=_FLT_MAX).to(self.work)
         table = _edge_table(lo, hi, self.bins, self.work)
-        layout, values = self.full, x
         if self.sampled:
             layout = self.sample
-            values = self.buffer("sample", (int(layout["source"].numel()),), self.dtype)  # type: ignore[union-attr]
-            torch.index_select(buf, 0, layout["source"], out=values)  # type: ignore[arg-type]
+            values = self.buffer("sample", (self.sample_len,), self.dtype)
+            if self.source is not None:
+                torch.index_select(buf, 0, self.source, out=values[: self.source_len])  # type: ignore[arg-type]
+            if large:  # strided samples straight from the large tensors, padded with their first element
+                picks: list[torch.Tensor] = []
+                for t, (stride, pad) in zip(large, self.in_place_take, strict=True):
+                    picks.append(t[::stride])
+                    if pad:
+                        picks.append(t[:1].expand(pad))
+                torch.cat(picks, out=values[self.source_len :])
             values = values.view(-1, _ROW)
+        else:
+            layout, values = self.full, buf.view(-1, _ROW)  # type: ignore[union-attr]
         seg = layout["seg"]
         assert seg is not None  # every layout has one
         shape = tuple(values.shape)

@@ -192,3 +192,41 @@ def test_a_measured_step_has_a_fixed_op_count_on_the_cuda_norm_path(monkeypatch,
     many = [torch.randn(3000) for _ in range(100)] + [torch.randn(20) for _ in range(100)]
     assert ops(few, np.arange(3)) == ops(many, np.arange(200))
     assert ops(few, np.array([0, 2])) == ops(many, np.arange(0, 200, 4))
+
+
+@pytest.mark.parametrize("in_place", [3000, 100])
+def test_sampled_large_tensors_reduced_where_they_lie_equal_the_copied_ones(monkeypatch, in_place):
+    """Sampled tensors of at least ``_IN_PLACE`` elements are not copied: the same rows as the copy path (counts,
+    min, max exactly; sum and norms within float rounding), also when no tensor is copied at all (100)."""
+    from lightning_monitor import _grad_stats
+
+    g = torch.Generator().manual_seed(7)
+    tensors = [torch.randn(5000, generator=g) * 3 + 1, torch.randn(200, generator=g), torch.randn(97, 41, generator=g),
+               torch.rand(12_345, generator=g).half()]
+    for hist_range in ["minmax", "symmetric", (-2.0, 2.0)]:
+        copied = summarize(tensors, None, 16, 1000, hist_range, cache=False).numpy()
+        monkeypatch.setattr(_grad_stats, "_IN_PLACE", in_place)
+        split = summarize(tensors, None, 16, 1000, hist_range, cache=False).numpy()
+        monkeypatch.setattr(_grad_stats, "_IN_PLACE", 1 << 22)
+        np.testing.assert_array_equal(split[:, [0, 1, 4, 5, 6]], copied[:, [0, 1, 4, 5, 6]])
+        np.testing.assert_array_equal(split[:, STAT_COLUMNS:], copied[:, STAT_COLUMNS:])
+        np.testing.assert_allclose(split[:, 2:4], copied[:, 2:4], rtol=1e-6, atol=1e-6)
+        for t, row in zip(tensors, split):
+            v = t.double().reshape(-1).numpy()
+            assert row[3] == pytest.approx(np.square(v).sum(), rel=1e-6)
+
+
+def test_a_tensor_over_the_in_place_size_gets_exact_stats_and_its_strided_sample():
+    from lightning_monitor._grad_stats import _IN_PLACE
+
+    g = torch.Generator().manual_seed(8)
+    big, small = torch.randn(_IN_PLACE + 333, generator=g), torch.randn(50_000, generator=g)
+    rows = summarize([small, big], None, 32, 16384, "minmax").numpy()
+    for t, row in zip([small, big], rows):
+        v = t.numpy()
+        sample = v[:: sample_stride(v.size, 16384)]
+        np.testing.assert_allclose(row[STAT_COLUMNS:], _reference(sample, row[5], row[6], 32) * (v.size / sample.size),
+                                   rtol=1e-12)
+        assert (row[0], row[1], row[4]) == (v.min(), v.max(), v.size)
+        assert row[2] == pytest.approx(v.astype(np.float64).sum(), rel=1e-5, abs=1e-2)
+        assert row[3] == pytest.approx(np.square(v.astype(np.float64)).sum(), rel=1e-6)
