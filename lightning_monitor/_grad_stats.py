@@ -6,8 +6,10 @@ binned range (``bins + 1`` edges ``numpy.linspace(lo, hi, bins + 1)``, the edges
 
 One event is a fixed number of device ops whatever the number of tensors: all tensors are copied by ONE
 ``torch.cat`` into a flat buffer laid out in rows of ``_ROW`` elements (each tensor padded to whole rows), reduced
-per row and then per tensor over the (few) rows, and binned by one ``bincount`` over ``bin + tensor * bins``.
-Bin indices agree with ``numpy.histogram`` count for count (see :func:`_bin_rows`).
+per row and then per tensor over the (few) rows, and binned by one ``bincount`` over ``bin + tensor * (bins + 1)``.
+With sampled histograms a tensor of at least ``_IN_PLACE`` elements is the exception: reduced where it lies (a few
+ops each, whose memory traffic dwarfs their launch) and only its sample copied. Bin indices agree with
+``numpy.histogram`` count for count (see :func:`_bin_rows`).
 """
 
 from __future__ import annotations
@@ -333,7 +335,8 @@ def summarize(
     squared norms on the host and sends non-finite tensors through :func:`summarize_finite`). Exact
     ``min``/``max``/``sum`` cover every element; counts cover every element (``max_elements=None``) or at most
     ``max_elements`` per tensor taken with a prime stride, scaled to the element count. The same number of device
-    ops for 6 tensors or 400 (plus one view per tensor); the layout is planned once per list of sizes.
+    ops for 6 tensors or 400 (plus one view per tensor, and a few ops per sampled tensor of at least
+    ``_IN_PLACE`` elements, which is not copied); the layout is planned once per list of sizes.
     ``cache=False`` for one-off sizes (no plan or buffer kept).
     """
     tensors = list(tensors)
