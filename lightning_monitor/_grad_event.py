@@ -160,8 +160,15 @@ def update_ratios(params: Sequence[torch.Tensor], snapshots: Sequence[Snapshot],
     before = [t for s in snapshots for t in s[1]]
     after = [params[i].detach() for i in present.tolist()]
     # sync point: logging steps with update_ratio only
-    dsq_part = squared_norms(torch._foreach_sub(after, before)).to("cpu").numpy()
-    n = len(params)
+    dsq = squared_norms(torch._foreach_sub(after, before)).to("cpu").numpy()
+    return ratio_metrics(len(params), snapshots, dsq, group_names, gid)
+
+
+def ratio_metrics(n: int, snapshots: Sequence[Snapshot], dsq_part: np.ndarray, group_names: Sequence[str],
+                  gid: np.ndarray) -> dict[str, float]:
+    """``param/update_ratio*`` of ``n`` parameters from the squared norms of the weight changes ``dsq_part`` of the
+    snapshots' parameters (in the snapshots' order) and the squared weight norms the snapshots hold."""
+    present = np.concatenate([s[0] for s in snapshots])
     have, dsq, wsq = np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n)
     have[present], dsq[present], wsq[present] = True, dsq_part, np.concatenate([s[2] for s in snapshots])
     total = wsq[have].sum()

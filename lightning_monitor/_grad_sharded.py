@@ -34,8 +34,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
 from lightning_monitor import _grad_stats
-from lightning_monitor._grad_event import Measured, Snapshot
-from lightning_monitor._grad_groups import group_norms
+from lightning_monitor._grad_event import Measured, Snapshot, ratio_metrics
 from lightning_monitor._grad_norms import fast_norms, squared_norms
 from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, bin_counts, sample_stride, summarize
 
@@ -370,13 +369,5 @@ def update_ratios(params: Sequence[torch.Tensor], snapshots: Sequence[Snapshot],
     """:func:`lightning_monitor._grad_event.update_ratios` for sharded weights (one all-reduce SUM, every rank)."""
     present = np.concatenate([s[0] for s in snapshots])
     before = [local_shard(t)[0] for s in snapshots for t in s[1]]
-    dsq_part = global_squared_diffs([params[i] for i in present.tolist()], before)
-    n = len(params)
-    have, dsq, wsq = np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n)
-    have[present], dsq[present], wsq[present] = True, dsq_part, np.concatenate([s[2] for s in snapshots])
-    total = wsq[have].sum()
-    metrics = {"param/update_ratio_total": float(np.sqrt(dsq[have].sum() / total)) if total > 0 else 0.0}
-    num, den = group_norms("x", group_names, gid, have, dsq), group_norms("x", group_names, gid, have, wsq)
-    for key, value in num.items():
-        metrics[f"param/update_ratio/{key[2:]}"] = value / den[key] if den[key] > 0 else 0.0
-    return metrics
+    dsq = global_squared_diffs([params[i] for i in present.tolist()], before)
+    return ratio_metrics(len(params), snapshots, dsq, group_names, gid)
