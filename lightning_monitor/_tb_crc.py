@@ -10,14 +10,11 @@ TensorBoard's own function on first use) for every TensorBoard writer in the pro
 
 from __future__ import annotations
 
-import importlib
+import functools
 import warnings
 from collections.abc import Callable
-from typing import Any
 
 _MASK_DELTA = 0xA282EAD8
-_MODULE = "tensorboard.summary.writer.record_writer"
-_state: dict[str, Any] = {}
 
 
 def _masked(crc: Callable[[bytes], int]) -> Callable[[bytes], int]:
@@ -29,17 +26,15 @@ def _masked(crc: Callable[[bytes], int]) -> Callable[[bytes], int]:
     return masked_crc32c
 
 
+@functools.cache
 def use_fast_crc() -> bool:
-    """Make TensorBoard's record writer checksum in C; True when it does (idempotent, never raises)."""
-    if "installed" in _state:
-        return bool(_state["installed"])
-    _state["installed"] = False
+    """Make TensorBoard's record writer checksum in C; True when it does (runs once, never raises)."""
     try:
         with warnings.catch_warnings():  # its "pure python implementation is slower" warning: we then do nothing
             warnings.simplefilter("ignore")
             import google_crc32c
-        record_writer = importlib.import_module(_MODULE)
         from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+        from tensorboard.summary.writer import record_writer
     except ImportError:
         return False
     if google_crc32c.implementation != "c" or record_writer.masked_crc32c is not pywrap_tensorflow.masked_crc32c:
@@ -48,6 +43,5 @@ def use_fast_crc() -> bool:
     probe = bytes(range(256)) * 3
     if fast(probe) != pywrap_tensorflow.masked_crc32c(probe):
         return False
-    record_writer.masked_crc32c = fast  # type: ignore[attr-defined]
-    _state["installed"] = True
+    record_writer.masked_crc32c = fast
     return True
