@@ -4,7 +4,7 @@ Every rank holds a shard (``DTensor.to_local()``, possibly uneven or empty) of e
 full tensors are built from per-shard pieces that combine exactly: squared norms, NaN/Inf counts, finite sums,
 finite sums of squares, finite element counts and bin counts add across ranks; finite ``max`` and ``-min`` take
 the maximum. Histograms bin each local shard against the GLOBAL range (known after the MAX collective) with
-:func:`~lightning_monitor._grad_stats.bin_counts`, numpy's rule, so the summed counts equal the counts of the full
+:func:`~lightning_monitor._grad_bins.bin_counts`, numpy's rule, so the summed counts equal the counts of the full
 tensor, element for element (``max_elements=None``).
 
 Collectives: :func:`global_stats` makes :data:`COLLECTIVES_PER_EVENT` (2) all-reduces on the default process
@@ -34,9 +34,10 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
 from lightning_monitor import _grad_stats
+from lightning_monitor._grad_bins import bin_counts
 from lightning_monitor._grad_event import Measured, Snapshot, ratio_metrics
 from lightning_monitor._grad_norms import fast_norms, squared_norms
-from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, bin_counts, sample_stride, summarize
+from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, sample_stride, summarize
 
 COLLECTIVES_PER_EVENT = 2  # one packed MAX, one packed SUM: the all-reduces of one global_stats call
 

@@ -20,7 +20,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.nn import functional as F
 
 from lightning_monitor import GradientMonitor, MultiLogger
-from lightning_monitor._grad_stats import bin_counts, sample_stride, summarize
+from lightning_monitor._grad_bins import bin_counts
+from lightning_monitor._grad_stats import sample_stride, summarize
 from lightning_monitor.testing import HostSyncCounter
 
 PARAMS = ["conv.weight", "conv.bias", "head.weight", "head.bias"]
