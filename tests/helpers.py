@@ -5,6 +5,8 @@ from __future__ import annotations
 import glob
 import os
 import socket
+import subprocess
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -103,3 +105,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_ddp_script(tmp_path: Any, name: str, source: str, timeout: float = 170) -> subprocess.CompletedProcess[str]:
+    """``source`` written to ``tmp_path/name`` and run there as its own job (it starts its 2 DDP processes itself),
+    with the distributed variables of any outer launcher taken out of its environment; it must exit 0."""
+    script = tmp_path / name
+    script.write_text(source)
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def flat_shard_trainer(strategy: str) -> Any:
+    """What a monitor's ``setup`` reads of a trainer under Lightning's ``strategy`` (e.g. ``FSDPStrategy``), without
+    building the strategy (it needs a GPU / a process group)."""
+    from lightning.pytorch import strategies
+
+    cls = getattr(strategies, strategy)
+
+    class Trainer:
+        loggers, is_global_zero, strategy = [object()], False, cls.__new__(cls)
+
+    return Trainer()

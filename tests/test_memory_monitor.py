@@ -7,8 +7,6 @@ import logging
 import os
 import pickle
 import re
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -21,7 +19,16 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-from helpers import TinyImageModel, event_files, find_runs, image_data, image_loader, make_trainer, tb_all_scalars
+from helpers import (
+    TinyImageModel,
+    event_files,
+    find_runs,
+    image_data,
+    image_loader,
+    make_trainer,
+    run_ddp_script,
+    tb_all_scalars,
+)
 from lightning_monitor import MemoryMonitor, MultiLogger, _memory
 from lightning_monitor.testing import HostSyncCounter
 
@@ -451,12 +458,7 @@ with open(os.path.join({root!r}, f"rank{{trainer.global_rank}}.json"), "w") as f
 def test_ddp_min_mean_max_and_max_rank_written_by_rank0(tmp_path):
     root = tmp_path / "ddp"
     root.mkdir()
-    script = tmp_path / "ddp_memory.py"
-    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), root=str(root)))
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=170)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_ddp_script(tmp_path, "ddp_memory.py", DDP_SCRIPT.format(tests=os.path.dirname(__file__), root=str(root)))
 
     files = event_files(root)
     assert len(files) == 1  # rank 0 wrote, rank 1 nothing

@@ -8,8 +8,6 @@ import itertools
 import json
 import os
 import signal
-import subprocess
-import sys
 from typing import Any
 
 import numpy as np
@@ -29,7 +27,16 @@ from lightning_monitor import (
     run_summary,
 )
 
-from helpers import TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator, tb_all_scalars
+from helpers import (
+    TinyImageModel,
+    event_files,
+    find_runs,
+    image_loader,
+    make_trainer,
+    run_ddp_script,
+    tb_accumulator,
+    tb_all_scalars,
+)
 
 def _monitors() -> list[Any]:
     return [GradientMonitor(), MemoryMonitor(), SpeedMonitor(peak_flops_per_sec=1e12),
@@ -297,12 +304,8 @@ trainer.fit(Heavy(), image_loader(64))
 def test_ddp_writes_one_summary_with_the_cross_rank_peak_and_its_rank(tmp_path):
     root = tmp_path / "ddp"
     root.mkdir()
-    script = tmp_path / "ddp_summary.py"
-    script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), root=str(root)))
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=170)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    source = DDP_SCRIPT.format(tests=os.path.dirname(__file__), root=str(root))
+    proc = run_ddp_script(tmp_path, "ddp_summary.py", source)
     assert proc.stdout.count("Run summary (success)") == 1  # both ranks print to this pipe: rank 0 alone did
     (path,) = glob.glob(str(root / "**" / "summary.json"), recursive=True)
     assert len(event_files(root)) == 1

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import psutil
 import pytest
-from helpers import tb_accumulator, tb_scalars
+from helpers import flat_shard_trainer, tb_accumulator, tb_scalars
 from PIL import Image
 
 from lightning_monitor import _draw
@@ -208,18 +208,12 @@ def test_fsdp2_grid_with_a_rank_that_has_no_validation_batches(tmp_path):
 @pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
 def test_fsdp1_and_deepspeed_are_refused_in_setup_naming_what_works(strategy):
     """Their wrapper owns the module's forward (flat, sharded parameters): refused before any training step."""
-    from lightning.pytorch import strategies
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from lightning_monitor import PredictionGridMonitor
 
-    cls = getattr(strategies, strategy)
-
-    class Trainer:  # what setup reads of a trainer, without building the strategy (it needs a GPU / a process group)
-        loggers, is_global_zero, strategy = [object()], False, cls.__new__(cls)
-
     with pytest.raises(MisconfigurationException, match=rf"{strategy} wraps .*use ModelParallelStrategy with FSDP2"):
-        PredictionGridMonitor().setup(Trainer(), None, "fit")
+        PredictionGridMonitor().setup(flat_shard_trainer(strategy), None, "fit")
 
 
 @pytest.mark.slow

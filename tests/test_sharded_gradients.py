@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import psutil
 import pytest
-from helpers import free_port
+from helpers import flat_shard_trainer, free_port
 
 JOB_TIMEOUT = 150
 
@@ -317,18 +317,12 @@ def _check_memory_and_speed(ddp: dict, fsdp: dict) -> None:
 @pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
 def test_fsdp1_and_deepspeed_are_refused_in_setup_naming_what_works(strategy):
     """Flat gradient shards (FSDP1, DeepSpeed ZeRO) have no per-parameter global view: a clear error in setup."""
-    from lightning.pytorch import strategies
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from lightning_monitor import GradientMonitor
 
-    cls = getattr(strategies, strategy)
-
-    class Trainer:  # what setup reads of a trainer, without building the strategy (it needs a GPU / a process group)
-        loggers, is_global_zero, strategy = [object()], False, cls.__new__(cls)
-
     with pytest.raises(MisconfigurationException, match=rf"under {strategy}.*use ModelParallelStrategy with"):
-        GradientMonitor().setup(Trainer(), None, "fit")
+        GradientMonitor().setup(flat_shard_trainer(strategy), None, "fit")
 
 
 # ---------------------------------------------------------------------------------------------- CUDA (not run here)
