@@ -73,14 +73,11 @@ class Linears(MLP):
 class Encoder(pl.LightningModule):
     def __init__(self, d_model: int = 512, vocab: int = 1000) -> None:
         super().__init__()
-        self.embed = nn.Embedding(vocab, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, nhead=8, dim_feedforward=4 * d_model, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, num_layers=6, enable_nested_tensor=False)
-        self.head = nn.Linear(d_model, vocab)
+        self.net = _common.TokenEncoder(vocab, d_model)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         tokens, targets = batch
-        logits = self.head(self.encoder(self.embed(tokens)))
+        logits = self.net(tokens)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

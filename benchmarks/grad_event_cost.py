@@ -43,7 +43,7 @@ import time
 import types
 from typing import Callable, Optional
 
-from _common import REPO_ROOT, Spread, count_ops, interleaved, machine, markdown_table, pin
+from _common import REPO_ROOT, Spread, TokenEncoder, count_ops, interleaved, machine, markdown_table, pin
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
@@ -76,22 +76,10 @@ def many_linears(batch: int, layers: int = 200, width: int = 256) -> Wrapped:
     return Wrapped(net, lambda: (x, y), lambda out, t: nn.functional.mse_loss(out, t))
 
 
-class TokenModel(nn.Module):
-    def __init__(self, vocab: int = 1000, d_model: int = 256, layers: int = 6) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, 8, 4 * d_model, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(d_model, vocab)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.embed(tokens)))
-
-
 def transformer(batch: int, seq: int = 128, vocab: int = 1000) -> Wrapped:
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
-    return Wrapped(TokenModel(vocab), lambda: (tokens[:, :-1], tokens[:, 1:]),
+    return Wrapped(TokenEncoder(vocab, dropout=0.0), lambda: (tokens[:, :-1], tokens[:, 1:]),
                    lambda out, t: nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1)))
 
 

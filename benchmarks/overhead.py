@@ -96,13 +96,10 @@ class Transformer(pl.LightningModule):
 
     def __init__(self, vocab: int = 1000, d_model: int = 256) -> None:
         super().__init__()
-        self.embed = nn.Embedding(vocab, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=4 * d_model, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, num_layers=6, enable_nested_tensor=False)
-        self.head = nn.Linear(d_model, vocab)
+        self.net = _common.TokenEncoder(vocab, d_model, heads=4)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(self.embed(tokens)))
+        return self.net(tokens)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         tokens, targets = batch
