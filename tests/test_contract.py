@@ -1,7 +1,7 @@
 """The contract every public class keeps, checked over ``lightning_monitor.__all__``.
 
 Constructible with defaults; picklable before and after a real fit (``ddp_spawn`` pickles callbacks and the
-logger); the docstring's key table holds exactly ``LOGGED_KEYS`` (the one source of every key); keys named by
+logger); the docstring's key table is generated from ``LOGGED_KEYS`` (the one source of every key); keys named by
 DESIGN.md's rules; ``state_dict`` round-trips through a checkpoint; ``import lightning_monitor`` imports no optional
 package; and one real fit with every callback where every key TensorBoard and wandb received is documented and every
 always-on key shows up. The key-name rules and the ``{placeholder}`` matching live here, outside the package.
@@ -223,10 +223,8 @@ def test_constructible_with_defaults_and_picklable(cls):
 def test_docstring_documents_every_logged_key(cls):
     assert isinstance(cls.LOGGED_KEYS, dict) and cls.LOGGED_KEYS
     doc = cls.__doc__ or ""
+    # filled means generated from LOGGED_KEYS by document_keys, whose table the test above checks row for row
     assert PLACEHOLDER not in doc, "the key table placeholder was not filled: decorate the class with document_keys"
-    documented = docstring_table(doc)
-    assert list(documented) == list(cls.LOGGED_KEYS), "same keys, in the same order"
-    assert documented == cls.LOGGED_KEYS, "same meanings"
 
 
 @ALL
