@@ -12,15 +12,11 @@ import errno
 import os
 import shutil
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Optional
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_monitor import _run_state, _wandb_run
 from lightning_monitor._writers import os_error
-
-if TYPE_CHECKING:
-    from lightning_monitor.multi_logger import MultiLogger
 
 #: free space below which the run directory's disk is reported low: this, or a tenth of a smaller disk
 LOW_SPACE_BYTES = 1 << 30
@@ -69,35 +65,6 @@ def fault(log_dir: str, err: Optional[BaseException]) -> Optional[str]:
         return "deleted"
     cause = os_error(err)
     return "full" if cause is not None and cause.errno in FULL_ERRNOS else None
-
-
-def run_dir_fault(multi: "MultiLogger", err: BaseException) -> Optional[str]:
-    """When ``err`` means ``multi``'s run directory was deleted or its disk is full: turn off every backend that
-    keeps its files there (TensorBoard, an offline or not yet started wandb run) and return the warning saying what
-    is still kept (:func:`what_is_kept`); ``None`` for any other error."""
-    kind = fault(multi.log_dir, err)
-    if kind is None:
-        return None
-    tb, wb = multi._tb_writer, multi._wandb_writer
-    live = _run_state.live_runs.get(multi.run_id)
-    online = None if wb not in multi._monitor_writers or wb.failed else bool(live and _is_online(live.run))
-    message = what_is_kept(multi.log_dir, kind, tb in multi._monitor_writers, online)
-    tb.failed = True
-    if not online and not wb.failed:
-        wb.failed = True
-        if wb.wb is not None:  # finished now (bounded), so a later wandb.init in this process finds no active run
-            wandb_logger, wb.wb = wb.wb, None
-            _run_state.live_runs.pop(multi.run_id, None)
-            try:
-                _wandb_run.finish(wandb_logger.experiment, exit_code=1)
-            except Exception:  # noqa: BLE001 - its files are lost either way; training goes on
-                pass
-    return message
-
-
-def _is_online(run: Any) -> bool:
-    """Whether a wandb run sends to a server (its settings' mode; ``Run.offline`` is not in every wandb)."""
-    return str(getattr(run.settings, "mode", "offline")) not in ("offline", "dryrun", "disabled")
 
 
 def what_is_kept(log_dir: str, kind: str, tensorboard: bool, wandb: Optional[bool]) -> str:

@@ -10,7 +10,7 @@ never the run.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -18,25 +18,20 @@ import lightning.pytorch as pl
 from lightning.pytorch.loggers import Logger
 
 from lightning_monitor._media import HistogramData, prepare_images
-from lightning_monitor._writers import Writer, deliver, guard_lightning_calls, writer_for
-from lightning_monitor.multi_logger import MultiLogger
+from lightning_monitor._writers import Backend, Writer, deliver, guard_lightning_calls, writer_for
 
 # writers of plain loggers, made once per logger (their warn-once state lives as long as the logger)
 _plain: "weakref.WeakKeyDictionary[Logger, Writer]" = weakref.WeakKeyDictionary()
-# scalars kept for RunSummary, per trainer: (which keys, key -> [(step, value)]); rank 0 only
-Recorded = dict[str, list[tuple[int, float]]]
-_recorders: "weakref.WeakKeyDictionary[pl.Trainer, tuple[Callable[[str], bool], Recorded]]" = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def writers(trainer: "pl.Trainer") -> list[Writer]:
-    """Every writer of every logger the trainer has, in logger order."""
+    """Every writer of every logger the trainer has, in logger order, then those of callbacks that consume the
+    logged values (a :class:`~lightning_monitor._writers.Backend` such as RunSummary)."""
     out: list[Writer] = []
     fresh: list[Writer] = []
     for logger in trainer.loggers:
-        if isinstance(logger, MultiLogger):
-            out.extend(logger._monitor_writers)
+        if isinstance(logger, Backend):
+            out.extend(logger.monitor_writers())
             continue
         writer = _plain.get(logger)
         if writer is None:
@@ -45,6 +40,9 @@ def writers(trainer: "pl.Trainer") -> list[Writer]:
         out.append(writer)
     for writer in fresh:
         guard_lightning_calls(writer, out)
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, Backend):
+            out.extend(callback.monitor_writers())
     return out
 
 
@@ -52,26 +50,9 @@ def log_scalars(trainer: "pl.Trainer", metrics: Mapping[str, float], step: int) 
     if not trainer.is_global_zero or not metrics:
         return
     metrics = dict(metrics)
-    recorder = _recorders.get(trainer)
-    if recorder is not None:
-        keep, series = recorder
-        for key, value in metrics.items():
-            if keep(key):
-                series.setdefault(key, []).append((int(step), float(value)))  # plain numbers: no sync
     every = writers(trainer)
     for writer in every:
         deliver(writer, partial(writer.scalars, metrics, step), step, metrics, every)
-
-
-def record_scalars(trainer: "pl.Trainer", keep: Callable[[str], bool]) -> None:
-    """From now on keep every scalar logged for ``trainer`` whose key ``keep`` accepts (RunSummary reads them)."""
-    _recorders[trainer] = (keep, {})
-
-
-def stop_recording(trainer: "pl.Trainer") -> Recorded:
-    """What :func:`record_scalars` kept (key -> ``[(step, value)]`` in logging order); recording stops."""
-    recorder = _recorders.pop(trainer, None)
-    return {} if recorder is None else recorder[1]
 
 
 def log_summary(

@@ -4,48 +4,74 @@ key that both a monitor and the model log at one step."""
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Optional
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Protocol
 
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_monitor import _disk, _run_lock
+from lightning_monitor._run import Run
 
-if TYPE_CHECKING:
-    from lightning_monitor.multi_logger import MultiLogger
+
+class RunFiles(Protocol):
+    """A writer that keeps its files in the run directory (MultiLogger's TensorBoard and wandb writers)."""
+
+    name: str
+    failed: bool
+
+    def keeps_after_loss(self) -> Optional[bool]:
+        """What it still keeps when the run directory is lost: ``None`` when off or failed already, ``True`` when
+        it keeps sending elsewhere (an online wandb run), ``False`` when it keeps nothing."""
+
+    def lose_run_dir(self) -> None:
+        """The run directory was deleted or its disk is full: stop writing (unless it keeps sending elsewhere)."""
 
 
 class RunGuard:
     """What a MultiLogger checks around its writes on rank 0 (the only rank that writes)."""
 
-    def __init__(self, multi: "MultiLogger") -> None:
-        self.multi = multi
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.files: Sequence[RunFiles] = ()  # the writers keeping files in the run directory (:meth:`attach`)
         self.lock_pid: Optional[int] = None  # the process holding the run directory's lock through this logger
         self.disk: Optional[_disk.DiskWatch] = None
         self.fault_told = False
         self.monitor_keys: dict[str, Optional[int]] = {}  # key -> last step a monitor wrote it at
         self.from_model = False  # inside MultiLogger.log_metrics (Lightning's self.log path)
         self.clashes: set[str] = set()
+        run.on_ledger_fault = self.ledger_fault
+
+    def attach(self, files: Sequence[RunFiles]) -> None:
+        """The writers that keep their files in the run directory: turned off when it is lost."""
+        self.files = files
 
     def claim(self) -> None:
         """Hold the run directory's lock (:mod:`~lightning_monitor._run_lock`) from the first write until
         :meth:`release`, and look at its free space (a clock read; a ``statvfs`` every ``CHECK_EVERY_SEC``)."""
         if self.lock_pid != os.getpid():
-            _run_lock.claim(self.multi.log_dir, self.multi)
+            _run_lock.claim(self.run.log_dir, self)
             self.lock_pid = os.getpid()
-            self.disk = self.disk or _disk.DiskWatch(self.multi.log_dir)
+            self.disk = self.disk or _disk.DiskWatch(self.run.log_dir)
         self.disk.check()  # type: ignore[union-attr]
 
     def release(self) -> None:
         if self.lock_pid == os.getpid():
-            _run_lock.release(self.multi.log_dir, self.multi)  # the next write (``test`` after ``fit``) retakes it
+            _run_lock.release(self.run.log_dir, self)  # the next write (``test`` after ``fit``) retakes it
             self.lock_pid = None
 
     def run_dir_fault(self, err: BaseException) -> Optional[str]:
-        """The warning when ``err`` means the run directory was deleted or its disk is full (every backend keeping
-        its files there is turned off: :func:`~lightning_monitor._disk.run_dir_fault`); ``None`` otherwise."""
-        message = _disk.run_dir_fault(self.multi, err)
-        self.fault_told = self.fault_told or message is not None
+        """When ``err`` means the run directory was deleted or its disk is full: turn off every writer that keeps
+        its files there (TensorBoard, an offline or not yet started wandb run) and return the warning saying what is
+        still kept (:func:`~lightning_monitor._disk.what_is_kept`); ``None`` for any other error."""
+        kind = _disk.fault(self.run.log_dir, err)
+        if kind is None:
+            return None
+        keeps = {writer.name: writer.keeps_after_loss() for writer in self.files}
+        message = _disk.what_is_kept(self.run.log_dir, kind, keeps.get("TensorBoard") is not None,
+                                     keeps.get("wandb"))
+        for writer in self.files:
+            writer.lose_run_dir()
+        self.fault_told = True
         return message
 
     def ledger_fault(self, err: OSError) -> None:

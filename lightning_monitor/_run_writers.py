@@ -5,25 +5,27 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 
 from lightning_monitor import _run_state, _wandb_run
-from lightning_monitor._writers import TensorBoardWriter, WandbWriter, _call, _numbers, os_error
-
-if TYPE_CHECKING:
-    from lightning_monitor.multi_logger import MultiLogger
+from lightning_monitor._run import Run
+from lightning_monitor._run_guard import RunGuard
+from lightning_monitor._writers import TensorBoardWriter, WandbWriter, _call, _numbers, deliver, os_error
 
 
 class RunTensorBoard(TensorBoardWriter):
     """TensorBoard for a MultiLogger run: the event file is opened (and its header written) at the first write, so
     an unwritable or full disk fails there with a clear error naming the run directory, before training. A job
-    restarted from a checkpoint drops its predecessor's points after that checkpoint (a purge marker)."""
+    restarted from a checkpoint drops its predecessor's points after that checkpoint (a purge marker).
 
-    def __init__(self, tb: TensorBoardLogger, multi: "MultiLogger") -> None:
-        super().__init__(tb)
-        self.multi = multi
+    ``on``: TensorBoard is one of the run's backends (the writer exists either way: its logger owns the run
+    directory); ``hp_metric``: Lightning's placeholder ``hp_metric`` scalar is wanted (``default_hp_metric``)."""
+
+    def __init__(self, run: Run, guard: RunGuard, on: bool, hp_metric: bool) -> None:
+        super().__init__(run.tb)
+        self.run, self.guard, self.on, self.hp_metric = run, guard, on, hp_metric
         self.started = False  # the SummaryWriter is made and its header written
         self.purge_pending = False
         self.last_step = 0
@@ -32,6 +34,7 @@ class RunTensorBoard(TensorBoardWriter):
 
     def summary_writer(self) -> Any:
         if not self.started:
+            self.guard.claim()  # the event file is the first file of the run directory: its lock first
             self.purge_pending = bool(glob.glob(os.path.join(self.tb.log_dir, "events.out.tfevents.*")))
             try:
                 self.tb.experiment.flush()
@@ -48,7 +51,7 @@ class RunTensorBoard(TensorBoardWriter):
         self.last_step = max(self.last_step, int(step))
         if self.purge_pending:
             self.purge_pending = False
-            if self.multi.ledger().is_restart(step):
+            if self.run.ledger().is_restart(step):
                 # Restarted from a checkpoint: the earlier run logged past `step`. TensorBoard drops its points at
                 # steps >= `step` (logged after that checkpoint): the series stays strictly increasing. (Merely
                 # continuing, e.g. `test` after `fit`, drops nothing.)
@@ -63,15 +66,43 @@ class RunTensorBoard(TensorBoardWriter):
 
     def end(self, step: Optional[int], row: bool) -> None:
         if step is not None:
-            self.multi.ledger().record_step(step)
+            self.run.ledger().record_step(step)
 
     def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
-        self.multi._guard.scalars_written(metrics, step)  # a monitor's keys, to tell a model's self.log of one
+        self.guard.scalars_written(metrics, step)  # a monitor's keys, to tell a model's self.log of one
         super().scalars(metrics, step)
+
+    def hyperparams(self, params: Any, metrics: Optional[Mapping[str, float]] = None) -> None:
+        """Through ``TensorBoardLogger.log_hyperparams``, and the HParams session (without Lightning's placeholder
+        ``hp_metric``) unless ``metrics`` are given or the placeholder is wanted."""
+        self.tb.log_hyperparams(params, dict(metrics) if metrics else None)
+        if not self.hp_metric and not metrics:
+            self.hparams_session(params)
+
+    def finish(self, status: str) -> None:
+        """The run's end: its status as text when it is not a success, the HParams session's end and its metric
+        columns, the event file flushed and closed."""
+        if not self.started or not self.on or self.failed:
+            return
+        if status != "success":
+            self.summary_writer().add_text("run/status", status, global_step=self.last_step)
+        if not self.hp_metric:
+            self.hparams_session(None, status)
+        self.tb.finalize(status)
+
+    def keeps_after_loss(self) -> Optional[bool]:
+        return False if self.on else None
+
+    def lose_run_dir(self) -> None:
+        self.failed = True
 
     def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]]) -> None:
         super().summary(values, step, card)
         self.eval_metrics.update(_numbers(values))  # HParams metric columns too, written at finalize
+
+    def note_eval_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Validation and test metrics of the model (``self.log``): the HParams metric columns written at the end."""
+        self.eval_metrics.update(metrics)
 
     def hparams_session(self, params: Optional[Mapping[str, Any]], status: Optional[str] = None) -> None:
         """TensorBoard's HParams tab without Lightning's placeholder ``hp_metric = -1`` scalar.
@@ -103,7 +134,7 @@ class RunTensorBoard(TensorBoardWriter):
         writer.add_summary(session_end)
 
     def failure_message(self, err: BaseException, still_logging: Sequence[str]) -> str:
-        told = self.multi.run_dir_fault(err)  # run directory deleted or its disk full: what each backend keeps
+        told = self.guard.run_dir_fault(err)  # run directory deleted or its disk full: what each backend keeps
         if told is not None:
             return told
         if os_error(err) is None:
@@ -117,11 +148,11 @@ class RunTensorBoard(TensorBoardWriter):
 class RunWandb(WandbWriter):
     """wandb for a MultiLogger run: the run starts at the first write that carries a step (hyperparameters logged
     before wait for it), so that a restarted job knows which ``_step`` to continue from; each row is noted in the
-    step ledger."""
+    step ledger. ``on``: wandb is one of the run's backends."""
 
-    def __init__(self, multi: "MultiLogger") -> None:
-        super().__init__(multi._tb)  # type: ignore[arg-type]  # the WandbLogger replaces it when the run starts
-        self.multi = multi
+    def __init__(self, run: Run, guard: RunGuard, on: bool) -> None:
+        super().__init__(run.tb)  # type: ignore[arg-type]  # the WandbLogger replaces it when the run starts
+        self.run, self.guard, self.on = run, guard, on
         self.wb: Optional[WandbLogger] = None
         self.pending: list[Any] = []  # hyperparameters logged before the run could start
 
@@ -147,17 +178,65 @@ class RunWandb(WandbWriter):
         row = dict(_add_prefix(row, wb._prefix, wb.LOGGER_JOIN_CHAR))
         if step is not None:
             row["trainer/global_step"] = step
-        wb.experiment.log(row, step=_run_state.live_runs[self.multi.run_id].next_step)
+        wb.experiment.log(row, step=_run_state.live_runs[self.run.run_id].next_step)
 
-    def hyperparams(self, params: Any) -> None:
+    def hyperparams(self, params: Any, metrics: Optional[Mapping[str, float]] = None) -> None:
         if self.wb is None:
             self.pending.append(params)
             return
         super().hyperparams(params)
 
     def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
-        self.multi._guard.scalars_written(metrics, step)  # a monitor's keys, to tell a model's self.log of one
+        self.guard.scalars_written(metrics, step)  # a monitor's keys, to tell a model's self.log of one
         super().scalars(metrics, step)
+
+    def started_logger(self) -> Optional[WandbLogger]:
+        """The WandbLogger of the run, started now (global rank 0) if it has not been: ``None`` when wandb is off
+        or failed."""
+        if not self.on or self.failed:
+            return None
+        if self.wb is None and _is_rank_zero():
+            self.guard.claim()
+            self.start(None, row=True)
+        return self.wb
+
+    def finish(self, status: str) -> None:
+        """The run's end: a run that only had hyperparameters (nothing logged at a step) is still started, then the
+        wandb run is finished (failed unless ``status`` is success)."""
+        if not self.on or self.failed:
+            return
+        if self.wb is None and self.pending:
+            self.start(None, row=True)  # hyperparameters and no step: still a run
+            if self.wb is not None:
+                deliver(self, lambda: None, None, ["hyperparameters"], row=False)  # replays them
+        if self.wb is not None and not self.failed:
+            self._close(0 if status == "success" else 1, status)
+
+    def _close(self, exit_code: int, status: Optional[str]) -> None:
+        """Finish the run (bounded: :func:`~lightning_monitor._wandb_run.finish`); a later fit/test resumes it
+        with the same id. ``status``: Lightning's finalize of the WandbLogger first (its checkpoint upload)."""
+        assert self.wb is not None
+        wandb_logger, self.wb = self.wb, None
+        _run_state.live_runs.pop(self.run.run_id, None)
+        if status is not None:
+            wandb_logger.finalize(status)
+        _wandb_run.finish(wandb_logger.experiment, exit_code=exit_code)
+
+    def keeps_after_loss(self) -> Optional[bool]:
+        if not self.on or self.failed:
+            return None
+        live = _run_state.live_runs.get(self.run.run_id)
+        return bool(live and _wandb_run.is_online(live.run))
+
+    def lose_run_dir(self) -> None:
+        if self.keeps_after_loss() is not False:
+            return  # online (the server keeps what wandb sends), or off
+        self.failed = True
+        if self.wb is not None:  # finished now (bounded), so a later wandb.init in this process finds no active run
+            try:
+                self._close(1, None)
+            except Exception:  # noqa: BLE001 - its files are lost either way; training goes on
+                pass
 
     def end(self, step: Optional[int], row: bool) -> None:
         if self.wb is None:
@@ -166,7 +245,7 @@ class RunWandb(WandbWriter):
         for params in pending:  # config is not a history row: replaying it after the first row changes nothing
             _call(self.wandb_logger(), "log_hyperparams", params)
         if row:  # every WandbLogger call we make is one `run.log`, i.e. one history row
-            live = _run_state.live_runs[self.multi.run_id]
+            live = _run_state.live_runs[self.run.run_id]
             live.ledger.record(live.next_step, step)
             live.next_step += 1
 
@@ -179,46 +258,52 @@ class RunWandb(WandbWriter):
         )
 
     def _start_run(self, first_step: Optional[int]) -> Optional[WandbLogger]:
-        multi = self.multi
-        options = dict(multi._wandb_options or {})
+        run = self.run
+        options = dict(run.wandb_options or {})
         mode, reason = _wandb_run.decide_mode(options)
         logger_kwargs = {key: options.pop(key) for key in _wandb_run.LOGGER_ONLY_KEYS if key in options}
         init: dict[str, Any] = {
-            "name": f"{multi.name}/{multi.version_name()}",
-            "project": os.environ.get("WANDB_PROJECT", multi.name),
-            "id": multi.run_id,
-            "dir": os.path.abspath(multi.log_dir),  # wandb's service keeps the first run's cwd
+            "name": run.display_name,
+            "project": os.environ.get("WANDB_PROJECT", run.name),
+            "id": run.run_id,
+            "dir": os.path.abspath(run.log_dir),  # wandb's service keeps the first run's cwd
             "resume": "allow",
             "reinit": "create_new",  # a second fit in this process gets its own run
             **options,
         }
-        os.makedirs(multi.log_dir, exist_ok=True)
-        live = _run_state.live_runs.get(multi.run_id)
+        os.makedirs(run.log_dir, exist_ok=True)
+        live = _run_state.live_runs.get(run.run_id)
         if live is None or getattr(live.run, "_is_finished", False):  # an unpickled copy of us shares the run
-            ledger = multi.ledger()
+            ledger = run.ledger()
             rewind = None
-            if multi._wandb_rewind and not {"resume", "resume_from", "fork_from", "id"} & set(options):
+            if run.wandb_rewind and not {"resume", "resume_from", "fork_from", "id"} & set(options):
                 rewind = ledger.rewind_point(first_step)
             if rewind is not None:  # opt-in (a wandb preview feature): cut the run back to before `first_step`
                 del init["id"], init["resume"]
-                init["resume_from"] = f"{multi.run_id}?_step={rewind}"
-            run = _wandb_run.start(init, mode, reason)
-            if run is None:
+                init["resume_from"] = f"{run.run_id}?_step={rewind}"
+            wandb_run = _wandb_run.start(init, mode, reason)
+            if wandb_run is None:
                 return None
             if rewind is not None:
                 ledger.record_rewind(rewind)
             # By default a new segment of the run (test after fit, a restart, a later job) continues wandb's own
             # `_step` after every row the run already holds, so `wandb sync` of the segments in order appends them
             # and overwrites nothing (rows carry their `_step` explicitly: an offline run cannot know it).
-            next_step = rewind + 1 if rewind is not None else max(ledger.next_wandb_step(), int(run.step or 0))
-            live = _run_state.live_runs[multi.run_id] = _run_state.LiveRun(run, ledger, next_step)
+            next_step = rewind + 1 if rewind is not None else max(ledger.next_wandb_step(), int(wandb_run.step or 0))
+            live = _run_state.live_runs[run.run_id] = _run_state.LiveRun(wandb_run, ledger, next_step)
         return WandbLogger(experiment=live.run, **logger_kwargs)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["wb"] = None  # a live run does not pickle; the copy resumes it by id when it first logs
-        state["logger"] = self.multi._tb
+        state["logger"] = self.run.tb
         return state
+
+
+def _is_rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank == 0  # type: ignore[attr-defined]
 
 
 def tb_error(log_dir: str, err: BaseException) -> OSError:

@@ -369,3 +369,8 @@ def finish(run: Any, exit_code: int, timeout: float = FINISH_TIMEOUT_SEC) -> Non
         )
     elif errors:
         raise errors[0]
+
+
+def is_online(run: Any) -> bool:
+    """Whether a wandb run sends to a server (its settings' mode; ``Run.offline`` is not in every wandb)."""
+    return str(getattr(run.settings, "mode", "offline")) not in ("offline", "dryrun", "disabled")

@@ -3,7 +3,7 @@
 A monitor's value takes one path: the dispatch layer prepares it once (a
 :class:`~lightning_monitor._media.HistogramData` or :class:`~lightning_monitor._media.Images`) and hands the same
 object to each writer through :func:`deliver`. Writers are chosen once per logger:
-:class:`~lightning_monitor.MultiLogger` exposes its own (``writers``), a plain ``TensorBoardLogger`` /
+:class:`~lightning_monitor.MultiLogger` brings its own (the :class:`Backend` contract), a plain ``TensorBoardLogger`` /
 ``WandbLogger`` gets one of the classes here, and any other Lightning logger gets the scalar-only :class:`Writer`.
 
 Failure isolation is the same for all of them. A value a backend rejects (``ValueError``, ``TypeError``,
@@ -14,6 +14,7 @@ gone), turn that backend off with one warning saying what still logs. Training n
 
 from __future__ import annotations
 
+import abc
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
@@ -38,6 +39,10 @@ class Writer:
     Subclasses override the operations their backend supports, and :meth:`start` / :meth:`end` when writes need
     a lazy start or bookkeeping (MultiLogger's run state).
     """
+
+    #: a dashboard the user looks at (named in the warning when another backend stops); ``False`` for an in-memory
+    #: consumer of the values such as RunSummary's
+    dashboard = True
 
     def __init__(self, logger: Logger, name: Optional[str] = None) -> None:
         self.logger = logger
@@ -69,8 +74,13 @@ class Writer:
     def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
         _call(self.logger, "log_metrics", dict(metrics), step=step)
 
-    def hyperparams(self, params: Any) -> None:
+    def hyperparams(self, params: Any, metrics: Optional[Mapping[str, float]] = None) -> None:
+        """Hyperparameters (``metrics``: the backend's own hyperparameter metrics, where it has them)."""
         _call(self.logger, "log_hyperparams", params)
+
+    def finish(self, status: str) -> None:
+        """The run ended with ``status`` (a writer that owns its backend flushes and closes it; a plain logger's
+        writer leaves that to Lightning, which finalizes the logger itself)."""
 
     def histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int]) -> None:
         self._unsupported("histograms")
@@ -188,7 +198,7 @@ class WandbWriter(Writer):
     def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
         self.log_row(dict(metrics), step)
 
-    def hyperparams(self, params: Any) -> None:
+    def hyperparams(self, params: Any, metrics: Optional[Mapping[str, float]] = None) -> None:
         _call(self.wandb_logger(), "log_hyperparams", params)
 
     def histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int]) -> None:
@@ -218,6 +228,38 @@ class WandbWriter(Writer):
 
         wb = self.wandb_logger()
         wb.experiment.summary.update(dict(_add_prefix(dict(values), wb._prefix, wb.LOGGER_JOIN_CHAR)))
+
+
+class Recorder(Writer):
+    """An in-memory consumer of the logged scalars (RunSummary's): ``series`` keeps ``key -> [(step, value)]``, in
+    logging order, of every key ``keep`` accepts. Not a dashboard: media, text and summaries are not its business."""
+
+    dashboard = False
+
+    def __init__(self, keep: Callable[[str], bool], name: str = "RunSummary") -> None:
+        super().__init__(None, name)  # type: ignore[arg-type]  # no logger behind it: every operation is its own
+        self.keep = keep
+        self.series: dict[str, list[tuple[int, float]]] = {}
+
+    def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
+        for key, value in metrics.items():
+            if self.keep(key):
+                self.series.setdefault(key, []).append((int(step or 0), float(value)))  # plain numbers: no sync
+
+    def hyperparams(self, params: Any, metrics: Optional[Mapping[str, float]] = None) -> None:
+        pass
+
+    def histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int]) -> None:
+        pass
+
+    def images(self, images: Images, step: Optional[int]) -> None:
+        pass
+
+    def text(self, key: str, text: str, step: Optional[int]) -> None:
+        pass
+
+    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]]) -> None:
+        pass
 
 
 def _numbers(values: Mapping[str, Any]) -> dict[str, float]:
@@ -268,7 +310,8 @@ def deliver(
                 )
                 return
             writer.failed = True
-            rank_zero_warn(writer.failure_message(err, [w.name for w in others if w is not writer and not w.failed]))
+            still = [w.name for w in others if w is not writer and not w.failed and w.dashboard]
+            rank_zero_warn(writer.failure_message(err, still))
     finally:
         _seconds_writing += _clock() - began
 
@@ -306,8 +349,19 @@ class _GuardedCall:
         deliver(self.writer, write, kwargs.get("step"), keys, self.others, row=self.method == "log_metrics")
 
 
+class Backend(abc.ABC):
+    """The contract of an object that brings its own writers to the dispatch layer, instead of getting one made for
+    it by :func:`writer_for`: :class:`~lightning_monitor.MultiLogger` (a logger: its TensorBoard and wandb
+    writers) and :class:`~lightning_monitor.RunSummary` (a callback: an in-memory consumer of the logged scalars).
+    The dispatch layer asks the trainer's loggers and callbacks for it, on global rank 0 only."""
+
+    @abc.abstractmethod
+    def monitor_writers(self) -> Sequence[Writer]:
+        """The writers that get every value the monitors log, now (may take the run directory's lock)."""
+
+
 def writer_for(logger: Logger) -> Writer:
-    """The writer of a plain Lightning logger (MultiLogger has its own: ``MultiLogger._monitor_writers``)."""
+    """The writer of a plain Lightning logger (a :class:`Backend` brings its own)."""
     if isinstance(logger, TensorBoardLogger):
         check_not_tensorboardx("lightning-monitor with a TensorBoardLogger")  # in Monitor.setup: before training
         return TensorBoardWriter(logger)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from argparse import Namespace
 from collections.abc import Callable, Mapping, Sequence
@@ -16,9 +15,10 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
-from lightning_monitor import _run_state, _wandb_run
+from lightning_monitor import _wandb_run
 from lightning_monitor._keys import document_keys
 from lightning_monitor._media import HistogramData, make_histogram, prepare_images
+from lightning_monitor._run import Run
 from lightning_monitor._run_guard import RunGuard
 from lightning_monitor._run_writers import RunTensorBoard, RunWandb
 from lightning_monitor._validate import (
@@ -29,17 +29,16 @@ from lightning_monitor._validate import (
     options,
     public_params,
     scalar,
-    slug,
     tensorboard_keys,
 )
-from lightning_monitor._writers import Writer, deliver
+from lightning_monitor._writers import Backend, Writer, deliver
 
 #: seconds between TensorBoard flushes; TensorBoard's own default (120 s) is too slow to watch a run live.
 DEFAULT_FLUSH_SECS = 2
 
 
 @document_keys
-class MultiLogger(Logger):
+class MultiLogger(Logger, Backend):
     r"""One Lightning logger that writes to TensorBoard and Weights & Biases at once.
 
     It composes Lightning's own :class:`~lightning.pytorch.loggers.TensorBoardLogger` and
@@ -116,28 +115,27 @@ class MultiLogger(Logger):
         if tb_options is not None:
             check_not_tensorboardx("MultiLogger(tensorboard=...)")
             check_keys("tensorboard", tb_options, tensorboard_keys())
-        self._wandb_options = options("wandb", wandb)
-        if tb_options is None and self._wandb_options is None:
+        wandb_options = options("wandb", wandb)
+        if tb_options is None and wandb_options is None:
             raise ValueError(
                 "MultiLogger with tensorboard=False and wandb=False logs nowhere: turn one on, or pass"
                 " `logger=False` to the Trainer"
             )
-        if self._wandb_options is not None:
-            check_keys("wandb", self._wandb_options, _wandb_run.option_keys())
-            _wandb_run.check_options(self._wandb_options)  # require_online: an error now, before any step
-            self._wandb_options.setdefault("prefix", prefix)
+        if wandb_options is not None:
+            check_keys("wandb", wandb_options, _wandb_run.option_keys())
+            _wandb_run.check_options(wandb_options)  # require_online: an error now, before any step
+            wandb_options.setdefault("prefix", prefix)
         tb_kwargs: dict[str, Any] = {"default_hp_metric": False, "flush_secs": DEFAULT_FLUSH_SECS, "prefix": prefix}
         tb_kwargs.update(tb_options or {})
         # Built even when TensorBoard is off: it owns the run directory and the version numbering.
         self._tb = TensorBoardLogger(save_dir, name=name, version=version, **tb_kwargs)
-        self._tb_hp_metric = bool(tb_kwargs["default_hp_metric"])
-        self._tb_writer = RunTensorBoard(self._tb, self)
-        self._wandb_writer = RunWandb(self)
-        self._writers: list[Writer] = [w for w, on in ((self._tb_writer, tb_options is not None),
-                                                        (self._wandb_writer, self._wandb_options is not None)) if on]
-        self._step_ledger: Optional[_run_state.StepLedger] = None  # made on rank 0 at the first write
-        self._guard = RunGuard(self)  # run directory lock and disk watch, keys logged twice at one step
-        self._wandb_rewind = bool(wandb_rewind)
+        self._run = Run(self._tb, wandb_options, bool(wandb_rewind))
+        self._guard = RunGuard(self._run)  # run directory lock and disk watch, keys logged twice at one step
+        self._tb_writer = RunTensorBoard(self._run, self._guard, tb_options is not None,
+                                         bool(tb_kwargs["default_hp_metric"]))
+        self._wandb_writer = RunWandb(self._run, self._guard, wandb_options is not None)
+        self._guard.attach([self._tb_writer, self._wandb_writer])
+        self._writers: list[Writer] = [w for w in (self._tb_writer, self._wandb_writer) if w.on]
 
     # ------------------------------------------------------------------ identity
     @property
@@ -169,48 +167,50 @@ class MultiLogger(Logger):
     @property
     def run_id(self) -> str:
         """The wandb run id: ``name-version-<hash of the absolute run directory>``; stable across restarts."""
-        digest = hashlib.sha1(os.path.abspath(self.log_dir).encode()).hexdigest()[:8]
-        return slug(f"{self.name}-{self.version_name()}-{digest}")
+        return self._run.run_id
 
     @property
     def tensorboard(self) -> Optional[TensorBoardLogger]:
         """Lightning's TensorBoardLogger behind this logger, or ``None`` when TensorBoard is off."""
-        return self._tb if self._tb_writer in self._writers else None
+        return self._tb if self._tb_writer.on else None
 
     @property
     def wandb(self) -> Optional[Any]:
-        """Lightning's WandbLogger behind this logger (its run starts on first use), or ``None`` when off."""
+        """Lightning's WandbLogger behind this logger once its run has started (MultiLogger starts it when Lightning
+        logs the hyperparameters, before the first batch), else ``None``; :meth:`start_wandb` starts it."""
         writer = self._wandb_writer
-        if writer not in self._writers or writer.failed:
-            return None
-        if writer.wb is None and rank_zero_only.rank == 0:  # type: ignore[attr-defined]
-            self._guard.claim()
-            writer.start(None, row=True)
-        return writer.wb
+        return writer.wb if writer.on and not writer.failed else None
 
-    @property
-    def _monitor_writers(self) -> list[Writer]:
+    @rank_zero_only
+    def start_wandb(self) -> Optional[Any]:
+        """Start the wandb run now if it has not started (global rank 0 only; it takes the run directory's lock)
+        and return its WandbLogger; ``None`` when wandb is off or could not start."""
+        return self._wandb_writer.started_logger()
+
+    @override
+    def monitor_writers(self) -> list[Writer]:
         """The writers lightning-monitor's dispatch layer hands the monitors' values to: TensorBoard's and wandb's,
-        those on (package-internal: a public method never hands out a private type). Only rank 0 asks (its first
-        ask takes the run directory's lock)."""
+        those on. Only rank 0 asks (its first ask takes the run directory's lock)."""
         self._guard.claim()
         return self._writers
 
     @property
     @rank_zero_experiment
     def experiment(self) -> Any:
-        """The TensorBoard ``SummaryWriter`` (or the wandb run when TensorBoard is off)."""
-        if self.tensorboard is not None:
-            self._guard.claim()
+        """The TensorBoard ``SummaryWriter`` (or the wandb run when TensorBoard is off). Lightning's contract: made
+        on first use, as TensorBoardLogger's is (the event file is the run directory's first file: its lock is
+        taken then)."""
+        if self._tb_writer.on:
             return self._tb_writer.summary_writer()
-        return self.wandb.experiment if self.wandb is not None else None
+        wandb_logger = self._wandb_writer.started_logger()
+        return wandb_logger.experiment if wandb_logger is not None else None
 
     # ------------------------------------------------------------------ logging
     @override
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
         scalars = {key: scalar(key, value) for key, value in metrics.items()}
-        self._tb_writer.eval_metrics.update({k: v for k, v in scalars.items() if is_eval_metric(k)})
+        self._tb_writer.note_eval_metrics({k: v for k, v in scalars.items() if is_eval_metric(k)})
         self._guard.model_scalars(scalars, step)
         self._guard.from_model = True
         try:
@@ -227,19 +227,13 @@ class MultiLogger(Logger):
         from lightning.fabric.utilities.logger import _convert_params
 
         public: dict[str, Any] = public_params(_convert_params(params))
-
-        def to_tensorboard() -> None:
-            self._tb.log_hyperparams(public, *args, **kwargs)
-            if not self._tb_hp_metric and not (args or kwargs.get("metrics")):
-                self._tb_writer.hparams_session(public)
-
-        if not self._wandb_rewind:
+        metrics = args[0] if args else kwargs.get("metrics")
+        if not self._run.wandb_rewind:
             # Lightning logs hyperparameters before the first batch: start the wandb run now, so that its start-up
             # (seconds) and its banner never land inside a timing window or a progress-bar line. (A rewinding run
             # waits for its first step, which says where to rewind to.)
-            self.wandb  # noqa: B018 - starts the run
-        self._deliver(lambda w: to_tensorboard if w is self._tb_writer else partial(w.hyperparams, public),
-                      None, ["hyperparameters"], row=False)
+            self._wandb_writer.started_logger()
+        self._deliver(lambda w: partial(w.hyperparams, public, metrics), None, ["hyperparameters"], row=False)
 
     @rank_zero_only
     def log_histogram(
@@ -295,7 +289,7 @@ class MultiLogger(Logger):
     @rank_zero_only
     def log_graph(self, model: torch.nn.Module, input_array: Optional[torch.Tensor] = None) -> None:
         self._guard.claim()
-        if self.tensorboard is not None:
+        if self._tb_writer.on:
             graph = partial(self._tb.log_graph, model, input_array)  # type: ignore[arg-type]
             deliver(self._tb_writer, graph, None, ["graph"], row=False)
 
@@ -311,7 +305,7 @@ class MultiLogger(Logger):
     @rank_zero_only
     def after_save_checkpoint(self, checkpoint_callback: ModelCheckpoint) -> None:
         writer = self._wandb_writer
-        if writer in self._writers and writer.wb is not None:
+        if writer.on and writer.wb is not None:
             deliver(writer, partial(writer.wb.after_save_checkpoint, checkpoint_callback), None, ["checkpoint"],
                     self._writers, row=False)
 
@@ -327,28 +321,10 @@ class MultiLogger(Logger):
         of the same wandb run, the lock taken again.
         """
         errors: list[BaseException] = []
-        tb = self._tb_writer
-        if tb.started and tb in self._writers and not tb.failed:
+        for writer in self._writers:
             try:
-                if status != "success":
-                    tb.summary_writer().add_text("run/status", status, global_step=tb.last_step)
-                if not self._tb_hp_metric:
-                    self._tb_writer.hparams_session(None, status)
-                self._tb.finalize(status)
+                writer.finish(status)
             except Exception as err:  # noqa: BLE001 - the other backend must still be flushed
-                errors.append(err)
-        wb = self._wandb_writer
-        if wb in self._writers and not wb.failed and wb.wb is None and wb.pending:
-            wb.start(None, row=True)  # hyperparameters and no step: still a run
-            if wb.wb is not None:
-                deliver(wb, lambda: None, None, ["hyperparameters"], row=False)  # replays them
-        if wb.wb is not None and not wb.failed:
-            wandb_logger, wb.wb = wb.wb, None  # a later fit/test resumes the run with the same id
-            _run_state.live_runs.pop(self.run_id, None)
-            try:
-                wandb_logger.finalize(status)
-                _wandb_run.finish(wandb_logger.experiment, exit_code=0 if status == "success" else 1)
-            except Exception as err:  # noqa: BLE001
                 errors.append(err)
         self._guard.release()
         for error in errors:
@@ -364,20 +340,6 @@ class MultiLogger(Logger):
         for writer in self._writers:
             deliver(writer, write(writer), step, keys, self._writers, row=row)
 
-    def run_dir_fault(self, err: BaseException) -> Optional[str]:
-        """The warning when ``err`` means the run directory was deleted or its disk is full; ``None`` otherwise."""
-        return self._guard.run_dir_fault(err)
-
     def _log_histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int]) -> None:
         self._deliver(lambda w: partial(w.histograms, histograms, step), step, histograms)
-
-    def version_name(self) -> str:
-        """``version_N``, or the version string given."""
-        return self.version if isinstance(self.version, str) else f"version_{self.version}"
-
-    def ledger(self) -> _run_state.StepLedger:
-        """What was logged at which step in this run (:class:`~lightning_monitor._run_state.StepLedger`)."""
-        if self._step_ledger is None:
-            self._step_ledger = _run_state.StepLedger(self.log_dir, on_fault=self._guard.ledger_fault)
-        return self._step_ledger
 

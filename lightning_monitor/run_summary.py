@@ -18,12 +18,13 @@ from typing_extensions import override
 
 from lightning_monitor import _dispatch, _summary
 from lightning_monitor._keys import document_keys
+from lightning_monitor._writers import Backend, Recorder, Writer
 
 _RICH_AVAILABLE = RequirementCache("rich")
 
 
 @document_keys
-class RunSummary(Callback):
+class RunSummary(Callback, Backend):
     """One compact table at the end of ``fit``: speed, memory peaks, gradient health, accuracy, monitoring cost.
 
     At the end of ``fit``, and also when it ends with Ctrl-C (``interrupted``) or an exception (``failed``), global
@@ -103,6 +104,7 @@ class RunSummary(Callback):
         self._clock: Callable[[], float] = time.perf_counter  # host clock in seconds; tests set a fake one
         self._began: Optional[float] = None
         self._open = False  # a fit is running and has no summary yet
+        self._recorder: Optional[Recorder] = None  # the monitors' scalars of this fit (rank 0): a writer like any
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -113,7 +115,12 @@ class RunSummary(Callback):
         if stage != "fit":
             return
         self._began, self._open = self._clock(), True
-        _dispatch.record_scalars(trainer, _summary.records)
+        self._recorder = Recorder(_summary.records)
+
+    @override
+    def monitor_writers(self) -> list[Writer]:
+        """The dispatch layer hands the monitors' scalars to this in-memory writer while a fit runs."""
+        return [self._recorder] if self._recorder is not None else []
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -129,7 +136,8 @@ class RunSummary(Callback):
         if not self._open:
             return
         self._open = False
-        series = _dispatch.stop_recording(trainer)  # empty on ranks other than 0, which write nothing
+        recorder, self._recorder = self._recorder, None
+        series = recorder.series if recorder is not None else {}  # empty on ranks other than 0, which write nothing
         if not trainer.is_global_zero:
             return
         try:
