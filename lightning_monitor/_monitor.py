@@ -16,9 +16,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_monitor import _cadence, _dispatch
+from lightning_monitor import _cadence, _dispatch, _options
 from lightning_monitor._media import HistogramData
-from lightning_monitor._validate import check_every_n_steps
 from lightning_monitor._warn import WarnOnce
 
 #: strategies that hide parameters in flat shards, behind their own wrapper (FSDP1, DeepSpeed ZeRO)
@@ -77,7 +76,7 @@ class Monitor(Callback):
 
     def __init__(self, every_n_steps: Optional[int], exclude_keys: Optional[Sequence[str]] = None) -> None:
         super().__init__()
-        check_every_n_steps(every_n_steps)
+        _options.check_int("every_n_steps", every_n_steps, low=1, none_ok=True)
         if isinstance(exclude_keys, str) or not all(isinstance(p, str) for p in exclude_keys or ()):
             raise ValueError(f"`exclude_keys` must be a list of key patterns (globs), got {exclude_keys!r}")
         self.every_n_steps = every_n_steps

@@ -86,12 +86,6 @@ def scalar(key: str, value: Any) -> Union[int, float]:
     raise ValueError(f"metric {key!r} must be a number, got {type(value).__name__}: {value!r}")
 
 
-def check_every_n_steps(value: Any) -> None:
-    """``every_n_steps`` of a callback: ``None`` (follow the trainer) or an integer >= 1 (not a bool, not 2.5)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"`every_n_steps` must be None or an integer >= 1, got {value!r}")
-
-
 def public_params(params: Any) -> Any:
     """``params`` without ``_``-prefixed keys (LightningCLI's ``_instantiator``, ``_class_path``), at any depth."""
     if isinstance(params, Mapping):

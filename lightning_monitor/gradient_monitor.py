@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from typing_extensions import override
 
-from lightning_monitor import _grad_event, _grad_groups, _grad_nonfinite, _grad_sharded
+from lightning_monitor import _grad_event, _grad_groups, _grad_nonfinite, _grad_sharded, _options
 from lightning_monitor._grad_norms import fast_norms
 from lightning_monitor._keys import document_keys
 from lightning_monitor._monitor import Monitor
@@ -90,7 +90,8 @@ class GradientMonitor(Monitor):
             drops a whole family, ``["memory/host/available_gib"]`` one key).
 
     Raises:
-        ValueError: for a bad argument, echoing it.
+        TypeError: for an argument of the wrong type (``bins=2.5``, ``group_depth=True``), echoing it.
+        ValueError: for an argument out of range or not one of the choices, echoing it.
         MisconfigurationException: in ``setup`` without a logger (``nonfinite="warn"`` only) or under
             ``FSDPStrategy`` (FSDP1) or DeepSpeed, whose flat gradient shards have no per-parameter global view.
 
@@ -140,19 +141,17 @@ class GradientMonitor(Monitor):
         exclude_keys: Optional[Sequence[str]] = None,
     ) -> None:
         super().__init__(every_n_steps, exclude_keys)
-        if group_depth < 0:
-            raise ValueError(f"`group_depth` must be >= 0, got {group_depth!r}")
-        if not 1 <= bins <= 512:
-            raise ValueError(f"`bins` must be in 1..512 (wandb's limit), got {bins!r}")
-        if max_hist_elements is not None and max_hist_elements < 1:
-            raise ValueError(f"`max_hist_elements` must be >= 1 or None, got {max_hist_elements!r}")
-        for option, cap in (("max_histograms", max_histograms), ("max_param_keys", max_param_keys)):
-            if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
-                raise ValueError(f"`{option}` must be an int >= 0 or None (no cap), got {cap!r}")
-        if param_select not in _grad_groups.SELECTS:
-            raise ValueError(f"`param_select` must be one of {_grad_groups.SELECTS}, got {param_select!r}")
-        if nonfinite not in _POLICIES:
-            raise ValueError(f"`nonfinite` must be one of {_POLICIES}, got {nonfinite!r}")
+        group_depth = _options.check_count("group_depth", group_depth)
+        bins = _options.check_int("bins", bins, low=1, high=512)  # 512: wandb's limit
+        max_hist_elements = _options.check_int("max_hist_elements", max_hist_elements, low=1, none_ok=True)
+        max_histograms = _options.check_count("max_histograms", max_histograms, none_ok=True)  # None: no cap
+        max_param_keys = _options.check_count("max_param_keys", max_param_keys, none_ok=True)
+        flags = dict(per_param_norms=per_param_norms, param_norms=param_norms, update_ratio=update_ratio,
+                     histograms=histograms, param_histograms=param_histograms)
+        for option, flag in flags.items():
+            _options.check_bool(option, flag)
+        _options.check_choice("param_select", param_select, _grad_groups.SELECTS)
+        _options.check_choice("nonfinite", nonfinite, _POLICIES)
         if isinstance(hist_range, str):
             if hist_range not in ("minmax", "symmetric"):
                 raise ValueError(f"`hist_range` must be 'minmax', 'symmetric' or [lo, hi], got {hist_range!r}")

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_monitor import _dist, _memory
+from lightning_monitor import _dist, _memory, _options
 from lightning_monitor._keys import document_keys
 from lightning_monitor._memory import GIB
 from lightning_monitor._monitor import Monitor
@@ -72,6 +72,7 @@ class MemoryMonitor(Monitor):
             drops a whole family, ``["memory/host/available_gib"]`` one key).
 
     Raises:
+        TypeError: an argument of the wrong type (``every_n_steps=2.5``, ``warn_share="high"``).
         ValueError: an argument out of range.
         MisconfigurationException: in ``setup`` when the trainer has no logger.
 
@@ -121,14 +122,9 @@ class MemoryMonitor(Monitor):
         exclude_keys: Optional[Sequence[str]] = None,
     ) -> None:
         super().__init__(every_n_steps, exclude_keys)
-        if isinstance(warn_share, bool) or not isinstance(warn_share, (int, float)) or not warn_share > 0:
-            raise ValueError(f"`warn_share` must be a number > 0, got {warn_share!r}")
-        if isinstance(nvml_interval_sec, bool) or not isinstance(nvml_interval_sec, (int, float)) \
-                or not nvml_interval_sec > 0:
-            raise ValueError(f"`nvml_interval_sec` must be a number > 0, got {nvml_interval_sec!r}")
-        self.warn_share = float(warn_share)
-        self.nvml = bool(nvml)
-        self.nvml_interval_sec = float(nvml_interval_sec)
+        self.warn_share = _options.check_number("warn_share", warn_share, above=0)  # above 1: never warns
+        self.nvml = _options.check_bool("nvml", nvml)
+        self.nvml_interval_sec = _options.check_number("nvml_interval_sec", nvml_interval_sec, above=0)
         self._cuda: Optional[_memory.CudaMemorySource] = None
         self._sampler: Optional[_memory.NvmlSampler] = None
         self._total = 0  # device memory in bytes

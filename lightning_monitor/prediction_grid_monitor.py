@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from lightning_monitor import _draw, _grid_input
+from lightning_monitor import _draw, _grid_input, _options
 from lightning_monitor._keys import document_keys
 from lightning_monitor._monitor import Monitor
 
@@ -78,6 +78,7 @@ class PredictionGridMonitor(Monitor):
             drops a whole family, ``["memory/host/available_gib"]`` one key).
 
     Raises:
+        TypeError: an argument of the wrong type (``num_samples=2.5``), at construction.
         ValueError: a bad argument (at construction).
         MisconfigurationException: no logger, or ``FSDPStrategy`` (FSDP1) or ``DeepSpeedStrategy``.
 
@@ -113,13 +114,13 @@ class PredictionGridMonitor(Monitor):
         output_fn: Optional[Callable[[Any], Any]] = None,
         exclude_keys: Optional[Sequence[str]] = None,
     ) -> None:
-        lowest = {"num_samples": 1, "nrow": 1, "tile_size": 8, "padding": 0, "dataloader_idx": 0}
-        values = {"num_samples": num_samples, "nrow": 1 if nrow is None else nrow, "tile_size": tile_size,
-                  "padding": padding, "dataloader_idx": dataloader_idx}
-        for name, low in lowest.items():
-            value = values[name]
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
+        num_samples = _options.check_int("num_samples", num_samples, low=1)
+        seed = _options.check_int("seed", seed)
+        nrow = _options.check_int("nrow", nrow, low=1, none_ok=True)
+        tile_size = _options.check_int("tile_size", tile_size, low=8)
+        padding = _options.check_count("padding", padding)
+        dataloader_idx = _options.check_count("dataloader_idx", dataloader_idx)
+        _options.check_bool("mistakes_first", mistakes_first)
         super().__init__(every_n_steps, exclude_keys)
         if (mean is None) != (std is None):
             raise ValueError(f"`mean` and `std` go together, got mean={mean!r}, std={std!r}")

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning_utilities.core.imports import RequirementCache
 from typing_extensions import override
 
-from lightning_monitor import _dispatch, _summary
+from lightning_monitor import _dispatch, _options, _summary
 from lightning_monitor._keys import document_keys
 from lightning_monitor._writers import Backend, Recorder, Writer
 
@@ -50,6 +50,7 @@ class RunSummary(Callback, Backend):
         filename: name of the JSON file written into the run directory; ``None`` writes none.
 
     Raises:
+        TypeError: a ``print_table`` or ``use_rich`` that is not ``True`` or ``False`` (``use_rich``: or ``None``).
         ValueError: a ``filename`` that is not a plain file name.
         ModuleNotFoundError: ``use_rich=True`` without ``rich`` installed.
 
@@ -91,6 +92,8 @@ class RunSummary(Callback, Backend):
     def __init__(self, print_table: bool = True, *, use_rich: Optional[bool] = None,
                  filename: Optional[str] = "summary.json") -> None:
         super().__init__()
+        _options.check_bool("print_table", print_table)
+        _options.check_bool("use_rich", use_rich, none_ok=True)
         if filename is not None and (not isinstance(filename, str) or not filename or os.sep in filename
                                      or filename in (".", "..")):
             raise ValueError(f"`filename` must be a file name such as 'summary.json' (or None), got {filename!r}")

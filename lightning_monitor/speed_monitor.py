@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_monitor import _dist, _flops, _speed_window, _writers
+from lightning_monitor import _dist, _flops, _options, _speed_window, _writers
 from lightning_monitor._keys import document_keys
 from lightning_monitor._monitor import Monitor
 
@@ -78,7 +78,8 @@ class SpeedMonitor(Monitor):
             drops a whole family, ``["memory/host/available_gib"]`` one key).
 
     Raises:
-        ValueError: On a non-positive ``every_n_steps``, FLOPs or peak, or a negative ``warmup_steps``.
+        TypeError: On an argument of the wrong type (``warmup_steps=1.5``), echoing it.
+        ValueError: On a non-positive ``every_n_steps``, FLOPs or peak, or a negative ``warmup_steps``, echoing it.
 
     Example::
 
@@ -128,14 +129,11 @@ class SpeedMonitor(Monitor):
         exclude_keys: Optional[Sequence[str]] = None,
     ) -> None:
         super().__init__(every_n_steps, exclude_keys)
-        if flops_per_batch is not None and not flops_per_batch > 0:
-            raise ValueError(f"`flops_per_batch` must be > 0, got {flops_per_batch}")
-        if peak_flops_per_sec is not None and not peak_flops_per_sec > 0:
-            raise ValueError(f"`peak_flops_per_sec` must be > 0, got {peak_flops_per_sec}")
-        if warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
-        if max_measured_shapes < 1:
-            raise ValueError(f"`max_measured_shapes` must be >= 1, got {max_measured_shapes}")
+        flops_per_batch = _options.check_number("flops_per_batch", flops_per_batch, above=0, none_ok=True)
+        peak_flops_per_sec = _options.check_number("peak_flops_per_sec", peak_flops_per_sec, above=0, none_ok=True)
+        _options.check_bool("measure_flops", measure_flops)
+        warmup_steps = _options.check_count("warmup_steps", warmup_steps)
+        max_measured_shapes = _options.check_int("max_measured_shapes", max_measured_shapes, low=1)
         self.flops_per_batch = flops_per_batch
         self.peak_flops_per_sec = peak_flops_per_sec
         self.measure_flops = measure_flops

@@ -47,17 +47,17 @@ def test_every_key_is_under_memory():
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, match",
     [
-        ({"every_n_steps": 0}, "`every_n_steps` must be None or an integer >= 1, got 0"),
-        ({"every_n_steps": 2.5}, "got 2.5"),
-        ({"warn_share": 0}, "`warn_share` must be a number > 0, got 0"),
-        ({"warn_share": "high"}, "got 'high'"),
-        ({"nvml_interval_sec": -1.0}, "`nvml_interval_sec` must be a number > 0, got -1.0"),
+        ({"every_n_steps": 0}, ValueError, "`every_n_steps` must be None or an integer >= 1, got 0"),
+        ({"every_n_steps": 2.5}, TypeError, "got 2.5"),  # a wrong type: TypeError (_options)
+        ({"warn_share": 0}, ValueError, "`warn_share` must be a number > 0, got 0"),
+        ({"warn_share": "high"}, TypeError, "got 'high'"),
+        ({"nvml_interval_sec": -1.0}, ValueError, "`nvml_interval_sec` must be a number > 0, got -1.0"),
     ],
 )
-def test_bad_arguments_are_echoed(kwargs, match):
-    with pytest.raises(ValueError, match=re.escape(match)):
+def test_bad_arguments_are_echoed(kwargs, error, match):
+    with pytest.raises(error, match=re.escape(match)):
         MemoryMonitor(**kwargs)
 
 

@@ -522,7 +522,7 @@ def test_all_four_monitors_finish_a_run_the_grid_cannot_draw(tmp_path, kind):
     ("kwargs", "message"),
     [
         (dict(num_samples=0), "`num_samples` must be an integer >= 1, got 0"),
-        (dict(nrow=-1), "`nrow` must be an integer >= 1, got -1"),
+        (dict(nrow=-1), "`nrow` must be None or an integer >= 1, got -1"),
         (dict(every_n_steps=0), "`every_n_steps` must be None or an integer >= 1, got 0"),
         (dict(mean=[0.1]), "`mean` and `std` go together"),
         (dict(mean=[0.1, 0.2], std=[1.0, 1.0]), "1 or 3 values"),

@@ -457,18 +457,19 @@ def test_window_values_name_the_global_rank_and_time_what_is_left_at_the_slowest
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, error, message",
     [
-        (dict(every_n_steps=0), "`every_n_steps` must be None or an integer >= 1, got 0"),
-        (dict(every_n_steps=2.5), "`every_n_steps` must be None or an integer >= 1, got 2.5"),
-        (dict(flops_per_batch=-1.0), "`flops_per_batch` must be > 0, got -1.0"),
-        (dict(peak_flops_per_sec=0.0), "`peak_flops_per_sec` must be > 0, got 0.0"),
-        (dict(warmup_steps=-2), "`warmup_steps` must be >= 0, got -2"),
-        (dict(max_measured_shapes=0), "`max_measured_shapes` must be >= 1, got 0"),
+        (dict(every_n_steps=0), ValueError, "`every_n_steps` must be None or an integer >= 1, got 0"),
+        # a wrong type: TypeError (_options)
+        (dict(every_n_steps=2.5), TypeError, "`every_n_steps` must be None or an integer >= 1, got 2.5"),
+        (dict(flops_per_batch=-1.0), ValueError, "`flops_per_batch` must be None or a number > 0, got -1.0"),
+        (dict(peak_flops_per_sec=0.0), ValueError, "`peak_flops_per_sec` must be None or a number > 0, got 0.0"),
+        (dict(warmup_steps=-2), ValueError, "`warmup_steps` must be an integer >= 0, got -2"),
+        (dict(max_measured_shapes=0), ValueError, "`max_measured_shapes` must be an integer >= 1, got 0"),
     ],
 )
-def test_bad_arguments(kwargs, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+def test_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)):
         SpeedMonitor(**kwargs)
 
 
