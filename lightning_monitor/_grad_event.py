@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -12,21 +11,16 @@ import torch
 
 from lightning_monitor._grad_groups import group_norms
 from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, squared_norms, summarize, summarize_finite
+from lightning_monitor._lru import Lru
 from lightning_monitor._media import HistogramData
 
-_INDEX_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_INDEX_CACHE: Lru[torch.Tensor] = Lru(8)
 
 
 def _device_index(positions: np.ndarray, device: torch.device) -> torch.Tensor:
     """``positions`` as an int64 tensor on ``device``, made once per (positions, device) and reused."""
-    key = (positions.tobytes(), device)
-    index = _INDEX_CACHE.get(key)
-    if index is None:
-        index = _INDEX_CACHE[key] = torch.from_numpy(positions.astype(np.int64)).to(device)
-        while len(_INDEX_CACHE) > 8:
-            _INDEX_CACHE.popitem(last=False)
-    _INDEX_CACHE.move_to_end(key)
-    return index
+    return _INDEX_CACHE.get_or_make((positions.tobytes(), device),
+                                    lambda: torch.from_numpy(positions.astype(np.int64)).to(device))
 
 
 @dataclass

@@ -5,12 +5,13 @@ Both only queue device work and return device tensors; the caller makes the one 
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import torch
+
+from lightning_monitor._lru import Lru
 
 _NORM_ROW = 64  # CPU norms: float32 over rows of this many elements, combined in float64
 _NORM_SMALL = 256  # CPU norms: tensors up to this size are normed whole, in one _foreach_norm
@@ -73,21 +74,19 @@ def fast_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return norms.index_select(0, order)
 
 
-_OWNERS: OrderedDict[tuple, Optional[torch.Tensor]] = OrderedDict()
+_OWNERS: Lru[Optional[torch.Tensor]] = Lru(_MAX_PLANS)
 
 
 def _norm_owner(numels: tuple[int, ...], device: torch.device) -> Optional[torch.Tensor]:
     """Which tensor each row of :func:`squared_norms` belongs to (small tensors first), cached per size list."""
-    key = (numels, device)
-    if key not in _OWNERS:
+
+    def make() -> Optional[torch.Tensor]:
         small = [i for i, n in enumerate(numels) if n <= _NORM_SMALL]
         owner = list(small)
         for i, n in enumerate(numels):
             if n > _NORM_SMALL:
                 owner += [i] * (n // _NORM_ROW + (1 if n % _NORM_ROW else 0))
         identity = len(small) == len(numels)
-        _OWNERS[key] = None if identity else torch.tensor(owner, device=device)
-        while len(_OWNERS) > _MAX_PLANS:
-            _OWNERS.popitem(last=False)
-    _OWNERS.move_to_end(key)
-    return _OWNERS[key]
+        return None if identity else torch.tensor(owner, device=device)
+
+    return _OWNERS.get_or_make((numels, device), make)

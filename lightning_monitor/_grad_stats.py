@@ -15,7 +15,6 @@ ops each, whose memory traffic dwarfs their launch) and only its sample copied. 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -24,6 +23,7 @@ import torch
 
 from lightning_monitor._grad_bins import bin_rows, edge_table
 from lightning_monitor._grad_norms import _NORM_ROW, fast_norms, squared_norms  # noqa: F401 - re-exported
+from lightning_monitor._lru import Lru
 
 STAT_COLUMNS = 7  # min, max, sum, sum_squares, num, lo, hi
 _ROW = 256  # row width of the flat layout; a tensor is padded to whole rows
@@ -217,7 +217,7 @@ class _Plan:
         return torch.cat([stats, counts], dim=1)
 
 
-_PLANS: OrderedDict[tuple, _Plan] = OrderedDict()
+_PLANS: Lru[_Plan] = Lru(_MAX_PLANS)
 
 
 def _plan(tensors: list[torch.Tensor], bins: int, max_elements: Optional[int], hist_range: HistRange,
@@ -227,16 +227,11 @@ def _plan(tensors: list[torch.Tensor], bins: int, max_elements: Optional[int], h
     numels = [t.numel() for t in tensors]
     device = tensors[0].device
     key = (tuple(numels), dtype, device, bins, max_elements, fixed)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _Plan(numels, dtype, device, bins, max_elements, fixed, keep_buffers=cache and device.type == "cpu")
-        if not cache:
-            return plan
-        _PLANS[key] = plan
-        while len(_PLANS) > _MAX_PLANS:
-            _PLANS.popitem(last=False)
-    _PLANS.move_to_end(key)
-    return plan
+    if not cache:  # a kept plan is used all the same; a new one is not kept
+        plan = _PLANS.get(key)
+        return plan if plan is not None else _Plan(numels, dtype, device, bins, max_elements, fixed, keep_buffers=False)
+    return _PLANS.get_or_make(key, lambda: _Plan(numels, dtype, device, bins, max_elements, fixed,
+                                                 keep_buffers=device.type == "cpu"))
 
 
 def summarize(
