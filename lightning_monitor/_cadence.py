@@ -6,6 +6,8 @@ from typing import Optional
 
 import lightning.pytorch as pl
 
+from lightning_monitor._compat import completed_batches
+
 
 def logging_interval(trainer: "pl.Trainer", every_n_steps: Optional[int]) -> int:
     """``every_n_steps`` if given, else the trainer's ``log_every_n_steps``."""
@@ -34,7 +36,7 @@ def batch_start_step(trainer: "pl.Trainer") -> int:
     module = trainer.lightning_module
     if module is None or module.automatic_optimization:
         return trainer.global_step
-    return int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)
+    return completed_batches(trainer)
 
 
 def batch_logging_step(trainer: "pl.Trainer", batch_step: Optional[int], every_n_steps: Optional[int]) -> Optional[int]:

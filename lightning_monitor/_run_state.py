@@ -8,6 +8,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Optional
 
+from lightning_monitor._compat import experiment_if_made
+
 #: file beside the run that says which wandb ``_step`` holds which trainer step
 LEDGER_NAME = "logged-steps.tsv"
 
@@ -133,7 +135,7 @@ def flush_at_exit(writer: Any) -> None:
 @atexit.register
 def _flush_open_writers() -> None:
     for writer in list(_open_writers):
-        experiment = writer.tb._experiment
+        experiment = experiment_if_made(writer.tb)
         if experiment is not None:
             try:
                 experiment.flush()

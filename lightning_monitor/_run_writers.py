@@ -10,6 +10,14 @@ from typing import Any, Optional
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_monitor import _run_state, _wandb_run
+from lightning_monitor._compat import (
+    add_prefix,
+    file_writer,
+    flatten_dict,
+    logger_prefix,
+    run_is_finished,
+    sanitize_params,
+)
 from lightning_monitor._run import Run
 from lightning_monitor._run_guard import RunGuard
 from lightning_monitor._writers import TensorBoardWriter, WandbWriter, _call, _numbers, deliver, os_error
@@ -59,7 +67,7 @@ class RunTensorBoard(TensorBoardWriter):
 
                 event = Event(step=step, session_log=SessionLog(status=SessionLog.START))
                 try:
-                    writer._get_file_writer().add_event(event)
+                    file_writer(writer).add_event(event)
                 except OSError:
                     pass  # the write that follows fails the same way, inside the guard
         return True
@@ -112,17 +120,16 @@ class RunTensorBoard(TensorBoardWriter):
         values) and the session's end. TensorBoard keeps the first summary of a tag, so the experiment summary is
         written once, when its metric list is known.
         """
-        from lightning.fabric.utilities.logger import _add_prefix, _flatten_dict
         from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
         from torch.utils.tensorboard.summary import hparams
 
         if params is not None:
-            self.hparams = self.tb._sanitize_params(_flatten_dict(dict(params)))
+            self.hparams = sanitize_params(self.tb, flatten_dict(params))
         if self.hparams is None:
             return
-        metrics = _add_prefix(dict(self.eval_metrics), self.tb._prefix, self.tb.LOGGER_JOIN_CHAR)
+        metrics = add_prefix(self.eval_metrics, logger_prefix(self.tb), self.tb.LOGGER_JOIN_CHAR)
         experiment, session_start, session_end = hparams(self.hparams, metrics)
-        writer = self.summary_writer()._get_file_writer()
+        writer = file_writer(self.summary_writer())
         if status is None:
             writer.add_summary(session_start)
             return
@@ -172,10 +179,8 @@ class RunWandb(WandbWriter):
     def log_row(self, row: dict[str, Any], step: Optional[int]) -> None:
         """``run.log`` with the run's next ``_step`` given explicitly (see :meth:`_start_run`), the
         prefix and the ``trainer/global_step`` axis added as ``WandbLogger.log_metrics`` adds them."""
-        from lightning.fabric.utilities.logger import _add_prefix
-
         wb = self.wandb_logger()
-        row = dict(_add_prefix(row, wb._prefix, wb.LOGGER_JOIN_CHAR))
+        row = add_prefix(row, logger_prefix(wb), wb.LOGGER_JOIN_CHAR)
         if step is not None:
             row["trainer/global_step"] = step
         wb.experiment.log(row, step=_run_state.live_runs[self.run.run_id].next_step)
@@ -273,7 +278,7 @@ class RunWandb(WandbWriter):
         }
         os.makedirs(run.log_dir, exist_ok=True)
         live = _run_state.live_runs.get(run.run_id)
-        if live is None or getattr(live.run, "_is_finished", False):  # an unpickled copy of us shares the run
+        if live is None or run_is_finished(live.run):  # an unpickled copy of us shares the run
             ledger = run.ledger()
             rewind = None
             if run.wandb_rewind and not {"resume", "resume_from", "fork_from", "id"} & set(options):

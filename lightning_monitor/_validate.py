@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from lightning_monitor._compat import tensorboard_installed
+
 
 def options(backend: str, value: Union[bool, dict, None]) -> Optional[dict[str, Any]]:
     if value is False or value is None:
@@ -45,9 +47,7 @@ def check_not_tensorboardx(who: str) -> None:
     Raises:
         ModuleNotFoundError: ``tensorboard`` is not installed, with the ``pip install`` line.
     """
-    from lightning.fabric.loggers import tensorboard as fabric_tensorboard
-
-    if not fabric_tensorboard._TENSORBOARD_AVAILABLE:
+    if not tensorboard_installed():
         raise ModuleNotFoundError(
             f"{who} needs the `tensorboard` package: without it Lightning's TensorBoardLogger writes through"
             " tensorboardX, whose writer blocks training forever once the disk is full. Install it:"

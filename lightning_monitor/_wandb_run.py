@@ -38,6 +38,8 @@ from urllib.parse import urlsplit
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_monitor._compat import stop_wandb_analytics, wandb_session_key
+
 #: seconds a whole start may take, falling back to offline included (wandb's own ``init_timeout`` default is 90).
 INIT_TIMEOUT_SEC = 30
 #: seconds left to the online attempt: the rest of ``INIT_TIMEOUT_SEC`` is for dropping wandb's service and
@@ -148,12 +150,7 @@ def _has_credentials(base_url: str, settings: Any) -> bool:
             return True
     except (OSError, netrc.NetrcParseError):
         pass
-    try:  # an earlier `wandb.login(key=...)` in this process (wandb >= 0.22 keeps it here)
-        from wandb.sdk.lib import wbauth
-
-        return wbauth.session_credentials(host=base_url) is not None
-    except Exception:  # noqa: BLE001 - another wandb version: the key is not there
-        return False
+    return wandb_session_key(base_url)  # an earlier `wandb.login(key=...)` in this process
 
 
 def _no_answer(base_url: str) -> Optional[str]:
@@ -319,15 +316,7 @@ def _stop_wandb_analytics() -> None:
     request: with a silent server every job exit stalled 10-20 s, even for an offline run. Called for offline runs
     and when the server did not answer.
     """
-    try:
-        from wandb.analytics.opentelemetry import opentelemetry_proxy as analytics
-
-        analytics.disable()
-        proxy = analytics._singleton_telemetry_proxy
-        if proxy is not None:  # already made: what it holds is dropped at exit instead of sent
-            proxy._server_supports_proxy = False
-    except Exception:  # noqa: BLE001 - another wandb version: nothing of this to stop
-        pass
+    stop_wandb_analytics()
 
 
 def _teardown() -> None:

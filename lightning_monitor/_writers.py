@@ -23,6 +23,7 @@ from typing import Any, Optional
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_monitor._compat import add_prefix, file_writer, logger_prefix
 from lightning_monitor._media import HistogramData, Images, to_rgb
 from lightning_monitor._tb_crc import use_fast_crc
 from lightning_monitor._validate import check_not_tensorboardx
@@ -117,9 +118,7 @@ class TensorBoardWriter(Writer):
 
     def _prefixed(self, values: Mapping[str, Any]) -> Mapping[str, Any]:
         """``values`` under the logger's ``prefix``, as its ``log_metrics`` puts them."""
-        from lightning.fabric.utilities.logger import _add_prefix
-
-        return _add_prefix(dict(values), self.tb._prefix, self.tb.LOGGER_JOIN_CHAR)
+        return add_prefix(values, logger_prefix(self.tb), self.tb.LOGGER_JOIN_CHAR)
 
     def _one_event(self, values: list[Any], step: Optional[int]) -> None:
         """``values`` (``Summary.Value`` protos) as ONE event at ``step``.
@@ -132,7 +131,7 @@ class TensorBoardWriter(Writer):
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         if values:
-            self.summary_writer()._get_file_writer().add_summary(Summary(value=values), step)
+            file_writer(self.summary_writer()).add_summary(Summary(value=values), step)
 
     def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
         if type(self.tb).log_metrics is not TensorBoardLogger.log_metrics:
@@ -224,10 +223,8 @@ class WandbWriter(Writer):
 
     def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]]) -> None:
         """Into the run summary (numbers and text; the runs table shows and sorts by them), not a history row."""
-        from lightning.fabric.utilities.logger import _add_prefix
-
         wb = self.wandb_logger()
-        wb.experiment.summary.update(dict(_add_prefix(dict(values), wb._prefix, wb.LOGGER_JOIN_CHAR)))
+        wb.experiment.summary.update(add_prefix(values, logger_prefix(wb), wb.LOGGER_JOIN_CHAR))
 
 
 class Recorder(Writer):

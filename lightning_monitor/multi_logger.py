@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_monitor import _wandb_run
+from lightning_monitor._compat import convert_params
 from lightning_monitor._keys import document_keys
 from lightning_monitor._media import HistogramData, make_histogram, prepare_images
 from lightning_monitor._run import Run
@@ -224,9 +225,7 @@ class MultiLogger(Logger, Backend):
         """Hyperparameters to TensorBoard's HParams tab and wandb's config. Private keys (``_instantiator`` and
         other ``_``-prefixed entries LightningCLI adds) are left out. The run's validation and test metrics become
         the HParams metric columns when the run ends (``finalize``), so runs can be compared on them."""
-        from lightning.fabric.utilities.logger import _convert_params
-
-        public: dict[str, Any] = public_params(_convert_params(params))
+        public: dict[str, Any] = public_params(convert_params(params))
         metrics = args[0] if args else kwargs.get("metrics")
         if not self._run.wandb_rewind:
             # Lightning logs hyperparameters before the first batch: start the wandb run now, so that its start-up
