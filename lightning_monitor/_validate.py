@@ -12,8 +12,6 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_monitor._compat import tensorboard_installed
-
 
 def options(backend: str, value: Union[bool, dict, None]) -> Optional[dict[str, Any]]:
     if value is False or value is None:
@@ -38,21 +36,6 @@ def tensorboard_keys() -> set[str]:
     for function in (TensorBoardLogger.__init__, SummaryWriter.__init__):
         keys |= {p for p in inspect.signature(function).parameters if p not in ("self", "kwargs")}
     return keys - {"save_dir", "name", "version", "log_dir", "logdir", "comment"}
-
-
-def check_not_tensorboardx(who: str) -> None:
-    """Refuse the writer Lightning's ``TensorBoardLogger`` picks when the ``tensorboard`` package is missing:
-    tensorboardX, whose writer thread dies on a full disk and then blocks every later write (training hangs).
-
-    Raises:
-        ModuleNotFoundError: ``tensorboard`` is not installed, with the ``pip install`` line.
-    """
-    if not tensorboard_installed():
-        raise ModuleNotFoundError(
-            f"{who} needs the `tensorboard` package: without it Lightning's TensorBoardLogger writes through"
-            " tensorboardX, whose writer blocks training forever once the disk is full. Install it:"
-            " `pip install tensorboard`"
-        )
 
 
 def check_writable(path: str) -> None:

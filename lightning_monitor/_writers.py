@@ -23,10 +23,9 @@ from typing import Any, Optional
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_monitor._compat import add_prefix, file_writer, logger_prefix
+from lightning_monitor._compat import add_prefix, file_writer, logger_prefix, tensorboard_installed
 from lightning_monitor._media import HistogramData, Images, to_rgb
 from lightning_monitor._tb_crc import use_fast_crc
-from lightning_monitor._validate import check_not_tensorboardx
 from lightning_monitor._warn import WarnOnce
 
 #: value-level errors in a row (no successful write between them) after which a backend is taken as broken
@@ -355,6 +354,21 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def monitor_writers(self) -> Sequence[Writer]:
         """The writers that get every value the monitors log, now (may take the run directory's lock)."""
+
+
+def check_not_tensorboardx(who: str) -> None:
+    """Refuse the writer Lightning's ``TensorBoardLogger`` picks when the ``tensorboard`` package is missing:
+    tensorboardX, whose writer thread dies on a full disk and then blocks every later write (training hangs).
+
+    Raises:
+        ModuleNotFoundError: ``tensorboard`` is not installed, with the ``pip install`` line.
+    """
+    if not tensorboard_installed():
+        raise ModuleNotFoundError(
+            f"{who} needs the `tensorboard` package: without it Lightning's TensorBoardLogger writes through"
+            " tensorboardX, whose writer blocks training forever once the disk is full. Install it:"
+            " `pip install tensorboard`"
+        )
 
 
 def writer_for(logger: Logger) -> Writer:

@@ -24,7 +24,6 @@ from lightning_monitor._run_guard import RunGuard
 from lightning_monitor._run_writers import RunTensorBoard, RunWandb
 from lightning_monitor._validate import (
     check_keys,
-    check_not_tensorboardx,
     check_writable,
     is_eval_metric,
     options,
@@ -32,7 +31,7 @@ from lightning_monitor._validate import (
     scalar,
     tensorboard_keys,
 )
-from lightning_monitor._writers import Backend, Writer, deliver
+from lightning_monitor._writers import Backend, Writer, check_not_tensorboardx, deliver
 
 #: seconds between TensorBoard flushes; TensorBoard's own default (120 s) is too slow to watch a run live.
 DEFAULT_FLUSH_SECS = 2
