@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 import lightning.pytorch as pl
@@ -14,7 +15,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
-
 from wandb_reader import WandbRun, find_runs  # noqa: F401 - re-exported for tests
 
 
@@ -130,3 +130,44 @@ def flat_shard_trainer(strategy: str) -> Any:
         loggers, is_global_zero, strategy = [object()], False, cls.__new__(cls)
 
     return Trainer()
+
+
+#: The training job the fault-injection tests run as a subprocess (``python tests/reliability_job.py --help``).
+RELIABILITY_JOB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reliability_job.py")
+
+
+def run_reliability_job(tmp_path: Any, *args: str, env: Any = None, timeout: float = 150,
+                        **popen: Any) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """:data:`RELIABILITY_JOB` run to its end under ``tmp_path`` (its ``runs`` directory, ``env`` added to this
+    process's environment); the process and the run directory of its logger (``runs/job/version_0``)."""
+    runs = tmp_path / "runs"
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, RELIABILITY_JOB, "--runs", str(runs), *args], cwd=tmp_path, env=full_env,
+        capture_output=True, text=True, timeout=timeout, **popen,
+    )
+    return proc, runs / "job" / "version_0"
+
+
+def start_paced_job(tmp_path: Any, *extra: str) -> tuple[subprocess.Popen[str], Any]:
+    """:data:`RELIABILITY_JOB` started in the background for 400 steps of 0.1 s, writing ``step time`` lines to
+    ``tmp_path/progress.txt``; the process and that file."""
+    progress = tmp_path / "progress.txt"
+    proc = subprocess.Popen(
+        [sys.executable, RELIABILITY_JOB, "--runs", str(tmp_path / "runs"), "--steps", "400", "--sleep", "0.1",
+         "--progress", str(progress), *extra],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    return proc, progress
+
+
+def wait_for_step(proc: subprocess.Popen[str], progress: Any, step: int, timeout: float = 120) -> None:
+    """Until the paced job has finished ``step`` (its progress file says so); fails if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = progress.read_text().split() if progress.exists() else []
+        if len(lines) >= 2 * (step + 1):
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    raise AssertionError(f"job did not reach step {step}")
