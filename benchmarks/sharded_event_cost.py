@@ -8,7 +8,8 @@ under DDP: every rank has the full gradient, rank 0 measures) and as ``Shard(0)`
 
 * ``unsharded exact`` / ``unsharded sampled``  ``_grad_event.measure`` over the full gradients: norms, NaN/Inf
   counts and a 64-bin histogram of every gradient, over all elements / at most 16384 per tensor (the default).
-* ``sharded exact`` / ``sharded sampled``  ``_grad_sharded.measure`` over the local shards: the same numbers for
+* ``sharded exact`` / ``sharded sampled``  the same ``_grad_event.measure`` over DTensor gradients (handed to
+  ``_grad_sharded.global_stats``): the same numbers for
   the full tensors, with its all-reduces (counted by wrapping ``torch.distributed``'s collectives).
 * ``... norms only``  no histograms.
 * ``non-logging step``  the per-step NaN/Inf flags (``fast_norms``) over the full gradients / the local shards.
@@ -92,16 +93,18 @@ def _events(model: nn.Module, mesh: Any) -> dict[str, Callable[[], Any]]:
     present = np.arange(len(full))
     every, none = present.copy(), np.zeros(0, dtype=np.int64)
 
-    def event(module: Any, grads: list[torch.Tensor], hist: np.ndarray, max_elements: Any) -> Callable[[], Any]:
-        return lambda: module.measure(0, present, grads, [], hist, none, False, 64, max_elements, "minmax", [])
+    def event(grads: list[torch.Tensor], hist: np.ndarray, max_elements: Any) -> Callable[[], Any]:
+        spec = _grad_event.MeasureSpec(bins=64, max_elements=max_elements, hist_range="minmax", grad_histograms=True,
+                                       param_histograms=False, weights=False)
+        return lambda: _grad_event.measure(spec, 0, present, grads, weights=[], hist=hist, pending=[])
 
-    return {
-        "unsharded exact": event(_grad_event, full, every, None),
-        "unsharded sampled": event(_grad_event, full, every, 16384),
-        "unsharded norms only": event(_grad_event, full, none, None),
-        "sharded exact": event(_grad_sharded, sharded, every, None),
-        "sharded sampled": event(_grad_sharded, sharded, every, 16384),
-        "sharded norms only": event(_grad_sharded, sharded, none, None),
+    return {  # the one entry, _grad_event.measure, hands DTensor gradients to _grad_sharded
+        "unsharded exact": event(full, every, None),
+        "unsharded sampled": event(full, every, 16384),
+        "unsharded norms only": event(full, none, None),
+        "sharded exact": event(sharded, every, None),
+        "sharded sampled": event(sharded, every, 16384),
+        "sharded norms only": event(sharded, none, None),
         "non-logging step, unsharded": lambda: fast_norms(full).tolist(),
         "non-logging step, sharded": lambda: fast_norms(local).tolist(),
     }

@@ -1,4 +1,4 @@
-"""Cross-rank aggregation: one packed collective per logging step, run on every rank."""
+"""Cross-rank aggregation (one packed collective per logging step, run on every rank) and where the model runs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,19 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+
+def model_on_every_rank(trainer: "pl.Trainer") -> bool:
+    """Whether the model runs on every rank together: Lightning's ``ModelParallelStrategy`` (FSDP2 ``fully_shard``,
+    tensor parallel: DTensor parameters), where a forward, or a measurement of the parameters, is a collective."""
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def works_on_model_here(trainer: "pl.Trainer") -> bool:
+    """Whether this rank takes part in a monitor's work on the model (a measurement, a forward): global rank 0,
+    or every rank when the model runs on every rank (:func:`model_on_every_rank`; only rank 0 writes)."""
+    return trainer.is_global_zero or model_on_every_rank(trainer)
 
 
 def gather_packed(trainer: "pl.Trainer", values: torch.Tensor) -> np.ndarray:

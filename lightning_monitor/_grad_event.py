@@ -1,4 +1,7 @@
-"""GradientMonitor's logging step: one optimizer step measured on the device and read back in one transfer."""
+"""GradientMonitor's logging step: one optimizer step measured on the device and read back in one transfer.
+
+:func:`measure` and :func:`update_ratios` are the one entry for plain and sharded (DTensor) tensors alike: sharded
+ones go to :mod:`lightning_monitor._grad_sharded` (the full tensors' numbers, with collectives on every rank)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from lightning_monitor import _grad_sharded
 from lightning_monitor._grad_groups import group_norms
 from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, squared_norms, summarize, summarize_finite
 from lightning_monitor._lru import Lru
@@ -21,6 +25,21 @@ def _device_index(positions: np.ndarray, device: torch.device) -> torch.Tensor:
     """``positions`` as an int64 tensor on ``device``, made once per (positions, device) and reused."""
     return _INDEX_CACHE.get_or_make((positions.tobytes(), device),
                                     lambda: torch.from_numpy(positions.astype(np.int64)).to(device))
+
+
+@dataclass(frozen=True)
+class MeasureSpec:
+    """What a logging step measures, fixed by GradientMonitor's options (built with them, passed to :func:`measure`)."""
+
+    bins: int  # histogram bins
+    max_elements: Optional[int]  # bin at most this many elements per tensor (None: all)
+    hist_range: HistRange  # "minmax", "symmetric" or (lo, hi)
+    grad_histograms: bool  # histograms of the gradients
+    param_histograms: bool  # histograms of the weights
+    weights: bool  # squared weight norms (param_norms, update_ratio, param_histograms)
+
+
+_NONE = np.zeros(0, dtype=np.int64)
 
 
 @dataclass
@@ -63,24 +82,39 @@ def _norms_and_rows(tensors: list[torch.Tensor], positions: np.ndarray, bins: in
 
 
 def measure(
+    spec: MeasureSpec,
     optimizer: int,
     present: np.ndarray,
     grads: list[torch.Tensor],
+    *,
     weights: list[torch.Tensor],
-    hist_pos: np.ndarray,
-    phist_pos: np.ndarray,
-    want_wsq: bool,
-    bins: int,
-    max_elements: Optional[int],
-    hist_range: HistRange,
+    hist: np.ndarray,
     pending: Sequence[torch.Tensor],
 ) -> tuple[Measured, np.ndarray]:
-    """Norms and histogram rows of one optimizer step, read back with ``pending`` (NaN/Inf counts queued since the
-    last logging step) in ONE packed transfer; a second one only when a gradient holds NaN/Inf.
+    """Norms and histogram rows of one optimizer step (``present``: the parameters, ``grads`` their gradients,
+    ``weights`` their weights when ``spec.weights``), read back with ``pending`` (NaN/Inf counts queued since the last
+    logging step) in ONE packed transfer; a second one only when a gradient holds NaN/Inf.
 
-    ``hist_pos``/``phist_pos`` are positions in ``present`` (non-empty tensors) whose gradient / weight histograms
-    are logged. Returns the host values and the host copy of ``pending``.
+    ``hist`` are positions in ``present`` (non-empty tensors, within the cap) whose histograms are logged (gradients
+    with ``spec.grad_histograms``, weights with ``spec.param_histograms``). Returns the host values and the host copy
+    of ``pending``.
+
+    Sharded gradients (DTensor: FSDP2, tensor parallel) are measured on EVERY rank: the same host values for the full
+    tensors, with :data:`~lightning_monitor._grad_sharded.COLLECTIVES_PER_EVENT` all-reduces and one host transfer;
+    ``pending`` comes back as the maximum over ranks (exact when the NaN/Inf shows on one rank or on all at the same
+    steps, a lower bound otherwise).
     """
+    hist_pos = hist if spec.grad_histograms else _NONE
+    phist_pos = hist if spec.param_histograms else _NONE
+    bins, max_elements, hist_range = spec.bins, spec.max_elements, spec.hist_range
+    if _grad_sharded.is_sharded(grads):
+        stats = _grad_sharded.global_stats(
+            grads, params=weights if spec.weights else None, grad_hist=hist_pos.tolist(), param_hist=phist_pos.tolist(),
+            bins=bins, max_elements=max_elements, hist_range=hist_range, extra_max=pending,
+        )
+        return Measured(optimizer, present, stats.sq, stats.nonfinite, present[hist_pos], stats.grad_rows, stats.wsq,
+                        present[phist_pos], stats.param_rows), stats.extra_max
+    want_wsq = spec.weights
     sq, grad_rows = _norms_and_rows(grads, hist_pos, bins, max_elements, hist_range)  # float64, within 1e-6
     parts = [sq]
     parts += [grad_rows] if grad_rows is not None else []
@@ -149,12 +183,17 @@ Snapshot = tuple[np.ndarray, list[torch.Tensor], np.ndarray]
 def update_ratios(params: Sequence[torch.Tensor], snapshots: Sequence[Snapshot], group_names: Sequence[str],
                   gid: np.ndarray) -> dict[str, float]:
     """``param/update_ratio*`` from weight snapshots ``(parameters, weights before, squared norms before)`` taken
-    at a logging batch's optimizer steps, against the weights now (after the steps)."""
+    at a logging batch's optimizer steps, against the weights now (after the steps). Sharded weights (DTensor): the
+    full tensors' changes, one all-reduce SUM on EVERY rank."""
     present = np.concatenate([s[0] for s in snapshots])
     before = [t for s in snapshots for t in s[1]]
-    after = [params[i].detach() for i in present.tolist()]
-    # sync point: logging steps with update_ratio only
-    dsq = squared_norms(torch._foreach_sub(after, before)).to("cpu").numpy()
+    if _grad_sharded.is_sharded(before):
+        shards = [_grad_sharded.local_shard(t)[0] for t in before]
+        dsq = _grad_sharded.global_squared_diffs([params[i] for i in present.tolist()], shards)
+    else:
+        after = [params[i].detach() for i in present.tolist()]
+        # sync point: logging steps with update_ratio only
+        dsq = squared_norms(torch._foreach_sub(after, before)).to("cpu").numpy()
     return ratio_metrics(len(params), snapshots, dsq, group_names, gid)
 
 

@@ -33,9 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
-from lightning_monitor import _grad_stats
+from lightning_monitor import _dist, _grad_stats
 from lightning_monitor._grad_bins import bin_counts
-from lightning_monitor._grad_event import Measured, Snapshot, ratio_metrics
 from lightning_monitor._grad_norms import fast_norms, squared_norms
 from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, sample_stride, summarize
 
@@ -303,31 +302,10 @@ def global_stats(
                        extra_max=host[2 * t : len(max_pack)])
 
 
-def check_strategy(strategy: object) -> bool:
-    """Whether ``strategy`` gives GradientMonitor sharded (DTensor) gradients to measure on every rank (FSDP1 and
-    DeepSpeed are refused by ``Monitor.setup``: ``GradientMonitor.FLAT_SHARDS_UNSUPPORTED``)."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return isinstance(strategy, ModelParallelStrategy)
-
-
-def _model_parallel(trainer: "pl.Trainer") -> bool:
-    """Whether the trainer's strategy can give DTensor parameters (Lightning's ``ModelParallelStrategy``)."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    return isinstance(trainer.strategy, ModelParallelStrategy)
-
-
-def measures_here(trainer: "pl.Trainer") -> bool:
-    """Whether GradientMonitor measures logging steps on this rank: rank 0, or every rank under
-    ``ModelParallelStrategy`` (the measurement makes collectives; only rank 0 writes)."""
-    return trainer.is_global_zero or _model_parallel(trainer)
-
-
 def local_shards(tensors: list[torch.Tensor], trainer: "pl.Trainer") -> list[torch.Tensor]:
     """This rank's local values of each tensor for per-rank work between logging steps (NaN/Inf flags):
     ``tensors`` itself, unchecked, outside ``ModelParallelStrategy``."""
-    if not _model_parallel(trainer) or not is_sharded(tensors):
+    if not _dist.model_on_every_rank(trainer) or not is_sharded(tensors):
         return tensors
     return [local_shard(t, reduce_partial=False)[0] for t in tensors]
 
@@ -335,40 +313,5 @@ def local_shards(tensors: list[torch.Tensor], trainer: "pl.Trainer") -> list[tor
 def step_norms(grads: list[torch.Tensor], trainer: "pl.Trainer") -> torch.Tensor:
     """Per-step norms for ``nonfinite="raise"``/``"skip"``: float32 ``fast_norms``, or, for DTensors, the full
     tensors' squared norms (one all-reduce per step, so that every rank acts alike)."""
-    return global_squared_norms(grads) if _model_parallel(trainer) and is_sharded(grads) else fast_norms(grads)
-
-
-def measure(
-    optimizer: int,
-    present: np.ndarray,
-    grads: list[torch.Tensor],
-    weights: list[torch.Tensor],
-    hist_pos: np.ndarray,
-    phist_pos: np.ndarray,
-    want_wsq: bool,
-    bins: int,
-    max_elements: Optional[int],
-    hist_range: HistRange,
-    pending: Sequence[torch.Tensor],
-) -> tuple[Measured, np.ndarray]:
-    """:func:`lightning_monitor._grad_event.measure` for sharded gradients, on EVERY rank: the same host values for
-    the full tensors, with :data:`COLLECTIVES_PER_EVENT` all-reduces and one host transfer.
-
-    ``pending`` (NaN/Inf step counts each rank queued since the last logging step) comes back as the maximum over
-    ranks: exact when the NaN/Inf shows on one rank or on all at the same steps, a lower bound otherwise.
-    """
-    stats = global_stats(grads, params=weights if want_wsq else None, grad_hist=hist_pos.tolist(),
-                         param_hist=phist_pos.tolist(), bins=bins, max_elements=max_elements, hist_range=hist_range,
-                         extra_max=pending)
-    measured = Measured(optimizer, present, stats.sq, stats.nonfinite, present[hist_pos], stats.grad_rows, stats.wsq,
-                        present[phist_pos], stats.param_rows)
-    return measured, stats.extra_max
-
-
-def update_ratios(params: Sequence[torch.Tensor], snapshots: Sequence[Snapshot], group_names: Sequence[str],
-                  gid: np.ndarray) -> dict[str, float]:
-    """:func:`lightning_monitor._grad_event.update_ratios` for sharded weights (one all-reduce SUM, every rank)."""
-    present = np.concatenate([s[0] for s in snapshots])
-    before = [local_shard(t)[0] for s in snapshots for t in s[1]]
-    dsq = global_squared_diffs([params[i] for i in present.tolist()], before)
-    return ratio_metrics(len(params), snapshots, dsq, group_names, gid)
+    sharded = _dist.model_on_every_rank(trainer) and is_sharded(grads)
+    return global_squared_norms(grads) if sharded else fast_norms(grads)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from typing_extensions import override
 
-from lightning_monitor import _grad_event, _grad_groups, _grad_nonfinite, _grad_sharded, _options
+from lightning_monitor import _dist, _grad_event, _grad_groups, _grad_nonfinite, _grad_sharded, _options
 from lightning_monitor._grad_norms import fast_norms
 from lightning_monitor._keys import document_keys
 from lightning_monitor._monitor import Monitor
@@ -180,6 +180,11 @@ class GradientMonitor(Monitor):
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
+        self._spec = _grad_event.MeasureSpec(  # what a logging step measures, from the options (again in setup)
+            bins=self.bins, max_elements=self.max_hist_elements, hist_range=self.hist_range,
+            grad_histograms=self.histograms, param_histograms=self.param_histograms,
+            weights=self.param_norms or self.update_ratio or self.param_histograms,
+        )
         self._names: list[str] = []
         self._params: list[torch.nn.Parameter] = []
         self._gid = _EMPTY  # [P] group id per parameter, -1 for none
@@ -215,7 +220,6 @@ class GradientMonitor(Monitor):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._reset_runtime()
-        _grad_sharded.check_strategy(trainer.strategy)
 
     def _watch(self, pl_module: "pl.LightningModule") -> None:
         """Read the parameter list (at the first optimizer step, after ``configure_model``; frozen parameters
@@ -277,7 +281,7 @@ class GradientMonitor(Monitor):
         self._snapshots.clear()
         step = self._batch_step  # self.log's step (_cadence.batch_start_step): batches under manual optimization
         logs = step is not None and self._logs_at(trainer, step)
-        self._log_step = step if logs and _grad_sharded.measures_here(trainer) else None
+        self._log_step = step if logs and _dist.works_on_model_here(trainer) else None  # sharded: every rank measures
 
     @override
     def on_before_optimizer_step(
@@ -301,14 +305,10 @@ class GradientMonitor(Monitor):
 
     def _measure(self, number: int, present: np.ndarray, grads: list[torch.Tensor]) -> list[int]:
         """Measure one optimizer step of a logging batch (one host transfer); the parameters with NaN/Inf."""
-        want_wsq = self.param_norms or self.update_ratio or self.param_histograms
-        weights = [self._params[i].detach() for i in present.tolist()] if want_wsq else []
-        keep = self._hist_mask[present] & self._nonempty[present]
-        measured, pending = (_grad_sharded if _grad_sharded.is_sharded(grads) else _grad_event).measure(
-            number, present, grads, weights, np.flatnonzero(keep) if self.histograms else _EMPTY,
-            np.flatnonzero(keep) if self.param_histograms else _EMPTY, want_wsq, self.bins,
-            self.max_hist_elements, self.hist_range, self._nonfinite.pending(),
-        )
+        weights = [self._params[i].detach() for i in present.tolist()] if self._spec.weights else []
+        hist = np.flatnonzero(self._hist_mask[present] & self._nonempty[present])
+        measured, pending = _grad_event.measure(self._spec, number, present, grads, weights=weights, hist=hist,
+                                                pending=self._nonfinite.pending())
         if pending.size:
             bad_steps, any_steps = self._nonfinite.read(pending)
             before, steps = self._pending
@@ -385,11 +385,11 @@ class GradientMonitor(Monitor):
         self._log_scalars(trainer, metrics, step)
         hists: dict[str, Any] = {}
         for m in measured:
-            hists.update(_grad_event.histograms("grad/hist", self._names, m.hist, m.rows, self.bins))
-            hists.update(_grad_event.histograms("param/hist", self._names, m.phist, m.prows, self.bins))
+            hists.update(_grad_event.histograms("grad/hist", self._names, m.hist, m.rows, self._spec.bins))
+            hists.update(_grad_event.histograms("param/hist", self._names, m.phist, m.prows, self._spec.bins))
         self._log_histograms(trainer, hists, step)  # one wandb row for all of them
 
     def _log_update_ratio(self, trainer: "pl.Trainer", step: int) -> None:
         snapshots, self._snapshots = [self._snapshots[k] for k in sorted(self._snapshots)], {}
-        ratios = _grad_sharded.update_ratios if _grad_sharded.is_sharded(snapshots[0][1]) else _grad_event.update_ratios
-        self._log_scalars(trainer, ratios(self._params, snapshots, self._group_names, self._gid), step)
+        ratios = _grad_event.update_ratios(self._params, snapshots, self._group_names, self._gid)
+        self._log_scalars(trainer, ratios, step)

@@ -8,11 +8,10 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from lightning_monitor import _draw, _grid_input, _options
+from lightning_monitor import _dist, _draw, _grid_input, _options
 from lightning_monitor._keys import document_keys
 from lightning_monitor._monitor import Monitor
 
@@ -170,7 +169,7 @@ class PredictionGridMonitor(Monitor):
     ) -> None:
         # After the batch's optimizer step, logged at the batch's step: the step (and the model) a validation run
         # at the end of this batch would show, so the two never disagree and one model state gets one grid.
-        if self.every_n_steps is None or self._off or not self._runs_model(trainer):
+        if self.every_n_steps is None or self._off or not _dist.works_on_model_here(trainer):
             return  # no grids asked for, or turned off; or a rank with no part in the grid
         step = self._batch_logging_step(trainer)
         if step is None:
@@ -181,7 +180,7 @@ class PredictionGridMonitor(Monitor):
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._off or not self._runs_model(trainer):
+        if self._off or not _dist.works_on_model_here(trainer):
             return
         if self._images is None and trainer.val_dataloaders is not None:
             # also in the sanity check: a batch it cannot read is said before the first training step
@@ -226,14 +225,6 @@ class PredictionGridMonitor(Monitor):
         self._off = True
         self._warn("off", f"PredictionGridMonitor logs nothing more in this run: {why}")
 
-    @staticmethod
-    def _every_rank(trainer: "pl.Trainer") -> bool:
-        """Whether the model's forward needs every rank (a sharded model), so every rank runs the grid's forward."""
-        return isinstance(trainer.strategy, ModelParallelStrategy)
-
-    def _runs_model(self, trainer: "pl.Trainer") -> bool:
-        return trainer.is_global_zero or self._every_rank(trainer)
-
     def _take_samples(self, trainer: "pl.Trainer", loaders: Callable[[], Any]) -> bool:
         """Take the fixed samples on rank 0 from ``loaders()``; ``False`` (the monitor off, with one warning) when
         there are none or they cannot be read. When every rank runs the model, rank 0's samples (or its reason for
@@ -254,7 +245,7 @@ class PredictionGridMonitor(Monitor):
                 )
             except Exception as error:  # a batch_fn of the user's may raise anything: it costs the grid, not the run
                 taken = _why(error)
-        if self._every_rank(trainer):
+        if _dist.model_on_every_rank(trainer):
             taken = trainer.strategy.broadcast(taken, src=0)  # collective, on every rank; once per run
         if isinstance(taken, str):
             self._turn_off(taken)
@@ -275,7 +266,7 @@ class PredictionGridMonitor(Monitor):
             with torch.no_grad(), precision.forward_context():
                 out = pl_module(x)
             scores = self.output_fn(out) if self.output_fn is not None else out
-            if self._every_rank(trainer):
+            if _dist.model_on_every_rank(trainer):
                 scores = _full_tensor(scores)  # a tensor-parallel output is a DTensor: gathered on every rank
         finally:
             for module, mode in modes:

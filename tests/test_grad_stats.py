@@ -175,16 +175,19 @@ def test_a_measured_step_has_a_fixed_op_count_on_the_cuda_norm_path(monkeypatch,
     3 tensors or 200, with every tensor histogrammed or only some (the cap), when the norms take the fused
     ``_foreach_norm`` pass CUDA takes (forced here on the CPU)."""
     from lightning_monitor import _grad_norms
-    from lightning_monitor._grad_event import measure
+    from lightning_monitor._grad_event import MeasureSpec, measure
 
     monkeypatch.setattr(_grad_norms, "FUSED", True)
+    spec = MeasureSpec(bins=64, max_elements=max_elements, hist_range="minmax", grad_histograms=True,
+                       param_histograms=False, weights=False)
 
     def ops(tensors: list[torch.Tensor], hist: np.ndarray) -> int:
-        args = (0, np.arange(len(tensors)), tensors, [], hist, np.zeros(0, dtype=np.int64), False, 64, max_elements,
-                "minmax", [])
-        measured, _ = measure(*args)  # plans the layout
+        def event() -> tuple:
+            return measure(spec, 0, np.arange(len(tensors)), tensors, weights=[], hist=hist, pending=[])
+
+        measured, _ = event()  # plans the layout
         with _CountOps() as counted:
-            measure(*args)
+            event()
         np.testing.assert_allclose(measured.sq, [float(t.double().square().sum()) for t in tensors], rtol=1e-6)
         return counted.compute
 
