@@ -205,7 +205,7 @@ class HookSeconds(pl.Callback):
         from lightning_monitor._monitor import Monitor
 
         if self.batches in self.at:
-            self.seen[self.batches] = sum(c._hook_seconds for c in trainer.callbacks if isinstance(c, Monitor))
+            self.seen[self.batches] = sum(c.hook_seconds() for c in trainer.callbacks if isinstance(c, Monitor))
         self.batches += 1
 
 

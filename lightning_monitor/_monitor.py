@@ -91,13 +91,18 @@ class Monitor(Callback):
         _time_hooks(cls)  # every hook of every monitor is timed: SpeedMonitor logs the share (time/monitor_share)
 
     @classmethod
-    def _cost_key(cls) -> str:
-        """``time/monitor_share/<name>``: the key of this monitor's own cost, named after the library class it is,
-        less ``Monitor`` (``gradient``, ``prediction_grid``; a user's subclass of ``GradientMonitor`` counts as
-        ``gradient``, a direct subclass of this base as ``other``)."""
+    def cost_name(cls) -> str:
+        """The name this monitor's own cost is reported under (SpeedMonitor's ``time/monitor_share/{monitor}``):
+        the library class it is, less ``Monitor``, in snake_case (``gradient``, ``prediction_grid``; a user's
+        subclass of ``GradientMonitor`` counts as ``gradient``, a user's own subclass of this base as ``other``)."""
         base = next(c for c in cls.__mro__ if c.__module__.startswith("lightning_monitor") or c is Monitor)
         name = re.sub(r"(?<!^)(?=[A-Z])", "_", base.__name__.removesuffix("Monitor")).lower()
-        return f"time/monitor_share/{name or 'other'}"
+        return name or "other"
+
+    def hook_seconds(self) -> float:
+        """Host seconds spent so far in this monitor's hooks (every hook, timed by this base class); reading it
+        changes nothing."""
+        return self._hook_seconds
 
     def _needs_logger(self) -> bool:
         """Whether the monitor has nothing to do without a logger (``setup`` then raises)."""

@@ -16,6 +16,9 @@ from lightning_monitor import _dist, _flops, _options, _speed_window, _writers
 from lightning_monitor._keys import document_keys
 from lightning_monitor._monitor import Monitor
 
+#: the key of one monitor's part of ``time/monitor_share``; ``{monitor}`` is its :meth:`Monitor.cost_name`
+MONITOR_SHARE = "time/monitor_share/{monitor}"
+
 
 def _say(trainer: "pl.Trainer", message: str) -> None:
     """An info line on global rank 0, printed through the progress bar when one is shown (between two of its
@@ -96,12 +99,9 @@ class SpeedMonitor(Monitor):
         "throughput/val_samples_per_sec": "validation samples per second, summed over ranks",
         "time/monitor_share": "share of the window's elapsed host time spent inside lightning-monitor's hooks (all"
         " monitors, their logger writes included; DDP: the rank where it is largest)",
-        "time/monitor_share/gradient": "the part of ``time/monitor_share`` spent in GradientMonitor's hooks (with"
-        " more than one monitor)",
-        "time/monitor_share/memory": "the part of ``time/monitor_share`` spent in MemoryMonitor's hooks",
-        "time/monitor_share/speed": "the part of ``time/monitor_share`` spent in SpeedMonitor's hooks",
-        "time/monitor_share/prediction_grid": "the part of ``time/monitor_share`` spent in PredictionGridMonitor's"
-        " hooks",
+        MONITOR_SHARE: "the part of ``time/monitor_share`` spent in one monitor's hooks (with more than one monitor),"
+        " named after its class less ``Monitor``: ``gradient``, ``memory``, ``speed``, ``prediction_grid``; ``other``"
+        " for a Monitor subclass of your own",
         "time/step_sec": "mean wall time per training batch in the window (data wait included, logger writes left"
         " out)",
         "time/data_wait_share": "share of the window's wall time spent between batches waiting for the next one",
@@ -182,8 +182,9 @@ class SpeedMonitor(Monitor):
         else:
             self._peak, self._peak_source = None, f"none on {device.type} (pass `peak_flops_per_sec` for MFU)"
         self._monitors = [c for c in trainer.callbacks if isinstance(c, Monitor)]  # type: ignore[attr-defined]
-        self._cost_keys = sorted({m._cost_key() for m in self._monitors})
-        self._cost_index = [self._cost_keys.index(m._cost_key()) for m in self._monitors]
+        keys = [MONITOR_SHARE.format(monitor=m.cost_name()) for m in self._monitors]
+        self._cost_keys = sorted(set(keys))
+        self._cost_index = [self._cost_keys.index(key) for key in keys]
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -315,7 +316,7 @@ class SpeedMonitor(Monitor):
         """Seconds so far spent writing to loggers (this process) and in each monitor class's hooks."""
         hooks = [0.0] * len(self._cost_keys)
         for monitor, column in zip(self._monitors, self._cost_index, strict=True):
-            hooks[column] += monitor._hook_seconds
+            hooks[column] += monitor.hook_seconds()
         return _writers.seconds_writing(), hooks
 
     def _mark(self, now: float, costs: tuple[float, list[float]]) -> None:
@@ -323,7 +324,7 @@ class SpeedMonitor(Monitor):
         self._prev_end, self._prev_costs, self._wait_others = now, costs, self._others_hook_seconds()
 
     def _others_hook_seconds(self) -> float:
-        return sum(m._hook_seconds for m in self._monitors if m is not self)
+        return sum(m.hook_seconds() for m in self._monitors if m is not self)
 
     def _span_costs(self, begin: tuple[float, list[float]], end: tuple[float, list[float]]) -> None:
         """Add the logger writes and hook time between two :meth:`_costs` readings to the window."""

@@ -22,6 +22,7 @@ from typing_extensions import override
 from helpers import event_files, free_port, make_trainer, tb_accumulator, tb_scalars
 from lightning_monitor import SpeedMonitor, _monitor, _writers
 from lightning_monitor._monitor import Monitor
+from lightning_monitor.speed_monitor import MONITOR_SHARE
 from test_speed_monitor import ClockedData, ClockedModel, FakeClock, _real_clocks  # noqa: F401 - fixture used
 
 STEADY = {  # batches of 4: loading 4 x 0.0625 s, a step 0.25 s
@@ -116,6 +117,9 @@ def test_monitor_share_is_the_hook_time_over_the_elapsed_time(tmp_path):
     fifth = float(np.float32(0.2))  # as TensorBoard stores it
     assert tb_scalars(logger.log_dir, "time/monitor_share") == [(s, fifth) for s in steps]
     assert tb_scalars(logger.log_dir, "time/monitor_share/other") == [(s, fifth) for s in steps]
+    # a Monitor of the user's own ("other") logs under the one documented pattern, like the library's monitors
+    assert MONITOR_SHARE in SpeedMonitor.LOGGED_KEYS and MONITOR_SHARE.format(monitor=Probe.cost_name()) == (
+        "time/monitor_share/other")
     assert tb_scalars(logger.log_dir, "time/monitor_share/speed") == [(s, 0.0) for s in steps]
     assert tb_scalars(logger.log_dir, "time/step_sec") == [(s, 0.625) for s in steps]
     assert tb_scalars(logger.log_dir, "time/data_wait_share") == [(s, 2 * fifth) for s in steps]  # 0.25 of 0.625 s
@@ -139,8 +143,8 @@ def test_hooks_are_timed_once_through_super_calls():
 
     probe = Outer(None)
     probe.on_train_start(None, None)
-    assert probe._hook_seconds == 1.5 and Outer._cost_key() == "time/monitor_share/other"
-    assert SpeedMonitor._cost_key() == "time/monitor_share/speed"
+    assert probe.hook_seconds() == 1.5 and Outer.cost_name() == "other"
+    assert SpeedMonitor.cost_name() == "speed"
 
 
 # ----------------------------------------------------------------------------------------------- DDP
