@@ -6,7 +6,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Optional, TypeVar, Union
 
@@ -16,14 +15,12 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_monitor import _cadence, _dispatch, _options
+from lightning_monitor import _cadence, _clock, _dispatch, _options
 from lightning_monitor._media import HistogramData
 from lightning_monitor._warn import WarnOnce
 
 #: strategies that hide parameters in flat shards, behind their own wrapper (FSDP1, DeepSpeed ZeRO)
 _FLAT_SHARDS = (FSDPStrategy, DeepSpeedStrategy)
-#: the host clock of the hook timing (seconds); tests set a fake one
-_clock: Callable[[], float] = time.perf_counter
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -41,11 +38,11 @@ def _timed_hook(hook: _F) -> _F:
         if self._in_hook:
             return hook(self, *args, **kwargs)
         self._in_hook = True
-        began = _clock()
+        began = _clock.now()
         try:
             return hook(self, *args, **kwargs)
         finally:
-            self._hook_seconds += _clock() - began
+            self._hook_seconds += _clock.now() - began
             self._in_hook = False
 
     timed._monitor_timed = True  # type: ignore[attr-defined]

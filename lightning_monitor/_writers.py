@@ -15,7 +15,6 @@ gone), turn that backend off with one warning saying what still logs. Training n
 from __future__ import annotations
 
 import abc
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, Optional
@@ -23,6 +22,7 @@ from typing import Any, Optional
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_monitor import _clock
 from lightning_monitor._compat import add_prefix, file_writer, logger_prefix, tensorboard_installed
 from lightning_monitor._media import HistogramData, Images, to_rgb
 from lightning_monitor._tb_crc import use_fast_crc
@@ -284,7 +284,7 @@ def deliver(
     :func:`seconds_writing`.
     """
     global _seconds_writing
-    began = _clock()
+    began = _clock.now()  # the package's one host clock (tests fake it there)
     try:
         # start() runs outside the guard: a run directory that cannot be written fails before training, as documented
         if writer.failed or not writer.start(step, row):
@@ -309,7 +309,7 @@ def deliver(
             still = [w.name for w in others if w is not writer and not w.failed and w.dashboard]
             rank_zero_warn(writer.failure_message(err, still))
     finally:
-        _seconds_writing += _clock() - began
+        _seconds_writing += _clock.now() - began
 
 
 def seconds_writing() -> float:
@@ -319,7 +319,6 @@ def seconds_writing() -> float:
 
 
 _seconds_writing = 0.0
-_clock: Callable[[], float] = time.perf_counter  # the host clock of seconds_writing(); tests set a fake one
 
 
 def os_error(err: Optional[BaseException]) -> Optional[OSError]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -16,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning_utilities.core.imports import RequirementCache
 from typing_extensions import override
 
-from lightning_monitor import _dispatch, _options, _summary
+from lightning_monitor import _clock, _dispatch, _options, _summary
 from lightning_monitor._keys import document_keys
 from lightning_monitor._writers import Backend, Recorder, Writer
 
@@ -104,7 +103,6 @@ class RunSummary(Callback, Backend):
         self.filename = filename
         #: the values of the last summary (``summary/...`` -> number or text); empty until a fit ends
         self.summary: dict[str, Any] = {}
-        self._clock: Callable[[], float] = time.perf_counter  # host clock in seconds; tests set a fake one
         self._began: Optional[float] = None
         self._open = False  # a fit is running and has no summary yet
         self._recorder: Optional[Recorder] = None  # the monitors' scalars of this fit (rank 0): a writer like any
@@ -117,7 +115,7 @@ class RunSummary(Callback, Backend):
             )
         if stage != "fit":
             return
-        self._began, self._open = self._clock(), True
+        self._began, self._open = _clock.now(), True
         self._recorder = Recorder(_summary.records)
 
     @override
@@ -150,7 +148,7 @@ class RunSummary(Callback, Backend):
                            " affected.")
 
     def _report(self, trainer: "pl.Trainer", status: str, series: _summary.Series, bar_open: bool) -> None:
-        wall = None if self._began is None else self._clock() - self._began
+        wall = None if self._began is None else _clock.now() - self._began
         values = self.summary = _summary.compute(series, status=status, wall_sec=wall, steps=trainer.global_step)
         path = self._write_json(trainer, values)
         _dispatch.log_summary(trainer, values, trainer.global_step, (self.CARD_KEY, _summary.markdown(values)))

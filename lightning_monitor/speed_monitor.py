@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
 
@@ -12,7 +11,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_monitor import _dist, _flops, _options, _speed_window, _writers
+from lightning_monitor import _clock, _dist, _flops, _options, _speed_window, _writers
 from lightning_monitor._keys import document_keys
 from lightning_monitor._monitor import Monitor
 
@@ -141,7 +140,6 @@ class SpeedMonitor(Monitor):
         self.max_measured_shapes = max_measured_shapes
         self.batch_size_fn = batch_size_fn
         self.items_fn = items_fn
-        self._clock: Callable[[], float] = time.perf_counter  # host clock in seconds; tests set a fake one
         #: Where the FLOPs and peak figures come from, e.g. "1.2 GFLOP/batch measured by FlopCounterMode ...".
         self.flops_source: Optional[str] = None
         self._flops_cache: dict[tuple, int] = {}
@@ -196,14 +194,14 @@ class SpeedMonitor(Monitor):
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # the first batch's wait includes starting the DataLoader workers: that is time spent waiting for data
-        self._mark(self._clock(), self._costs())
+        self._mark(_clock.now(), self._costs())
 
     # ----------------------------------------------------------------------------------------- per batch
     @override
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        now, costs = self._clock(), self._costs()
+        now, costs = _clock.now(), self._costs()
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         step = trainer.global_step
         if self._first_step is None:
@@ -222,7 +220,7 @@ class SpeedMonitor(Monitor):
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
         if self._before_backward is None:
-            self._before_backward = self._clock()
+            self._before_backward = _clock.now()
             self._before_backward_written = _writers.seconds_writing()
 
     @override
@@ -235,7 +233,7 @@ class SpeedMonitor(Monitor):
         device = trainer.strategy.root_device
         if log_step is not None and device.type == "cuda":
             torch.cuda.synchronize(device)  # sync point: once per logging step, so the window ends when the GPU is done
-        now, costs = self._clock(), self._costs()
+        now, costs = _clock.now(), self._costs()
         if not self._exclude:
             written = costs[0] - self._start_costs[0]  # logger writes inside the step: no training time
             if self._before_backward is None:
@@ -253,7 +251,7 @@ class SpeedMonitor(Monitor):
         if log_step is not None:
             self._log_window(trainer, log_step)
             # the logging's own time (less its logger writes) is wall time of the next window, but no data wait
-            after = self._clock()
+            after = _clock.now()
             self._mark(after, self._costs())
             written = self._prev_costs[0] - costs[0]
             self._window.sums[_speed_window.WALL] += after - now - written
@@ -263,7 +261,7 @@ class SpeedMonitor(Monitor):
     @override
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not trainer.sanity_checking:
-            self._val_start, self._val_samples = self._clock(), 0
+            self._val_start, self._val_samples = _clock.now(), 0
 
     @override
     def on_validation_batch_end(
@@ -285,14 +283,14 @@ class SpeedMonitor(Monitor):
         device = trainer.strategy.root_device
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # sync point: once per validation run
-        seconds = self._clock() - self._val_start
+        seconds = _clock.now() - self._val_start
         self._val_start = None
         rows = _dist.gather_packed(trainer, torch.tensor([self._val_samples, seconds])).tolist()
         rate = sum(samples / secs for samples, secs in rows if secs > 0)
         step = self._validation_step(trainer)
         self._log_scalars(trainer, {"throughput/val_samples_per_sec": rate}, step)
         # training resumes: validation time is never counted as data wait
-        self._mark(self._clock(), self._costs())
+        self._mark(_clock.now(), self._costs())
 
     # ---------------------------------------------------------------------------------------- teardown
     @override

@@ -8,6 +8,8 @@ import itertools
 import json
 import os
 import signal
+import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,7 @@ from lightning_monitor import (
     PredictionGridMonitor,
     RunSummary,
     SpeedMonitor,
+    _clock,
     _summary,
     run_summary,
 )
@@ -43,9 +46,23 @@ def _monitors() -> list[Any]:
             PredictionGridMonitor(num_samples=8)]
 
 
-def _fake_clock(summary: RunSummary, start: float = 100.0, tick: float = 2.5) -> None:
+@pytest.fixture(autouse=True)
+def _real_clock() -> Any:
+    yield
+    _clock.reset()  # every test leaves the package's clock real
+
+
+def _fake_clock(start: float = 100.0, tick: float = 2.5) -> None:
+    """RunSummary reads ``start``, ``start + tick``, ...: once at setup and once at the end, so wall_sec == tick.
+
+    The package has one clock (``_clock``), also read by the monitors' hook timing and the logger writes; they keep
+    the real one (as when RunSummary had a clock of its own): only reads made in ``run_summary`` tick."""
     ticks = itertools.count(start, tick)
-    summary._clock = lambda: next(ticks)  # read once at setup and once at the end: wall_sec == tick
+
+    def now() -> float:
+        return next(ticks) if sys._getframe(1).f_globals["__name__"] == run_summary.__name__ else time.perf_counter()
+
+    _clock.set_clock(now)
 
 
 def _json(log_dir: str) -> dict[str, Any]:
@@ -85,7 +102,7 @@ def _expected(series: dict[str, list[tuple[int, Any]]]) -> dict[str, Any]:
 
 def test_summary_equals_aggregates_of_what_tensorboard_and_wandb_hold(capsys):
     summary = RunSummary(use_rich=False)
-    _fake_clock(summary)
+    _fake_clock()
     logger = MultiLogger(save_dir="runs", name="summary")
     trainer = make_trainer(".", logger=logger, callbacks=[*_monitors(), summary], max_steps=8, val_check_interval=4)
     trainer.fit(TinyImageModel(), image_loader(64), image_loader(32))
@@ -133,7 +150,7 @@ def test_summary_of_a_fit_without_monitors_and_with_plain_loggers():
     card, CSVLogger the numbers; the file goes to the first logger's run directory."""
     tb, csv = TensorBoardLogger("tb", name="plain"), CSVLogger("csv", name="plain")
     summary = RunSummary(print_table=False)
-    _fake_clock(summary, tick=4.0)
+    _fake_clock(tick=4.0)
     trainer = make_trainer(".", logger=[tb, csv], callbacks=[summary], max_steps=3)
     trainer.fit(TinyImageModel(), image_loader(64))
     assert _json(tb.log_dir) == {

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from helpers import event_files, free_port, make_trainer, tb_accumulator, tb_scalars
-from lightning_monitor import SpeedMonitor, _monitor, _writers
+from lightning_monitor import SpeedMonitor, _clock, _writers
 from lightning_monitor._monitor import Monitor
 from lightning_monitor.speed_monitor import MONITOR_SHARE
 from test_speed_monitor import ClockedData, ClockedModel, FakeClock, _real_clocks  # noqa: F401 - fixture used
@@ -64,7 +64,7 @@ def test_a_slow_logger_write_lands_in_no_window(tmp_path, which):
     clock = FakeClock()
     logger = SlowWriteLogger(clock, which, save_dir=str(tmp_path), name="tb", version="", default_hp_metric=False)
     monitor = SpeedMonitor(measure_flops=False)
-    monitor._clock = _writers._clock = clock
+    _clock.set_clock(clock)  # the package's one clock: windows, hooks and logger writes (restored by _real_clocks)
     trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor], max_steps=8, log_every_n_steps=2)
     trainer.fit(LoggingModel(clock, train_sec=0.25),
                 train_dataloaders=DataLoader(ClockedData(clock, n=64, per_sample=0.0625), batch_size=4))
@@ -76,12 +76,15 @@ def test_a_slow_logger_write_lands_in_no_window(tmp_path, which):
     assert _writers.seconds_writing() >= 2.0
 
 
-def test_without_the_correction_the_window_would_be_off(tmp_path):
-    """The same run on the real clock for writes: the 2 s then stay in a window (what the correction removes)."""
+def test_without_the_correction_the_window_would_be_off(tmp_path, monkeypatch):
+    """The same run with no logger-writing time seen: the 2 s then stay in a window (what the correction removes)."""
     clock = FakeClock()
     logger = SlowWriteLogger(clock, "first", save_dir=str(tmp_path), name="tb", version="", default_hp_metric=False)
     monitor = SpeedMonitor(measure_flops=False)
-    monitor._clock = clock  # writes timed on the real clock: the fake 2 s are not seen as writing
+    _clock.set_clock(clock)
+    # the correction's input switched off (was: writes timed on the real clock, so the fake 2 s were not seen as
+    # writing; with one clock for everything, no writing time at all is seen instead)
+    monkeypatch.setattr(_writers, "seconds_writing", lambda: 0.0)
     trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor], max_steps=8, log_every_n_steps=2)
     trainer.fit(LoggingModel(clock, train_sec=0.25),
                 train_dataloaders=DataLoader(ClockedData(clock, n=64, per_sample=0.0625), batch_size=4))
@@ -106,7 +109,7 @@ def test_monitor_share_is_the_hook_time_over_the_elapsed_time(tmp_path):
     clock = FakeClock()
     logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version="", default_hp_metric=False)
     monitor = SpeedMonitor(measure_flops=False)
-    monitor._clock = _writers._clock = _monitor._clock = clock
+    _clock.set_clock(clock)
     trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor, Probe(clock)], max_steps=8,
                            log_every_n_steps=2)
     trainer.fit(ClockedModel(clock, train_sec=0.25),
@@ -127,7 +130,7 @@ def test_monitor_share_is_the_hook_time_over_the_elapsed_time(tmp_path):
 
 def test_hooks_are_timed_once_through_super_calls():
     clock = FakeClock()
-    _monitor._clock = clock
+    _clock.set_clock(clock)  # restored by _real_clocks
 
     class Inner(Monitor):
         @override
@@ -159,7 +162,7 @@ _DDP_SCRIPT = textwrap.dedent(
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.utilities import rank_zero_only
     from helpers import TinyImageModel, make_trainer, image_data
-    from lightning_monitor import SpeedMonitor, _writers
+    from lightning_monitor import SpeedMonitor, _clock
 
     slow = sys.argv[1] == "slow"
 
@@ -193,7 +196,7 @@ _DDP_SCRIPT = textwrap.dedent(
             clock.now = float(t)
 
     monitor = SpeedMonitor(measure_flops=False)
-    monitor._clock = _writers._clock = clock
+    _clock.set_clock(clock)
     trainer = make_trainer(".", accelerator="cpu", devices=2, strategy="ddp", max_steps=7, log_every_n_steps=2,
                            logger=SlowFirstWrite(".", name="tb", version="", default_hp_metric=False),
                            callbacks=[monitor])

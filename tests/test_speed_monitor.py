@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers import TinyImageModel, event_files, image_loader, make_trainer, tb_accumulator, tb_scalars
-from lightning_monitor import SpeedMonitor, _flops, _monitor, _speed_window, _writers
+from lightning_monitor import SpeedMonitor, _clock, _flops, _speed_window, _writers
 from lightning_monitor.testing import HostSyncCounter
 
 
@@ -75,17 +75,16 @@ class ClockedModel(TinyImageModel):
 
 @pytest.fixture(autouse=True)
 def _real_clocks() -> Any:
-    """Every test leaves the logger-writing and hook clocks as it found them (tests below set fake ones)."""
-    saved = _writers._clock, _monitor._clock
+    """Every test leaves the package's clock (``_clock``) real (tests below set fake ones)."""
     yield
-    _writers._clock, _monitor._clock = saved
+    _clock.reset()
 
 
 def _timed(clock: Any, **kwargs: Any) -> SpeedMonitor:
-    """A SpeedMonitor reading ``clock`` instead of ``time.perf_counter`` (its ``_clock`` test seam), and logger writes
-    timed on the same clock (``_writers._clock``, restored by ``_real_clocks``)."""
+    """A SpeedMonitor reading ``clock`` instead of ``time.perf_counter``: the package's one clock (``_clock``, restored
+    by ``_real_clocks``), so logger writes and the monitors' hooks are timed on it too."""
     monitor = SpeedMonitor(**kwargs)
-    monitor._clock = _writers._clock = clock
+    _clock.set_clock(clock)
     return monitor
 
 
@@ -342,7 +341,7 @@ _DDP_SCRIPT = textwrap.dedent(
     from torch.utils.data import DataLoader
     from lightning.pytorch.loggers import TensorBoardLogger
     from helpers import TinyImageModel, make_trainer, image_data
-    from lightning_monitor import SpeedMonitor, _writers
+    from lightning_monitor import SpeedMonitor, _clock
 
     mode = sys.argv[1]
 
@@ -364,7 +363,7 @@ _DDP_SCRIPT = textwrap.dedent(
 
     monitor = SpeedMonitor(measure_flops=False)
     if mode == "fake":
-        monitor._clock = _writers._clock = clock  # the test seams: a clock that only the model moves
+        _clock.set_clock(clock)  # the test seam: a clock that only the model moves
     trainer = make_trainer(".", accelerator="cpu", devices=2, strategy="ddp", max_steps=6, log_every_n_steps=3,
                            logger=TensorBoardLogger(".", name="tb", version=""), callbacks=[monitor])
     trainer.fit(Model(), train_dataloaders=DataLoader(image_data(96), batch_size=4))
