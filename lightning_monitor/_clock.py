@@ -9,10 +9,9 @@ nothing from the package.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
-#: the clock, ``time.perf_counter`` unless a test set another (:func:`set_clock`, :func:`fake`)
+#: the clock, ``time.perf_counter`` unless a test set another (:func:`set_clock`)
 now: Callable[[], float] = time.perf_counter
 
 
@@ -26,13 +25,3 @@ def reset() -> None:
     """Back to the real clock, ``time.perf_counter``."""
     set_clock(time.perf_counter)
 
-
-@contextmanager
-def fake(clock: Callable[[], float]) -> Iterator[None]:
-    """Every timing of the package reads ``clock`` inside the ``with`` block; the clock before it afterwards."""
-    saved = now
-    set_clock(clock)
-    try:
-        yield
-    finally:
-        set_clock(saved)
