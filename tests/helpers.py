@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import io
 import os
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -74,6 +76,14 @@ def make_trainer(root: Any, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
+def fit_tiny(callbacks: list[Any], logger: Any, **trainer_kwargs: Any) -> pl.Trainer:
+    """A :func:`make_trainer` fit in the working directory of a :class:`TinyImageModel` on 64 training and 32
+    validation samples."""
+    trainer = make_trainer(".", logger=logger, callbacks=callbacks, **trainer_kwargs)
+    trainer.fit(TinyImageModel(), image_loader(64), image_loader(32))
+    return trainer
+
+
 def tb_accumulator(log_dir: str) -> Any:
     """Everything TensorBoard wrote under ``log_dir`` (size guidance 0 keeps every event, not a sample)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -94,6 +104,14 @@ def tb_all_scalars(log_dir: str) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series TensorBoard wrote under ``log_dir``: ``{tag: [(step, value), ...]}``."""
     acc = tb_accumulator(log_dir)
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def tb_images(log_dir: str, tag: str) -> list[tuple[int, np.ndarray]]:
+    """(step, H x W x 3 uint8 picture) of every image TensorBoard wrote under ``tag`` in ``log_dir``."""
+    from PIL import Image
+
+    return [(e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")))
+            for e in tb_accumulator(log_dir).Images(tag)]
 
 
 def event_files(log_dir: str) -> list[str]:

@@ -20,12 +20,13 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
 import torch
+from helpers import event_files, find_runs, fit_tiny, tb_accumulator
 from lightning.pytorch.callbacks import Callback
 
 import lightning_monitor
@@ -38,8 +39,6 @@ from lightning_monitor import (
     SpeedMonitor,
 )
 from lightning_monitor._keys import PLACEHOLDER, document_keys, keys_table
-
-from helpers import TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("keys_table", REPO / "scripts" / "keys_table.py")
@@ -58,12 +57,6 @@ ALL = pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 CBS = pytest.mark.parametrize("cls", CALLBACKS, ids=lambda c: c.__name__)
 
 
-def _fit(callbacks: list[Any], logger: Any, **trainer_kwargs: Any) -> Any:
-    trainer = make_trainer(".", logger=logger, callbacks=callbacks, **trainer_kwargs)
-    trainer.fit(TinyImageModel(), image_loader(64), image_loader(32))
-    return trainer
-
-
 # ------------------------------------------------------------------------------ key names, patterns, tables
 
 #: The first segment of every key (DESIGN.md "Logged keys").
@@ -77,7 +70,7 @@ _WRONG_UNITS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pattern_regex(pattern: str) -> re.Pattern:
     parts = _PLACEHOLDER.split(pattern)
     # a placeholder is a name taken verbatim: any non-empty text, '/' and '.' included (``memory/{name}_max``
@@ -146,7 +139,7 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -277,7 +270,7 @@ def test_picklable_after_a_real_fit_and_state_round_trips(cls):
     else:
         obj = cls()
         logger, callbacks = MultiLogger(save_dir="runs", name="contract", wandb=False), [obj]
-    _fit(callbacks, logger, max_steps=4, val_check_interval=2)
+    fit_tiny(callbacks, logger, max_steps=4, val_check_interval=2)
     copy = pickle.loads(pickle.dumps(obj))  # what ddp_spawn does to a callback and the logger it is given
     assert type(copy) is cls
     if cls is MultiLogger:
@@ -377,7 +370,7 @@ def test_every_logged_key_is_documented_and_every_always_on_key_is_logged(device
         RunSummary(),
     ]
     logger = MultiLogger(save_dir="runs", name="contract")
-    _fit(callbacks, logger, accelerator=device, max_steps=6, val_check_interval=3)
+    fit_tiny(callbacks, logger, accelerator=device, max_steps=6, val_check_interval=3)
     documented = {key: cls.__name__ for cls in CLASSES for key in cls.LOGGED_KEYS}
 
     tb = _tb_keys(logger.log_dir)
@@ -413,7 +406,7 @@ def _fit_keys(root: str, exclude: dict[type, list[str]]) -> tuple[set[str], set[
         PredictionGridMonitor(num_samples=8, exclude_keys=exclude.get(PredictionGridMonitor)),
     ]
     logger = MultiLogger(save_dir=root, name="exclude")
-    _fit(callbacks, logger, max_steps=4, val_check_interval=2)
+    fit_tiny(callbacks, logger, max_steps=4, val_check_interval=2)
     (run,) = find_runs(root)
     return _tb_keys(logger.log_dir), {k for row in run.history for k in row} - WANDB_COLUMNS
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import re
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SPAWN_ABORT_RERUN
-from helpers import TinyImageModel, find_runs, image_loader, make_trainer, tb_accumulator, tb_scalars
+from helpers import TinyImageModel, find_runs, image_loader, make_trainer, tb_accumulator, tb_images, tb_scalars
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from PIL import Image
@@ -25,14 +24,6 @@ from lightning_monitor import MultiLogger, PredictionGridMonitor, _draw
 from lightning_monitor._draw import FRAME_PX, PAD_VALUE, band_px
 
 KEY = "predictions/grid"
-
-
-def tb_images(log_dir: str) -> list[tuple[int, np.ndarray]]:
-    """(step, H x W x 3 uint8) of every grid TensorBoard wrote."""
-    return [
-        (e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")))
-        for e in tb_accumulator(log_dir).Images(KEY)
-    ]
 
 
 def tile_origin(k: int, tile_h: int, tile_w: int, nrow: int, padding: int) -> tuple[int, int]:
@@ -101,7 +92,7 @@ def test_tb_grid_size_layout_and_keys(tmp_path):
     monitor = PredictionGridMonitor(num_samples=10, nrow=4, padding=3, tile_size=56)
     trainer = make_trainer(tmp_path, max_epochs=2, max_steps=-1, logger=tb_logger(), callbacks=[monitor])
     trainer.fit(TinyImageModel(), image_loader(n=32), image_loader(n=40, seed=1))
-    images = tb_images(trainer.logger.log_dir)
+    images = tb_images(trainer.logger.log_dir, KEY)
     # after each validation epoch, at the step Lightning logs the epoch's val/loss at
     assert [step for step, _ in images] == [s for s, _ in tb_scalars(trainer.logger.log_dir, "val/loss")] == [1, 3]
     tile_h, tile_w, nrow, pad = 56 + band_px(56), 56, 4, 3
@@ -147,7 +138,7 @@ def test_wandb_holds_the_same_image_with_caption(tmp_path):
     assert row["trainer/global_step"] == 2
     png = os.path.join(os.path.dirname(run.path), "files", value["path"])
     wandb_pixels = np.asarray(Image.open(png).convert("RGB"))
-    ((step, tb_pixels),) = tb_images(logger.log_dir)
+    ((step, tb_pixels),) = tb_images(logger.log_dir, KEY)
     assert step == 2 and np.array_equal(wandb_pixels, tb_pixels)
     assert run.series("predictions/accuracy") == [(2, pytest.approx(10 / 12))]
 
@@ -161,7 +152,7 @@ def test_rigged_mistakes_are_framed_red_and_first(tmp_path, kind, mistakes_first
                                     class_names=[f"c{i}" for i in range(10)])
     trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
     trainer.validate(RiggedModel(predictions, kind), DataLoader(rigged_data(), batch_size=5))
-    ((step, grid),) = tb_images(trainer.logger.log_dir)
+    ((step, grid),) = tb_images(trainer.logger.log_dir, KEY)
     assert step == 0
     tile_h, tile_w = 84 + band_px(84), 84
     expected_order = wrong + [i for i in range(12) if i not in wrong] if mistakes_first else list(range(12))
@@ -190,7 +181,7 @@ def test_labels_legible_in_tensorboards_default_card(tmp_path):
     monitor = PredictionGridMonitor()
     trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
     trainer.validate(RiggedModel(predictions), DataLoader(rigged_data(24), batch_size=8))
-    ((_, grid),) = tb_images(trainer.logger.log_dir)
+    ((_, grid),) = tb_images(trainer.logger.log_dir, KEY)
     tile_w = 66
     tile_h = tile_w + band_px(tile_w)
     assert grid.shape == (3 * (tile_h + 2) + 2, 8 * (tile_w + 2) + 2, 3)  # 8 columns x 3 rows
@@ -248,7 +239,7 @@ def test_same_samples_every_epoch_and_after_resume(tmp_path):
     trainer = make_trainer(tmp_path, max_epochs=3, max_steps=-1, limit_train_batches=2, logger=tb_logger(),
                            callbacks=[monitor])
     trainer.fit(TinyImageModel(), image_loader(n=32), DataLoader(val, batch_size=8, shuffle=True))
-    grids = tb_images(trainer.logger.log_dir)
+    grids = tb_images(trainer.logger.log_dir, KEY)
     assert len(grids) == 3
     shown = [_sample_ids(grid, val.tensors[0], 6, 3) for _, grid in grids]
     assert shown[0] == shown[1] == shown[2] and len(set(shown[0])) == 6  # the same 6 real samples each epoch
@@ -259,7 +250,7 @@ def test_same_samples_every_epoch_and_after_resume(tmp_path):
                          callbacks=[resumed])
     noise = TensorDataset(torch.rand(40, 1, 28, 28), torch.zeros(40, dtype=torch.long))
     other.validate(trainer.lightning_module, DataLoader(noise, batch_size=8))
-    ((_, grid),) = tb_images(other.logger.log_dir)
+    ((_, grid),) = tb_images(other.logger.log_dir, KEY)
     assert _sample_ids(grid, val.tensors[0], 6, 3) == shown[0]  # resume shows the same samples
 
 
@@ -267,14 +258,15 @@ def test_a_tampered_checkpoint_state_costs_the_stored_samples_not_the_run(tmp_pa
     """Samples restored from a checkpoint are checked: a wrong shape gives one warning and new samples from the
     validation data (not an opaque shape error at validation)."""
     monitor = PredictionGridMonitor(num_samples=6, nrow=3, tile_size=84)
-    with pytest.warns(UserWarning, match=r"ignores the samples stored in the checkpoint \(images of shape \(6, 28, 28\)"):
+    stored = r"ignores the samples stored in the checkpoint \(images of shape \(6, 28, 28\)"
+    with pytest.warns(UserWarning, match=stored):
         monitor.load_state_dict({"images": torch.rand(6, 28, 28), "labels": torch.zeros(6, dtype=torch.long)})
     with pytest.warns(UserWarning, match="labels of shape"):
         monitor._warn.clear()
         monitor.load_state_dict({"images": torch.rand(6, 1, 28, 28), "labels": torch.zeros(5)})
     trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
     trainer.validate(TinyImageModel(), image_loader(n=16, seed=1))
-    ((_, grid),) = tb_images(trainer.logger.log_dir)  # drawn from fresh samples
+    ((_, grid),) = tb_images(trainer.logger.log_dir, KEY)  # drawn from fresh samples
     assert grid.shape[0] > 0
 
 
@@ -290,7 +282,7 @@ def test_mean_std_undone_for_one_and_three_channels(tmp_path):
     monitor = PredictionGridMonitor(num_samples=8, nrow=8, tile_size=30, mean=mean, std=std)
     trainer = make_trainer(tmp_path, logger=tb_logger(), callbacks=[monitor])
     trainer.validate(ThreeChannel([0]), DataLoader(TensorDataset(normalised, torch.zeros(8, dtype=torch.long))))
-    ((_, grid),) = tb_images(trainer.logger.log_dir)
+    ((_, grid),) = tb_images(trainer.logger.log_dir, KEY)
     assert grid.shape == (30 + band_px(30) + 4, 8 * 32 + 2, 3)
     expected = (raw * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for k in range(8):  # all right (label 0 = argmax of equal scores): no frame, tile is the 3x upscaled raw image
@@ -302,7 +294,7 @@ def test_mean_std_undone_for_one_and_three_channels(tmp_path):
                            callbacks=[monitor])
     data = TensorDataset((grey - 0.1307) / 0.3081, torch.zeros(4, dtype=torch.long))
     trainer.validate(ThreeChannel([0]), DataLoader(data))
-    ((_, grid),) = tb_images(trainer.logger.log_dir)
+    ((_, grid),) = tb_images(trainer.logger.log_dir, KEY)
     assert grid.shape == (84 + band_px(84) + 4, 4 * 86 + 2, 3)
     first = tile_at(grid, 0, 84 + band_px(84), 84, 8, 2)[:84:3, :84:3]
     assert np.array_equal(first[..., 0], first[..., 2])  # grey stays grey in RGB
@@ -358,7 +350,7 @@ def test_no_grad_eval_mode_and_modes_restored(tmp_path):
     # and 5, the second skipped (the training grid of step 5 just drew that model state at that step)
     assert check.renders == 3 and len(grid_calls) == 4
     assert all(not grad and not training and not frozen for _, grad, training, frozen in grid_calls)
-    assert [s for s, _ in tb_images(trainer.logger.log_dir)] == [1, 2, 3, 5]
+    assert [s for s, _ in tb_images(trainer.logger.log_dir, KEY)] == [1, 2, 3, 5]
 
 
 class DictData(Dataset):
@@ -393,7 +385,7 @@ def test_dict_batch_works_with_batch_fn_and_fails_softly_without(tmp_path):
                 DataLoader(DictData(), batch_size=4))
     # one validation, after the 3rd and last batch: at the step Lightning logs its val/loss at
     assert tb_scalars(trainer.logger.log_dir, "predictions/accuracy") == [(2, 1.0)]
-    assert [s for s, _ in tb_images(trainer.logger.log_dir)] == [2]
+    assert [s for s, _ in tb_images(trainer.logger.log_dir, KEY)] == [2]
 
 
 def test_output_not_class_scores_warns_once_naming_output_fn(tmp_path):
@@ -564,7 +556,7 @@ def test_ddp_rank_zero_alone_renders_and_writes(tmp_path):
     trainer.fit(RankRecorder(), image_loader(n=32), image_loader(n=16, batch_size=4))
     assert open(tmp_path / "grid_calls_rank0.txt").read().split() == ["1", "2"]  # 32 / 2 ranks / 16 per batch
     assert not (tmp_path / "grid_calls_rank1.txt").exists()
-    assert [s for s, _ in tb_images(str(tmp_path / "tb" / "version_0"))] == [0, 1]  # Lightning's val steps
+    assert [s for s, _ in tb_images(str(tmp_path / "tb" / "version_0"), KEY)] == [0, 1]  # Lightning's val steps
 
 
 class SyncProbe(pl.Callback):
@@ -629,7 +621,7 @@ def test_reduced_precision_module(tmp_path, precision):
     monitor = PredictionGridMonitor(num_samples=6)
     trainer = make_trainer(tmp_path, precision=precision, logger=tb_logger(), callbacks=[monitor])
     trainer.validate(TinyImageModel(), image_loader(n=8))
-    ((step, grid),) = tb_images(trainer.logger.log_dir)
+    ((step, grid),) = tb_images(trainer.logger.log_dir, KEY)
     assert grid.shape == (2 * (66 + band_px(66) + 2) + 2, 3 * 68 + 2, 3)  # 6 default tiles: 3 columns fit best
 
 
@@ -650,4 +642,4 @@ def test_gpu_predictions_run_on_the_module_device_and_samples_stay_on_cpu(tmp_pa
     assert model.grid_inputs[0] == "cuda"
     assert monitor.state_dict()["images"].device.type == "cpu"
     # one validation, after the 2nd and last batch: at the step Lightning logs its val/loss at (as on the CPU)
-    assert [s for s, _ in tb_images(trainer.logger.log_dir)] == [1]
+    assert [s for s, _ in tb_images(trainer.logger.log_dir, KEY)] == [1]

@@ -3,18 +3,15 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
 import time
 
-import numpy as np
 import psutil
 import pytest
-from helpers import flat_shard_trainer, tb_accumulator, tb_scalars
-from PIL import Image
+from helpers import flat_shard_trainer, tb_images, tb_scalars
 
 from lightning_monitor import _draw
 
@@ -157,11 +154,6 @@ def _forwards(tmp_path, rank: int) -> list[tuple[int, list[int]]]:
     return [tuple(json.loads(line)[:2]) for line in lines]
 
 
-def _grids(log_dir) -> list[tuple[int, np.ndarray]]:
-    return [(e.step, np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB")))
-            for e in tb_accumulator(log_dir).Images("predictions/grid")]
-
-
 def _tiles_shape(n: int) -> tuple[int, int, int]:
     tile_w = 66
     tile_h = tile_w + _draw.band_px(tile_w)
@@ -176,7 +168,7 @@ def test_fsdp2_grid_every_rank_runs_the_model_rank_zero_draws(tmp_path):
     the same fixed samples; its accuracy is the one an unsharded copy of the final weights gets on them."""
     _run(tmp_path, "full")
     log_dir = tmp_path / "tb" / "version_0"
-    grids = _grids(log_dir)
+    grids = tb_images(log_dir, "predictions/grid")
     assert [s for s, _ in grids] == [1, 3]  # the steps Lightning logs each validation's val/loss at
     assert all(g.shape == _tiles_shape(10) for _, g in grids)  # 10 tiles in the default layout
     rank0, rank1 = _forwards(tmp_path, 0), _forwards(tmp_path, 1)
@@ -200,7 +192,8 @@ def test_fsdp2_grid_with_a_rank_that_has_no_validation_batches(tmp_path):
     # the training grid after the batch of step 2 (3 updates), the validation grid at the end (4 updates)
     assert [s for s, _ in rank0] == [s for s, _ in rank1] == [3, 4]
     assert [p for _, p in rank0] == [p for _, p in rank1]
-    assert [s for s, _ in _grids(log_dir)] == [2, 3] and all(g.shape == _tiles_shape(10) for _, g in _grids(log_dir))
+    grids = tb_images(log_dir, "predictions/grid")
+    assert [s for s, _ in grids] == [2, 3] and all(g.shape == _tiles_shape(10) for _, g in grids)
     unsharded = json.loads((tmp_path / "unsharded.json").read_text())
     assert tb_scalars(log_dir, "predictions/accuracy")[-1][1] == pytest.approx(unsharded["accuracy"])
 
@@ -231,4 +224,4 @@ def test_tensor_parallel_grid_gathers_a_dtensor_output(tmp_path):
     assert rank0[-1][1] == unsharded["predicted"]
     accuracy = tb_scalars(log_dir, "predictions/accuracy")
     assert [s for s, _ in accuracy] == [3, 7] and accuracy[-1][1] == pytest.approx(unsharded["accuracy"])
-    assert [s for s, _ in _grids(log_dir)] == [3, 7]
+    assert [s for s, _ in tb_images(log_dir, "predictions/grid")] == [3, 7]

@@ -224,7 +224,7 @@ FIT_SCRIPT = textwrap.dedent(
 
 def _fit(tmp_path, kind: str, accelerator: str = "cpu", policy: str = "warn"):
     """One 2-process fit (``ddp`` or ``fsdp2``); the TensorBoard scalars and histograms rank 0 wrote."""
-    from helpers import event_files, tb_accumulator
+    from helpers import event_files, tb_accumulator, tb_all_scalars
 
     runs = tmp_path / "runs"
     proc = run_job(tmp_path / f"fit_{kind}.py", FIT_SCRIPT, tmp_path, extra_args=[kind, str(runs), accelerator, policy])
@@ -232,7 +232,7 @@ def _fit(tmp_path, kind: str, accelerator: str = "cpu", policy: str = "warn"):
     files = event_files(runs / kind)
     assert len(files) == 1, files  # one writer: rank 0
     acc = tb_accumulator(os.path.dirname(files[0]))
-    scalars = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    scalars = tb_all_scalars(os.path.dirname(files[0]))
     hists = {tag: [(e.step, list(e.histogram_value.bucket_limit), list(e.histogram_value.bucket))
                    for e in acc.Histograms(tag)] for tag in acc.Tags()["histograms"]}
     return scalars, hists
@@ -410,7 +410,7 @@ TP_SCRIPT = textwrap.dedent(
 def test_tensor_parallel_logs_the_numbers_of_one_process(tmp_path):
     """Tensor parallel on 2 ranks (both read the same batches, in order): column-wise shards, row-wise shards and
     a replicated bias (counted once) give the numbers of the same model trained in one process."""
-    from helpers import event_files, tb_accumulator
+    from helpers import event_files, tb_accumulator, tb_all_scalars
 
     runs = tmp_path / "runs"
     logged = {}
@@ -420,7 +420,7 @@ def test_tensor_parallel_logs_the_numbers_of_one_process(tmp_path):
         (path,) = event_files(runs / kind)
         acc = tb_accumulator(os.path.dirname(path))
         tags = acc.Tags()
-        logged[kind] = ({t: [(e.step, e.value) for e in acc.Scalars(t)] for t in tags["scalars"]},
+        logged[kind] = (tb_all_scalars(os.path.dirname(path)),
                         {t: [list(e.histogram_value.bucket) for e in acc.Histograms(t)] for t in tags["histograms"]})
     (single, single_hists), (tp, tp_hists) = logged["single"], logged["tp"]
     assert set(single) == set(tp) and "grad/norm_param/out.bias" in tp and "param/update_ratio/out" in tp
