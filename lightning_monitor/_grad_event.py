@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from lightning_monitor import _grad_sharded
+from lightning_monitor._compat import foreach_sub
 from lightning_monitor._grad_groups import group_norms
 from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, squared_norms, summarize, summarize_finite
 from lightning_monitor._lru import Lru
@@ -193,7 +194,7 @@ def update_ratios(params: Sequence[torch.Tensor], snapshots: Sequence[Snapshot],
     else:
         after = [params[i].detach() for i in present.tolist()]
         # sync point: logging steps with update_ratio only
-        dsq = squared_norms(torch._foreach_sub(after, before)).to("cpu").numpy()
+        dsq = squared_norms(foreach_sub(after, before)).to("cpu").numpy()
     return ratio_metrics(len(params), snapshots, dsq, group_names, gid)
 
 

@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from lightning_monitor._compat import foreach_norm
 from lightning_monitor._lru import Lru
 
 _NORM_ROW = 64  # CPU norms: float32 over rows of this many elements, combined in float64
@@ -38,9 +39,9 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     device = tensors[0].device
     fused = FUSED if FUSED is not None else device.type == "cuda" or any(t.dtype == torch.float64 for t in tensors)
     if fused:
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square()
+        return torch.stack(foreach_norm(tensors, 2, dtype=torch.float64)).square()
     small = [t for t in tensors if t.numel() <= _NORM_SMALL]
-    parts = [torch.stack(torch._foreach_norm(small, 2, dtype=torch.float32))] if small else []
+    parts = [torch.stack(foreach_norm(small, 2, dtype=torch.float32))] if small else []
     for t in tensors:
         n = t.numel()
         if n > _NORM_SMALL:
@@ -64,12 +65,12 @@ def fast_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(0)
     low = [i for i, t in enumerate(tensors) if t.dtype in (torch.float16, torch.bfloat16)]
     if not low:
-        return torch.stack(torch._foreach_norm(tensors, 2))
+        return torch.stack(foreach_norm(tensors, 2))
     if len(low) == len(tensors):
-        return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+        return torch.stack(foreach_norm(tensors, 2, dtype=torch.float32))
     high = [i for i, t in enumerate(tensors) if t.dtype not in (torch.float16, torch.bfloat16)]
-    norms = torch.cat([torch.stack(torch._foreach_norm([tensors[i] for i in low], 2, dtype=torch.float32)),
-                       torch.stack(torch._foreach_norm([tensors[i] for i in high], 2)).float()])
+    norms = torch.cat([torch.stack(foreach_norm([tensors[i] for i in low], 2, dtype=torch.float32)),
+                       torch.stack(foreach_norm([tensors[i] for i in high], 2)).float()])
     order = torch.tensor(np.argsort(np.array(low + high), kind="stable"), device=norms.device)
     return norms.index_select(0, order)
 
