@@ -158,7 +158,7 @@ def _range(high: torch.Tensor, low: torch.Tensor, hist_range: HistRange) -> tupl
     """``[T]`` float64 global (lo, hi) from the global finite max/min (0 where a tensor has no finite element)."""
     high = torch.where(torch.isfinite(high), high, 0.0)
     low = torch.where(torch.isfinite(low), low, 0.0)
-    return _grad_stats._range(low, high, hist_range)  # the unsharded rule: minmax, symmetric or fixed
+    return _grad_stats.histogram_range(low, high, hist_range)  # the unsharded rule: minmax, symmetric or fixed
 
 
 def _local_rows(tensors: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor, bins: int,

@@ -183,7 +183,7 @@ class _Plan:
             total.index_copy_(0, where, torch.stack([t.sum(dtype=self.dtype) for t in large]).double())
             if own_norms:
                 sum_squares.index_copy_(0, where, squared_norms(large))
-        lo, hi = _range(vmin, vmax, hist_range)
+        lo, hi = histogram_range(vmin, vmax, hist_range)
         span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
         scale = (self.bins / span).clamp(max=_FLT_MAX).to(self.work)
         table = edge_table(lo, hi, self.bins, self.work)
@@ -299,7 +299,7 @@ def summarize_finite(
     return torch.stack(nonfinite).double(), torch.stack(rows)
 
 
-def _range(lo: torch.Tensor, hi: torch.Tensor, hist_range: HistRange) -> tuple[torch.Tensor, torch.Tensor]:
+def histogram_range(lo: torch.Tensor, hi: torch.Tensor, hist_range: HistRange) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 ``(lo, hi)`` per tensor: exactly the values reported in the row (the host builds edges from them)."""
     if isinstance(hist_range, str):
         if hist_range == "symmetric":
