@@ -14,8 +14,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -150,7 +151,7 @@ class Spread:
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
@@ -238,7 +239,7 @@ class StepTimes:
 
 def step_times(timer: Any, fit_start: float, first: int, last: int) -> StepTimes:
     s = timer.starts
-    intervals = [b - a for a, b in zip(s, s[1:])]
+    intervals = [b - a for a, b in zip(s, s[1:], strict=False)]
     out = StepTimes(intervals=intervals, first=first, last=last)
     out.window_wall = s[last] - s[first]
     if first in timer.cpu and last in timer.cpu:

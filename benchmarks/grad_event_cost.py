@@ -41,18 +41,20 @@ import subprocess
 import tempfile
 import time
 import types
-from typing import Callable, Optional
-
-from _common import REPO_ROOT, Spread, TokenEncoder, count_ops, interleaved, machine, markdown_table, pin
+from collections.abc import Callable
+from typing import Optional
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from _common import REPO_ROOT, Spread, TokenEncoder, count_ops, interleaved, machine, markdown_table, pin
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lightning_monitor._grad_event as gm  # noqa: E402
-from lightning_monitor import _grad_norms  # noqa: E402
-from lightning_monitor import GradientMonitor  # noqa: E402
+from lightning_monitor import (
+    GradientMonitor,  # noqa: E402
+    _grad_norms,  # noqa: E402
+)
 from lightning_monitor._grad_stats import squared_norms, summarize  # noqa: E402
 
 

@@ -31,14 +31,13 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-
 import lightning  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
+import overhead  # noqa: E402
 import torch  # noqa: E402
 import wandb  # noqa: E402
 
 import lightning_monitor  # noqa: E402
-import overhead  # noqa: E402
 from lightning_monitor.testing import CALLBACK_FILES, HostSyncCounter, SyncsPerStep  # noqa: E402
 
 _LIGHTNING = os.path.dirname(lightning.__file__)
@@ -101,7 +100,7 @@ def main() -> None:
         logging = [s for s in steady if (s + 1) % n == 0]
         quiet = [s for s in steady if (s + 1) % n]
 
-        def mean(steps: list[int], own_only: bool) -> str:
+        def mean(steps: list[int], own_only: bool, per_step: dict = per_step, own: tuple = own) -> str:
             total = sum(1 for s in steps for c in per_step[s] if not own_only or (own and c[1].startswith(own)))
             return f"{total / max(1, len(steps)):.1f}"
 
@@ -117,7 +116,7 @@ def main() -> None:
     logging = [s for s in ours if (s + 1) % n == 0]
     quiet = [s for s in ours if (s + 1) % n]
     for name in CALLBACK_FILES:
-        def calls(step: int) -> list[tuple[str, str, int, str]]:
+        def calls(step: int, name: str = name) -> list[tuple[str, str, int, str]]:
             return [c for c in ours[step] if c[3] == name and c[1].startswith(own)]
 
         later = [len(calls(s)) for s in logging[1:]]

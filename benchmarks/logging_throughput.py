@@ -18,11 +18,11 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-
 import wandb  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # noqa: E402
 
@@ -78,7 +78,7 @@ def main() -> None:
     base = configs[1]
     rows = []
     for config in configs:
-        ratio = _common.Spread([r / b for r, b in zip(rate[config], rate[base])])
+        ratio = _common.Spread([r / b for r, b in zip(rate[config], rate[base], strict=True)])
         rows.append([config, _common.Spread(rate[config]).fmt(1e-3, 1), ratio.fmt(digits=2),
                      _common.Spread([args.keys / r * 1e6 for r in rate[config]]).fmt(digits=0),
                      f"{_common.Spread(start[config]).median:.2f}", f"{_common.Spread(finish_sec[config]).median:.2f}"])

@@ -34,7 +34,8 @@ window. ``ours+grid`` costs enough (a prediction grid at every logging step) to 
 
 Run::
 
-    python benchmarks/overhead.py              # default: MNIST LitNet at n=50 and n=10, 25M MLP and a transformer at n=10
+    python benchmarks/overhead.py              # default: MNIST LitNet at n=50 and n=10, 25M MLP and a transformer
+                                               # at n=10
     python benchmarks/overhead.py --quick      # smoke check (numbers meaningless)
     python benchmarks/overhead.py --self-cost --only mnist10   # time/monitor_share against the measured overhead
 """
@@ -47,11 +48,11 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402  (sets WANDB_MODE=offline before wandb is imported)
-
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -275,11 +276,12 @@ def report(title: str, n: int, results: dict[str, list[_common.StepTimes]]) -> s
     rows = []
     for config, runs in results.items():
         events = runs[0].steps // n
-        ratio = _common.Spread([r.window_wall / b.window_wall for r, b in zip(runs, base)])
+        ratio = _common.Spread([r.window_wall / b.window_wall for r, b in zip(runs, base, strict=True)])
         cpu_ratio = _common.Spread([(r.window_cpu + r.window_child_cpu) / (b.window_cpu + b.window_child_cpu)
-                                    for r, b in zip(runs, base)])
-        extra_event = _common.Spread([(r.window_wall - b.window_wall) / events for r, b in zip(runs, base)])
-        extra_quiet = _common.Spread([r.extra["quiet_step"] - b.extra["quiet_step"] for r, b in zip(runs, base)])
+                                    for r, b in zip(runs, base, strict=True)])
+        pairs = list(zip(runs, base, strict=True))
+        extra_event = _common.Spread([(r.window_wall - b.window_wall) / events for r, b in pairs])
+        extra_quiet = _common.Spread([r.extra["quiet_step"] - b.extra["quiet_step"] for r, b in pairs])
         rows.append([
             config,
             _common.Spread([r.mean_step for r in runs]).fmt(1e3),
@@ -344,20 +346,21 @@ def main() -> None:
     if args.quick:
         args.rounds, args.steps, args.mlp_steps, args.transformer_steps = 1, 50, 10, 10
     _common.pin(1)
-    suites = [("mnist", 50, args.steps, "MNIST LitNet (1.2M parameters), batch %d" % args.batch_size, "mnist50"),
-              ("mnist", 10, args.steps, "MNIST LitNet (1.2M parameters), batch %d" % args.batch_size, "mnist10"),
-              ("mlp", 10, args.mlp_steps, "MLP 1024-4096-4096-1024 (25M parameters), batch %d" % args.batch_size,
+    suites = [("mnist", 50, args.steps, f"MNIST LitNet (1.2M parameters), batch {args.batch_size}", "mnist50"),
+              ("mnist", 10, args.steps, f"MNIST LitNet (1.2M parameters), batch {args.batch_size}", "mnist10"),
+              ("mlp", 10, args.mlp_steps, f"MLP 1024-4096-4096-1024 (25M parameters), batch {args.batch_size}",
                "mlp10"),
               ("transformer", 10, args.transformer_steps,
-               "Transformer encoder, 6 layers, d_model 256 (5.3M parameters, 75 tensors), batch %d x 64 tokens"
-               % TRANSFORMER_BATCH, "transformer10")]
+               "Transformer encoder, 6 layers, d_model 256 (5.3M parameters, 75 tensors), batch"
+               f" {TRANSFORMER_BATCH} x 64 tokens", "transformer10")]
     suites = [s for s in suites if not args.only or s[4] in args.only]
     print(f"## End-to-end step time\n\n{_common.machine()}\n")
     t_start = time.perf_counter()
     for model_name, n, steps, title, _ in suites:
         if steps % n:
             raise SystemExit(f"--steps must be a multiple of {n}, got {steps}")
-        wanted = ["baseline", *[c for c in args.configs.split(",") if c and c != "baseline"]] if args.configs else CONFIGS
+        wanted = (["baseline", *[c for c in args.configs.split(",") if c and c != "baseline"]] if args.configs
+                  else CONFIGS)
         unknown = sorted(set(wanted) - set(CONFIGS + SINGLE))
         if unknown:
             raise SystemExit(f"unknown --configs {unknown}; choose from {CONFIGS + SINGLE}")

@@ -9,9 +9,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from helpers import TinyImageModel, image_loader, make_trainer  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
-from helpers import TinyImageModel, image_loader, make_trainer  # noqa: E402
 from lightning_monitor import MultiLogger  # noqa: E402
 
 

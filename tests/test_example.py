@@ -12,10 +12,9 @@ import sys
 import pytest
 import torch
 import yaml
+from helpers import event_files, find_runs, tb_accumulator
 
 import lightning_monitor
-
-from helpers import event_files, find_runs, tb_accumulator
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(REPO, "examples", "mnist")

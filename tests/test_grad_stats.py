@@ -58,7 +58,7 @@ def test_exact_histograms_of_many_tensors_in_one_call():
     arrays.append(np.full(33, 2.5, dtype=np.float32))  # constant: the host recentres it
     tensors = [torch.from_numpy(a).reshape(-1, 1) if k % 2 else torch.from_numpy(a) for k, a in enumerate(arrays)]
     rows = summarize(tensors, squared_norms(tensors), 16, None, "minmax").numpy()
-    for a, row in zip(arrays, rows):
+    for a, row in zip(arrays, rows, strict=True):
         counts, _, stats = host_histogram(row, 16)
         assert (stats["min"], stats["max"], stats["num"]) == (a.min(), a.max(), a.size)
         assert stats["sum"] == pytest.approx(a.astype(np.float64).sum(), rel=1e-6, abs=1e-6)
@@ -78,7 +78,7 @@ def test_sampled_counts_match_numpy_on_the_strided_sample():
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(1000, 333, generator=g), torch.randn(5000, generator=g), torch.randn(64, generator=g)]
     rows = summarize(tensors, squared_norms(tensors), 32, 10_000, "minmax").numpy()
-    for t, row in zip(tensors, rows):
+    for t, row in zip(tensors, rows, strict=True):
         v = t.reshape(-1).numpy()
         stride = sample_stride(v.size, 10_000)
         sample = v[::stride]
@@ -92,7 +92,7 @@ def test_half_precision_histograms_and_float64_gradients():
     tensors = [(torch.randn(3000, generator=g) * 100).half(), torch.randn(2000, generator=g).bfloat16(),
                torch.randn(700, generator=g, dtype=torch.float64)]
     rows = summarize(tensors, squared_norms(tensors), 20, None, "symmetric").numpy()
-    for t, row in zip(tensors, rows):
+    for t, row in zip(tensors, rows, strict=True):
         v = t.double().numpy()
         np.testing.assert_array_equal(row[STAT_COLUMNS:], _reference(v, row[5], row[6], 20))
         assert row[3] == pytest.approx(np.square(v).sum(), rel=1e-6)
@@ -108,7 +108,7 @@ def test_norm_of_a_2_pow_24_element_gradient_within_1e6_of_float64(dist):
     tensors = [small, x, x[:777].reshape(7, 111)]
     sq = squared_norms(tensors)
     from_copy = summarize(tensors, None, 8, 1000, "minmax", cache=False)[:, 3]  # summarize's own, from its copy
-    for got, own, t in zip(sq.tolist(), from_copy.tolist(), tensors):
+    for got, own, t in zip(sq.tolist(), from_copy.tolist(), tensors, strict=True):
         ref = float(t.double().square().sum())
         assert abs(got - ref) <= 1e-6 * ref and abs(own - ref) <= 1e-6 * ref
 
@@ -214,7 +214,7 @@ def test_sampled_large_tensors_reduced_where_they_lie_equal_the_copied_ones(monk
         np.testing.assert_array_equal(split[:, [0, 1, 4, 5, 6]], copied[:, [0, 1, 4, 5, 6]])
         np.testing.assert_array_equal(split[:, STAT_COLUMNS:], copied[:, STAT_COLUMNS:])
         np.testing.assert_allclose(split[:, 2:4], copied[:, 2:4], rtol=1e-6, atol=1e-6)
-        for t, row in zip(tensors, split):
+        for t, row in zip(tensors, split, strict=True):
             v = t.double().reshape(-1).numpy()
             assert row[3] == pytest.approx(np.square(v).sum(), rel=1e-6)
 
@@ -225,7 +225,7 @@ def test_a_tensor_over_the_in_place_size_gets_exact_stats_and_its_strided_sample
     g = torch.Generator().manual_seed(8)
     big, small = torch.randn(_IN_PLACE + 333, generator=g), torch.randn(50_000, generator=g)
     rows = summarize([small, big], None, 32, 16384, "minmax").numpy()
-    for t, row in zip([small, big], rows):
+    for t, row in zip([small, big], rows, strict=True):
         v = t.numpy()
         sample = v[:: sample_stride(v.size, 16384)]
         np.testing.assert_allclose(row[STAT_COLUMNS:], _reference(sample, row[5], row[6], 32) * (v.size / sample.size),

@@ -13,8 +13,8 @@ import os
 from collections import Counter
 
 import pytest
-
 from helpers import TinyImageModel, image_loader, make_trainer, tb_accumulator
+
 from lightning_monitor import GradientMonitor, MemoryMonitor, MultiLogger, PredictionGridMonitor, SpeedMonitor
 from lightning_monitor.testing import CALLBACK_FILES, HostSyncCounter, SyncsPerStep
 

@@ -8,12 +8,12 @@ import pickle
 
 import pytest
 import torch
+from conftest import SPAWN_ABORT_RERUN
+from helpers import event_files, find_runs, tb_accumulator
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers.logger import DummyExperiment
 
-from conftest import SPAWN_ABORT_RERUN
-from helpers import event_files, find_runs, tb_accumulator
 from lightning_monitor import MultiLogger
 
 
@@ -61,7 +61,8 @@ def test_fit_then_test_metric_sequence(tmp_path):
     runs = find_runs(logger.log_dir)  # fit, then test resuming the same run
     assert {r.run_id for r in runs} == {logger.run_id}
     rows = [row for run in runs for row in run.history]
-    wandb_rows = [(row["trainer/global_step"], sorted(k for k in row if not k.startswith(("_", "trainer/")))) for row in rows]
+    wandb_rows = [(row["trainer/global_step"], sorted(k for k in row if not k.startswith(("_", "trainer/"))))
+                  for row in rows]
     assert wandb_rows == EXPECTED
 
 

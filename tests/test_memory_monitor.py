@@ -16,9 +16,6 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, Dataset
-
 from helpers import (
     TinyImageModel,
     event_files,
@@ -29,6 +26,9 @@ from helpers import (
     run_ddp_script,
     tb_all_scalars,
 )
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader, Dataset
+
 from lightning_monitor import MemoryMonitor, MultiLogger, _memory
 from lightning_monitor.testing import HostSyncCounter
 
@@ -149,11 +149,12 @@ def test_host_memory_of_process_and_dataloader_workers(tmp_path, num_workers, mo
         logged.update({k: [(s, 0.0) for s in (1, 3, 5)] for k in WORKER_KEYS})
     for key in HOST_KEYS:
         assert [s for s, _ in logged[key]] == [1, 3, 5], key
-    for (step, rss), (_, workers), (_, n), (_, available) in zip(*(logged[k] for k in HOST_KEYS)):
+    for (step, rss), (_, workers), (_, n), (_, available) in zip(*(logged[k] for k in HOST_KEYS), strict=True):
         rss_ref, workers_ref, n_ref, available_ref = recorder.seen[step]
         assert rss * GIB == pytest.approx(rss_ref, rel=0.05) and rss > 0.05  # a torch process holds > 50 MiB
         assert available * GIB == pytest.approx(available_ref, rel=0.2)
-        if num_workers > 0:  # persistent workers each hold their ballast on top of what they share with the main process
+        if num_workers > 0:  # persistent workers each hold their ballast on top of what they share with the main
+            # process
             assert n == n_ref == 2
             assert workers * GIB == pytest.approx(workers_ref, rel=0.05)
             assert workers * GIB > 2 * ballast_mib * 2**20
@@ -320,13 +321,13 @@ def test_cuda_peaks_reset_per_window_and_phase_with_share_fragmentation_and_one_
     reserved = [max(s + 0.5 for s in TRAIN_SPIKES[: step + 1]) for step in steps]  # reserved only grows
     window = [max(TRAIN_SPIKES[step - 1: step + 1]) for step in steps]  # 5, 15, 2 (not 15, not val's 7), 14.5
     assert window == [5, 15, 2, 14.5]
-    assert series("peak_allocated_gib") == [(s, pytest.approx(w)) for s, w in zip(steps, window)]
-    assert series("peak_allocated_share") == [(s, pytest.approx(w / 16)) for s, w in zip(steps, window)]
-    assert series("peak_reserved_gib") == [(s, pytest.approx(r)) for s, r in zip(steps, reserved)]
-    assert series("peak_reserved_share") == [(s, pytest.approx(r / 16)) for s, r in zip(steps, reserved)]
+    assert series("peak_allocated_gib") == [(s, pytest.approx(w)) for s, w in zip(steps, window, strict=True)]
+    assert series("peak_allocated_share") == [(s, pytest.approx(w / 16)) for s, w in zip(steps, window, strict=True)]
+    assert series("peak_reserved_gib") == [(s, pytest.approx(r)) for s, r in zip(steps, reserved, strict=True)]
+    assert series("peak_reserved_share") == [(s, pytest.approx(r / 16)) for s, r in zip(steps, reserved, strict=True)]
     assert series("allocated_gib") == [(s, pytest.approx(BASE)) for s in steps]
-    assert series("reserved_gib") == [(s, pytest.approx(r)) for s, r in zip(steps, reserved)]
-    assert series("fragmentation") == [(s, pytest.approx(1 - BASE / r)) for s, r in zip(steps, reserved)]
+    assert series("reserved_gib") == [(s, pytest.approx(r)) for s, r in zip(steps, reserved, strict=True)]
+    assert series("fragmentation") == [(s, pytest.approx(1 - BASE / r)) for s, r in zip(steps, reserved, strict=True)]
     assert series("alloc_retries") == [(1, 0), (3, 0), (5, 2), (7, 1)]
     assert series("ooms") == [(1, 0), (3, 0), (5, 0), (7, 1)]
 
@@ -509,6 +510,6 @@ def test_real_cuda_peak_matches_max_memory_allocated(tmp_path):
         assert value == pytest.approx(recorder.peaks[step], rel=1e-6) and value > 0
     total = torch.cuda.get_device_properties(0).total_memory / GIB
     shares, peaks = logged["memory/cuda/peak_allocated_share"], logged["memory/cuda/peak_allocated_gib"]
-    for (_, share), (_, peak) in zip(shares, peaks):
+    for (_, share), (_, peak) in zip(shares, peaks, strict=True):
         assert share == pytest.approx(peak / total, rel=1e-5)
     assert 0 <= logged["memory/cuda/fragmentation"][-1][1] < 1

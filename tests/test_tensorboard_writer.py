@@ -6,11 +6,11 @@ from __future__ import annotations
 import struct
 
 import pytest
+from helpers import TinyImageModel, event_files, image_loader, make_trainer, tb_all_scalars
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-from helpers import TinyImageModel, event_files, image_loader, make_trainer, tb_all_scalars
 from lightning_monitor import GradientMonitor, MultiLogger
 from lightning_monitor._tb_crc import use_fast_crc
 
