@@ -115,7 +115,8 @@ def test_sampled_histogram_keeps_exact_stats_and_scales_counts():
     stride = sample_stride(x.numel(), 10_000)
     assert stride == 37  # smallest prime >= ceil(333000 / 10000) = 34
     xd = x.double()
-    assert row[:5] == pytest.approx([float(xd.min()), float(xd.max()), float(xd.sum()), float(xd.square().sum()), x.numel()], rel=1e-5, abs=0.05)
+    expected = [float(xd.min()), float(xd.max()), float(xd.sum()), float(xd.square().sum()), x.numel()]
+    assert row[:5] == pytest.approx(expected, rel=1e-5, abs=0.05)
     assert row[7:].sum() == pytest.approx(x.numel())
     sample = x.reshape(-1)[::stride]
     ref, _ = torch.histogram(sample, bins=32, range=(float(x.min()), float(x.max())))
@@ -227,7 +228,8 @@ def test_nonfinite_skip_leaves_weights_and_optimizer_state_untouched(optimizer, 
             states[trainer.global_step - 1] = {k: copy.deepcopy(v) for k, v in opt.state[pl_module.head.weight].items()}
 
     monitor = GradientMonitor(nonfinite="skip")
-    trainer = make_trainer(".", logger=TensorBoardLogger("runs"), callbacks=[monitor, capture := GradCapture(), StateCapture()], max_steps=5)
+    trainer = make_trainer(".", logger=TensorBoardLogger("runs"),
+                           callbacks=[monitor, capture := GradCapture(), StateCapture()], max_steps=5)
     trainer.fit(model, image_loader())
     for step in range(5):
         before, after = capture.before[step], capture.after[step]
@@ -383,7 +385,8 @@ class RankRecorder(Logger):
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        rank = int(os.environ.get("LOCAL_RANK", torch.distributed.get_rank() if torch.distributed.is_initialized() else 0))
+        default = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rank = int(os.environ.get("LOCAL_RANK", default))
         with open(os.path.join(self.root, f"calls_rank{rank}.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, "keys": sorted(metrics)}) + "\n")
 
@@ -443,7 +446,7 @@ def test_batched_small_tensors_match_numpy_histogram():
     g = torch.Generator().manual_seed(1)
     tensors = [torch.randn(256, generator=g) * (i + 1) for i in range(300)] + [torch.randn(3, 7, generator=g)]
     rows = summarize(tensors, [t.double().square().sum() for t in tensors], 10, None, "minmax").numpy()
-    for t, row in zip(tensors, rows):
+    for t, row in zip(tensors, rows, strict=True):
         ref, _ = np.histogram(t.reshape(-1).numpy(), bins=10, range=(float(t.min()), float(t.max())))
         np.testing.assert_array_equal(row[7:], ref)
         assert row[0] == float(t.min()) and row[1] == float(t.max()) and row[4] == t.numel()

@@ -15,6 +15,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    TinyImageModel,
+    event_files,
+    find_runs,
+    image_loader,
+    make_trainer,
+    run_ddp_script,
+    tb_accumulator,
+    tb_all_scalars,
+)
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -30,16 +40,6 @@ from lightning_monitor import (
     run_summary,
 )
 
-from helpers import (
-    TinyImageModel,
-    event_files,
-    find_runs,
-    image_loader,
-    make_trainer,
-    run_ddp_script,
-    tb_accumulator,
-    tb_all_scalars,
-)
 
 def _monitors() -> list[Any]:
     return [GradientMonitor(), MemoryMonitor(), SpeedMonitor(peak_flops_per_sec=1e12),

@@ -14,16 +14,15 @@ from typing import Any, Optional
 import numpy as np
 import pytest
 import torch
+from helpers import event_files, free_port, make_trainer, tb_accumulator, tb_scalars
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.nn import functional as F
+from test_speed_monitor import ClockedData, ClockedModel, FakeClock, _real_clocks  # noqa: F401 - fixture used
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from helpers import event_files, free_port, make_trainer, tb_accumulator, tb_scalars
 from lightning_monitor import SpeedMonitor, _clock, _writers
 from lightning_monitor._monitor import Monitor
 from lightning_monitor.speed_monitor import MONITOR_SHARE
-from test_speed_monitor import ClockedData, ClockedModel, FakeClock, _real_clocks  # noqa: F401 - fixture used
 
 STEADY = {  # batches of 4: loading 4 x 0.0625 s, a step 0.25 s
     "throughput/samples_per_sec": 8.0,

@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import TinyImageModel, event_files, image_loader, make_trainer, tb_accumulator, tb_scalars
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
@@ -26,7 +27,6 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from helpers import TinyImageModel, event_files, image_loader, make_trainer, tb_accumulator, tb_scalars
 from lightning_monitor import SpeedMonitor, _clock, _flops, _speed_window, _writers
 from lightning_monitor.testing import HostSyncCounter
 
@@ -299,7 +299,7 @@ def test_slow_dataloader_shows_high_data_wait_share(tmp_path):
     shares = [v for _, v in _scalars(logger, "time/data_wait_share")]
     step_secs = [v for _, v in _scalars(logger, "time/step_sec")]
     assert len(shares) == 2 and min(shares) > 0.6  # 320 ms of sleep per batch against a tiny model's compute
-    for share, step_sec in zip(shares, step_secs):  # the mean wait per batch covers at least the sleeping
+    for share, step_sec in zip(shares, step_secs, strict=True):  # the mean wait per batch covers at least the sleeping
         assert share * step_sec >= 4 * 0.08 * 0.99
 
 
