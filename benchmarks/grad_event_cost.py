@@ -50,12 +50,12 @@ from _common import REPO_ROOT, Spread, TokenEncoder, count_ops, interleaved, mac
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger  # noqa: E402
 from torch import nn  # noqa: E402
 
-import lightning_monitor._grad_event as gm  # noqa: E402
+import lightning_monitor._grad.event as gm  # noqa: E402
 from lightning_monitor import (
     GradientMonitor,  # noqa: E402
     _grad_norms,  # noqa: E402
 )
-from lightning_monitor._grad_stats import squared_norms, summarize  # noqa: E402
+from lightning_monitor._grad.stats import squared_norms, summarize  # noqa: E402
 
 
 class Wrapped(pl.LightningModule):
@@ -86,11 +86,11 @@ def transformer(batch: int, seq: int = 128, vocab: int = 1000) -> Wrapped:
 
 
 def load_old(rev: str) -> types.ModuleType:
-    """``lightning_monitor/_grad_stats.py`` as of git revision ``rev``, as a module of its own."""
-    src = subprocess.run(["git", "show", f"{rev}:lightning_monitor/_grad_stats.py"], cwd=REPO_ROOT, check=True,
+    """``lightning_monitor/_grad/stats.py`` as of git revision ``rev``, as a module of its own."""
+    src = subprocess.run(["git", "show", f"{rev}:lightning_monitor/_grad/stats.py"], cwd=REPO_ROOT, check=True,
                          capture_output=True, text=True).stdout
     module = types.ModuleType(f"_grad_stats_{rev}")
-    exec(compile(src, f"{rev}:lightning_monitor/_grad_stats.py", "exec"), module.__dict__)
+    exec(compile(src, f"{rev}:lightning_monitor/_grad/stats.py", "exec"), module.__dict__)
     return module
 
 

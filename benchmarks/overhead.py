@@ -203,7 +203,7 @@ class HookSeconds(pl.Callback):
         self.at, self.batches, self.seen = at, 0, {}
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        from lightning_monitor._monitor import Monitor
+        from lightning_monitor._monitor.base import Monitor
 
         if self.batches in self.at:
             self.seen[self.batches] = sum(c.hook_seconds() for c in trainer.callbacks if isinstance(c, Monitor))
@@ -212,7 +212,8 @@ class HookSeconds(pl.Callback):
 
 def _record_shares() -> None:
     """Keep every ``time/monitor_share`` SpeedMonitor computes (with its step) in :data:`LOGGED_SHARES`."""
-    from lightning_monitor import _speed_window, speed_monitor
+    from lightning_monitor import speed_monitor
+    from lightning_monitor._speed import window as _speed_window
 
     metrics = _speed_window.metrics
 

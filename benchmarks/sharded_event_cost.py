@@ -83,8 +83,9 @@ class _CountCollectives:
 def _events(model: nn.Module, mesh: Any) -> dict[str, Callable[[], Any]]:
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from lightning_monitor import _grad_event, _grad_sharded
-    from lightning_monitor._grad_norms import fast_norms
+    from lightning_monitor._grad import event as _grad_event
+    from lightning_monitor._grad import sharded as _grad_sharded
+    from lightning_monitor._grad.norms import fast_norms
 
     g = torch.Generator().manual_seed(1)
     full = [torch.randn(p.shape, generator=g) * 1e-3 for p in model.parameters()]

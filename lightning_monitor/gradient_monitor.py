@@ -11,10 +11,15 @@ import numpy as np
 import torch
 from typing_extensions import override
 
-from lightning_monitor import _dist, _grad_event, _grad_groups, _grad_nonfinite, _grad_sharded, _options
-from lightning_monitor._grad_norms import fast_norms
-from lightning_monitor._keys import document_keys
-from lightning_monitor._monitor import Monitor
+from lightning_monitor._core import options as _options
+from lightning_monitor._core.keys import document_keys
+from lightning_monitor._grad import event as _grad_event
+from lightning_monitor._grad import groups as _grad_groups
+from lightning_monitor._grad import nonfinite as _grad_nonfinite
+from lightning_monitor._grad import sharded as _grad_sharded
+from lightning_monitor._grad.norms import fast_norms
+from lightning_monitor._monitor import dist as _dist
+from lightning_monitor._monitor.base import Monitor
 
 _POLICIES = ("warn", "raise", "skip")
 _EMPTY = np.zeros(0, dtype=np.int64)

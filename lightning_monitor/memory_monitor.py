@@ -12,10 +12,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_monitor import _dist, _memory, _options
-from lightning_monitor._keys import document_keys
-from lightning_monitor._memory import GIB
-from lightning_monitor._monitor import Monitor
+from lightning_monitor._core import options as _options
+from lightning_monitor._core.keys import document_keys
+from lightning_monitor._memory import sources as _memory
+from lightning_monitor._memory.sources import GIB
+from lightning_monitor._monitor import dist as _dist
+from lightning_monitor._monitor.base import Monitor
 
 
 def _has_workers(trainer: "pl.Trainer") -> bool:

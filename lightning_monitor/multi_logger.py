@@ -15,14 +15,11 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
-from lightning_monitor import _wandb_run
-from lightning_monitor._compat import convert_params
-from lightning_monitor._keys import document_keys
-from lightning_monitor._media import HistogramData, make_histogram, prepare_images
-from lightning_monitor._run import Run
-from lightning_monitor._run_guard import RunGuard
-from lightning_monitor._run_writers import RunTensorBoard, RunWandb
-from lightning_monitor._validate import (
+from lightning_monitor._core.compat import convert_params
+from lightning_monitor._core.keys import document_keys
+from lightning_monitor._run import wandb_start as _wandb_run
+from lightning_monitor._run.guard import RunGuard
+from lightning_monitor._run.options import (
     check_keys,
     check_writable,
     is_eval_metric,
@@ -31,7 +28,10 @@ from lightning_monitor._validate import (
     scalar,
     tensorboard_keys,
 )
-from lightning_monitor._writers import Backend, Writer, check_not_tensorboardx, deliver
+from lightning_monitor._run.run import Run
+from lightning_monitor._run.writers import RunTensorBoard, RunWandb
+from lightning_monitor._writers.backends import Backend, Writer, check_not_tensorboardx, deliver
+from lightning_monitor._writers.media import HistogramData, make_histogram, prepare_images
 
 #: seconds between TensorBoard flushes; TensorBoard's own default (120 s) is too slow to watch a run live.
 DEFAULT_FLUSH_SECS = 2
@@ -272,7 +272,7 @@ class MultiLogger(Logger, Backend):
     ) -> None:
         """Log one image or a list of images (tensor or array, CHW/HWC/HW, any common dtype and range).
 
-        Images are converted to uint8 once (:func:`lightning_monitor._media.to_uint8_hwc`) so both dashboards
+        Images are converted to uint8 once (:func:`lightning_monitor._writers.media.to_uint8_hwc`) so both dashboards
         show the same picture; ``caption`` shows in wandb (TensorBoard has no captions).
         """
         prepared = prepare_images(key, images, caption)

@@ -11,9 +11,12 @@ import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
-from lightning_monitor import _dist, _draw, _grid_input, _options
-from lightning_monitor._keys import document_keys
-from lightning_monitor._monitor import Monitor
+from lightning_monitor._core import options as _options
+from lightning_monitor._core.keys import document_keys
+from lightning_monitor._grid import draw as _draw
+from lightning_monitor._grid import inputs as _grid_input
+from lightning_monitor._monitor import dist as _dist
+from lightning_monitor._monitor.base import Monitor
 
 _MAX_LISTED = 8  # wrong predictions spelled out in the caption
 

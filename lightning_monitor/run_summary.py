@@ -15,9 +15,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning_utilities.core.imports import RequirementCache
 from typing_extensions import override
 
-from lightning_monitor import _clock, _dispatch, _options, _summary
-from lightning_monitor._keys import document_keys
-from lightning_monitor._writers import Backend, Recorder, Writer
+from lightning_monitor._core import clock as _clock
+from lightning_monitor._core import options as _options
+from lightning_monitor._core.keys import document_keys
+from lightning_monitor._monitor import dispatch as _dispatch
+from lightning_monitor._summary import numbers as _summary
+from lightning_monitor._writers.backends import Backend, Recorder, Writer
 
 _RICH_AVAILABLE = RequirementCache("rich")
 

@@ -11,9 +11,14 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_monitor import _clock, _dist, _flops, _options, _speed_window, _writers
-from lightning_monitor._keys import document_keys
-from lightning_monitor._monitor import Monitor
+from lightning_monitor._core import clock as _clock
+from lightning_monitor._core import options as _options
+from lightning_monitor._core.keys import document_keys
+from lightning_monitor._monitor import dist as _dist
+from lightning_monitor._monitor.base import Monitor
+from lightning_monitor._speed import flops as _flops
+from lightning_monitor._speed import window as _speed_window
+from lightning_monitor._writers import backends as _writers
 
 #: the key of one monitor's part of ``time/monitor_share``; ``{monitor}`` is its :meth:`Monitor.cost_name`
 MONITOR_SHARE = "time/monitor_share/{monitor}"
@@ -43,13 +48,13 @@ class SpeedMonitor(Monitor):
     (``global_step < warmup_steps``) and the steps whose FLOPs are being measured are left out of the windows.
 
     **Logger time is not training time.** Host time spent starting and writing to loggers
-    (:func:`lightning_monitor._writers.seconds_writing`: our values and Lightning's own ``self.log`` writes, through
-    MultiLogger or a plain TensorBoard/wandb logger) is taken out of the span it fell in, so a slow first write
+    (:func:`lightning_monitor._writers.backends.seconds_writing`: our values and Lightning's own ``self.log`` writes,
+    through MultiLogger or a plain TensorBoard/wandb logger) is taken out of the span it fell in, so a slow first write
     (a backend starting up) changes no rate, step time, data-wait share or remaining time. Under DDP rank 0 writes
     while the other ranks wait for it at the next all-reduce: every rank's window loses the most any rank wrote.
 
     **The library's own cost.** Every hook of every monitor is timed on the host (two ``perf_counter`` reads a
-    call; :class:`~lightning_monitor._monitor.Monitor`); ``time/monitor_share`` is the share of the window's real
+    call; :class:`~lightning_monitor._monitor.base.Monitor`); ``time/monitor_share`` is the share of the window's real
     elapsed time (logger writes included) spent inside them, with one key per monitor when the trainer has more
     than one.
 

@@ -29,8 +29,8 @@ SYNC_METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__in
 
 def _callback_files() -> dict[str, tuple[str, ...]]:
     """Each callback in ``lightning_monitor.__all__`` -> the file of its module. A sync in a private helper
-    (``_grad_stats.py``, ``_dist.py``, ...) is found to be the callback's by walking up the stack to that module,
-    which is the only caller of its helpers, so a new monitor needs no entry here."""
+    (``_grad/stats.py``, ``_monitor/dist.py``, ...) is found to be the callback's by walking up the stack to that
+    module, which is the only caller of its helpers, so a new monitor needs no entry here."""
     import lightning_monitor
 
     files: dict[str, tuple[str, ...]] = {}

@@ -38,7 +38,7 @@ from lightning_monitor import (
     RunSummary,
     SpeedMonitor,
 )
-from lightning_monitor._keys import PLACEHOLDER, document_keys, keys_table
+from lightning_monitor._core.keys import PLACEHOLDER, document_keys, keys_table
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("keys_table", REPO / "scripts" / "keys_table.py")

@@ -83,7 +83,7 @@ def test_ddp_on_a_version_in_use_fails_on_rank_zero_and_ends_every_rank(tmp_path
     """Under DDP only rank 0 takes the lock: with the run directory held by a live job (this test process), rank 0
     fails at start naming it and the whole job ends (no rank left waiting in a collective); rank 1 never reads the
     lock, so it never reports the directory in use itself."""
-    from lightning_monitor import _run_lock
+    from lightning_monitor._run import lock as _run_lock
 
     run_dir = tmp_path / "runs" / "ddp" / "version_0"
     run_dir.mkdir(parents=True)

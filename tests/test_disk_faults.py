@@ -96,7 +96,7 @@ def test_a_disk_filling_up_is_told_early_then_truthfully(small_disk, monkeypatch
     """On a real 4 MiB filesystem: one warning when free space drops under a tenth of the disk (naming the run
     directory), and when the disk is full one warning saying that TensorBoard AND wandb's offline run (stored in the
     same directory) keep nothing more, never that wandb keeps logging. Training-side calls never raise."""
-    from lightning_monitor import _disk
+    from lightning_monitor._run import disk as _disk
 
     monkeypatch.setattr(_disk, "CHECK_EVERY_SEC", 0.0)  # look at every write instead of every 10 s
     logger = MultiLogger(save_dir=small_disk, name="disk", tensorboard={"flush_secs": 0.01})

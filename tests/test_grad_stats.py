@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_monitor._grad_stats import STAT_COLUMNS, host_histogram, sample_stride, squared_norms, summarize
+from lightning_monitor._grad.stats import STAT_COLUMNS, host_histogram, sample_stride, squared_norms, summarize
 
 
 def _near_edges(lo: float, hi: float, bins: int, n: int, seed: int) -> np.ndarray:
@@ -174,8 +174,8 @@ def test_a_measured_step_has_a_fixed_op_count_on_the_cuda_norm_path(monkeypatch,
     """The device part of a logging event (norms, histograms, the packed transfer) runs the same number of ops for
     3 tensors or 200, with every tensor histogrammed or only some (the cap), when the norms take the fused
     ``_foreach_norm`` pass CUDA takes (forced here on the CPU)."""
-    from lightning_monitor import _grad_norms
-    from lightning_monitor._grad_event import MeasureSpec, measure
+    from lightning_monitor._grad import norms as _grad_norms
+    from lightning_monitor._grad.event import MeasureSpec, measure
 
     monkeypatch.setattr(_grad_norms, "FUSED", True)
     spec = MeasureSpec(bins=64, max_elements=max_elements, hist_range="minmax", grad_histograms=True,
@@ -201,7 +201,7 @@ def test_a_measured_step_has_a_fixed_op_count_on_the_cuda_norm_path(monkeypatch,
 def test_sampled_large_tensors_reduced_where_they_lie_equal_the_copied_ones(monkeypatch, in_place):
     """Sampled tensors of at least ``_IN_PLACE`` elements are not copied: the same rows as the copy path (counts,
     min, max exactly; sum and norms within float rounding), also when no tensor is copied at all (100)."""
-    from lightning_monitor import _grad_stats
+    from lightning_monitor._grad import stats as _grad_stats
 
     g = torch.Generator().manual_seed(7)
     tensors = [torch.randn(5000, generator=g) * 3 + 1, torch.randn(200, generator=g), torch.randn(97, 41, generator=g),
@@ -220,7 +220,7 @@ def test_sampled_large_tensors_reduced_where_they_lie_equal_the_copied_ones(monk
 
 
 def test_a_tensor_over_the_in_place_size_gets_exact_stats_and_its_strided_sample():
-    from lightning_monitor._grad_stats import _IN_PLACE
+    from lightning_monitor._grad.stats import _IN_PLACE
 
     g = torch.Generator().manual_seed(8)
     big, small = torch.randn(_IN_PLACE + 333, generator=g), torch.randn(50_000, generator=g)

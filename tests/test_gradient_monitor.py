@@ -20,8 +20,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.nn import functional as F
 
 from lightning_monitor import GradientMonitor, MultiLogger
-from lightning_monitor._grad_bins import bin_counts
-from lightning_monitor._grad_stats import sample_stride, summarize
+from lightning_monitor._grad.bins import bin_counts
+from lightning_monitor._grad.stats import sample_stride, summarize
 from lightning_monitor.testing import HostSyncCounter
 
 PARAMS = ["conv.weight", "conv.bias", "head.weight", "head.bias"]
@@ -477,7 +477,7 @@ def test_parameters_made_in_configure_model_and_unfrozen_later_are_watched():
 
 
 def test_half_precision_gradients_are_normed_without_overflow():
-    from lightning_monitor._grad_stats import squared_norms
+    from lightning_monitor._grad.stats import squared_norms
 
     grad = torch.full((100,), 3e4, dtype=torch.float16)  # every element finite, norm 3e5 > fp16's 65504
     (sq,) = squared_norms([grad])
@@ -625,7 +625,7 @@ def test_default_groups_descend_through_single_child_wrappers(nested, prefix):
 
 
 def test_wrapper_prefix_and_group_depth_below_it():
-    from lightning_monitor._grad_groups import wrapper_prefix
+    from lightning_monitor._grad.groups import wrapper_prefix
 
     assert wrapper_prefix(Regression(nested=True)) == "model.inner"
     assert wrapper_prefix(TinyImageModel()) == ""

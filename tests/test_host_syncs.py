@@ -15,8 +15,12 @@ from collections import Counter
 import pytest
 from helpers import TinyImageModel, image_loader, make_trainer, tb_accumulator
 
+import lightning_monitor
 from lightning_monitor import GradientMonitor, MemoryMonitor, MultiLogger, PredictionGridMonitor, SpeedMonitor
 from lightning_monitor.testing import CALLBACK_FILES, HostSyncCounter, SyncsPerStep
+
+#: the package's folder: sync sites are named by their path in it (``_grid/draw.py``)
+PACKAGE_DIR = os.path.dirname(lightning_monitor.__file__)
 
 EVERY = 4
 BATCHES_PER_EPOCH = 8
@@ -48,10 +52,11 @@ def test_whole_suite_makes_no_host_sync_on_non_logging_steps():
         # one packed transfer per callback per logging step (MemoryMonitor reads host-side allocator stats only)
         assert per_callback["GradientMonitor"] == 1 and per_callback["SpeedMonitor"] == 1, calls
         assert per_callback["MemoryMonitor"] == 0, calls
-        grid = [(name, os.path.basename(f)) for name, f, _, owner in calls if owner == "PredictionGridMonitor"]
+        grid = [(name, os.path.relpath(f, PACKAGE_DIR)) for name, f, _, owner in calls
+                if owner == "PredictionGridMonitor"]
         if step != logging_steps[0]:  # the first grid also takes the fixed samples and prepares their pictures
             # the scores' one device->host copy, then reading the grid make_grid built on the host
-            assert grid == [("numpy", "prediction_grid_monitor.py"), ("numpy", "_draw.py")], calls
+            assert grid == [("numpy", "prediction_grid_monitor.py"), ("numpy", "_grid/draw.py")], calls
 
     # the run really logged at those steps, from every callback
     acc = tb_accumulator(trainer.logger.log_dir)

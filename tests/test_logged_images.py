@@ -18,7 +18,7 @@ from lightning_monitor import MultiLogger
 def _no_key_warned_yet(monkeypatch):
     """_media warns about a downscaled key once per process: every test here starts with none warned about, so
     the warnings it expects come in any order (and on a re-run)."""
-    from lightning_monitor import _media
+    from lightning_monitor._writers import media as _media
 
     monkeypatch.setattr(_media, "_downscaled", set())
 
@@ -76,7 +76,7 @@ def test_a_huge_image_is_downscaled_once_with_a_warning(tmp_path):
     """6000 x 4500 px: the longest side over MAX_IMAGE_SIDE (2048) makes a factor of 3; both backends get the mean of
     each 3 x 3 block (computed here with numpy, in float64), and one warning names the key however often it is
     logged."""
-    from lightning_monitor import _media
+    from lightning_monitor._writers import media as _media
 
     image = np.random.default_rng(0).integers(0, 256, (6000, 4500, 3), dtype=np.uint8)
     expected = np.round(image.reshape(2000, 3, 1500, 3, 3).astype(np.float64).mean(axis=(1, 3))).astype(np.uint8)
@@ -94,7 +94,7 @@ def test_a_huge_image_is_downscaled_once_with_a_warning(tmp_path):
 def test_a_float_image_is_downscaled_before_any_full_size_copy():
     """A 4097 x 10 float64 image (factor 3, edge blocks of 2 rows): block means of the float values, then the usual
     [0, 1] -> 0..255 mapping; torch and numpy inputs give the same picture."""
-    from lightning_monitor._media import to_uint8_hwc
+    from lightning_monitor._writers.media import to_uint8_hwc
 
     values = np.linspace(0, 1, 4097 * 10).reshape(4097, 10)
     padded = np.full((4098, 12), np.nan)

@@ -29,7 +29,8 @@ from helpers import (
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_monitor import MemoryMonitor, MultiLogger, _memory
+from lightning_monitor import MemoryMonitor, MultiLogger
+from lightning_monitor._memory import sources as _memory
 from lightning_monitor.testing import HostSyncCounter
 
 GIB = 2**30

@@ -30,8 +30,10 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from PIL import Image
 from wandb_reader import synced_series
 
-from lightning_monitor import MultiLogger, _cadence, _dispatch
-from lightning_monitor._media import make_histogram
+from lightning_monitor import MultiLogger
+from lightning_monitor._monitor import cadence as _cadence
+from lightning_monitor._monitor import dispatch as _dispatch
+from lightning_monitor._writers.media import make_histogram
 
 
 def test_tensorboard_and_wandb_round_trip(tmp_path):

@@ -1,5 +1,6 @@
-"""Every monitor's (and RunSummary's) numeric and flag options go through one check (``lightning_monitor._options``):
-a wrong type is a ``TypeError``, a value out of range a ``ValueError``, both naming the option and echoing the value;
+"""Every monitor's (and RunSummary's) numeric and flag options go through one check
+(``lightning_monitor._core.options``): a wrong type is a ``TypeError``, a value out of range a ``ValueError``, both
+naming the option and echoing the value;
 valid values pass."""
 
 from __future__ import annotations
@@ -9,14 +10,8 @@ from typing import Any
 
 import pytest
 
-from lightning_monitor import (
-    GradientMonitor,
-    MemoryMonitor,
-    PredictionGridMonitor,
-    RunSummary,
-    SpeedMonitor,
-    _options,
-)
+from lightning_monitor import GradientMonitor, MemoryMonitor, PredictionGridMonitor, RunSummary, SpeedMonitor
+from lightning_monitor._core import options as _options
 
 #: (class, option, a valid value, a value out of range) for every integer option (counts included)
 INTEGERS = [

@@ -20,8 +20,9 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_monitor import MultiLogger, PredictionGridMonitor, _draw
-from lightning_monitor._draw import FRAME_PX, PAD_VALUE, band_px
+from lightning_monitor import MultiLogger, PredictionGridMonitor
+from lightning_monitor._grid import draw as _draw
+from lightning_monitor._grid.draw import FRAME_PX, PAD_VALUE, band_px
 
 KEY = "predictions/grid"
 
@@ -574,7 +575,8 @@ class SyncProbe(pl.Callback):
 
 
 def test_no_host_sync_outside_logging_steps(tmp_path):
-    from lightning_monitor import _draw, prediction_grid_monitor
+    from lightning_monitor import prediction_grid_monitor
+    from lightning_monitor._grid import draw as _draw
     from lightning_monitor.testing import HostSyncCounter
 
     counter = HostSyncCounter(only_from=[prediction_grid_monitor.__file__, _draw.__file__])

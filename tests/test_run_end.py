@@ -137,7 +137,7 @@ def test_logging_after_finalize_continues_the_run_in_both(tmp_path):
     """Documented behaviour: a write after ``finalize`` (what ``test`` after ``fit`` does) reopens both backends on
     the same run: TensorBoard in a new event file of the same directory, wandb as a new segment of the same run;
     the run directory's lock is taken again and released at the next finalize."""
-    from lightning_monitor import _run_lock
+    from lightning_monitor._run import lock as _run_lock
 
     logger = MultiLogger(save_dir=tmp_path, name="after")
     logger.log_metrics({"x/v": 0.0}, step=0)

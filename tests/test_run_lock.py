@@ -56,7 +56,7 @@ def test_a_second_job_on_a_version_in_use_fails_at_start_naming_the_first(tmp_pa
 @pytest.mark.timeout(240)
 def test_a_killed_jobs_lock_does_not_block_its_restart(tmp_path):
     """kill -9 leaves the lock file behind; the restart on the same version sees its pid gone and takes over."""
-    from lightning_monitor import _run_lock
+    from lightning_monitor._run import lock as _run_lock
 
     first, progress = start_paced_job(tmp_path)
     wait_for_step(first, progress, 2)
@@ -74,7 +74,7 @@ def test_a_killed_jobs_lock_does_not_block_its_restart(tmp_path):
 def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
     """A lock written by a job on another host blocks while its heartbeat is fresh, and not once it is older than
     STALE_SEC (the file's mtime set back, as a dead host's lock ages)."""
-    from lightning_monitor import _run_lock
+    from lightning_monitor._run import lock as _run_lock
 
     run_dir = tmp_path / "lk" / "version_0"
     run_dir.mkdir(parents=True)
@@ -94,7 +94,7 @@ def test_lock_of_another_host_is_stale_only_without_heartbeat(tmp_path):
 
 def test_a_reused_pid_does_not_hold_the_lock(tmp_path):
     """A lock naming a pid that now belongs to a process started after the lock (pid reuse) is stale."""
-    from lightning_monitor import _run_lock
+    from lightning_monitor._run import lock as _run_lock
 
     run_dir = tmp_path / "pid" / "version_0"
     run_dir.mkdir(parents=True)

@@ -35,10 +35,10 @@ from lightning_monitor import (
     PredictionGridMonitor,
     RunSummary,
     SpeedMonitor,
-    _clock,
-    _summary,
     run_summary,
 )
+from lightning_monitor._core import clock as _clock
+from lightning_monitor._summary import numbers as _summary
 
 
 def _monitors() -> list[Any]:

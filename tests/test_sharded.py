@@ -13,7 +13,7 @@ import psutil
 import pytest
 from helpers import flat_shard_trainer, tb_images, tb_scalars
 
-from lightning_monitor import _draw
+from lightning_monitor._grid import draw as _draw
 
 SHARDED_JOB = '''
 import json, os, sys

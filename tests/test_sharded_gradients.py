@@ -42,8 +42,8 @@ STATS_SCRIPT = textwrap.dedent(
     import torch.multiprocessing as mp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-    from lightning_monitor import _grad_sharded
-    from lightning_monitor._grad_sharded import global_stats
+    from lightning_monitor._grad import sharded as _grad_sharded
+    from lightning_monitor._grad.sharded import global_stats
 
     from test_sharded_gradients import full_tensors
 

@@ -20,8 +20,10 @@ from test_speed_monitor import ClockedData, ClockedModel, FakeClock, _real_clock
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_monitor import SpeedMonitor, _clock, _writers
-from lightning_monitor._monitor import Monitor
+from lightning_monitor import SpeedMonitor
+from lightning_monitor._core import clock as _clock
+from lightning_monitor._monitor.base import Monitor
+from lightning_monitor._writers import backends as _writers
 from lightning_monitor.speed_monitor import MONITOR_SHARE
 
 STEADY = {  # batches of 4: loading 4 x 0.0625 s, a step 0.25 s
@@ -161,7 +163,8 @@ _DDP_SCRIPT = textwrap.dedent(
     from lightning.pytorch.loggers import TensorBoardLogger
     from lightning.pytorch.utilities import rank_zero_only
     from helpers import TinyImageModel, make_trainer, image_data
-    from lightning_monitor import SpeedMonitor, _clock
+    from lightning_monitor import SpeedMonitor
+    from lightning_monitor._core import clock as _clock
 
     slow = sys.argv[1] == "slow"
 

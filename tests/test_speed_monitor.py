@@ -27,8 +27,16 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_monitor import SpeedMonitor, _clock, _flops, _speed_window, _writers
+import lightning_monitor
+from lightning_monitor import SpeedMonitor
+from lightning_monitor._core import clock as _clock
+from lightning_monitor._speed import flops as _flops
+from lightning_monitor._speed import window as _speed_window
+from lightning_monitor._writers import backends as _writers
 from lightning_monitor.testing import HostSyncCounter
+
+#: the package's folder: sync sites are named by their path in it (``_grid/draw.py``)
+PACKAGE_DIR = os.path.dirname(lightning_monitor.__file__)
 
 
 class FakeClock:
@@ -327,7 +335,8 @@ def test_no_host_sync_on_non_logging_steps(tmp_path):
         if (step + 1) % 4:
             assert calls == [], f"step {step}: {calls}"
         else:  # the one packed device->host copy (in _dist.gather_packed); numpy after that
-            assert [(name, os.path.basename(f)) for name, f, _ in calls] == [("tolist", "_dist.py")], f"step {step}"
+            sites = [(name, os.path.relpath(f, PACKAGE_DIR)) for name, f, _ in calls]
+            assert sites == [("tolist", "_monitor/dist.py")], f"step {step}"
     assert len(counter.calls) == 2
 
 
@@ -341,7 +350,8 @@ _DDP_SCRIPT = textwrap.dedent(
     from torch.utils.data import DataLoader
     from lightning.pytorch.loggers import TensorBoardLogger
     from helpers import TinyImageModel, make_trainer, image_data
-    from lightning_monitor import SpeedMonitor, _clock
+    from lightning_monitor import SpeedMonitor
+    from lightning_monitor._core import clock as _clock
 
     mode = sys.argv[1]
 

@@ -12,7 +12,7 @@ from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
 from lightning_monitor import GradientMonitor, MultiLogger
-from lightning_monitor._tb_crc import use_fast_crc
+from lightning_monitor._writers.tb_crc import use_fast_crc
 
 
 def read_records(path: str) -> list[Event]:
@@ -97,7 +97,7 @@ def test_a_subclass_log_metrics_keeps_its_say(tmp_path):
 
 
 def test_a_value_that_is_not_a_number_costs_that_value_only(tmp_path):
-    from lightning_monitor._dispatch import log_scalars
+    from lightning_monitor._monitor.dispatch import log_scalars
 
     logger = TensorBoardLogger(tmp_path / "runs")
     trainer = make_trainer(tmp_path, logger=logger)

@@ -19,7 +19,7 @@ import time
 import pytest
 from wandb_reader import find_runs
 
-from lightning_monitor import _wandb_run
+from lightning_monitor._run import wandb_start as _wandb_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Enter your choice"

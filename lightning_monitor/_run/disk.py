@@ -16,7 +16,7 @@ from typing import Optional
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_monitor._writers import os_error
+from lightning_monitor._writers.backends import os_error
 
 #: free space below which the run directory's disk is reported low: this, or a tenth of a smaller disk
 LOW_SPACE_BYTES = 1 << 30

@@ -9,7 +9,7 @@ One event is a fixed number of device ops whatever the number of tensors: all te
 per row and then per tensor over the (few) rows, and binned by one ``bincount`` over ``bin + tensor * (bins + 1)``.
 With sampled histograms a tensor of at least ``_IN_PLACE`` elements is the exception: reduced where it lies (a few
 ops each, whose memory traffic dwarfs their launch) and only its sample copied. Bin indices agree with
-``numpy.histogram`` count for count (see :func:`~lightning_monitor._grad_bins.bin_rows`).
+``numpy.histogram`` count for count (see :func:`~lightning_monitor._grad.bins.bin_rows`).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from lightning_monitor._grad_bins import bin_rows, edge_table
-from lightning_monitor._grad_norms import _NORM_ROW, fast_norms, squared_norms  # noqa: F401 - re-exported
-from lightning_monitor._lru import Lru
+from lightning_monitor._core.lru import Lru
+from lightning_monitor._grad.bins import bin_rows, edge_table
+from lightning_monitor._grad.norms import _NORM_ROW, fast_norms, squared_norms  # noqa: F401 - re-exported
 
 STAT_COLUMNS = 7  # min, max, sum, sum_squares, num, lo, hi
 _ROW = 256  # row width of the flat layout; a tensor is padded to whole rows

@@ -1,4 +1,4 @@
-"""Binning for :mod:`~lightning_monitor._grad_stats`: counts on the device that equal ``numpy.histogram`` count for
+"""Binning for :mod:`~lightning_monitor._grad.stats`: counts on the device that equal ``numpy.histogram`` count for
 count, for many rows at once, each row over its own tensor's edges (no host sync)."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from typing import Optional
 
 import lightning.pytorch as pl
 
-from lightning_monitor._compat import completed_batches
+from lightning_monitor._core.compat import completed_batches
 
 
 def logging_interval(trainer: "pl.Trainer", every_n_steps: Optional[int]) -> int:

@@ -1,8 +1,8 @@
 """One writer per backend (TensorBoard, wandb, scalars-only) and the one guard every write goes through.
 
 A monitor's value takes one path: the dispatch layer prepares it once (a
-:class:`~lightning_monitor._media.HistogramData` or :class:`~lightning_monitor._media.Images`) and hands the same
-object to each writer through :func:`deliver`. Writers are chosen once per logger:
+:class:`~lightning_monitor._writers.media.HistogramData` or :class:`~lightning_monitor._writers.media.Images`) and hands
+the same object to each writer through :func:`deliver`. Writers are chosen once per logger:
 :class:`~lightning_monitor.MultiLogger` brings its own (the :class:`Backend` contract), a plain ``TensorBoardLogger`` /
 ``WandbLogger`` gets one of the classes here, and any other Lightning logger gets the scalar-only :class:`Writer`.
 
@@ -22,11 +22,11 @@ from typing import Any, Optional
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_monitor import _clock
-from lightning_monitor._compat import add_prefix, file_writer, logger_prefix, tensorboard_installed
-from lightning_monitor._media import HistogramData, Images, to_rgb
-from lightning_monitor._tb_crc import use_fast_crc
-from lightning_monitor._warn import WarnOnce
+from lightning_monitor._core import clock as _clock
+from lightning_monitor._core.compat import add_prefix, file_writer, logger_prefix, tensorboard_installed
+from lightning_monitor._core.warn import WarnOnce
+from lightning_monitor._writers.media import HistogramData, Images, to_rgb
+from lightning_monitor._writers.tb_crc import use_fast_crc
 
 #: value-level errors in a row (no successful write between them) after which a backend is taken as broken
 MAX_VALUE_ERRORS = 3

@@ -9,8 +9,9 @@ from typing import Any, Optional, Protocol
 
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_monitor import _disk, _run_lock
-from lightning_monitor._run import Run
+from lightning_monitor._run import disk as _disk
+from lightning_monitor._run import lock as _run_lock
+from lightning_monitor._run.run import Run
 
 
 class RunFiles(Protocol):
@@ -46,7 +47,7 @@ class RunGuard:
         self.files = files
 
     def claim(self) -> None:
-        """Hold the run directory's lock (:mod:`~lightning_monitor._run_lock`) from the first write until
+        """Hold the run directory's lock (:mod:`~lightning_monitor._run.lock`) from the first write until
         :meth:`release`, and look at its free space (a clock read; a ``statvfs`` every ``CHECK_EVERY_SEC``)."""
         if self.lock_pid != os.getpid():
             _run_lock.claim(self.run.log_dir, self)
@@ -62,7 +63,7 @@ class RunGuard:
     def run_dir_fault(self, err: BaseException) -> Optional[str]:
         """When ``err`` means the run directory was deleted or its disk is full: turn off every writer that keeps
         its files there (TensorBoard, an offline or not yet started wandb run) and return the warning saying what is
-        still kept (:func:`~lightning_monitor._disk.what_is_kept`); ``None`` for any other error."""
+        still kept (:func:`~lightning_monitor._run.disk.what_is_kept`); ``None`` for any other error."""
         kind = _disk.fault(self.run.log_dir, err)
         if kind is None:
             return None

@@ -15,9 +15,12 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lightning_monitor import _cadence, _clock, _dispatch, _options
-from lightning_monitor._media import HistogramData
-from lightning_monitor._warn import WarnOnce
+from lightning_monitor._core import clock as _clock
+from lightning_monitor._core import options as _options
+from lightning_monitor._core.warn import WarnOnce
+from lightning_monitor._monitor import cadence as _cadence
+from lightning_monitor._monitor import dispatch as _dispatch
+from lightning_monitor._writers.media import HistogramData
 
 #: strategies that hide parameters in flat shards, behind their own wrapper (FSDP1, DeepSpeed ZeRO)
 _FLAT_SHARDS = (FSDPStrategy, DeepSpeedStrategy)
@@ -58,13 +61,13 @@ def _time_hooks(cls: type) -> None:
 class Monitor(Callback):
     """Base of the monitors: when to log and at which step, warn-once per run, the trainer checks of ``setup``.
 
-    The step rule is Lightning's own ``self.log`` rule (:mod:`lightning_monitor._cadence`): the batch's step is read
-    at ``on_train_batch_start``, and :meth:`_batch_logging_step` says at the batch's end whether it made a logging
+    The step rule is Lightning's own ``self.log`` rule (:mod:`lightning_monitor._monitor.cadence`): the batch's step is
+    read at ``on_train_batch_start``, and :meth:`_batch_logging_step` says at the batch's end whether it made a logging
     step. A subclass that overrides ``setup``, ``on_train_start`` or ``on_train_batch_start`` calls ``super()``.
     """
 
     #: Every key the monitor logs, ``key -> meaning``: the one source of its docstring table, the README table and
-    #: the contract test (:func:`lightning_monitor._keys.document_keys`).
+    #: the contract test (:func:`lightning_monitor._core.keys.document_keys`).
     LOGGED_KEYS: ClassVar[dict[str, str]] = {}
     #: Why the monitor cannot run under a strategy that keeps parameters in flat shards behind its own wrapper
     #: (``FSDPStrategy``, DeepSpeed), said after the strategy's name; empty when it can. DTensor sharding

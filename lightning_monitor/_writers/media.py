@@ -104,8 +104,8 @@ def _downscale(image: torch.Tensor, factor: int, key: str) -> torch.Tensor:
         rank_zero_warn(
             f"image {key!r} is {height} x {width} px: logged downscaled by {factor} (block mean) to"
             f" {-(-height // factor)} x {-(-width // factor)} px; the longest side is capped at {MAX_IMAGE_SIDE} px"
-            " (lightning_monitor._media.MAX_IMAGE_SIDE) so one image costs a bounded time and memory. Log a smaller"
-            " image to choose the resampling yourself."
+            " (lightning_monitor._writers.media.MAX_IMAGE_SIDE) so one image costs a bounded time and memory. Log a"
+            " smaller image to choose the resampling yourself."
         )
     rows = max(factor, _BAND_ELEMENTS // (width * channels) // factor * factor)
     bands = []

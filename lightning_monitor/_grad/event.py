@@ -1,7 +1,7 @@
 """GradientMonitor's logging step: one optimizer step measured on the device and read back in one transfer.
 
 :func:`measure` and :func:`update_ratios` are the one entry for plain and sharded (DTensor) tensors alike: sharded
-ones go to :mod:`lightning_monitor._grad_sharded` (the full tensors' numbers, with collectives on every rank)."""
+ones go to :mod:`lightning_monitor._grad.sharded` (the full tensors' numbers, with collectives on every rank)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lightning_monitor import _grad_sharded
-from lightning_monitor._compat import foreach_sub
-from lightning_monitor._grad_groups import group_norms
-from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, squared_norms, summarize, summarize_finite
-from lightning_monitor._lru import Lru
-from lightning_monitor._media import HistogramData
+from lightning_monitor._core.compat import foreach_sub
+from lightning_monitor._core.lru import Lru
+from lightning_monitor._grad import sharded as _grad_sharded
+from lightning_monitor._grad.groups import group_norms
+from lightning_monitor._grad.stats import STAT_COLUMNS, HistRange, squared_norms, summarize, summarize_finite
+from lightning_monitor._writers.media import HistogramData
 
 _INDEX_CACHE: Lru[torch.Tensor] = Lru(8)
 
@@ -101,7 +101,7 @@ def measure(
     of ``pending``.
 
     Sharded gradients (DTensor: FSDP2, tensor parallel) are measured on EVERY rank: the same host values for the full
-    tensors, with :data:`~lightning_monitor._grad_sharded.COLLECTIVES_PER_EVENT` all-reduces and one host transfer;
+    tensors, with :data:`~lightning_monitor._grad.sharded.COLLECTIVES_PER_EVENT` all-reduces and one host transfer;
     ``pending`` comes back as the maximum over ranks (exact when the NaN/Inf shows on one rank or on all at the same
     steps, a lower bound otherwise).
     """

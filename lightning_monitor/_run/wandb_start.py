@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_monitor._compat import stop_wandb_analytics, wandb_session_key
+from lightning_monitor._core.compat import stop_wandb_analytics, wandb_session_key
 
 #: seconds a whole start may take, falling back to offline included (wandb's own ``init_timeout`` default is 90).
 INIT_TIMEOUT_SEC = 30

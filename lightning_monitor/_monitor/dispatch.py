@@ -3,8 +3,8 @@
 Works the same whether the trainer holds a :class:`~lightning_monitor.MultiLogger`, a plain list
 ``[TensorBoardLogger(...), WandbLogger(...)]`` or a scalar-only logger such as ``CSVLogger`` (scalars only, and
 one warning that media are skipped). Monitors never branch on backend types; only global rank 0 writes. Each write
-goes through :func:`lightning_monitor._writers.deliver`, so a backend that fails costs that value or that backend,
-never the run.
+goes through :func:`lightning_monitor._writers.backends.deliver`, so a backend that fails costs that value or that
+backend, never the run.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import Logger
 
-from lightning_monitor._media import HistogramData, prepare_images
-from lightning_monitor._writers import Backend, Writer, deliver, guard_lightning_calls, writer_for
+from lightning_monitor._writers.backends import Backend, Writer, deliver, guard_lightning_calls, writer_for
+from lightning_monitor._writers.media import HistogramData, prepare_images
 
 # writers of plain loggers, made once per logger (their warn-once state lives as long as the logger)
 _plain: "weakref.WeakKeyDictionary[Logger, Writer]" = weakref.WeakKeyDictionary()
@@ -26,7 +26,7 @@ _plain: "weakref.WeakKeyDictionary[Logger, Writer]" = weakref.WeakKeyDictionary(
 
 def writers(trainer: "pl.Trainer") -> list[Writer]:
     """Every writer of every logger the trainer has, in logger order, then those of callbacks that consume the
-    logged values (a :class:`~lightning_monitor._writers.Backend` such as RunSummary)."""
+    logged values (a :class:`~lightning_monitor._writers.backends.Backend` such as RunSummary)."""
     out: list[Writer] = []
     fresh: list[Writer] = []
     for logger in trainer.loggers:
@@ -82,7 +82,7 @@ def log_image(
     step: int,
     caption: Optional[Union[str, Sequence[str]]] = None,
 ) -> None:
-    """One image or a list of them (any layout :func:`~lightning_monitor._media.to_uint8_hwc` reads), converted
+    """One image or a list of them (any layout :func:`~lightning_monitor._writers.media.to_uint8_hwc` reads), converted
     once and handed to every writer."""
     if not trainer.is_global_zero:
         return

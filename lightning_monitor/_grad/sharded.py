@@ -4,7 +4,7 @@ Every rank holds a shard (``DTensor.to_local()``, possibly uneven or empty) of e
 full tensors are built from per-shard pieces that combine exactly: squared norms, NaN/Inf counts, finite sums,
 finite sums of squares, finite element counts and bin counts add across ranks; finite ``max`` and ``-min`` take
 the maximum. Histograms bin each local shard against the GLOBAL range (known after the MAX collective) with
-:func:`~lightning_monitor._grad_bins.bin_counts`, numpy's rule, so the summed counts equal the counts of the full
+:func:`~lightning_monitor._grad.bins.bin_counts`, numpy's rule, so the summed counts equal the counts of the full
 tensor, element for element (``max_elements=None``).
 
 Collectives: :func:`global_stats` makes :data:`COLLECTIVES_PER_EVENT` (2) all-reduces on the default process
@@ -33,10 +33,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
-from lightning_monitor import _dist, _grad_stats
-from lightning_monitor._grad_bins import bin_counts
-from lightning_monitor._grad_norms import fast_norms, squared_norms
-from lightning_monitor._grad_stats import STAT_COLUMNS, HistRange, sample_stride, summarize
+from lightning_monitor._grad import stats as _grad_stats
+from lightning_monitor._grad.bins import bin_counts
+from lightning_monitor._grad.norms import fast_norms, squared_norms
+from lightning_monitor._grad.stats import STAT_COLUMNS, HistRange, sample_stride, summarize
+from lightning_monitor._monitor import dist as _dist
 
 COLLECTIVES_PER_EVENT = 2  # one packed MAX, one packed SUM: the all-reduces of one global_stats call
 
@@ -243,7 +244,7 @@ def global_stats(
     tensors (counted from rank 0); ``grad_hist``/``param_hist`` index the tensors to histogram; ``extra_max``
     are device tensors (e.g. per-rank step counts) reduced by maximum in the same MAX collective.
 
-    Histogram rows follow :func:`~lightning_monitor._grad_stats.summarize`: ``[min, max, sum, sum_squares, num, lo,
+    Histogram rows follow :func:`~lightning_monitor._grad.stats.summarize`: ``[min, max, sum, sum_squares, num, lo,
     hi, counts...]`` over the finite elements (a row of NaN when there are none; weights holding NaN/Inf get a NaN
     row); ``hist_range`` as in ``GradientMonitor``. With ``max_elements`` each rank bins at most that many elements
     of its shard (a prime stride), scaled to the shard's element count; ``None`` gives exact counts.

@@ -9,8 +9,7 @@ from typing import Any, Optional
 
 from lightning.pytorch.loggers import WandbLogger
 
-from lightning_monitor import _run_state, _wandb_run
-from lightning_monitor._compat import (
+from lightning_monitor._core.compat import (
     add_prefix,
     file_writer,
     flatten_dict,
@@ -18,9 +17,11 @@ from lightning_monitor._compat import (
     run_is_finished,
     sanitize_params,
 )
-from lightning_monitor._run import Run
-from lightning_monitor._run_guard import RunGuard
-from lightning_monitor._writers import TensorBoardWriter, WandbWriter, _call, _numbers, deliver, os_error
+from lightning_monitor._run import state as _run_state
+from lightning_monitor._run import wandb_start as _wandb_run
+from lightning_monitor._run.guard import RunGuard
+from lightning_monitor._run.run import Run
+from lightning_monitor._writers.backends import TensorBoardWriter, WandbWriter, _call, _numbers, deliver, os_error
 
 
 class RunTensorBoard(TensorBoardWriter):
@@ -218,7 +219,7 @@ class RunWandb(WandbWriter):
             self._close(0 if status == "success" else 1, status)
 
     def _close(self, exit_code: int, status: Optional[str]) -> None:
-        """Finish the run (bounded: :func:`~lightning_monitor._wandb_run.finish`); a later fit/test resumes it
+        """Finish the run (bounded: :func:`~lightning_monitor._run.wandb_start.finish`); a later fit/test resumes it
         with the same id. ``status``: Lightning's finalize of the WandbLogger first (its checkpoint upload)."""
         assert self.wb is not None
         wandb_logger, self.wb = self.wb, None

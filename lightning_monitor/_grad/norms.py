@@ -11,8 +11,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lightning_monitor._compat import foreach_norm
-from lightning_monitor._lru import Lru
+from lightning_monitor._core.compat import foreach_norm
+from lightning_monitor._core.lru import Lru
 
 _NORM_ROW = 64  # CPU norms: float32 over rows of this many elements, combined in float64
 _NORM_SMALL = 256  # CPU norms: tensors up to this size are normed whole, in one _foreach_norm

@@ -13,8 +13,8 @@ from typing import Any, Optional, Union
 
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_monitor._run_state import StepLedger
-from lightning_monitor._validate import slug
+from lightning_monitor._run.options import slug
+from lightning_monitor._run.state import StepLedger
 
 
 class Run:

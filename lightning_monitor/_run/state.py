@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Optional
 
-from lightning_monitor._compat import experiment_if_made
+from lightning_monitor._core.compat import experiment_if_made
 
 #: file beside the run that says which wandb ``_step`` holds which trainer step
 LEDGER_NAME = "logged-steps.tsv"

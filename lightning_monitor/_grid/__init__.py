@@ -1,0 +1,1 @@
+"""PredictionGridMonitor's sample reading and drawing."""

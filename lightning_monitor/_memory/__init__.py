@@ -1,0 +1,1 @@
+"""MemoryMonitor's sources: CUDA allocator statistics, NVML, host memory of the process and its workers."""

@@ -1,0 +1,1 @@
+"""SpeedMonitor's window sums and FLOP counting."""

@@ -1,0 +1,1 @@
+"""RunSummary's numbers and their renderings (terminal table, Markdown card)."""
