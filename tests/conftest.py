@@ -16,6 +16,40 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_process_state(monkeypatch):
+    """Each test starts from the state a fresh process has, whatever ran before it (the suite runs in a random
+    order, pytest-randomly): the package's once-per-process memories are empty, its clock is real, torch's global
+    generator is seeded the same way for every test, and Lightning's seed variables are unset.
+
+    - ``_writers.media._downscaled``: keys already warned about as downscaled (a later test logging the same key
+      would get no warning);
+    - ``_run.wandb_start._announced``: run ids already announced as offline;
+    - ``_writers.backends._seconds_writing``: host seconds spent writing, summed over the process;
+    - ``_core.clock``: a test that set a fake clock and failed before restoring it;
+    - ``torch``'s default generator: a model built with ``torch.randn`` / default init gets the same weights
+      whichever tests ran first (pytest-randomly reseeds ``random`` and numpy, not torch);
+    - ``PL_GLOBAL_SEED`` / ``PL_SEED_WORKERS``: set by ``seed_everything`` and read by Lightning in later
+      processes (``ddp_spawn`` workers, DataLoader workers).
+    """
+    import torch
+
+    from lightning_monitor._core import clock as _clock
+    from lightning_monitor._run import wandb_start as _wandb_start
+    from lightning_monitor._writers import backends as _backends
+    from lightning_monitor._writers import media as _media
+
+    monkeypatch.setattr(_media, "_downscaled", set())
+    monkeypatch.setattr(_wandb_start, "_announced", set())
+    monkeypatch.setattr(_backends, "_seconds_writing", 0.0)
+    for var in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        monkeypatch.delenv(var, raising=False)
+    _clock.reset()
+    torch.manual_seed(0)
+    yield
+    _clock.reset()
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -37,3 +71,28 @@ SPAWN_ABORT_RERUN = pytest.mark.flaky(reruns=2, only_rerun=["ProcessExitedExcept
 #: with torch's message and its exit code is -6 although every rank finished. Any test whose failure message holds
 #: that message (the tests put the job's output in their assertion messages) is re-run, up to twice.
 TORCH_EXIT_ABORT_RERUN = pytest.mark.flaky(reruns=2, only_rerun=["terminate called without an active exception"])
+
+
+
+def _seed_line(config):
+    """pytest-randomly's seed and how to replay the order, or ``None`` when the suite runs in file order."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if not config.pluginmanager.hasplugin("randomly") or seed is None:
+        return None
+    return f"Using --randomly-seed={seed} (`python -m pytest -q --randomly-seed={seed}` replays this order)"
+
+
+def pytest_collection_finish(session):
+    """Under ``-q`` pytest hides its header, pytest-randomly's seed line with it: print the seed before the first
+    test anyway (a CI job killed by its timeout still shows it) and again in the summary."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    line = _seed_line(session.config)
+    if reporter is not None and line is not None and session.config.option.verbose < 0:
+        reporter.write_line(line)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The seed again, last, so that a failure that depends on the order can be replayed."""
+    line = _seed_line(config)
+    if line is not None:
+        terminalreporter.write_line(line)
