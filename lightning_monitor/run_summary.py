@@ -3,8 +3,11 @@ TensorBoard, wandb)."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import multiprocessing
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -30,11 +33,18 @@ class RunSummary(Callback, Backend):
     """One compact table at the end of ``fit``: speed, memory peaks, gradient health, accuracy, monitoring cost.
 
     At the end of ``fit``, and also when it ends with Ctrl-C (``interrupted``) or an exception (``failed``), global
-    rank 0 prints the table once (after the progress bar; drawn with ``rich`` when it is installed, plain text
-    otherwise) and writes the same values, with units, to ``summary.json`` in the run directory
-    (``logger.log_dir``), to wandb's run summary (so the runs table can show and sort by them) and to TensorBoard
-    (scalars at the last step, registered as HParams metrics by :class:`~lightning_monitor.MultiLogger` so runs
-    can be compared, and a text card). Other loggers get the numbers through ``log_metrics``.
+    rank 0 writes the values, with units, to ``summary.json`` in the run directory (``logger.log_dir``), to
+    wandb's run summary (so the runs table can show and sort by them) and to TensorBoard (the whole table as a
+    text card; as scalars at the last step only the headline numbers, ``summary/wall_sec``,
+    ``summary/samples_per_sec_p50``, ``summary/overhead_share_mean`` and ``summary/accuracy_last``, which
+    :class:`~lightning_monitor.MultiLogger` makes HParams metric columns so runs can be compared). Other loggers
+    get the numbers through ``log_metrics``.
+
+    It prints the table once, last: after a successful ``fit`` it holds the table and prints it when the next stage
+    of the trainer ends (after Lightning's ``test`` results table), before the next ``fit`` starts, or when the
+    program exits, whichever comes first (:meth:`print_now` prints it at once). In a notebook or an interactive
+    session, in a spawned worker (``ddp_spawn``), and when ``fit`` ended badly it prints at once. Drawn with
+    ``rich`` when it is installed, plain text otherwise.
 
     Everything is computed from what the monitors already logged on rank 0 (their scalars are kept per trainer,
     a few numbers per logging step): no work between logging steps, no sync and no collective, also under DDP,
@@ -109,6 +119,8 @@ class RunSummary(Callback, Backend):
         self._began: Optional[float] = None
         self._open = False  # a fit is running and has no summary yet
         self._recorder: Optional[Recorder] = None  # the monitors' scalars of this fit (rank 0): a writer like any
+        self._held: Optional[str] = None  # the table of the last fit, printed after what follows it (see class doc)
+        self._held_for: Any = None  # the terminal stream it was made for (printed at exit only if still stdout)
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -118,6 +130,7 @@ class RunSummary(Callback, Backend):
             )
         if stage != "fit":
             return
+        self.print_now()  # the previous fit's table, before this fit's output
         self._began, self._open = _clock.now(), True
         self._recorder = Recorder(_summary.records)
 
@@ -130,6 +143,29 @@ class RunSummary(Callback, Backend):
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # before the loggers' finalize: MultiLogger then registers the values as HParams metrics
         self._finish(trainer, "success", bar_open=False)
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            self.print_now()  # a stage after fit (test, validate, predict) ended: its results table is above
+
+    def print_now(self) -> None:
+        """Print the table held since the end of the last ``fit`` now, if it has not been printed yet."""
+        text, self._held, self._held_for = self._held, None, None
+        if self in _held_tables:
+            _held_tables.remove(self)
+        if text is not None:
+            print(text, flush=True)
+
+    def print_at_exit(self) -> None:
+        """The held table at interpreter exit: printed if the stream it was made for is still the program's stdout
+        (under pytest's capture it is gone, and nobody would read it), else dropped."""
+        if self._held_for is not sys.stdout:
+            self._held = None
+        try:
+            self.print_now()
+        except (OSError, ValueError):  # stdout closed: nobody reads it any more
+            pass
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
@@ -162,7 +198,12 @@ class RunSummary(Callback, Backend):
             bar = trainer.progress_bar_callback
             if bar_open and bar is not None and getattr(bar, "is_enabled", True):
                 text = "\n" + text  # a bar interrupted mid-line: start below it
-            print(text, flush=True)
+            self.print_now()
+            self._held, self._held_for = text, _terminal_stream()
+            if status == "success" and not _prints_at_once():
+                _hold(self)  # printed after what follows (a test's results table), or at exit
+            else:
+                self.print_now()
 
     def _write_json(self, trainer: "pl.Trainer", values: Mapping[str, Any]) -> Optional[str]:
         if self.filename is None:
@@ -190,3 +231,42 @@ def run_dir(trainer: "pl.Trainer") -> str:
             if found:
                 return str(found)
     return str(trainer.default_root_dir)
+
+
+# ------------------------------------------------------------------------------------------------ the held table
+
+_held_tables: list[RunSummary] = []  # tables still to print at exit, in the order their fits ended
+_exit_hook = False  # our atexit function is registered
+
+
+def _hold(summary: RunSummary) -> None:
+    global _exit_hook
+    _held_tables.append(summary)
+    if not _exit_hook:
+        _exit_hook = True
+        atexit.register(_print_held_at_exit)
+
+
+def _terminal_stream() -> Any:
+    """``sys.stdout``, or the stream behind it while a ``rich`` live display (Lightning's progress bar) redirects
+    it (rich's ``FileProxy.rich_proxied_file``, public)."""
+    return getattr(sys.stdout, "rich_proxied_file", sys.stdout)
+
+
+def _print_held_at_exit() -> None:
+    """At interpreter exit: the tables nothing printed yet (a ``fit`` with no later stage), each only if the stream
+    it was made for is still the program's stdout (under pytest's capture it is gone: nobody would read it)."""
+    for summary in list(_held_tables):
+        summary.print_at_exit()
+
+
+def _prints_at_once() -> bool:
+    """Whether a table is printed at the end of ``fit`` rather than held: an interactive session or a notebook
+    (no reliable exit; the cell's output is where it belongs), or a spawned worker process (``ddp_spawn``), which
+    exits without running ``atexit`` functions."""
+    if hasattr(sys, "ps1") or sys.flags.interactive:
+        return True
+    ipython = sys.modules.get("IPython")
+    if ipython is not None and getattr(ipython, "get_ipython", lambda: None)() is not None:
+        return True
+    return multiprocessing.parent_process() is not None

@@ -79,7 +79,11 @@ def _expected(series: dict[str, list[tuple[int, Any]]]) -> dict[str, Any]:
     top = max(range(len(norms)), key=lambda i: (norms[i][1], -i))
     step = norms[top][0]
     groups = {k.split("/", 2)[2]: dict(v)[step] for k, v in series.items() if k.startswith("grad/norm/")}
+    # GradientMonitor logs its NaN/Inf counts only once there was one (an always-zero chart says nothing)
+    nonfinite = {"summary/grad_nonfinite_steps": sum(vals("grad/nonfinite_steps"))} if (
+        "grad/nonfinite_steps" in series) else {}
     return {
+        **nonfinite,
         "summary/samples_per_sec_p50": np.percentile(vals("throughput/samples_per_sec"), 50),
         "summary/samples_per_sec_p10": np.percentile(vals("throughput/samples_per_sec"), 10),
         "summary/step_sec_p50": np.percentile(vals("time/step_sec"), 50),
@@ -88,7 +92,6 @@ def _expected(series: dict[str, list[tuple[int, Any]]]) -> dict[str, Any]:
         "summary/mfu_p50": np.percentile(vals("throughput/mfu"), 50),
         "summary/host_rss_gib_max": max(vals("memory/host/rss_gib")),
         "summary/host_rss_gib_max_rank": 0,
-        "summary/grad_nonfinite_steps": sum(vals("grad/nonfinite_steps")),
         "summary/grad_norm_max": norms[top][1],
         "summary/grad_norm_max_step": step,
         "summary/grad_norm_max_group": max(groups, key=groups.get),
@@ -122,10 +125,13 @@ def test_summary_equals_aggregates_of_what_tensorboard_and_wandb_hold(capsys):
     history = {key: run.series(key) for key in {k for row in run.history for k in row}}
     assert _expected(history) == {k: written[k] for k in _expected(history)}  # wandb: float64, exactly
 
-    # TensorBoard: every number as a scalar at the last step, the text card, and HParams metric columns
-    numbers = {k: v for k, v in written.items() if not isinstance(v, str)}
+    # TensorBoard: the headline numbers as scalars at the last step (and HParams metric columns), the whole table
+    # as the text card; the other numbers are no one-dot charts (they are in the card, the file and wandb)
+    numbers = {k: v for k, v in written.items() if not isinstance(v, str) and k in _summary.HEADLINE}
+    assert set(numbers) == set(_summary.HEADLINE)  # all four measured in this run
     for key, value in numbers.items():
         assert tb[key] == [(8, pytest.approx(value, rel=1e-6))], key
+    assert {k for k in tb if k.startswith("summary/")} == set(numbers)
     acc = tb_accumulator(logger.log_dir)
     card = acc.Tensors("summary/table/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "Run summary (success)" in card and "| samples/s | p50 " in card
@@ -139,6 +145,9 @@ def test_summary_equals_aggregates_of_what_tensorboard_and_wandb_hold(capsys):
     assert {k: v for k, v in run.summary.items() if k.startswith("summary/")} == written
     assert not any(k.startswith("summary/") for row in run.history for k in row)
 
+    assert "Run summary (" not in capsys.readouterr().out  # held: printed after what follows the fit
+    summary.print_now()
+    summary.print_now()  # once
     out = capsys.readouterr().out
     assert out.count("Run summary (") == 1
     assert f"written to {os.path.join(logger.log_dir, 'summary.json')}" in out
@@ -282,8 +291,10 @@ def test_rich_table_when_rich_is_installed(capsys):
     summary = RunSummary()
     trainer = make_trainer(".", logger=CSVLogger("csv"), callbacks=[SpeedMonitor(), summary], max_steps=4)
     trainer.fit(TinyImageModel(), image_loader(64))
+    trainer.validate(TinyImageModel(), image_loader(32))  # a later stage: the table comes after its results
     out = capsys.readouterr().out
     assert out.count("Run summary (success)") == 1 and "│ samples/s" in out
+    assert out.index("Run summary (success)") > out.index("val/loss")
 
 
 def test_options_are_checked(monkeypatch):

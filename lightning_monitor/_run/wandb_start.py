@@ -243,11 +243,18 @@ def start(init: dict[str, Any], mode: str, reason: str, attempts: int = 2) -> Op
 
     require = bool(init.pop(REQUIRE_ONLINE, False))
     settings = init.pop("settings", None)
+    silenced = False  # we turned wandb's own terminal lines off: our one line says where the run is
     if settings is None or isinstance(settings, dict):
+        silenced = not {"silent", "quiet"} & set(settings or {}) and not {"WANDB_SILENT", "WANDB_QUIET"} & set(
+            os.environ)
         settings = {
             "init_timeout": ONLINE_INIT_TIMEOUT_SEC if mode in SERVER_MODES else INIT_TIMEOUT_SEC,
             # wandb writes the run file every 15 s by default: what a killed job logged in its last 15 s was lost.
             "x_transaction_log_flush_interval": TRANSACTION_LOG_FLUSH_SEC,
+            # wandb's banners, its "Run history / Run summary" blocks and its per-folder `wandb sync` footer (54 of
+            # the smoke run's 108 terminal lines): our one line per run below says what matters. A user who sets
+            # `silent` or `quiet` (settings, WANDB_SILENT, WANDB_QUIET) keeps their choice.
+            **({"silent": True} if silenced else {}),
             **(settings or {}),
         }
     if mode == "offline":
@@ -293,6 +300,11 @@ def start(init: dict[str, Any], mode: str, reason: str, attempts: int = 2) -> Op
             rank_zero_warn(message)
         else:
             rank_zero_info(message)
+    elif silenced and mode in SERVER_MODES and run.id not in _announced:  # wandb's own link is silenced: ours
+        _announced.add(run.id)
+        url = getattr(run, "url", None)
+        if url:
+            rank_zero_info(f"wandb is logging online: {url}")
     return run
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Optional
 
 from lightning.pytorch.loggers import WandbLogger
@@ -17,6 +17,7 @@ from lightning_monitor._core.compat import (
     run_is_finished,
     sanitize_params,
 )
+from lightning_monitor._run import hparams as _hparams
 from lightning_monitor._run import state as _run_state
 from lightning_monitor._run import wandb_start as _wandb_run
 from lightning_monitor._run.guard import RunGuard
@@ -32,9 +33,12 @@ class RunTensorBoard(TensorBoardWriter):
     ``on``: TensorBoard is one of the run's backends (the writer exists either way: its logger owns the run
     directory); ``hp_metric``: Lightning's placeholder ``hp_metric`` scalar is wanted (``default_hp_metric``)."""
 
-    def __init__(self, run: Run, guard: RunGuard, on: bool, hp_metric: bool) -> None:
+    def __init__(self, run: Run, guard: RunGuard, on: bool, hp_metric: bool,
+                 summary_scalars: Collection[str] = ()) -> None:
         super().__init__(run.tb)
         self.run, self.guard, self.on, self.hp_metric = run, guard, on, hp_metric
+        #: the end-of-run summary numbers written as scalars (and HParams columns); the others go to the text card
+        self.summary_scalars = frozenset(summary_scalars)
         self.started = False  # the SummaryWriter is made and its header written
         self.purge_pending = False
         self.last_step = 0
@@ -106,8 +110,13 @@ class RunTensorBoard(TensorBoardWriter):
         self.failed = True
 
     def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]]) -> None:
-        super().summary(values, step, card)
-        self.eval_metrics.update(_numbers(values))  # HParams metric columns too, written at finalize
+        """The whole summary as the text card; as scalars (one point each, at ``step``) only its headline numbers
+        (``summary_scalars``), which also become HParams metric columns (the tab reads their values from scalar
+        events). The other numbers are in the card, ``summary.json`` and wandb's run summary: a chart of one dot
+        each would say nothing more."""
+        headline = {k: v for k, v in _numbers(values).items() if k in self.summary_scalars}
+        super().summary(headline, step, card)
+        self.eval_metrics.update(headline)  # HParams metric columns too, written at finalize
 
     def note_eval_metrics(self, metrics: Mapping[str, float]) -> None:
         """Validation and test metrics of the model (``self.log``): the HParams metric columns written at the end."""
@@ -116,10 +125,12 @@ class RunTensorBoard(TensorBoardWriter):
     def hparams_session(self, params: Optional[Mapping[str, Any]], status: Optional[str] = None) -> None:
         """TensorBoard's HParams tab without Lightning's placeholder ``hp_metric = -1`` scalar.
 
-        At the start only the session's hyperparameters are written; at the end (``status`` given) the experiment
-        summary naming the metric columns (the validation and test metrics logged: their scalar series hold the
-        values) and the session's end. TensorBoard keeps the first summary of a tag, so the experiment summary is
-        written once, when its metric list is known.
+        At the start only the session's hyperparameters are written (into the segment's event file); at the end
+        of each segment (``status`` given) the experiment summary naming the metric columns (the validation and
+        test metrics logged and the summary's headline numbers: their scalar series hold the values) and the
+        session's end go to the run's own HParams file (:mod:`~lightning_monitor._run.hparams`), replaced with the
+        columns of every segment so far: TensorBoard keeps the first experiment summary it reads in a run, so one
+        written per segment hid a later ``test``'s columns.
         """
         from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
         from torch.utils.tensorboard.summary import hparams
@@ -138,8 +149,8 @@ class RunTensorBoard(TensorBoardWriter):
             data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
             data.session_end_info.status = api_pb2.STATUS_SUCCESS if status == "success" else api_pb2.STATUS_FAILURE
             value.metadata.plugin_data.content = data.SerializeToString()
-        writer.add_summary(experiment)
-        writer.add_summary(session_end)
+        writer.flush()  # the segment's scalars (the columns' values) before the file that names them
+        _hparams.write(self.tb.log_dir, experiment, session_end, self.last_step)
 
     def failure_message(self, err: BaseException, still_logging: Sequence[str]) -> str:
         told = self.guard.run_dir_fault(err)  # run directory deleted or its disk full: what each backend keeps

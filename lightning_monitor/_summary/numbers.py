@@ -27,6 +27,16 @@ SOURCE_PREFIXES = ("grad/norm/", "time/monitor_share/")
 
 Series = Mapping[str, Sequence[tuple[int, float]]]
 
+#: The summary numbers worth a TensorBoard scalar (one point at the last step) and so an HParams metric column
+#: (the tab reads a column's values from scalar events), each with its reason; every other number is in the text
+#: card, ``summary.json`` and wandb's run summary, where a chart of one dot would add nothing.
+HEADLINE: dict[str, str] = {
+    "summary/wall_sec": "what the run cost in time: the first thing to compare runs on",
+    "summary/samples_per_sec_p50": "how fast it trained (the typical window), comparable across step counts",
+    "summary/overhead_share_mean": "what watching it cost: the monitors' share of training time",
+    "summary/accuracy_last": "where it got to on the fixed samples the grid shows",
+}
+
 
 def records(key: str) -> bool:
     """Whether the summary reads the logged ``key``."""
