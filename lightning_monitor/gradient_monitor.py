@@ -48,7 +48,9 @@ class GradientMonitor(Monitor):
     With ``self.model = Wrapper(inner=nn.Sequential(a, b))`` the groups are ``model.inner.0`` and
     ``model.inner.1`` (``group_depth=2``: ``model.inner.0.weight``, ...). A parameter that sits on that level's
     module itself is its own group; a ``group_patterns`` glob claims a parameter first.
-    ``grad/nonfinite/{name}`` appears for a parameter once it has had NaN/Inf and stays (0 when clean again).
+    ``grad/nonfinite/{name}`` appears for a parameter once it has had NaN/Inf and stays (0 when clean again);
+    ``grad/nonfinite_count`` and ``grad/nonfinite_steps`` appear at the first logging step that saw a NaN/Inf and
+    stay, so a clean run has no chart of zeros.
 
     Bounded cost: at most ``max_histograms`` gradient (and weight) histograms and ``max_param_keys`` keys per
     family of per-parameter or per-group scalars per logging step, chosen by ``param_select``; one warning names
@@ -111,9 +113,12 @@ class GradientMonitor(Monitor):
         "grad/norm_param/{name}": "L2 norm of one parameter's gradient (``per_param_norms=True``)",
         "grad/hist/{name}": "histogram of one parameter's gradient (``histograms=True``)",
         "grad/optimizer_norm/{index}": "L2 norm of one optimizer's gradients (several optimizers only)",
-        "grad/optimizer_nonfinite_count/{index}": "NaN/Inf elements in one optimizer's gradients (several only)",
-        "grad/nonfinite_count": "NaN/Inf elements in all gradients at this step",
-        "grad/nonfinite_steps": "optimizer steps since the last logging step with any NaN/Inf",
+        "grad/optimizer_nonfinite_count/{index}": "NaN/Inf elements in one optimizer's gradients (several only;"
+        " from the first logging step that saw a NaN/Inf on)",
+        "grad/nonfinite_count": "NaN/Inf elements in all gradients at this step (from the first logging step that saw"
+        " a NaN/Inf on: no chart of zeros for a clean run)",
+        "grad/nonfinite_steps": "optimizer steps since the last logging step with any NaN/Inf (from the first logging"
+        " step that saw a NaN/Inf on)",
         "grad/nonfinite/{name}": "NaN/Inf elements in one parameter's gradient (offenders only)",
         "param/norm_total": "L2 norm of the stepped weights before the step (``param_norms``)",
         "param/norm/{group}": "L2 norm of one group's stepped weights before the step",
@@ -375,6 +380,9 @@ class GradientMonitor(Monitor):
             self.max_param_keys,
         )
         metrics.update(values)
+        if not self._nonfinite.seen:  # no NaN/Inf in this run yet: no chart of zeros
+            for m in measured:
+                metrics.pop(f"grad/optimizer_nonfinite_count/{m.optimizer}", None)
         if offenders:
             names = ", ".join(sorted(offenders)[: _grad_nonfinite.MAX_NAMED])
             self._warn("nonfinite", (

@@ -19,6 +19,14 @@ from lightning_monitor._memory.sources import GIB
 from lightning_monitor._monitor import dist as _dist
 from lightning_monitor._monitor.base import Monitor
 
+#: host-wide values (the same for every process of one host): logged once per host, never aggregated over the ranks
+#: of one host, and only once they have moved in this fit (a flat line says nothing)
+HOST_WIDE = ("memory/host/available_gib",)
+#: how far (a share of the host's physical memory) the available memory must move from the fit's first reading
+#: before ``memory/host/available_gib`` is logged (from that logging step on)
+AVAILABLE_MOVED_SHARE = 0.01
+_MOVED = "memory/host/available_moved"  # gathered with the values (1: this host's available memory moved), not logged
+
 
 def _has_workers(trainer: "pl.Trainer") -> bool:
     """Whether any training or validation DataLoader of the run starts worker processes (``num_workers > 0``)."""
@@ -53,7 +61,10 @@ class MemoryMonitor(Monitor):
 
     **Across ranks.** Per-rank keys carry the value of global rank 0. With more than one process, every value
     ``memory/{name}`` also gets ``memory/{name}_min``, ``_mean``, ``_max`` over ranks and ``_max_rank`` (the rank
-    holding the max), from one packed all-gather per logging step run on every rank; rank 0 writes. A single
+    holding the max), from one packed all-gather per logging step run on every rank; rank 0 writes. A host-wide
+    value (``memory/host/available_gib``) is the same for every rank of a host: it is aggregated over one rank per
+    host, and only when the run spans several hosts; it is logged once it has moved (1 % of the host's memory)
+    since the fit's first reading. A single
     process logs the per-rank keys only. CUDA keys appear when the trainer's device is a CUDA device; NVML keys
     when ``nvidia-ml-py`` is installed too (otherwise one info line says they are skipped).
 
@@ -89,7 +100,9 @@ class MemoryMonitor(Monitor):
         " process maps; not RSS, which counts pages shared copy-on-write with the main process), summed, read at most"
         " every 10 s; runs with DataLoader workers only",
         "memory/host/worker_processes": "number of live DataLoader worker processes (runs with DataLoader workers)",
-        "memory/host/available_gib": "memory the system can still give to processes",
+        "memory/host/available_gib": "memory the system can still give to processes (host-wide: rank 0's host; logged"
+        " from the first logging step at which it has moved by 1 % of the host's memory since the fit's first"
+        " reading: a flat line says nothing)",
         "memory/cuda/allocated_gib": "memory held by tensors now",
         "memory/cuda/reserved_gib": "memory the caching allocator holds from the device now",
         "memory/cuda/peak_allocated_gib": "peak memory held by tensors since the last logging step",
@@ -136,6 +149,8 @@ class MemoryMonitor(Monitor):
         self._phase_peaks: dict[str, list[int]] = {}
         self._counters = (0, 0)  # (num_alloc_retries, num_ooms) at the last log
         self._nvml_missing = False  # said once; not tried again by later fit/validate/test calls
+        self._available_first: Optional[int] = None  # the fit's first reading of the host's available memory
+        self._available_moved = False  # it has moved by AVAILABLE_MOVED_SHARE since: logged from then on
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -181,6 +196,7 @@ class MemoryMonitor(Monitor):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_train_start(trainer, pl_module)
+        self._available_first, self._available_moved = None, False
         if self._cuda is not None:
             self._phase = None
             self._counters = self._read_counters(self._fold())  # drops what sanity checking and setup peaked at
@@ -262,9 +278,14 @@ class MemoryMonitor(Monitor):
 
     def _log_step(self, trainer: "pl.Trainer", step: int) -> None:
         host = _memory.host_memory()
+        if self._available_first is None:
+            self._available_first = host.available
+        moved = abs(host.available - self._available_first) >= AVAILABLE_MOVED_SHARE * host.total
+        self._available_moved = self._available_moved or moved
         values = {
             "memory/host/rss_gib": host.rss / GIB,
             "memory/host/available_gib": host.available / GIB,
+            _MOVED: float(self._available_moved),
         }
         if _has_workers(trainer):  # without workers these keys can only read 0 (the same set on every rank)
             values["memory/host/workers_uss_gib"] = host.workers_uss / GIB
@@ -303,14 +324,28 @@ class MemoryMonitor(Monitor):
             self._maybe_warn(metrics, step)
 
     def _emit(self, trainer: "pl.Trainer", values: dict[str, float], step: int) -> dict[str, float]:
-        """Logs this rank's values and, with several ranks, their min/mean/max/max_rank; returns what it logged."""
+        """Logs this rank's values and, with several ranks, their min/mean/max/max_rank; returns what it logged.
+
+        Host-wide values (:data:`HOST_WIDE`) are rank 0's, aggregated only over one rank per host when the run spans
+        several hosts, and logged only once the available memory has moved on one of those hosts."""
         metrics = {key: value for key, value in values.items() if not math.isnan(value)}
+        shown = bool(values.get(_MOVED, 0.0))
         if trainer.world_size > 1:
             keys = list(values)
             gathered = _dist.gather_packed(trainer, torch.tensor([values[k] for k in keys], dtype=torch.float64))
             complete = (~np.isnan(gathered).any(axis=0)).tolist()  # a value missing on any rank is skipped
-            cols = [i for i, ok in enumerate(complete) if ok]
-            metrics.update(_dist.rank_stats(gathered[:, cols], [keys[i] for i in cols]))
+            per_rank = [i for i, ok in enumerate(complete) if ok and keys[i] not in HOST_WIDE and keys[i] != _MOVED]
+            metrics.update(_dist.rank_stats(gathered[:, per_rank], [keys[i] for i in per_rank]))
+            host_wide = [i for i, ok in enumerate(complete) if ok and keys[i] in HOST_WIDE]
+            if host_wide and trainer.num_nodes > 1:
+                # one rank per host (Lightning numbers ranks host by host: global rank = node * devices + local)
+                leaders = list(range(0, trainer.world_size, max(1, trainer.world_size // trainer.num_nodes)))
+                shown = bool(gathered[leaders, keys.index(_MOVED)].any())
+                stats = _dist.rank_stats(gathered[np.ix_(leaders, host_wide)], [keys[i] for i in host_wide])
+                metrics.update({k: float(leaders[int(v)]) if k.endswith("_max_rank") else v for k, v in stats.items()})
+        metrics.pop(_MOVED, None)
+        if not shown:
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(HOST_WIDE)}
         self._log_scalars(trainer, metrics, step)
         return metrics
 

@@ -222,6 +222,10 @@ class PredictionGridMonitor(Monitor):
         self._images, self._labels = images.cpu(), labels.cpu()
         self._display = None
 
+    @override
+    def is_off(self) -> bool:
+        return self._off
+
     # ------------------------------------------------------------------ samples
     def _turn_off(self, why: str) -> None:
         """One warning saying why, then nothing more from this monitor in this run (it never ends the run)."""

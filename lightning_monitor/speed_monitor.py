@@ -8,6 +8,7 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -155,6 +156,7 @@ class SpeedMonitor(Monitor):
         self._prev_end: Optional[float] = None
         self._val_start: Optional[float] = None
         self._val_samples = 0
+        self._val_hooks: Optional[list[float]] = None  # hook seconds at the start of a validation run inside fit
         # per-batch state, set at batch start
         self._batch_idx = 0
         self._start = self._wait = 0.0
@@ -267,6 +269,9 @@ class SpeedMonitor(Monitor):
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not trainer.sanity_checking:
             self._val_start, self._val_samples = _clock.now(), 0
+            # inside fit, the monitors' hook time in validation (the prediction grid draws there) is charged to the
+            # training window that contains it: a cost is counted where it is spent
+            self._val_hooks = self._costs()[1] if trainer.state.fn == TrainerFn.FITTING else None
 
     @override
     def on_validation_batch_end(
@@ -290,6 +295,9 @@ class SpeedMonitor(Monitor):
             torch.cuda.synchronize(device)  # sync point: once per validation run
         seconds = _clock.now() - self._val_start
         self._val_start = None
+        if self._val_hooks is not None:
+            self._window.add_outside([b - a for a, b in zip(self._val_hooks, self._costs()[1], strict=True)])
+            self._val_hooks = None
         rows = _dist.gather_packed(trainer, torch.tensor([self._val_samples, seconds])).tolist()
         rate = sum(samples / secs for samples, secs in rows if secs > 0)
         step = self._validation_step(trainer)
@@ -396,5 +404,9 @@ class SpeedMonitor(Monitor):
         flops = self.flops_per_batch is not None or self.measure_flops
         metrics = _speed_window.metrics(gathered, items=self.items_fn is not None, flops=flops, peak=self._peak,
                                         remaining=remaining, cost_keys=self._cost_keys)
+        # no key for a monitor that turned itself off (what it cost before still counts in the total)
+        on = {self._cost_keys[c] for m, c in zip(self._monitors, self._cost_index, strict=True) if not m.is_off()}
+        for key in set(self._cost_keys) - on:
+            metrics.pop(key, None)
         if metrics:  # empty when no rank timed a batch in this window
             self._log_scalars(trainer, metrics, step)

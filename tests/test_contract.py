@@ -39,6 +39,7 @@ from lightning_monitor import (
     SpeedMonitor,
 )
 from lightning_monitor._core.keys import PLACEHOLDER, document_keys, keys_table
+from lightning_monitor._writers.layout import LAYOUT_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("keys_table", REPO / "scripts" / "keys_table.py")
@@ -323,6 +324,9 @@ def _conditional(device: str) -> dict[str, str]:
     reasons = {
         "run/status": "only when a run ends with a status other than success",
         "grad/nonfinite/{name}": "only for parameters whose gradients had NaN/Inf",
+        "grad/nonfinite_count": "from the first logging step that saw a NaN/Inf on (no chart of zeros)",
+        "grad/nonfinite_steps": "from the first logging step that saw a NaN/Inf on (no chart of zeros)",
+        "memory/host/available_gib": "host-wide: once the host's available memory moved by 1 % of its total",
         "memory/gpu/utilization_percent": "CUDA with nvidia-ml-py (NVML) only",
         "memory/gpu/power_watts": "CUDA with nvidia-ml-py (NVML) only",
         "memory/gpu/temperature_celsius": "CUDA with nvidia-ml-py (NVML) only",
@@ -355,7 +359,8 @@ def _tb_keys(log_dir: str) -> set[str]:
     for directory in sorted({os.path.dirname(f) for f in event_files(log_dir)}):
         tags = tb_accumulator(directory).Tags()
         keys |= set(tags["scalars"]) | set(tags["histograms"]) | set(tags["images"])
-        keys |= {t.removesuffix("/text_summary") for t in tags["tensors"] if not t.startswith("_hparams_/")}
+        keys |= {t.removesuffix("/text_summary") for t in tags["tensors"]
+                 if not t.startswith("_hparams_/") and t != LAYOUT_TAG}  # the dashboard's layout is no key
     return keys
 
 

@@ -239,7 +239,7 @@ def test_nonfinite_skip_leaves_weights_and_optimizer_state_untouched(optimizer, 
     for key, value in states[bad_step].items():
         torch.testing.assert_close(value, states[bad_step - 1][key], rtol=0, atol=0)  # momentum / Adam moments, step
     steps = _tb_scalars(_acc(), "grad/nonfinite_steps")
-    assert steps[3] == 1.0 and steps[1] == 0.0
+    assert steps[3] == 1.0 and 1 not in steps  # logged from the first logging step that saw a NaN/Inf on
 
 
 class SyncSnapshot(pl.Callback):
@@ -544,9 +544,10 @@ def test_gan_every_optimizer_at_every_logging_step_on_self_logs_axis(every):
     logged = sorted(_tb_scalars(acc, "gan/d_loss"))  # self.log's steps
     assert logged == [s for s in range(12) if (s + 1) % every == 0]
     for key in ("grad/norm_total", "grad/optimizer_norm/0", "grad/optimizer_norm/1",
-                "grad/optimizer_nonfinite_count/0", "grad/optimizer_nonfinite_count/1",
                 "grad/norm/generator", "grad/norm/discriminator"):
         assert sorted(_tb_scalars(acc, key)) == logged, key
+    # no NaN/Inf in this run: no chart of zeros (the per-optimizer counts appear once one is seen)
+    assert not [t for t in acc.Tags()["scalars"] if "nonfinite" in t]
     for step in logged:
         gen, disc = probe.grads[(step, 0)], probe.grads[(step, 1)]
         expected = {
@@ -555,7 +556,6 @@ def test_gan_every_optimizer_at_every_logging_step_on_self_logs_axis(every):
             "grad/optimizer_norm/1": _norm(disc.values()),
             "grad/norm/generator": _norm(gen.values()),
             "grad/norm/discriminator": _norm(disc.values()),
-            "grad/optimizer_nonfinite_count/0": 0.0,
         }
         for key, value in expected.items():
             assert _tb_scalars(acc, key)[step] == pytest.approx(value, rel=1e-6), (key, step)

@@ -502,6 +502,8 @@ def test_all_four_monitors_finish_a_run_the_grid_cannot_draw(tmp_path, kind):
         for tag in ref_tags:  # at the same steps
             assert [e.step for e in read(tag)] == [e.step for e in read_ref(tag)], tag
     scalars = set(acc.Tags()["scalars"])
+    # no key for a monitor that turned itself off: its share of the time included (the others' stay)
+    assert "time/monitor_share/prediction_grid" not in scalars and "time/monitor_share/gradient" in scalars
     for prefix in ("grad/norm", "memory/host/", "throughput/", "time/"):
         assert any(t.startswith(prefix) for t in scalars), (prefix, sorted(scalars))
     assert any(t.startswith("grad/hist/") for t in acc.Tags()["histograms"])

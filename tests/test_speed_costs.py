@@ -105,6 +105,47 @@ class Probe(Monitor):
         self.clock.now += 0.125
 
 
+class ValidationProbe(Monitor):
+    """A monitor that draws in validation, as PredictionGridMonitor does: 0.5 s on the fake clock at the end of each
+    validation run; ``off_after``: it turns itself off after that many runs."""
+
+    def __init__(self, clock: FakeClock, off_after: Optional[int] = None) -> None:
+        super().__init__(None)
+        self.clock, self.off_after, self.runs = clock, off_after, 0
+
+    @override
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self.is_off():
+            self.clock.now += 0.5
+            self.runs += 1
+
+    @override
+    def is_off(self) -> bool:
+        return self.off_after is not None and self.runs >= self.off_after
+
+
+@pytest.mark.parametrize("off_after", [None, 1])
+def test_a_cost_spent_in_validation_counts_in_the_training_window_that_holds_it(tmp_path, off_after):
+    """Batches of 0.5 s (0.25 s loading, 0.25 s step), a window of 2 batches; a validation run after batch 3 (and
+    7) where ValidationProbe spends 0.5 s: the window after it (step 5) holds that cost, 0.5 / (1.0 + 0.5), the
+    others nothing; rates and step times never see it. A monitor that turned itself off has no key from then on
+    (its cost until then still counts in the total)."""
+    clock = FakeClock()
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tb", version="", default_hp_metric=False)
+    monitor = SpeedMonitor(measure_flops=False)
+    _clock.set_clock(clock)
+    trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor, ValidationProbe(clock, off_after)],
+                           max_steps=8, log_every_n_steps=2, val_check_interval=4)
+    trainer.fit(ClockedModel(clock, train_sec=0.25, val_sec=1.0),
+                train_dataloaders=DataLoader(ClockedData(clock, n=64, per_sample=0.0625), batch_size=4),
+                val_dataloaders=DataLoader(ClockedData(None, n=8), batch_size=4))
+    third = float(np.float32(1 / 3))
+    assert tb_scalars(logger.log_dir, "time/monitor_share") == [(1, 0.0), (3, 0.0), (5, third), (7, 0.0)]
+    other = tb_scalars(logger.log_dir, "time/monitor_share/other")
+    assert other == ([(1, 0.0), (3, 0.0), (5, third), (7, 0.0)] if off_after is None else [(1, 0.0), (3, 0.0)])
+    assert tb_scalars(logger.log_dir, "time/step_sec") == [(s, 0.5) for s in (1, 3, 5, 7)]  # no rate sees it
+
+
 def test_monitor_share_is_the_hook_time_over_the_elapsed_time(tmp_path):
     """Each batch: 0.25 s loading, 0.25 s step, 0.125 s in Probe's hook: 0.125 / 0.625 = 0.2 of the time."""
     clock = FakeClock()
@@ -266,7 +307,10 @@ def test_start_up_messages_never_land_inside_a_progress_bar_line(tmp_path):
     assert proc.returncode == 0, out[-3000:]
     # Lightning draws its bar with rich when rich is installed ("Epoch 0/..."), with tqdm otherwise ("Epoch 0: ...")
     first_bar = min(out.index(m) for m in ("Epoch 0:", "Epoch 0/") if m in out)
-    assert -1 < out.find("wandb: Tracking run") < first_bar, out[:first_bar]
+    # the wandb run starts before the first bar: its banner, or (where the terminal is kept quiet and wandb's banner
+    # is not shown) our one offline line
+    started = max(out.find("wandb: Tracking run"), out.find("wandb is logging offline"))
+    assert -1 < started < first_bar, out[:first_bar]
     assert "SpeedMonitor: " in out and "wandb sync" in out
     for chunk in re.split(r"[\r\n]", out):  # a bar update starts with \r; a message after it is glued to the bar
         for marker in ("wandb:", "SpeedMonitor:", "wandb is logging offline"):

@@ -55,7 +55,7 @@ def test_one_event_per_logging_step_with_checksums_tensorboard_accepts(tmp_path,
     for step, groups in by_step.items():
         scalars, hists = groups  # one event of scalars, then one of histograms
         assert sorted(scalars) == sorted(
-            [f"{lead}grad/norm_total", f"{lead}grad/nonfinite_count", f"{lead}grad/nonfinite_steps"]
+            [f"{lead}grad/norm_total"]  # (no NaN/Inf in this run: no grad/nonfinite_* chart of zeros)
             + [f"{lead}grad/norm/{g}" for g in ("conv", "head")]
             + [f"{lead}grad/norm_param/{n}" for n in ("conv.weight", "conv.bias", "head.weight", "head.bias")]
         ), step

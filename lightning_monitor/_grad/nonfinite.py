@@ -28,6 +28,7 @@ class NonfiniteLedger:
         self._host_steps = 0  # raise/skip: steps with any NaN/Inf
         self.ever_bad: set[str] = set()  # names that had NaN/Inf in this run: their key stays (0 when clean)
         self.capped: set[str] = set()  # names that had NaN/Inf but no key: over the per-parameter key cap
+        self.seen = False  # any NaN/Inf in this run: grad/nonfinite_count and _steps are logged from then on
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_device": {}}  # device tensors stay behind (ddp_spawn pickles callbacks)
@@ -94,7 +95,12 @@ class NonfiniteLedger:
         offenders |= {names[i] for i, v in self._host.items() if v > 0}
         self._host.clear()
         self._host_steps = 0
+        # logged from the first logging step that saw a NaN/Inf on (a chart of zeros for a whole run says nothing;
+        # the values are still on the host at every logging step for whoever needs them)
+        self.seen = self.seen or any_steps > 0 or bool(nonfinite.sum() > 0) or bool(offenders)
         metrics = {"grad/nonfinite_count": float(nonfinite.sum()), "grad/nonfinite_steps": any_steps}
+        if not self.seen:
+            metrics = {}
         fresh = sorted(offenders - self.ever_bad)
         room = len(fresh) if max_keys is None else max(0, max_keys - len(self.ever_bad))
         self.ever_bad |= set(fresh[:room])

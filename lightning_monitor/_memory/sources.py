@@ -63,6 +63,7 @@ class HostMemory(NamedTuple):
     workers_uss: int  # bytes, unique set size summed over live multiprocessing children (DataLoader workers)
     workers: int  # how many of them
     available: int  # bytes, system-wide available memory
+    total: int = 0  # bytes, the system's physical memory
 
 
 _process: Optional[psutil.Process] = None
@@ -99,7 +100,8 @@ def host_memory() -> HostMemory:
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
                 continue  # a worker that exits between the listing and the read
         _workers_read = (pids, time.monotonic(), workers_uss)
-    return HostMemory(_process.memory_info().rss, workers_uss, len(pids), psutil.virtual_memory().available)
+    system = psutil.virtual_memory()
+    return HostMemory(_process.memory_info().rss, workers_uss, len(pids), system.available, system.total)
 
 
 class NvmlSampler:

@@ -104,6 +104,11 @@ class Monitor(Callback):
         changes nothing."""
         return self._hook_seconds
 
+    def is_off(self) -> bool:
+        """Whether this monitor turned itself off for the rest of the run (it then logs nothing, and no key is
+        logged for it, its ``time/monitor_share/{monitor}`` included); reading it changes nothing."""
+        return False
+
     def _needs_logger(self) -> bool:
         """Whether the monitor has nothing to do without a logger (``setup`` then raises)."""
         return True

@@ -10,9 +10,11 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-# columns of the per-rank vector gathered once per logging step; the monitors' hook seconds follow from HOOKS on
-BATCHES, SAMPLES, ITEMS, WALL, WAIT, PRE_SYNC, FLOPS, WRITTEN = range(8)
-HOOKS = 8
+# columns of the per-rank vector gathered once per logging step; the monitors' hook seconds follow from HOOKS on.
+# OUTSIDE: hook seconds spent outside the timed spans but charged to this window (a validation run inside fit: the
+# prediction grid draws there), added to the elapsed time the monitors' share is taken of
+BATCHES, SAMPLES, ITEMS, WALL, WAIT, PRE_SYNC, FLOPS, WRITTEN, OUTSIDE = range(9)
+HOOKS = 9
 
 
 class Window:
@@ -42,6 +44,13 @@ class Window:
         for i, seconds in enumerate(hooks):
             self.sums[HOOKS + i] += seconds
 
+    def add_outside(self, hooks: Sequence[float]) -> None:
+        """Seconds spent in each monitor's hooks outside the timed spans (a validation run inside fit), charged to
+        this window: they count in the monitors' share (and its elapsed time), never in a rate or step time."""
+        for i, seconds in enumerate(hooks):
+            self.sums[HOOKS + i] += seconds
+            self.sums[OUTSIDE] += seconds
+
     def add_items(self, items: Union[int, torch.Tensor]) -> None:
         if isinstance(items, torch.Tensor):  # stays on the device until the logging step
             items = items.detach().to(torch.float64).reshape(())
@@ -67,8 +76,8 @@ def metrics(
     remaining: Optional[float],
     cost_keys: Sequence[str] = (),
 ) -> dict[str, float]:
-    """The logged values from a ``[world_size, 8 + len(cost_keys)]`` array of every rank's :class:`Window` sums (row =
-    global rank).
+    """The logged values from a ``[world_size, HOOKS + len(cost_keys)]`` array of every rank's :class:`Window` sums
+    (row = global rank).
 
     Ranks with no timed batch in the window (warm-up, a FLOPs measurement) are left out of the rates and times;
     ``time/pre_sync_sec_max_rank`` is the global rank of the slowest one. ``remaining`` is the number of training
@@ -85,6 +94,8 @@ def metrics(
         return {}
     rows = gathered[ranks].copy()
     elapsed = rows[:, WALL] + rows[:, WRITTEN]  # real host seconds of each rank's timed spans
+    if cost_keys:
+        elapsed = elapsed + rows[:, OUTSIDE]  # and the hook time charged from outside them (validation in fit)
     # time another rank spent writing is time this one waited for it (at the all-reduce): not training time either
     waited = gathered[:, WRITTEN].max() - rows[:, WRITTEN]
     rows[:, WALL] = np.maximum(rows[:, WALL] - waited, rows[:, WALL] * 1e-3)

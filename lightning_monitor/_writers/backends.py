@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_monitor._core import clock as _clock
 from lightning_monitor._core.compat import add_prefix, file_writer, logger_prefix, tensorboard_installed
 from lightning_monitor._core.warn import WarnOnce
+from lightning_monitor._writers.layout import layout_summary
 from lightning_monitor._writers.media import HistogramData, Images, to_rgb
 from lightning_monitor._writers.tb_crc import use_fast_crc
 
@@ -110,6 +111,7 @@ class TensorBoardWriter(Writer):
     def __init__(self, logger: TensorBoardLogger, name: str = "TensorBoard") -> None:
         super().__init__(logger, name)
         self.tb = logger
+        self.layout_tags: set[str] = set()  # the scalar tags the run's layout names (lightning_monitor._writers.layout)
         use_fast_crc()
 
     def summary_writer(self) -> Any:
@@ -118,6 +120,22 @@ class TensorBoardWriter(Writer):
     def _prefixed(self, values: Mapping[str, Any]) -> Mapping[str, Any]:
         """``values`` under the logger's ``prefix``, as its ``log_metrics`` puts them."""
         return add_prefix(values, logger_prefix(self.tb), self.tb.LOGGER_JOIN_CHAR)
+
+    def note_logger_keys(self, keys: Iterable[str], step: Optional[int]) -> None:
+        """Scalar ``keys`` the logger's own ``log_metrics`` just wrote (it adds its prefix): see
+        :meth:`note_scalar_tags`."""
+        self.note_scalar_tags(self._prefixed(dict.fromkeys(keys)), step)
+
+    def note_scalar_tags(self, tags: Iterable[str], step: Optional[int]) -> None:
+        """Scalar ``tags`` (prefixed) just written at ``step``: when one is new, the run's layout (the Custom Scalars
+        tab) is written again, naming every scalar tag written so far; otherwise nothing (a set comparison)."""
+        fresh = set(tags) - self.layout_tags
+        if not fresh:
+            return
+        self.layout_tags |= fresh
+        lead = f"{logger_prefix(self.tb)}{self.tb.LOGGER_JOIN_CHAR}" if logger_prefix(self.tb) else ""
+        # at the write's step: the plugin shows a run's last layout record, and steps only grow within a run
+        file_writer(self.summary_writer()).add_summary(layout_summary(self.layout_tags, lead), step or 0)
 
     def _one_event(self, values: list[Any], step: Optional[int]) -> None:
         """``values`` (``Summary.Value`` protos) as ONE event at ``step``.
@@ -144,6 +162,7 @@ class TensorBoardWriter(Writer):
             except (TypeError, ValueError):
                 rejected.append(key)
         self._one_event(values, step)  # the numbers are written even when another value is not one
+        self.note_scalar_tags([v.tag for v in values], step)
         if rejected:
             raise ValueError(f"not a number: {', '.join(rejected[:5])}")
 
@@ -341,7 +360,17 @@ class _GuardedCall:
         values = args[0] if args else kwargs.get("metrics", kwargs.get("params", {}))
         keys = list(values) if isinstance(values, Mapping) else [self.method]
         write = partial(_call, self.writer.logger, self.method, *args, **kwargs)
-        deliver(self.writer, write, kwargs.get("step"), keys, self.others, row=self.method == "log_metrics")
+        step = kwargs.get("step", args[1] if len(args) > 1 else None)
+        if isinstance(self.writer, TensorBoardWriter) and self.method == "log_metrics" and isinstance(values, Mapping):
+            # the model's own self.log values belong in the run's layout too (train/loss beside val/loss)
+            numbers = [k for k, v in values.items() if not isinstance(v, Mapping)]
+            write = partial(_then, write, partial(self.writer.note_logger_keys, numbers, step))
+        deliver(self.writer, write, step, keys, self.others, row=self.method == "log_metrics")
+
+
+def _then(first: Callable[[], Any], second: Callable[[], Any]) -> None:
+    first()
+    second()
 
 
 class Backend(abc.ABC):
