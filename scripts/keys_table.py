@@ -1,9 +1,9 @@
-"""Print the README's logged-key table (markdown: class | key | meaning), generated from every public class's
-``LOGGED_KEYS``; with ``--update README.md`` rewrite the block between ``<!-- keys:start -->`` and
-``<!-- keys:end -->`` in place instead.
+"""Print the logged-key table of docs/keys.md (markdown: class | key | meaning), generated from every public class's
+``LOGGED_KEYS``; with ``--update`` rewrite the block between ``<!-- keys:start -->`` and ``<!-- keys:end -->`` of
+docs/keys.md (or of the file named) in place instead.
 
-    python scripts/keys_table.py                    # print the table
-    python scripts/keys_table.py --update README.md # refresh it in the README
+    python scripts/keys_table.py             # print the table
+    python scripts/keys_table.py --update    # refresh it in docs/keys.md
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from pathlib import Path
 import lightning_monitor
 
 START, END = "<!-- keys:start -->", "<!-- keys:end -->"
+#: the page that holds the table
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "keys.md"
 
 
 def markdown_table(classes: Iterable[type]) -> str:
-    """The README key table: ``| class | key | meaning |``, one row per ``LOGGED_KEYS`` entry, in class order."""
+    """The key table: ``| class | key | meaning |``, one row per ``LOGGED_KEYS`` entry, in class order."""
     lines = ["| class | key | meaning |", "|---|---|---|"]
     for cls in classes:
         for key, meaning in getattr(cls, "LOGGED_KEYS", {}).items():
@@ -42,10 +44,12 @@ def update_block(path: Path, start: str, end: str, table_text: str) -> None:
     path.write_text(f"{head}{start}\n{table_text}{end}{tail}", encoding="utf-8")
 
 
-def cli(description: str, make_table: Callable[[], str], start: str, end: str, what: str) -> None:
-    """Print ``make_table()``, or with ``--update README.md`` rewrite that file's ``start``...``end`` block."""
+def cli(description: str, make_table: Callable[[], str], start: str, end: str, what: str, page: Path) -> None:
+    """Print ``make_table()``, or with ``--update [FILE]`` rewrite the ``start``...``end`` block of ``FILE``
+    (``page`` when none is named)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--update", type=Path, metavar="README", help=f"rewrite the {what} block of this file")
+    parser.add_argument("--update", type=Path, nargs="?", const=page, metavar="FILE",
+                        help=f"rewrite the {what} block of FILE (default: {page.relative_to(page.parents[1])})")
     args = parser.parse_args()
     if args.update is not None:
         update_block(args.update, start, end, make_table())
@@ -58,4 +62,4 @@ def update(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    cli(__doc__.splitlines()[0], table, START, END, "key")
+    cli(__doc__.splitlines()[0], table, START, END, "key", PAGE)

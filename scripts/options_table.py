@@ -1,9 +1,10 @@
-"""Print the README's options table (markdown: class | option | default | meaning), generated from every public
-class's ``__init__`` signature and the ``Args:`` section of its docstring; with ``--update README.md`` rewrite the
-block between ``<!-- options:start -->`` and ``<!-- options:end -->`` in place instead.
+"""Print the options table of docs/options.md (markdown: class | option | default | meaning), generated from every
+public class's ``__init__`` signature and the ``Args:`` section of its docstring; with ``--update`` rewrite the
+block between ``<!-- options:start -->`` and ``<!-- options:end -->`` of docs/options.md (or of the file named) in
+place instead.
 
-    python scripts/options_table.py                    # print the table
-    python scripts/options_table.py --update README.md # refresh it in the README
+    python scripts/options_table.py             # print the table
+    python scripts/options_table.py --update    # refresh it in docs/options.md
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from pathlib import Path
 import lightning_monitor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from keys_table import cli, update_block  # noqa: E402  (the README block writer shared by both tables)
+from keys_table import cli, update_block  # noqa: E402  (the block writer shared by both tables)
 
 START, END = "<!-- options:start -->", "<!-- options:end -->"
+#: the page that holds the table
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "options.md"
 _ENTRY = re.compile(r"^(\*{0,2}\w+)\s*(\([^)]*\))?:\s*(.*)$")
 
 
@@ -67,7 +70,7 @@ def options(cls: type) -> list[tuple[str, str, str]]:
 
 
 def markdown_table(classes: Iterable[type]) -> str:
-    """The README options table: ``| class | option | default | meaning |``, one row per ``__init__`` option."""
+    """The options table: ``| class | option | default | meaning |``, one row per ``__init__`` option."""
     lines = ["| class | option | default | meaning |", "|---|---|---|---|"]
     for cls in classes:
         for name, default, meaning in options(cls):
@@ -85,4 +88,4 @@ def update(path: Path) -> None:
 
 
 if __name__ == "__main__":
-    cli(__doc__.splitlines()[0], table, START, END, "options")
+    cli(__doc__.splitlines()[0], table, START, END, "options", PAGE)
