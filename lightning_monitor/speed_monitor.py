@@ -57,7 +57,9 @@ class SpeedMonitor(Monitor):
     **The library's own cost.** Every hook of every monitor is timed on the host (two ``perf_counter`` reads a
     call; :class:`~lightning_monitor._monitor.base.Monitor`); ``time/monitor_share`` is the share of the window's real
     elapsed time (logger writes included) spent inside them, with one key per monitor when the trainer has more
-    than one.
+    than one (none for a monitor that turned itself off). A cost is counted where it is spent: the monitors' hook
+    time in a validation run inside ``fit`` (PredictionGridMonitor draws there) is charged to the training window
+    that holds it, in its share and its elapsed time, never in a rate or step time.
 
     FLOPs: unless ``flops_per_batch`` is given, the first training batch of every new batch shape runs under
     ``torch.utils.flop_counter.FlopCounterMode`` (forward + backward of the real step; nothing run twice, so no
@@ -101,12 +103,14 @@ class SpeedMonitor(Monitor):
         "throughput/items_per_sec": "items (tokens, pixels: ``items_fn``) per second, summed over ranks",
         "throughput/flops_per_sec": "model FLOPs per second (forward + backward), summed over ranks",
         "throughput/mfu": "model FLOPs utilisation: per-device FLOPs/s over the device's dense peak",
-        "throughput/val_samples_per_sec": "validation samples per second, summed over ranks",
+        "throughput/val_samples_per_sec": "validation samples per second, summed over ranks, once per validation run"
+        " (on the layout's throughput chart beside the training rate)",
         "time/monitor_share": "share of the window's elapsed host time spent inside lightning-monitor's hooks (all"
-        " monitors, their logger writes included; DDP: the rank where it is largest)",
+        " monitors, their logger writes included, and their hooks in a validation run inside fit, charged to the"
+        " window that holds it; DDP: the rank where it is largest)",
         MONITOR_SHARE: "the part of ``time/monitor_share`` spent in one monitor's hooks (with more than one monitor),"
         " named after its class less ``Monitor``: ``gradient``, ``memory``, ``speed``, ``prediction_grid``; ``other``"
-        " for a Monitor subclass of your own",
+        " for a Monitor subclass of your own; none for a monitor that turned itself off",
         "time/step_sec": "mean wall time per training batch in the window (data wait included, logger writes left"
         " out)",
         "time/data_wait_share": "share of the window's wall time spent between batches waiting for the next one",
