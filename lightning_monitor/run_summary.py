@@ -87,7 +87,7 @@ class RunSummary(Callback, Backend):
         "summary/host_rss_gib_max": "largest ``memory/host/rss_gib`` logged over the run and every rank",
         "summary/host_rss_gib_max_rank": "the global rank that held it",
         "summary/grad_nonfinite_steps": "optimizer steps with NaN/Inf gradients up to the last logging step"
-        " (sum of ``grad/nonfinite_steps``)",
+        " (sum of ``grad/nonfinite_steps``; 0 when GradientMonitor ran and never logged it)",
         "summary/grad_norm_max": "largest ``grad/norm_total`` logged",
         "summary/grad_norm_max_step": "the step it was logged at",
         "summary/grad_norm_max_group": "text: the module group with the largest ``grad/norm/{group}`` at that step",
@@ -133,6 +133,11 @@ class RunSummary(Callback, Backend):
         self.print_now()  # the previous fit's table, before this fit's output
         self._began, self._open = _clock.now(), True
         self._recorder = Recorder(_summary.records)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_held"] = state["_held_for"] = None  # a copy (ddp_spawn, a checkpoint) has no table to print
+        return state
 
     @override
     def monitor_writers(self) -> list[Writer]:

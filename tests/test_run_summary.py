@@ -80,10 +80,9 @@ def _expected(series: dict[str, list[tuple[int, Any]]]) -> dict[str, Any]:
     step = norms[top][0]
     groups = {k.split("/", 2)[2]: dict(v)[step] for k, v in series.items() if k.startswith("grad/norm/")}
     # GradientMonitor logs its NaN/Inf counts only once there was one (an always-zero chart says nothing)
-    nonfinite = {"summary/grad_nonfinite_steps": sum(vals("grad/nonfinite_steps"))} if (
-        "grad/nonfinite_steps" in series) else {}
+    nonfinite = sum(vals("grad/nonfinite_steps")) if "grad/nonfinite_steps" in series else 0
     return {
-        **nonfinite,
+        "summary/grad_nonfinite_steps": nonfinite,
         "summary/samples_per_sec_p50": np.percentile(vals("throughput/samples_per_sec"), 50),
         "summary/samples_per_sec_p10": np.percentile(vals("throughput/samples_per_sec"), 10),
         "summary/step_sec_p50": np.percentile(vals("time/step_sec"), 50),

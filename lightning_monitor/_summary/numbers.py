@@ -70,7 +70,8 @@ def compute(series: Series, *, status: str, wall_sec: Optional[float], steps: in
         if peak is not None:
             name = key.removeprefix("memory/").replace("/", "_")
             out[f"summary/{name}_max"], out[f"summary/{name}_max_rank"] = peak
-    if "grad/nonfinite_steps" in series:
+    if "grad/nonfinite_steps" in series or "grad/norm_total" in series:
+        # GradientMonitor always checks, and logs the count only from the first logging step that saw a NaN/Inf
         out["summary/grad_nonfinite_steps"] = int(sum(values("grad/nonfinite_steps")))
     if norms := series.get("grad/norm_total"):
         step, value = max(norms, key=lambda sv: sv[1])  # the first step of the largest
