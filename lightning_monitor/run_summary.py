@@ -52,7 +52,8 @@ class RunSummary(Callback, Backend):
     logging windows (one value of ``throughput/samples_per_sec`` or ``time/step_sec`` per logging step), not over
     single steps. A row appears only when the monitor it comes from ran and logged; its keys are left out.
 
-    Logged keys:
+    Logged keys (every one in ``summary.json``, wandb's run summary and the text card; the *headline* ones also as
+    TensorBoard scalars and HParams metric columns):
 
     {logged_keys}
 
@@ -73,9 +74,10 @@ class RunSummary(Callback, Backend):
 
     LOGGED_KEYS: dict[str, str] = {
         "summary/status": "text: how fit ended, ``success``, ``interrupted`` (Ctrl-C, SIGTERM) or ``failed``",
-        "summary/wall_sec": "wall time of ``fit`` on global rank 0, from ``setup`` to its end",
+        "summary/wall_sec": "wall time of ``fit`` on global rank 0, from ``setup`` to its end (headline)",
         "summary/steps": "optimizer steps taken (``trainer.global_step`` at the end)",
-        "summary/samples_per_sec_p50": "median of ``throughput/samples_per_sec`` over the logging windows",
+        "summary/samples_per_sec_p50": "median of ``throughput/samples_per_sec`` over the logging windows"
+        " (headline)",
         "summary/samples_per_sec_p10": "10th percentile of ``throughput/samples_per_sec`` (the slow windows)",
         "summary/step_sec_p50": "median of ``time/step_sec`` over the logging windows",
         "summary/step_sec_p95": "95th percentile of ``time/step_sec`` (the slow windows)",
@@ -92,9 +94,9 @@ class RunSummary(Callback, Backend):
         "summary/grad_norm_max_step": "the step it was logged at",
         "summary/grad_norm_max_group": "text: the module group with the largest ``grad/norm/{group}`` at that step",
         "summary/accuracy_first": "first ``predictions/accuracy`` on the fixed samples",
-        "summary/accuracy_last": "last ``predictions/accuracy`` on the fixed samples",
+        "summary/accuracy_last": "last ``predictions/accuracy`` on the fixed samples (headline)",
         "summary/overhead_share_mean": "mean of ``time/monitor_share`` over the logging windows: the monitors'"
-        " own share of training time",
+        " own share of training time (headline)",
         "summary/overhead_share_mean/{name}": "the part of it spent in one monitor (``time/monitor_share/{name}``)",
         "summary/table": "text: the table (a TensorBoard text card)",
     }
