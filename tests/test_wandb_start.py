@@ -15,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+from typing import Any
 
 import pytest
 from wandb_reader import find_runs
@@ -246,3 +247,51 @@ def test_resume_must_with_unknown_id_offline_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         _wandb_run._check_resume(init)
+
+
+class _FakeRun:
+    id, dir, step, url = "fake-id", "/tmp/fake/wandb/run/files", 0, "https://wandb.example/p/runs/fake-id"
+
+    def define_metric(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _started_settings(monkeypatch: Any, settings: Any, mode: str = "offline") -> Any:
+    """The settings ``wandb_start.start`` hands to ``wandb.init`` (faked: nothing starts)."""
+    import wandb
+
+    seen: dict[str, Any] = {}
+
+    def init(**kwargs: Any) -> _FakeRun:
+        seen.update(kwargs)
+        return _FakeRun()
+
+    monkeypatch.setattr(wandb, "init", init)
+    init_args = {"id": "fake-id", "dir": "/tmp/fake"} | ({"settings": settings} if settings is not None else {})
+    _wandb_run.start(init_args, mode, "")
+    return seen["settings"]
+
+
+def test_wandb_is_silent_unless_the_user_says_otherwise(monkeypatch):
+    """wandb's banners, history blocks and sync footer are ours to replace (one line); a user's own choice stays."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    monkeypatch.delenv("WANDB_QUIET", raising=False)
+    assert _started_settings(monkeypatch, None)["silent"] is True
+    assert _started_settings(monkeypatch, {"silent": False})["silent"] is False
+    assert "silent" not in _started_settings(monkeypatch, {"quiet": True})
+    own = wandb.Settings(silent=False)
+    assert _started_settings(monkeypatch, own) is own
+    monkeypatch.setenv("WANDB_SILENT", "false")
+    assert "silent" not in _started_settings(monkeypatch, None)
+
+
+def test_a_silenced_online_run_says_its_url_once(monkeypatch, caplog):
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    monkeypatch.delenv("WANDB_QUIET", raising=False)
+    with caplog.at_level("INFO"):
+        _started_settings(monkeypatch, None, mode="online")
+        _started_settings(monkeypatch, None, mode="online")  # test() resuming the run: no second line
+    lines = [r.getMessage() for r in caplog.records if "wandb is logging online" in r.getMessage()]
+    assert lines == [f"wandb is logging online: {_FakeRun.url}"]
