@@ -57,12 +57,15 @@ class MultiLogger(Logger, Backend):
     on the ``trainer/global_step`` axis the line steps back to the checkpoint's step and runs on from there.
     ``wandb_rewind=True`` instead cuts the wandb run back to the checkpoint (wandb's rewind, a preview feature).
 
-    Hyperparameters go to TensorBoard's HParams tab and wandb's config without ``_``-prefixed keys; when the run
-    ends, its validation and test metrics become the HParams metric columns. wandb never blocks training: without
-    an API key or network, or with ``WANDB_MODE=offline``, it runs offline, says so once with the ``wandb sync``
-    command to upload later, and never prompts. A backend that rejects a value loses that value (one warning); a
-    backend that breaks is turned off (one warning) while the other keeps every step. The monitors write through
-    its writers.
+    Hyperparameters go to TensorBoard's HParams tab and wandb's config without ``_``-prefixed keys; at the end of
+    every segment (``fit``, a later ``test``, in this process or a later one) the validation and test metrics of
+    every segment so far, and RunSummary's headline numbers, become the HParams metric columns. wandb never blocks
+    training: without an API key or network, or with ``WANDB_MODE=offline``, it runs offline, says so once with
+    the ``wandb sync`` command that uploads every segment of the run, and never prompts. wandb's own terminal
+    lines (banners, history and summary blocks, per-folder sync hints) are off; ``wandb={"settings": {"silent":
+    False}}`` (or ``WANDB_SILENT`` / ``WANDB_QUIET`` set) keeps wandb's choice. A backend that rejects a value
+    loses that value (one warning); a backend that breaks is turned off (one warning) while the other keeps every
+    step. The monitors write through its writers.
 
     Logged keys (only when a run ends badly):
 
