@@ -446,14 +446,14 @@ def test_keys_table_script_prints_the_generated_table():
 
 
 def test_readme_holds_the_generated_key_table():
-    readme = REPO / "README.md"
-    text = readme.read_text(encoding="utf-8") if readme.exists() else ""
+    page = Path(getattr(keys_script, "PAGE", REPO / "README.md"))  # the page the script keeps the table in
+    text = page.read_text(encoding="utf-8") if page.exists() else ""
     start, end = "<!-- keys:start -->", "<!-- keys:end -->"
     if start not in text or end not in text:
-        pytest.skip(f"README.md has no {start} ... {end} block yet; paste `python scripts/keys_table.py` there")
+        pytest.skip(f"{page.name} has no {start} ... {end} block yet; paste `python scripts/keys_table.py` there")
     block = text.split(start, 1)[1].split(end, 1)[0]
     assert block.strip() == markdown_table(CLASSES).strip(), (
-        "README key table is stale: run `python scripts/keys_table.py --update README.md`"
+        f"the key table in {page.name} is stale: run `python scripts/keys_table.py --update`"
     )
 
 
@@ -494,12 +494,13 @@ def test_options_table_parses_google_args():
 
 
 def test_readme_holds_the_generated_options_table():
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+    page = Path(getattr(options_script, "PAGE", REPO / "README.md"))  # the page the script keeps the table in
+    text = page.read_text(encoding="utf-8")
     start, end = options_script.START, options_script.END
-    assert start in text and end in text, f"README.md lacks the {start} ... {end} block under '## Options'"
+    assert start in text and end in text, f"{page.name} lacks the {start} ... {end} block"
     block = text.split(start, 1)[1].split(end, 1)[0]
     assert block.strip() == options_script.table().strip(), (
-        "README.md's options table is stale: run `python scripts/options_table.py --update README.md`")
+        f"{page.name}'s options table is stale: run `python scripts/options_table.py --update`")
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "options_table.py")], capture_output=True,
                          text=True, timeout=120, check=True)
     assert out.stdout == options_script.table()
