@@ -24,6 +24,12 @@ Configurations:
                    log_freq=n)`` (gradient and parameter histograms to wandb only).
 * ``monitors``     (``--self-cost``) the baseline's ``TensorBoardLogger`` + the four monitors with defaults: the
                    end-to-end difference to ``baseline`` is the monitors' cost and nothing else.
+* ``all``          (``--only small10``) the baseline's ``TensorBoardLogger`` + every monitor with its defaults
+                   (the cost budget on: ``cost_budget=0.03``) and a prediction grid asked for at every logging step
+                   (``PredictionGridMonitor(every_n_steps=n)``), on a small fast model (``small``: a 784-128-10
+                   MLP on MNIST-shaped inputs, about 2 ms a step here).
+* ``all, no budget`` the same with ``cost_budget=None`` on GradientMonitor and PredictionGridMonitor: every
+                   histogram, every per-step NaN/Inf check, every grid.
 
 ``--self-cost`` runs ``baseline``, ``monitors``, ``ours`` and ``ours+grid`` and adds a table that sets the library's own
 measurement of its cost beside the measured one: the end-to-end share ``(T - T_baseline) / T`` of each round,
@@ -38,6 +44,7 @@ Run::
                                                # at n=10
     python benchmarks/overhead.py --quick      # smoke check (numbers meaningless)
     python benchmarks/overhead.py --self-cost --only mnist10   # time/monitor_share against the measured overhead
+    python benchmarks/overhead.py --only small10 --rounds 6    # the cost budget on a 2 ms-a-step model
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ from examples.mnist.model import LitNet  # noqa: E402
 CONFIGS = ["baseline", "ours", "ours+grid", "lightning", "add_histogram", "wandb.watch"]
 #: extra configurations, run only when named with --configs: one monitor alone on the baseline's logger
 SINGLE = ["grad", "memory", "speed", "monitors"]
+#: the small model's configurations (--only small10): the cost budget on and off
+BUDGET = ["baseline", "all", "all, no budget"]
 #: time/monitor_share values SpeedMonitor logged in the current fit: (step, value)
 LOGGED_SHARES: list[tuple[int, float]] = []
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -112,6 +121,31 @@ class Transformer(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
 
+class Small(pl.LightningModule):
+    """A small fast classifier: Flatten, Linear(784, 128), ReLU, Linear(128, 10) on 1x28x28 inputs (101,770
+    parameters, 4 tensors), SGD: about 2 ms a step at batch 64 on one CPU thread here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/loss", F.cross_entropy(self(x), y))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
 class Data(pl.LightningDataModule):
     """Synthetic batches shaped like the model's input; enough training batches that no epoch ends in the run."""
 
@@ -119,7 +153,7 @@ class Data(pl.LightningDataModule):
         super().__init__()
         g = torch.Generator().manual_seed(1)
         n = batches * batch_size
-        if model == "mnist":
+        if model in ("mnist", "small"):
             x = (torch.rand(n, 1, 28, 28, generator=g) - MNIST_MEAN) / MNIST_STD
             y = torch.randint(0, 10, (n,), generator=g)
         elif model == "transformer":
@@ -170,6 +204,13 @@ def build(config: str, model_name: str, n: int, root: str) -> tuple[Any, list[pl
             grid_every = n if config == "ours+grid" else None
             callbacks.append(PredictionGridMonitor(every_n_steps=grid_every, mean=[MNIST_MEAN], std=[MNIST_STD]))
         return MultiLogger(save_dir=root, name="ours"), callbacks, nothing
+    if config in ("all", "all, no budget"):
+        from lightning_monitor import GradientMonitor, MemoryMonitor, PredictionGridMonitor, SpeedMonitor
+
+        budget = None if config == "all, no budget" else 0.03
+        callbacks = [GradientMonitor(cost_budget=budget), MemoryMonitor(), SpeedMonitor(),
+                     PredictionGridMonitor(every_n_steps=n, mean=[MNIST_MEAN], std=[MNIST_STD], cost_budget=budget)]
+        return tb(), callbacks, nothing
     if config == "monitors":
         from lightning_monitor import GradientMonitor, MemoryMonitor, PredictionGridMonitor, SpeedMonitor
 
@@ -238,7 +279,7 @@ def run_one(config: str, model_name: str, n: int, warmup: int, steps: int, batch
     import wandb
 
     torch.manual_seed(0)
-    model = {"mnist": LitNet, "mlp": MLP, "transformer": Transformer}[model_name]()
+    model = {"mnist": LitNet, "mlp": MLP, "transformer": Transformer, "small": Small}[model_name]()
     first, last = warmup, warmup + steps
     data = Data(model_name, batches=last + 4, batch_size=batch_size)
     timer = _common.make_step_timer(cpu_at=(first, last))
@@ -308,7 +349,7 @@ def report_self_cost(results: dict[str, list[_common.StepTimes]]) -> str:
     """The monitors' own measurement of their cost beside the measured end-to-end overhead, per configuration."""
     base = results["baseline"]
     rows = []
-    for config in ("monitors", "ours", "ours+grid"):
+    for config in ("monitors", "ours", "ours+grid", "all", "all, no budget"):
         if config not in results:
             continue
         runs = results[config]
@@ -333,7 +374,8 @@ def main() -> None:
     parser.add_argument("--transformer-steps", type=int, default=20,
                         help="timed transformer steps per fit (multiple of 10)")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--only", choices=["mnist50", "mnist10", "mlp10", "transformer10"], action="append",
+    parser.add_argument("--small-steps", type=int, default=300, help="timed small-model steps per fit (multiple of 10)")
+    parser.add_argument("--only", choices=["mnist50", "mnist10", "mlp10", "transformer10", "small10"], action="append",
                         help="run only these comparisons (repeatable)")
     parser.add_argument("--configs", default="",
                         help=f"comma-separated subset of {CONFIGS + SINGLE} (baseline always runs); default: {CONFIGS}")
@@ -345,7 +387,7 @@ def main() -> None:
         args.configs = "baseline,monitors,ours,ours+grid"
     _record_shares()
     if args.quick:
-        args.rounds, args.steps, args.mlp_steps, args.transformer_steps = 1, 50, 10, 10
+        args.rounds, args.steps, args.mlp_steps, args.transformer_steps, args.small_steps = 1, 50, 10, 10, 50
     _common.pin(1)
     suites = [("mnist", 50, args.steps, f"MNIST LitNet (1.2M parameters), batch {args.batch_size}", "mnist50"),
               ("mnist", 10, args.steps, f"MNIST LitNet (1.2M parameters), batch {args.batch_size}", "mnist10"),
@@ -353,16 +395,18 @@ def main() -> None:
                "mlp10"),
               ("transformer", 10, args.transformer_steps,
                "Transformer encoder, 6 layers, d_model 256 (5.3M parameters, 75 tensors), batch"
-               f" {TRANSFORMER_BATCH} x 64 tokens", "transformer10")]
-    suites = [s for s in suites if not args.only or s[4] in args.only]
+               f" {TRANSFORMER_BATCH} x 64 tokens", "transformer10"),
+              ("small", 10, args.small_steps, f"Small MLP 784-128-10 (0.1M parameters), batch {args.batch_size}",
+               "small10")]
+    suites = [s for s in suites if (s[4] in args.only if args.only else s[4] != "small10")]
     print(f"## End-to-end step time\n\n{_common.machine()}\n")
     t_start = time.perf_counter()
     for model_name, n, steps, title, _ in suites:
         if steps % n:
             raise SystemExit(f"--steps must be a multiple of {n}, got {steps}")
         wanted = (["baseline", *[c for c in args.configs.split(",") if c and c != "baseline"]] if args.configs
-                  else CONFIGS)
-        unknown = sorted(set(wanted) - set(CONFIGS + SINGLE))
+                  else BUDGET if model_name == "small" else CONFIGS)
+        unknown = sorted(set(wanted) - set(CONFIGS + SINGLE + BUDGET))
         if unknown:
             raise SystemExit(f"unknown --configs {unknown}; choose from {CONFIGS + SINGLE}")
         configs = [c for c in wanted if model_name == "mnist" or c != "ours+grid"]
@@ -371,7 +415,7 @@ def main() -> None:
             batch = TRANSFORMER_BATCH if model_name == "transformer" else args.batch_size
             results[config].append(run_one(config, model_name, n, max(args.warmup, n), steps, batch))
         print(report(title, n, results))
-        if args.self_cost:
+        if args.self_cost or model_name == "small":
             print(report_self_cost(results))
         print(f"\nload average after: {_common.load_average()}", flush=True)
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")

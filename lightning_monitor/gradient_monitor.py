@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from typing_extensions import override
 
+from lightning_monitor._core import clock as _clock
 from lightning_monitor._core import options as _options
 from lightning_monitor._core.keys import document_keys
 from lightning_monitor._grad import event as _grad_event
@@ -20,6 +21,7 @@ from lightning_monitor._grad import sharded as _grad_sharded
 from lightning_monitor._grad.norms import fast_norms
 from lightning_monitor._monitor import dist as _dist
 from lightning_monitor._monitor.base import Monitor
+from lightning_monitor._monitor.budget import DEFAULT_SHARE
 
 _POLICIES = ("warn", "raise", "skip")
 _EMPTY = np.zeros(0, dtype=np.int64)
@@ -95,6 +97,13 @@ class GradientMonitor(Monitor):
             training in its first steps: keep ``"warn"`` there.
         exclude_keys: globs over the keys this monitor logs, left out of every backend (e.g. ``["grad/hist/*"]``
             drops a whole family, ``["memory/host/available_gib"]`` one key).
+        cost_budget: the share of training time all lightning-monitor monitors together may take (their own hook
+            time, measured, from the end of the first batch); on a fast model this monitor then spaces out its
+            expensive parts to stay within it: histograms at fewer logging steps, and under ``nonfinite="warn"`` the
+            NaN/Inf check at fewer steps between logging steps (``grad/nonfinite_steps`` then counts the steps
+            checked; a NaN that persists is still seen at the next logging step, which always checks). The scalars
+            are never spaced out. Said once when it happens. ``None``: every part at every step, whatever it costs.
+            Under ``ModelParallelStrategy`` the histograms (computed with collectives) are never spaced out.
 
     Raises:
         TypeError: for an argument of the wrong type (``bins=2.5``, ``group_depth=True``), echoing it.
@@ -149,8 +158,9 @@ class GradientMonitor(Monitor):
         param_select: Literal["spread", "first", "largest"] = "spread",
         nonfinite: Literal["warn", "raise", "skip"] = "warn",
         exclude_keys: Optional[Sequence[str]] = None,
+        cost_budget: Optional[float] = DEFAULT_SHARE,
     ) -> None:
-        super().__init__(every_n_steps, exclude_keys)
+        super().__init__(every_n_steps, exclude_keys, cost_budget)
         group_depth = _options.check_count("group_depth", group_depth)
         bins = _options.check_int("bins", bins, low=1, high=512)  # 512: wandb's limit
         max_hist_elements = _options.check_int("max_hist_elements", max_hist_elements, low=1, none_ok=True)
@@ -187,6 +197,12 @@ class GradientMonitor(Monitor):
         self.param_select = param_select
         self.nonfinite = nonfinite
         self._prefix = ""  # module path of the first level with more than one child (see wrapper_prefix)
+        # spaced out by the cost budget on a fast model (cost_budget=None: never): the histograms of a logging step,
+        # and the NaN/Inf check of the steps between logging steps (only under nonfinite="warn", which acts on nothing)
+        self._hist_part = self._part("gradient histograms", 0.5)
+        self._watch_part = self._part("the NaN/Inf checks between logging steps", 0.3)
+        self._hist_now = True  # this logging step logs histograms
+        self._hist_seconds = 0.0  # what this logging step's histograms cost so far
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
@@ -292,11 +308,19 @@ class GradientMonitor(Monitor):
         step = self._batch_step  # self.log's step (_cadence.batch_start_step): batches under manual optimization
         logs = step is not None and self._logs_at(trainer, step)
         self._log_step = step if logs and _dist.works_on_model_here(trainer) else None  # sharded: every rank measures
+        # every rank measures sharded gradients with collectives: each rank's own clock must not decide for them
+        self._hist_now = (self._log_step is None or not (self.histograms or self.param_histograms)
+                          or _dist.model_on_every_rank(trainer) or self._affordable(self._hist_part))
 
     @override
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
     ) -> None:
+        watch_only = self._log_step is None and self.nonfinite == "warn"
+        if watch_only and not _dist.works_on_model_here(trainer):
+            return  # under DDP only rank 0 reads the NaN/Inf counts (every rank holds the same reduced gradients)
+        if watch_only and not self._affordable(self._watch_part):
+            return  # spaced out by the cost budget: grad/nonfinite_steps counts the steps checked
         number, index = self._index(trainer, pl_module, optimizer)
         present = [i for i in index.tolist() if self._params[i].grad is not None]
         if not present:
@@ -304,8 +328,10 @@ class GradientMonitor(Monitor):
         grads = [g for g in (self._params[i].grad for i in present) if g is not None]  # one per present index
         if self._log_step is not None:
             bad = self._measure(number, np.array(present, dtype=np.int64), grads)
-        elif self.nonfinite == "warn":
-            return self._nonfinite.queue(tuple(present), fast_norms(_grad_sharded.local_shards(grads, trainer)))
+        elif watch_only:
+            with self._spending(self._watch_part):
+                self._nonfinite.queue(tuple(present), fast_norms(_grad_sharded.local_shards(grads, trainer)))
+            return
         else:
             bad = self._nonfinite.count(tuple(present), _grad_sharded.step_norms(grads, trainer))  # sync: raise/skip
         if bad and self.nonfinite != "warn":
@@ -316,9 +342,12 @@ class GradientMonitor(Monitor):
     def _measure(self, number: int, present: np.ndarray, grads: list[torch.Tensor]) -> list[int]:
         """Measure one optimizer step of a logging batch (one host transfer); the parameters with NaN/Inf."""
         weights = [self._params[i].detach() for i in present.tolist()] if self._spec.weights else []
-        hist = np.flatnonzero(self._hist_mask[present] & self._nonempty[present])
+        hist = np.flatnonzero(self._hist_mask[present] & self._nonempty[present]) if self._hist_now else _EMPTY
+        began = _clock.now()
         measured, pending = _grad_event.measure(self._spec, number, present, grads, weights=weights, hist=hist,
                                                 pending=self._nonfinite.pending())
+        if hist.size:  # what the budget expects the histograms to cost: the whole measurement (an upper bound) ...
+            self._hist_seconds += _clock.now() - began
         if pending.size:
             bad_steps, any_steps = self._nonfinite.read(pending)
             before, steps = self._pending
@@ -400,7 +429,11 @@ class GradientMonitor(Monitor):
         for m in measured:
             hists.update(_grad_event.histograms("grad/hist", self._names, m.hist, m.rows, self._spec.bins))
             hists.update(_grad_event.histograms("param/hist", self._names, m.phist, m.prows, self._spec.bins))
+        began = _clock.now()
         self._log_histograms(trainer, hists, step)  # one wandb row for all of them
+        if hists:  # ... and their writes
+            self._hist_part.record(self._hist_seconds + _clock.now() - began)
+        self._hist_seconds = 0.0
 
     def _log_update_ratio(self, trainer: "pl.Trainer", step: int) -> None:
         snapshots, self._snapshots = [self._snapshots[k] for k in sorted(self._snapshots)], {}

@@ -17,6 +17,7 @@ from lightning_monitor._grid import draw as _draw
 from lightning_monitor._grid import inputs as _grid_input
 from lightning_monitor._monitor import dist as _dist
 from lightning_monitor._monitor.base import Monitor
+from lightning_monitor._monitor.budget import DEFAULT_SHARE
 
 _MAX_LISTED = 8  # wrong predictions spelled out in the caption
 
@@ -78,6 +79,10 @@ class PredictionGridMonitor(Monitor):
             log-probabilities or probabilities (e.g. ``lambda out: out["logits"]``).
         exclude_keys: globs over the keys this monitor logs, left out of every backend (e.g. ``["grad/hist/*"]``
             drops a whole family, ``["memory/host/available_gib"]`` one key).
+        cost_budget: the share of training time all lightning-monitor monitors together may take (their own hook
+            time, measured, from the end of the first batch); on a fast model the grid is then drawn at fewer
+            validations (or logging steps) to stay within it, while ``predictions/accuracy`` is still logged every
+            time. Said once when it happens. ``None``: a grid every time, whatever it costs.
 
     Raises:
         TypeError: an argument of the wrong type (``num_samples=2.5``), at construction.
@@ -115,6 +120,7 @@ class PredictionGridMonitor(Monitor):
         batch_fn: Optional[Callable[[Any], Any]] = None,
         output_fn: Optional[Callable[[Any], Any]] = None,
         exclude_keys: Optional[Sequence[str]] = None,
+        cost_budget: Optional[float] = DEFAULT_SHARE,
     ) -> None:
         num_samples = _options.check_int("num_samples", num_samples, low=1)
         seed = _options.check_int("seed", seed)
@@ -123,7 +129,7 @@ class PredictionGridMonitor(Monitor):
         padding = _options.check_count("padding", padding)
         dataloader_idx = _options.check_count("dataloader_idx", dataloader_idx)
         _options.check_bool("mistakes_first", mistakes_first)
-        super().__init__(every_n_steps, exclude_keys)
+        super().__init__(every_n_steps, exclude_keys, cost_budget)
         if (mean is None) != (std is None):
             raise ValueError(f"`mean` and `std` go together, got mean={mean!r}, std={std!r}")
         if mean is not None and std is not None:
@@ -149,6 +155,7 @@ class PredictionGridMonitor(Monitor):
         self._labels_np: Optional[np.ndarray] = None
         self._last_drawn_at = -1  # trainer.global_step (model updates) of the last grid: one model state, one grid
         self._off = False  # turned off for the rest of the run (one warning said why)
+        self._grid_part = self._part("prediction grids", 0.5)  # drawing and logging one; spaced out on a fast model
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -303,6 +310,16 @@ class PredictionGridMonitor(Monitor):
         confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
         labels = self._labels_np
         wrong = (predicted != labels).tolist()
+        if not self._affordable(self._grid_part):  # the accuracy (cheap) is logged; the picture waits
+            self._log_scalars(trainer, {"predictions/accuracy": (len(labels) - sum(wrong)) / len(labels)}, step)
+            return
+        with self._spending(self._grid_part):
+            self._draw(trainer, step, title, confidence, predicted, wrong)
+
+    def _draw(self, trainer: "pl.Trainer", step: int, title: str, confidence: np.ndarray, predicted: np.ndarray,
+              wrong: list[bool]) -> None:
+        labels = self._labels_np
+        assert labels is not None and self._display is not None
         order = list(range(len(labels)))
         if self.mistakes_first:
             order.sort(key=lambda i: not wrong[i])  # stable: the fixed order within each group

@@ -7,9 +7,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """Each test runs in its own directory with no W&B credentials, so wandb runs offline and writes there."""
+def _isolated(request, tmp_path, monkeypatch):
+    """Each test runs in its own directory with no W&B credentials, so wandb runs offline and writes there.
+
+    The monitors' cost budget (which spaces out histograms and grids by measured time) is off, through its
+    environment switch (inherited by DDP and job subprocesses): a test asserts what a monitor logs at each step, not
+    what this loaded machine's clock allowed. Tests marked ``budget`` keep it on."""
     monkeypatch.chdir(tmp_path)
+    if request.node.get_closest_marker("budget") is None:
+        monkeypatch.setenv("LIGHTNING_MONITOR_COST_BUDGET", "off")
+    else:
+        monkeypatch.delenv("LIGHTNING_MONITOR_COST_BUDGET", raising=False)
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))

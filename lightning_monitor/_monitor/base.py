@@ -6,7 +6,8 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar, Optional, TypeVar, Union
 
 import lightning.pytorch as pl
@@ -20,6 +21,7 @@ from lightning_monitor._core import options as _options
 from lightning_monitor._core.warn import WarnOnce
 from lightning_monitor._monitor import cadence as _cadence
 from lightning_monitor._monitor import dispatch as _dispatch
+from lightning_monitor._monitor.budget import Budget, Part, turned_off_by_environment
 from lightning_monitor._writers.media import HistogramData
 
 #: strategies that hide parameters in flat shards, behind their own wrapper (FSDP1, DeepSpeed ZeRO)
@@ -74,9 +76,13 @@ class Monitor(Callback):
     #: (``ModelParallelStrategy`` with FSDP2 or tensor parallel) is for each monitor to handle.
     FLAT_SHARDS_UNSUPPORTED: ClassVar[str] = ""
 
-    def __init__(self, every_n_steps: Optional[int], exclude_keys: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, every_n_steps: Optional[int], exclude_keys: Optional[Sequence[str]] = None,
+                 cost_budget: Optional[float] = None) -> None:
         super().__init__()
         _options.check_int("every_n_steps", every_n_steps, low=1, none_ok=True)
+        #: share of training time all monitors together may spend before this one spaces out its expensive parts
+        #: (:mod:`lightning_monitor._monitor.budget`); ``None``: no budget
+        self.cost_budget = _options.check_number("cost_budget", cost_budget, above=0.0, high=1.0, none_ok=True)
         if isinstance(exclude_keys, str) or not all(isinstance(p, str) for p in exclude_keys or ()):
             raise ValueError(f"`exclude_keys` must be a list of key patterns (globs), got {exclude_keys!r}")
         self.every_n_steps = every_n_steps
@@ -85,6 +91,9 @@ class Monitor(Callback):
         self._batch_step: Optional[int] = None  # self.log's step of this fit's last training batch (_cadence)
         self._hook_seconds = 0.0  # host seconds spent in this monitor's hooks (every hook, timed by the base class)
         self._in_hook = False
+        self._parts: list[Part] = []  # the expensive optional parts the budget spaces out (_part)
+        self._budget: Optional[Budget] = None  # made at the start of a fit, started after its first batch
+        self._batches = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -136,12 +145,55 @@ class Monitor(Callback):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._batch_step = None  # no training batch of this fit yet
+        self._batches = 0
+        self._budget = None
+        if self.cost_budget is not None and not turned_off_by_environment():
+            monitors = [c for c in trainer.callbacks if isinstance(c, Monitor)]  # type: ignore[attr-defined]
+            self._budget = Budget(self.cost_budget, monitors)
 
     @override
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         self._batch_step = _cadence.batch_start_step(trainer)
+        self._batches += 1
+        if self._batches == 2 and self._budget is not None:
+            # the budget counts from the end of the first batch: the start-up (FLOP counting, lazy imports, first
+            # writes) is a one-off, not a share of training
+            self._budget.start()
+            for part in self._parts:
+                part.spent = 0.0
+
+    # ------------------------------------------------------------------------------------------ cost budget
+    def _part(self, what: str, fraction: float) -> Part:
+        """An expensive optional part of this monitor, spaced out by the cost budget (``what`` names it in the one
+        warning; ``fraction``: the slice of the budget it may use at most)."""
+        part = Part(what, fraction)
+        self._parts.append(part)
+        return part
+
+    def _affordable(self, part: Part) -> bool:
+        """Whether ``part`` may run now under the cost budget (always, without one); when it may not, say so once."""
+        budget = self._budget
+        if budget is None or budget.allows(part):
+            return True
+        part.skipped += 1
+        name = type(self).__name__
+        self._warn(f"budget:{part.what}", (
+            f"{name}: {part.what} cost about {(part.cost or 0.0) * 1e3:.2f} ms each; to keep the monitors under"
+            f" {budget.share:.0%} of training time (cost_budget={budget.share}) they run less often from now on."
+            f" Pass `cost_budget=None` to {name} to run them every time."
+        ))
+        return False
+
+    @contextmanager
+    def _spending(self, part: Part) -> Iterator[None]:
+        """Time one run of ``part`` (what the budget expects it to cost next time)."""
+        began = _clock.now()
+        try:
+            yield
+        finally:
+            part.record(_clock.now() - began)
 
     # ------------------------------------------------------------------------------------------ logging
     def _keeps(self, key: str) -> bool:

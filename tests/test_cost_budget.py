@@ -1,0 +1,161 @@
+"""The cost budget: the monitors' own measured time is held under a share of training time by spacing out their
+expensive parts (histograms, the per-step NaN/Inf check, the prediction grid), never their scalars; said once."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from helpers import TinyImageModel, image_loader, make_trainer, tb_accumulator, tb_scalars
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_monitor import GradientMonitor, MemoryMonitor, PredictionGridMonitor, SpeedMonitor
+from lightning_monitor._core import clock
+from lightning_monitor._monitor.budget import DEFAULT_SHARE, Budget, Part
+
+pytestmark = pytest.mark.budget  # the budget on (conftest turns it off for every other test)
+
+#: a budget no real part fits in: after its first run every expensive part waits
+TINY = 1e-9
+LOGGING_STEPS = [1, 3, 5, 7, 9, 11]  # 12 steps, log_every_n_steps=2
+
+
+class Spent:
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+
+    def hook_seconds(self) -> float:
+        return self.seconds
+
+
+@pytest.fixture
+def fake_clock():
+    now = [100.0]
+    clock.set_clock(lambda: now[0])
+    yield now
+    clock.reset()
+
+
+def test_budget_is_the_share_of_the_time_since_it_started_and_each_part_keeps_to_its_slice(fake_clock):
+    a, b = Spent(5.0), Spent(1.0)
+    budget = Budget(0.04, [a, b])
+    part = Part("histograms", 0.5)
+    part.record(0.002)  # ran once before the budget started (the first batch): it is not charged
+    assert budget.allows(part)  # before start everything may run
+    budget.start()
+    part.spent = 0.0
+    assert budget.spent() == 0.0 and budget.allowed() == 0.0
+    fake_clock[0] = 101.0  # one second of training: 40 ms allowed, 20 ms of it for this part
+    a.seconds += 0.010
+    assert budget.allowed() == pytest.approx(0.04) and budget.spent() == pytest.approx(0.010)
+    assert budget.allows(part)  # 10 + 2 <= 40 and 0 + 2 <= 20
+    part.record(0.018)  # expected cost now 0.7 * 2 + 0.3 * 18 = 6.8 ms; its slice holds 18 ms
+    a.seconds += 0.018
+    assert part.cost == pytest.approx(0.0068)
+    assert not budget.allows(part)  # whole budget: 28 + 6.8 <= 40, but its slice: 18 + 6.8 > 20
+    fake_clock[0] = 101.5  # 60 ms allowed, 30 ms for the part
+    assert budget.allows(part)
+    b.seconds += 0.030  # another monitor's scalars: the whole budget is spent (58 + 6.8 > 60)
+    assert not budget.allows(part)
+    assert budget.allows(Part("grids", 0.5))  # a part that never ran may always run once
+
+
+@pytest.mark.parametrize("value", [0, -0.1, 1.5, float("nan"), "3%", True])
+@pytest.mark.parametrize("monitor", [GradientMonitor, PredictionGridMonitor])
+def test_cost_budget_is_a_share_or_none(monitor, value):
+    with pytest.raises((TypeError, ValueError), match="`cost_budget` must be None or a number"):
+        monitor(cost_budget=value)
+    assert monitor().cost_budget == DEFAULT_SHARE and monitor(cost_budget=None).cost_budget is None
+
+
+def _fit(tmp_path, callbacks, extra=(), **kwargs):
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    kwargs.setdefault("max_steps", 12)
+    trainer = make_trainer(tmp_path, logger=logger, callbacks=[*callbacks, *extra], **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TinyImageModel(), image_loader(192), image_loader(32))
+    return logger.log_dir, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("budget", [None, TINY], ids=["no-budget", "tiny-budget"])
+def test_histograms_are_spaced_out_and_the_scalars_are_not(tmp_path, budget):
+    log_dir, said = _fit(tmp_path, [GradientMonitor(cost_budget=budget), SpeedMonitor(), MemoryMonitor()])
+    acc = tb_accumulator(log_dir)
+    hist_steps = sorted({e.step for tag in acc.Tags()["histograms"] for e in acc.Histograms(tag)})
+    assert [s for s, _ in tb_scalars(log_dir, "grad/norm_total")] == LOGGING_STEPS
+    assert [s for s, _ in tb_scalars(log_dir, "time/step_sec")] == LOGGING_STEPS
+    told = [m for m in said if "cost_budget=None" in m and "histograms" in m]
+    if budget is None:
+        assert hist_steps == LOGGING_STEPS and not told
+    else:  # the first logging step measures what histograms cost; none fits after it
+        assert hist_steps == [1]
+        assert len(told) == 1 and "GradientMonitor: gradient histograms cost about" in told[0]
+
+
+class PoisonFrom(Callback):
+    """From optimizer step ``step`` on, the first layer's weight gradient holds a NaN (a run that went bad)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step >= self.step:
+            next(pl_module.parameters()).grad[0] = float("nan")
+
+
+@pytest.mark.parametrize("budget", [None, TINY], ids=["no-budget", "tiny-budget"])
+def test_a_spaced_out_nan_check_still_sees_a_run_gone_bad_at_the_next_logging_step(tmp_path, budget):
+    """NaN from step 4 on. Without a budget every step is checked: at step 5 two steps had NaN (4 and 5). With the
+    per-step check spaced out, the logging step still checks its own step: the NaN shows at step 5, the same
+    parameter named, ``grad/nonfinite_steps`` counting the steps checked."""
+    poison = PoisonFrom(4)  # before the monitor in the list: the monitor sees the poisoned gradient
+    log_dir, said = _fit(tmp_path, [poison, GradientMonitor(cost_budget=budget, histograms=False)])
+    steps = dict(tb_scalars(log_dir, "grad/nonfinite_steps"))
+    assert steps[5] == (2.0 if budget is None else 1.0)
+    assert dict(tb_scalars(log_dir, "grad/nonfinite/conv.weight"))[5] > 0
+    assert sum("NaN/Inf gradients by step 5" in m for m in said) == 1
+
+
+@pytest.mark.parametrize("budget", [None, TINY], ids=["no-budget", "tiny-budget"])
+def test_grids_are_spaced_out_and_the_accuracy_is_not(tmp_path, budget):
+    grid = PredictionGridMonitor(num_samples=8, every_n_steps=2, cost_budget=budget)
+    log_dir, said = _fit(tmp_path, [grid])  # validation at step 11 draws nothing new: that model state has a grid
+    acc = tb_accumulator(log_dir)
+    grid_steps = [e.step for e in acc.Images("predictions/grid")]
+    assert [s for s, _ in tb_scalars(log_dir, "predictions/accuracy")] == LOGGING_STEPS
+    if budget is None:
+        assert grid_steps == LOGGING_STEPS
+    else:
+        assert grid_steps == [1]
+        assert sum("PredictionGridMonitor: prediction grids cost about" in m for m in said) == 1
+
+
+def test_the_environment_switch_turns_every_budget_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_MONITOR_COST_BUDGET", "off")
+    log_dir, said = _fit(tmp_path, [GradientMonitor(cost_budget=TINY)])
+    acc = tb_accumulator(log_dir)
+    assert sorted({e.step for e in acc.Histograms("grad/hist/conv.weight")}) == LOGGING_STEPS
+    assert not [m for m in said if "cost_budget=None" in m]
+
+
+def test_the_budget_counts_every_monitor_and_not_the_first_batch(tmp_path, fake_clock):
+    """Under a clock that only the model and one monitor's hook move: the budget starts after the first batch (a
+    slow first batch is not charged) and counts another monitor's time against this one's parts."""
+    seen = {}
+
+    class Slow(Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            fake_clock[0] += 10.0 if trainer.global_step == 0 else 1.0  # a 10 s first batch, then 1 s a batch
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            monitor = next(c for c in trainer.callbacks if isinstance(c, GradientMonitor))
+            if monitor._budget is not None and monitor._budget.began is not None:
+                seen[trainer.global_step] = (monitor._budget.allowed(), monitor._budget.spent())
+
+    _fit(tmp_path, [Slow(), GradientMonitor(histograms=False), SpeedMonitor()], max_steps=4)
+    # the budget started at the second batch's start (clock 111: after the first batch's 10 s and this batch's
+    # 1 s tick); every later batch adds 1 s of training, 3 % of it allowed; the monitors' hooks took no fake time
+    assert seen == {2: (0.0, 0.0), 3: (pytest.approx(0.03), 0.0), 4: (pytest.approx(0.06), 0.0)}
+
