@@ -30,7 +30,6 @@ from lightning_monitor._run.options import (
 )
 from lightning_monitor._run.run import Run
 from lightning_monitor._run.writers import RunTensorBoard, RunWandb
-from lightning_monitor._summary.numbers import HEADLINE
 from lightning_monitor._writers.backends import Backend, Writer, check_not_tensorboardx, deliver
 from lightning_monitor._writers.media import HistogramData, make_histogram, prepare_images
 
@@ -136,7 +135,7 @@ class MultiLogger(Logger, Backend):
         self._run = Run(self._tb, wandb_options, bool(wandb_rewind))
         self._guard = RunGuard(self._run)  # run directory lock and disk watch, keys logged twice at one step
         self._tb_writer = RunTensorBoard(self._run, self._guard, tb_options is not None,
-                                         bool(tb_kwargs["default_hp_metric"]), summary_scalars=HEADLINE)
+                                         bool(tb_kwargs["default_hp_metric"]))
         self._wandb_writer = RunWandb(self._run, self._guard, wandb_options is not None)
         self._guard.attach([self._tb_writer, self._wandb_writer])
         self._writers: list[Writer] = [w for w in (self._tb_writer, self._wandb_writer) if w.on]

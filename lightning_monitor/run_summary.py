@@ -197,7 +197,8 @@ class RunSummary(Callback, Backend):
         wall = None if self._began is None else _clock.now() - self._began
         values = self.summary = _summary.compute(series, status=status, wall_sec=wall, steps=trainer.global_step)
         path = self._write_json(trainer, values)
-        _dispatch.log_summary(trainer, values, trainer.global_step, (self.CARD_KEY, _summary.markdown(values)))
+        _dispatch.log_summary(trainer, values, trainer.global_step, (self.CARD_KEY, _summary.markdown(values)),
+                              headline=_summary.HEADLINE)
         if self.print_table:
             footer = f"written to {path}" if path else ""
             rich = _RICH_AVAILABLE if self.use_rich is None else self.use_rich

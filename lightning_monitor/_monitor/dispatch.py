@@ -10,7 +10,7 @@ backend, never the run.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from functools import partial
 from typing import Any, Optional, Union
 
@@ -56,14 +56,17 @@ def log_scalars(trainer: "pl.Trainer", metrics: Mapping[str, float], step: int) 
 
 
 def log_summary(
-    trainer: "pl.Trainer", values: Mapping[str, Any], step: int, card: Optional[tuple[str, str]] = None
+    trainer: "pl.Trainer", values: Mapping[str, Any], step: int, card: Optional[tuple[str, str]] = None,
+    headline: Collection[str] = (),
 ) -> None:
-    """An end-of-run summary (numbers and text) and its text ``card`` (key, Markdown) to every writer."""
+    """An end-of-run summary (numbers and text), its text ``card`` (key, Markdown) and which of its numbers are the
+    ``headline`` (a dashboard that charts scalars gets those only) to every writer."""
     if not trainer.is_global_zero:
         return
     every = writers(trainer)
     for writer in every:
-        deliver(writer, partial(writer.summary, values, step, card), step, values, every, row=False)
+        deliver(writer, partial(writer.summary, values, step, card, frozenset(headline)), step, values, every,
+                row=False)
 
 
 def log_histograms(trainer: "pl.Trainer", histograms: Mapping[str, HistogramData], step: int) -> None:

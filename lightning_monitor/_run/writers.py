@@ -33,12 +33,9 @@ class RunTensorBoard(TensorBoardWriter):
     ``on``: TensorBoard is one of the run's backends (the writer exists either way: its logger owns the run
     directory); ``hp_metric``: Lightning's placeholder ``hp_metric`` scalar is wanted (``default_hp_metric``)."""
 
-    def __init__(self, run: Run, guard: RunGuard, on: bool, hp_metric: bool,
-                 summary_scalars: Collection[str] = ()) -> None:
+    def __init__(self, run: Run, guard: RunGuard, on: bool, hp_metric: bool) -> None:
         super().__init__(run.tb)
         self.run, self.guard, self.on, self.hp_metric = run, guard, on, hp_metric
-        #: the end-of-run summary numbers written as scalars (and HParams columns); the others go to the text card
-        self.summary_scalars = frozenset(summary_scalars)
         self.started = False  # the SummaryWriter is made and its header written
         self.purge_pending = False
         self.last_step = 0
@@ -109,14 +106,13 @@ class RunTensorBoard(TensorBoardWriter):
     def lose_run_dir(self) -> None:
         self.failed = True
 
-    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]]) -> None:
-        """The whole summary as the text card; as scalars (one point each, at ``step``) only its headline numbers
-        (``summary_scalars``), which also become HParams metric columns (the tab reads their values from scalar
-        events). The other numbers are in the card, ``summary.json`` and wandb's run summary: a chart of one dot
-        each would say nothing more."""
-        headline = {k: v for k, v in _numbers(values).items() if k in self.summary_scalars}
-        super().summary(headline, step, card)
-        self.eval_metrics.update(headline)  # HParams metric columns too, written at finalize
+    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]],
+                headline: Collection[str] = ()) -> None:
+        """As :meth:`TensorBoardWriter.summary` (the card, the ``headline`` numbers as scalars), and the headline
+        numbers become HParams metric columns too (the tab reads their values from scalar events). The other numbers
+        are in the card, ``summary.json`` and wandb's run summary: a chart of one dot each would say nothing more."""
+        super().summary(values, step, card, headline)
+        self.eval_metrics.update({k: v for k, v in _numbers(values).items() if k in headline})  # written at finalize
 
     def note_eval_metrics(self, metrics: Mapping[str, float]) -> None:
         """Validation and test metrics of the model (``self.log``): the HParams metric columns written at the end."""

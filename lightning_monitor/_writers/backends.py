@@ -15,7 +15,7 @@ gone), turn that backend off with one warning saying what still logs. Training n
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, Optional
 
@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_monitor._core import clock as _clock
 from lightning_monitor._core.compat import add_prefix, file_writer, logger_prefix, tensorboard_installed
 from lightning_monitor._core.warn import WarnOnce
-from lightning_monitor._writers.layout import layout_summary
+from lightning_monitor._writers.layout import layout_summary, note_layout_tags, read_layout_tags
 from lightning_monitor._writers.media import HistogramData, Images, to_rgb
 from lightning_monitor._writers.tb_crc import use_fast_crc
 
@@ -92,9 +92,11 @@ class Writer:
     def text(self, key: str, text: str, step: Optional[int]) -> None:
         self._unsupported("text")
 
-    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]]) -> None:
-        """An end-of-run summary (RunSummary): its numbers as scalars at ``step``; its text values and its
-        ``card`` (key, Markdown) where the backend shows text."""
+    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]],
+                headline: Collection[str] = ()) -> None:
+        """An end-of-run summary (RunSummary): its numbers as scalars at ``step`` (a scalar-only logger, e.g. a CSV
+        file, has no other place for them); its text values and its ``card`` (key, Markdown) where the backend
+        shows text. ``headline``: the numbers worth a chart (a dashboard writer charts those only)."""
         _call(self.logger, "log_metrics", _numbers(values), step=step)
 
     def _unsupported(self, kind: str) -> None:
@@ -112,6 +114,7 @@ class TensorBoardWriter(Writer):
         super().__init__(logger, name)
         self.tb = logger
         self.layout_tags: set[str] = set()  # the scalar tags the run's layout names (lightning_monitor._writers.layout)
+        self.layout_seeded = False  # layout_tags holds the tags earlier processes wrote to this run directory
         use_fast_crc()
 
     def summary_writer(self) -> Any:
@@ -129,10 +132,14 @@ class TensorBoardWriter(Writer):
     def note_scalar_tags(self, tags: Iterable[str], step: Optional[int]) -> None:
         """Scalar ``tags`` (prefixed) just written at ``step``: when one is new, the run's layout (the Custom Scalars
         tab) is written again, naming every scalar tag written so far; otherwise nothing (a set comparison)."""
+        if not self.layout_seeded:  # a later process on the run (test after a fit, a restart) keeps their charts
+            self.layout_seeded = True
+            self.layout_tags |= read_layout_tags(self.tb.log_dir)
         fresh = set(tags) - self.layout_tags
         if not fresh:
             return
         self.layout_tags |= fresh
+        note_layout_tags(self.tb.log_dir, fresh)
         lead = f"{logger_prefix(self.tb)}{self.tb.LOGGER_JOIN_CHAR}" if logger_prefix(self.tb) else ""
         # at the write's step: the plugin shows a run's last layout record, and steps only grow within a run
         file_writer(self.summary_writer()).add_summary(layout_summary(self.layout_tags, lead), step or 0)
@@ -193,8 +200,13 @@ class TensorBoardWriter(Writer):
     def text(self, key: str, text: str, step: Optional[int]) -> None:
         self.summary_writer().add_text(key, text, global_step=step)
 
-    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]]) -> None:
-        super().summary(values, step, card)  # scalars through TensorBoardLogger.log_metrics (its prefix applies)
+    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]],
+                headline: Collection[str] = ()) -> None:
+        """The whole summary as the text ``card``; as scalars (one point each, at ``step``) only its ``headline``
+        numbers: a chart of one dot says nothing the card does not (and the HParams tab reads its metric values from
+        scalars: MultiLogger registers the headline ones as columns)."""
+        # scalars through TensorBoardLogger.log_metrics (its prefix applies)
+        super().summary({k: v for k, v in values.items() if k in headline}, step, card, headline)
         if card is not None:
             self.text(card[0], card[1], step)
 
@@ -239,8 +251,10 @@ class WandbWriter(Writer):
 
         self.log_row({key: wandb.Table(columns=["text"], data=[[text]])}, step)
 
-    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]]) -> None:
-        """Into the run summary (numbers and text; the runs table shows and sorts by them), not a history row."""
+    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]],
+                headline: Collection[str] = ()) -> None:
+        """Into the run summary (every number and text; the runs table shows and sorts by them), not a history
+        row."""
         wb = self.wandb_logger()
         wb.experiment.summary.update(add_prefix(values, logger_prefix(wb), wb.LOGGER_JOIN_CHAR))
 
@@ -273,7 +287,8 @@ class Recorder(Writer):
     def text(self, key: str, text: str, step: Optional[int]) -> None:
         pass
 
-    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]]) -> None:
+    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]],
+                headline: Collection[str] = ()) -> None:
         pass
 
 
