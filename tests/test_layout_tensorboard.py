@@ -108,6 +108,21 @@ def test_layout_names_every_tag_written_and_only_those(tmp_path, kind):
     assert last["gradient norm per group"][1][0] == "grad/norm_total"
 
 
+def test_a_later_process_on_the_run_keeps_the_charts_of_the_earlier_one(tmp_path):
+    """``test`` in a new process (a new logger on the same version) writes the run's last layout record: it still
+    names the fit's tags (kept in the run directory's layout-tags.txt), beside its own."""
+    fit_logger = MultiLogger(save_dir=tmp_path / "runs", name="lay", version=0, wandb=False)
+    trainer = make_trainer(tmp_path, logger=fit_logger, max_steps=4, callbacks=[GradientMonitor()])
+    trainer.fit(TinyImageModel(), image_loader(64), image_loader(32))
+    fit_tags = {t for _, members in _charts(_layouts(fit_logger.log_dir)[-1][1]).values() for t in members}
+    later = MultiLogger(save_dir=tmp_path / "runs", name="lay", version=0, wandb=False)  # what a new job makes
+    make_trainer(tmp_path, logger=later).test(TinyImageModel(), image_loader(32))
+    last = _charts(_layouts(later.log_dir)[-1][1])
+    named = {t for _, members in last.values() for t in members}
+    assert "grad/norm_total" in fit_tags and fit_tags | {"test/loss"} <= named
+    assert last["loss"] == ("metrics", ["train/loss", "val/loss", "test/loss"])
+
+
 # ------------------------------------------------------------------------------------ a real TensorBoard server
 
 

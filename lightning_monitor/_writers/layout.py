@@ -20,10 +20,15 @@ What goes together:
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+#: the file in the run directory that lists, one a line, the scalar tags the layout names: the plugin shows a run's
+#: last layout record, so a later process writing to the run (``test`` after a ``fit`` job, a restart) starts from
+#: every tag the run already holds, not only from its own
+TAGS_FILE = "layout-tags.txt"
 #: the tag the plugin reads a run's layout from (``tensorboard.plugins.custom_scalar.metadata.CONFIG_SUMMARY_TAG``)
 LAYOUT_TAG = "custom_scalars__config__"
 #: areas of the monitors' keys (``docs/DESIGN.md``: Logged keys); any other tag is the model's own metric
@@ -152,3 +157,24 @@ def layout_summary(tags: Iterable[str], lead: str = "") -> Any:
         else:  # the plugin reads a multiline chart's tags as regular expressions
             layout.setdefault(category, {})[title] = ["Multiline", [f"^{re.escape(m)}$" for m in members]]
     return custom_scalars(layout)
+
+
+def read_layout_tags(log_dir: str) -> set[str]:
+    """The scalar tags earlier processes named in this run's layout (:data:`TAGS_FILE`; none when it is missing)."""
+    try:
+        with open(os.path.join(log_dir, TAGS_FILE), encoding="utf-8") as f:
+            return {line.rstrip("\n") for line in f if line.strip()}
+    except OSError:
+        return set()
+
+
+def note_layout_tags(log_dir: str, tags: Iterable[str]) -> None:
+    """Add ``tags`` to :data:`TAGS_FILE` (never makes the directory; a failure costs the next process these
+    charts, never this write)."""
+    if not os.path.isdir(log_dir):
+        return
+    try:
+        with open(os.path.join(log_dir, TAGS_FILE), "a", encoding="utf-8") as f:
+            f.writelines(f"{tag}\n" for tag in sorted(tags))
+    except OSError:
+        pass
