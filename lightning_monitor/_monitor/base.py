@@ -179,10 +179,11 @@ class Monitor(Callback):
             return True
         part.skipped += 1
         name = type(self).__name__
-        self._warn(f"budget:{part.what}", (
+        parts = " and ".join(p.what for p in self._parts)
+        self._warn("budget", (  # once per monitor and run: its first part spaced out, and what else may be
             f"{name}: {part.what} cost about {(part.cost or 0.0) * 1e3:.2f} ms each; to keep the monitors under"
-            f" {budget.share:.0%} of training time (cost_budget={budget.share}) they run less often from now on."
-            f" Pass `cost_budget=None` to {name} to run them every time."
+            f" {budget.share * 100:g} % of training time (cost_budget={budget.share}), {parts} run less often when they"
+            f" cost too much. Pass `cost_budget=None` to {name} to run them every time."
         ))
         return False
 
