@@ -29,7 +29,8 @@ class _SaveConfigCallback(_LightningSaveConfigCallback):
     ``runs/config.yaml``, and the second run would stop with "config.yaml already exists". This callback writes
     to the first logger's ``log_dir`` (``save_dir/name/version`` for ``MultiLogger``) when it has one, and
     behaves exactly like Lightning's otherwise. Everything else (``overwrite``, ``multifile``, saving on global
-    rank 0 only, ``save_config`` for extra destinations) is Lightning's.
+    rank 0 only, ``save_config`` for extra destinations) is Lightning's. A later ``test``/``validate``/``predict``
+    on a run directory that already holds ``config.yaml`` (the config of its ``fit``) keeps that file and goes on.
 
     Example::
 
@@ -47,8 +48,13 @@ class _SaveConfigCallback(_LightningSaveConfigCallback):
         config_path = os.path.join(run_dir, self.config_filename)
         fs = get_filesystem(run_dir)
         if not self.overwrite:
-            exists = fs.isfile(config_path) if trainer.is_global_zero else False
-            if trainer.strategy.broadcast(exists):  # every rank raises, none waits on a collective
+            exists = trainer.strategy.broadcast(fs.isfile(config_path) if trainer.is_global_zero else False)
+            if exists and stage != "fit":
+                # `test` / `validate` / `predict` on a run that was trained: its config.yaml is the training's, and
+                # the later segment of the run (same version) must not be refused for it
+                self.already_saved = True
+                return None
+            if exists:  # every rank raises, none waits on a collective
                 raise RuntimeError(
                     f"SaveConfigCallback expected {config_path} to NOT exist. Aborting to avoid overwriting the"
                     " config of an earlier run in the same run directory (same logger version). Start a new version,"

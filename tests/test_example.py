@@ -231,6 +231,17 @@ def test_config_lands_in_each_run_directory_run_after_run(tmp_path):
     # Same version again: Lightning's rule holds, inside the run directory: refuse to overwrite an earlier config.
     with pytest.raises(RuntimeError, match=r"version_0.config\.yaml to NOT exist"):
         main([*quick, "--trainer.logger.init_args.version", "0"])
+    # ... but a later `test` on the trained run is a later segment of it: the fit's config stays, the test runs
+    with open(os.path.join(runs[0], "config.yaml")) as f:
+        before = f.read()
+    test = ["test", "--config", os.path.join(REPO, "configs", "smoke.yaml"), "--data.data_dir", FIXTURE,
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.version", "0",
+            "--trainer.limit_test_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.wandb", "false"]
+    main(test)
+    with open(os.path.join(runs[0], "config.yaml")) as f:
+        assert f.read() == before
+    assert tb_accumulator(runs[0]).Scalars("test/acc")
 
 
 def test_without_a_run_directory_the_config_goes_where_lightning_puts_it(tmp_path):
