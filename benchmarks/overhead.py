@@ -24,10 +24,10 @@ Configurations:
                    log_freq=n)`` (gradient and parameter histograms to wandb only).
 * ``monitors``     (``--self-cost``) the baseline's ``TensorBoardLogger`` + the four monitors with defaults: the
                    end-to-end difference to ``baseline`` is the monitors' cost and nothing else.
-* ``all``          (``--only small10``) the baseline's ``TensorBoardLogger`` + every monitor with its defaults
-                   (the cost budget on: ``cost_budget=0.03``) and a prediction grid asked for at every logging step
-                   (``PredictionGridMonitor(every_n_steps=n)``), on a small fast model (``small``: a 784-128-10
-                   MLP on MNIST-shaped inputs, about 2 ms a step here).
+* ``all``          (``--only small10`` / ``small50``) the baseline's ``TensorBoardLogger`` + every monitor with its
+                   defaults (the cost budget on: ``cost_budget=0.03``; the grid after each validation), on a small
+                   fast model (``small``: a 784-128-10 MLP on MNIST-shaped inputs, about 2-3 ms a step here) that
+                   validates every 100 steps (one batch of 256), the baseline too.
 * ``all, no budget`` the same with ``cost_budget=None`` on GradientMonitor and PredictionGridMonitor: every
                    histogram, every per-step NaN/Inf check, every grid.
 
@@ -44,7 +44,7 @@ Run::
                                                # at n=10
     python benchmarks/overhead.py --quick      # smoke check (numbers meaningless)
     python benchmarks/overhead.py --self-cost --only mnist10   # time/monitor_share against the measured overhead
-    python benchmarks/overhead.py --only small10 --rounds 6    # the cost budget on a 2 ms-a-step model
+    python benchmarks/overhead.py --only small10 --only small50 --rounds 4   # the cost budget on a 2 ms-a-step model
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def build(config: str, model_name: str, n: int, root: str) -> tuple[Any, list[pl
 
         budget = None if config == "all, no budget" else 0.03
         callbacks = [GradientMonitor(cost_budget=budget), MemoryMonitor(), SpeedMonitor(),
-                     PredictionGridMonitor(every_n_steps=n, mean=[MNIST_MEAN], std=[MNIST_STD], cost_budget=budget)]
+                     PredictionGridMonitor(mean=[MNIST_MEAN], std=[MNIST_STD], cost_budget=budget)]
         return tb(), callbacks, nothing
     if config == "monitors":
         from lightning_monitor import GradientMonitor, MemoryMonitor, PredictionGridMonitor, SpeedMonitor
@@ -292,6 +292,7 @@ def run_one(config: str, model_name: str, n: int, warmup: int, steps: int, batch
             accelerator="cpu", devices=1, max_steps=last + 1, log_every_n_steps=n, logger=logger,
             callbacks=[timer, hooks, *callbacks], enable_progress_bar=False, enable_model_summary=False,
             enable_checkpointing=False, num_sanity_val_steps=0, default_root_dir=root,
+            **({"val_check_interval": 100, "limit_val_batches": 1} if model_name == "small" else {}),
         )
         before_fit(model)
         trainer.fit(model, datamodule=data)
@@ -375,7 +376,8 @@ def main() -> None:
                         help="timed transformer steps per fit (multiple of 10)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--small-steps", type=int, default=300, help="timed small-model steps per fit (multiple of 10)")
-    parser.add_argument("--only", choices=["mnist50", "mnist10", "mlp10", "transformer10", "small10"], action="append",
+    parser.add_argument("--only", choices=["mnist50", "mnist10", "mlp10", "transformer10", "small10", "small50"],
+                        action="append",
                         help="run only these comparisons (repeatable)")
     parser.add_argument("--configs", default="",
                         help=f"comma-separated subset of {CONFIGS + SINGLE} (baseline always runs); default: {CONFIGS}")
@@ -397,8 +399,10 @@ def main() -> None:
                "Transformer encoder, 6 layers, d_model 256 (5.3M parameters, 75 tensors), batch"
                f" {TRANSFORMER_BATCH} x 64 tokens", "transformer10"),
               ("small", 10, args.small_steps, f"Small MLP 784-128-10 (0.1M parameters), batch {args.batch_size}",
-               "small10")]
-    suites = [s for s in suites if (s[4] in args.only if args.only else s[4] != "small10")]
+               "small10"),
+              ("small", 50, args.small_steps, f"Small MLP 784-128-10 (0.1M parameters), batch {args.batch_size}",
+               "small50")]
+    suites = [s for s in suites if (s[4] in args.only if args.only else not s[4].startswith("small"))]
     print(f"## End-to-end step time\n\n{_common.machine()}\n")
     t_start = time.perf_counter()
     for model_name, n, steps, title, _ in suites:

@@ -80,9 +80,10 @@ class PredictionGridMonitor(Monitor):
         exclude_keys: globs over the keys this monitor logs, left out of every backend (e.g. ``["grad/hist/*"]``
             drops a whole family, ``["memory/host/available_gib"]`` one key).
         cost_budget: the share of training time all lightning-monitor monitors together may take (their own hook
-            time, measured, from the end of the first batch); on a fast model the grid is then drawn at fewer
-            validations (or logging steps) to stay within it, while ``predictions/accuracy`` is still logged every
-            time. Said once when it happens. ``None``: a grid every time, whatever it costs.
+            time, measured, from the end of the first batch); on a fast model the grid (its forward over the samples,
+            its picture and the ``predictions/accuracy`` that comes with it) is then made at fewer validations (or
+            logging steps) to stay within it. Said once when it happens. ``None``: a grid every time, whatever it
+            costs. With a model sharded over ranks (the grid's forward is a collective) grids are never spaced out.
 
     Raises:
         TypeError: an argument of the wrong type (``num_samples=2.5``), at construction.
@@ -290,6 +291,14 @@ class PredictionGridMonitor(Monitor):
         return _grid_input.to_probabilities(scores.detach().float().numpy(force=True).astype(np.float64))
 
     def _render(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int, title: str) -> None:
+        # under the cost budget a grid (its forward, its accuracy and its picture) may wait for a later step; with a
+        # model sharded over ranks the forward is a collective: each rank's own clock must not decide for it
+        if not _dist.model_on_every_rank(trainer) and not self._affordable(self._grid_part):
+            return
+        with self._spending(self._grid_part):
+            self._render_now(trainer, pl_module, step, title)
+
+    def _render_now(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", step: int, title: str) -> None:
         self._last_drawn_at = trainer.global_step
         try:
             probs = self._predict(trainer, pl_module)
@@ -310,11 +319,7 @@ class PredictionGridMonitor(Monitor):
         confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
         labels = self._labels_np
         wrong = (predicted != labels).tolist()
-        if not self._affordable(self._grid_part):  # the accuracy (cheap) is logged; the picture waits
-            self._log_scalars(trainer, {"predictions/accuracy": (len(labels) - sum(wrong)) / len(labels)}, step)
-            return
-        with self._spending(self._grid_part):
-            self._draw(trainer, step, title, confidence, predicted, wrong)
+        self._draw(trainer, step, title, confidence, predicted, wrong)
 
     def _draw(self, trainer: "pl.Trainer", step: int, title: str, confidence: np.ndarray, predicted: np.ndarray,
               wrong: list[bool]) -> None:

@@ -120,12 +120,15 @@ def test_a_spaced_out_nan_check_still_sees_a_run_gone_bad_at_the_next_logging_st
 
 
 @pytest.mark.parametrize("budget", [None, TINY], ids=["no-budget", "tiny-budget"])
-def test_grids_are_spaced_out_and_the_accuracy_is_not(tmp_path, budget):
+def test_grids_are_spaced_out_with_their_accuracy(tmp_path, budget):
+    """A grid (its forward over the samples, the picture, the accuracy that comes with them) waits; the other
+    monitors' scalars do not."""
     grid = PredictionGridMonitor(num_samples=8, every_n_steps=2, cost_budget=budget)
-    log_dir, said = _fit(tmp_path, [grid])  # validation at step 11 draws nothing new: that model state has a grid
+    log_dir, said = _fit(tmp_path, [grid, SpeedMonitor()])  # the validation at step 11 draws nothing new
     acc = tb_accumulator(log_dir)
     grid_steps = [e.step for e in acc.Images("predictions/grid")]
-    assert [s for s, _ in tb_scalars(log_dir, "predictions/accuracy")] == LOGGING_STEPS
+    assert [s for s, _ in tb_scalars(log_dir, "predictions/accuracy")] == grid_steps
+    assert [s for s, _ in tb_scalars(log_dir, "time/step_sec")] == LOGGING_STEPS
     if budget is None:
         assert grid_steps == LOGGING_STEPS
     else:
