@@ -29,6 +29,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from keys_table import update_block  # noqa: E402  (the block writer the table scripts share)
+
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 START, END = "<!-- smoke-summary:start -->", "<!-- smoke-summary:end -->"
@@ -124,12 +127,7 @@ def readme_block(text: str) -> str:
 
 
 def write_readme_block(block: str, readme: Path = README) -> None:
-    text = readme.read_text(encoding="utf-8")
-    if START not in text or END not in text:
-        sys.exit(f"{readme} has no {START} ... {END} block to fill")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{START}\n```text\n{block}\n```\n{END}{tail}", encoding="utf-8")
+    update_block(readme, START, END, f"```text\n{block}\n```\n")  # keys_table's block writer
 
 
 def _free_port() -> int:

@@ -39,6 +39,17 @@ def _in_range(value: Any, above: Optional[float], low: Optional[float], high: Op
             and (high is None or value <= high))
 
 
+def _checked(name: str, value: Any, kind: str, kind_type: type, above: Optional[float], low: Optional[float],
+             high: Optional[float], none_ok: bool) -> Any:
+    """``value`` when it is a ``kind_type`` (never a bool: ``True`` is no number of anything) within the bounds."""
+    accepts = _range(kind, above, low, high)
+    if isinstance(value, bool) or not isinstance(value, kind_type):
+        raise _fail(TypeError, name, accepts, value, none_ok)
+    if not _in_range(value, above, low, high):
+        raise _fail(ValueError, name, accepts, value, none_ok)
+    return value
+
+
 @overload
 def check_int(name: str, value: Any, *, low: Optional[int] = ..., high: Optional[int] = ...,
               none_ok: Literal[False] = ...) -> int: ...
@@ -55,12 +66,7 @@ def check_int(name: str, value: Any, *, low: Optional[int] = None, high: Optiona
     """
     if value is None and none_ok:
         return None
-    accepts = _range("an integer", None, low, high)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise _fail(TypeError, name, accepts, value, none_ok)
-    if not _in_range(value, None, low, high):
-        raise _fail(ValueError, name, accepts, value, none_ok)
-    return int(value)
+    return int(_checked(name, value, "an integer", numbers.Integral, None, low, high, none_ok))
 
 
 @overload
@@ -89,12 +95,7 @@ def check_number(name: str, value: Any, *, above: Optional[float] = None, low: O
     """
     if value is None and none_ok:
         return None
-    accepts = _range("a number", above, low, high)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _fail(TypeError, name, accepts, value, none_ok)
-    if not _in_range(value, above, low, high):
-        raise _fail(ValueError, name, accepts, value, none_ok)
-    return float(value)
+    return float(_checked(name, value, "a number", numbers.Real, above, low, high, none_ok))
 
 
 @overload
