@@ -251,9 +251,9 @@ class GradientMonitor(Monitor):
         """Read the parameter list (at the first optimizer step, after ``configure_model``; frozen parameters
         included, so that a later unfreeze shows), its groups and which parameters the caps keep."""
         named = list(pl_module.named_parameters())
-        self._names = [n for n, _ in named]
+        self._names = [_grad_groups.model_name(n) for n, _ in named]  # compiled or not, the same keys
         self._params = [p for _, p in named]
-        self._prefix = _grad_groups.wrapper_prefix(pl_module)
+        self._prefix = _grad_groups.model_name(_grad_groups.wrapper_prefix(pl_module))
         groups = [self.group_of(n) for n in self._names]
         self._group_names = list(dict.fromkeys(g for g in groups if g is not None))
         where = {g: k for k, g in enumerate(self._group_names)}

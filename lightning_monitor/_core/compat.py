@@ -22,6 +22,11 @@ foreach_norm = torch._foreach_norm
 foreach_sub = torch._foreach_sub
 
 
+#: the attribute under which ``torch.compile``'s ``OptimizedModule`` keeps the module it compiled (``_orig_mod``):
+#: a segment of every parameter name below a compiled module, which names nothing of the user's model
+COMPILED_MODULE_ATTRIBUTE = "_orig_mod"
+
+
 def file_writer(summary_writer: Any) -> Any:
     """The ``FileWriter`` behind a ``torch.utils.tensorboard.SummaryWriter`` (``_get_file_writer()``, torch 2.14.1):
     one event holding many values (``add_summary``), a purge marker (``add_event``)."""

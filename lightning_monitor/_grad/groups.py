@@ -9,8 +9,17 @@ from typing import Literal, Optional
 import numpy as np
 from torch import nn
 
+from lightning_monitor._core.compat import COMPILED_MODULE_ATTRIBUTE
+
 ParamSelect = Literal["spread", "first", "largest"]
 SELECTS = ("spread", "first", "largest")
+
+
+def model_name(name: str) -> str:
+    """A parameter or module path as the user's model names it: without ``torch.compile``'s wrapper segment, wherever
+    it sits (``net._orig_mod.1.weight`` is ``net.1.weight``), so a model logs the same keys compiled and not."""
+    parts = name.split(".")
+    return ".".join(p for p in parts if p != COMPILED_MODULE_ATTRIBUTE) if COMPILED_MODULE_ATTRIBUTE in parts else name
 
 
 def wrapper_prefix(module: nn.Module) -> str:
