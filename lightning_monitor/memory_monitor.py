@@ -172,6 +172,7 @@ class MemoryMonitor(Monitor):
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
         if self._sampler is not None:
             self._sampler.stop()
             self._sampler = None

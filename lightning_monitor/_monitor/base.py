@@ -65,7 +65,8 @@ class Monitor(Callback):
 
     The step rule is Lightning's own ``self.log`` rule (:mod:`lightning_monitor._monitor.cadence`): the batch's step is
     read at ``on_train_batch_start``, and :meth:`_batch_logging_step` says at the batch's end whether it made a logging
-    step. A subclass that overrides ``setup``, ``on_train_start`` or ``on_train_batch_start`` calls ``super()``.
+    step. A subclass that overrides ``setup``, ``teardown``, ``on_train_start`` or ``on_train_batch_start`` calls
+    ``super()``.
     """
 
     #: Every key the monitor logs, ``key -> meaning``: the one source of its docstring table, the README table and
@@ -141,6 +142,11 @@ class Monitor(Callback):
             # the writers' guard in place before the first batch: Lightning's own writes to a plain logger pass
             # through it (isolation, and their time counted by _writers.seconds_writing) from the start
             _dispatch.writers(trainer)
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if trainer.is_global_zero:
+            _dispatch.release(trainer)  # the plain loggers' own methods back, unwrapped (the next stage rewraps)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -17,7 +17,14 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import Logger
 
-from lightning_monitor._writers.backends import Backend, Writer, deliver, guard_lightning_calls, writer_for
+from lightning_monitor._writers.backends import (
+    Backend,
+    Writer,
+    deliver,
+    guard_lightning_calls,
+    unguard_lightning_calls,
+    writer_for,
+)
 from lightning_monitor._writers.media import HistogramData, prepare_images
 
 # writers of plain loggers, made once per logger (their warn-once state lives as long as the logger)
@@ -44,6 +51,15 @@ def writers(trainer: "pl.Trainer") -> list[Writer]:
         if isinstance(callback, Backend):
             out.extend(callback.monitor_writers())
     return out
+
+
+def release(trainer: "pl.Trainer") -> None:
+    """The fit is over: the trainer's plain loggers get their own methods back (no wrapper left on them), and the
+    next fit (or ``test``) guards them again."""
+    for logger in trainer.loggers:
+        writer = _plain.pop(logger, None)
+        if writer is not None:
+            unguard_lightning_calls(writer)
 
 
 def log_scalars(trainer: "pl.Trainer", metrics: Mapping[str, float], step: int) -> None:

@@ -429,5 +429,17 @@ def guard_lightning_calls(writer: Writer, others: list[Writer]) -> None:
     :func:`deliver` too, by wrapping the two methods on that logger instance."""
     if type(writer) is Writer:
         return  # other loggers are the user's own business
-    for method in ("log_metrics", "log_hyperparams"):
+    for method in _GUARDED:
         setattr(writer.logger, method, _GuardedCall(writer, method, others))
+
+
+def unguard_lightning_calls(writer: Writer) -> None:
+    """Undo :func:`guard_lightning_calls`: the logger's methods are its class's own again (at a fit's teardown; the
+    next fit's setup guards them again)."""
+    for method in _GUARDED:
+        if isinstance(vars(writer.logger).get(method), _GuardedCall):
+            delattr(writer.logger, method)
+
+
+#: the methods of a plain TensorBoard/wandb logger that Lightning's own writes go through
+_GUARDED = ("log_metrics", "log_hyperparams")

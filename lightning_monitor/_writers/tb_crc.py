@@ -6,15 +6,22 @@ gradient histograms and 200 group norms. It runs on the writer's thread but hold
 :func:`use_fast_crc` swaps in the C implementation of the same checksum (identical bytes on disk, checked against
 TensorBoard's own function on first use) for every TensorBoard writer in the process. Nothing changes when
 ``google-crc32c`` has no C extension on this platform or TensorBoard no longer has the function we replace.
+
+The swap is made in one place, :func:`use_fast_crc`, when the first TensorBoard writer of lightning-monitor is made,
+and it applies to every TensorBoard writer of the process, the user's own ``SummaryWriter`` included (the bytes on
+disk are the same). ``LIGHTNING_MONITOR_FAST_CRC=off`` in the environment leaves TensorBoard's own function alone.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable
 
 _MASK_DELTA = 0xA282EAD8
+#: the environment variable that keeps TensorBoard's own (pure-Python) checksum: ``off``
+ENV_OFF = "LIGHTNING_MONITOR_FAST_CRC"
 
 
 def _masked(crc: Callable[[bytes], int]) -> Callable[[bytes], int]:
@@ -29,6 +36,8 @@ def _masked(crc: Callable[[bytes], int]) -> Callable[[bytes], int]:
 @functools.cache
 def use_fast_crc() -> bool:
     """Make TensorBoard's record writer checksum in C; True when it does (runs once, never raises)."""
+    if os.environ.get(ENV_OFF, "").strip().lower() == "off":
+        return False  # the user keeps TensorBoard's own checksum (read when the first writer is made)
     try:
         with warnings.catch_warnings():  # its "pure python implementation is slower" warning: we then do nothing
             warnings.simplefilter("ignore")
