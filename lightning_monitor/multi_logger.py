@@ -30,8 +30,9 @@ from lightning_monitor._run.options import (
 )
 from lightning_monitor._run.run import Run
 from lightning_monitor._run.writers import RunTensorBoard, RunWandb
-from lightning_monitor._writers.backends import Backend, Writer, check_not_tensorboardx, deliver
+from lightning_monitor._writers.backends import Backend, Writer, deliver
 from lightning_monitor._writers.media import HistogramData, make_histogram, prepare_images
+from lightning_monitor._writers.plain import check_not_tensorboardx
 
 #: seconds between TensorBoard flushes; TensorBoard's own default (120 s) is too slow to watch a run live.
 DEFAULT_FLUSH_SECS = 2

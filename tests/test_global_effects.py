@@ -12,7 +12,7 @@ from helpers import TinyImageModel, image_loader, make_trainer, tb_scalars
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_monitor import GradientMonitor, SpeedMonitor
-from lightning_monitor._writers.backends import _GuardedCall
+from lightning_monitor._writers.plain import _GuardedCall
 
 
 def test_a_plain_loggers_methods_are_its_own_again_after_fit_and_after_test(tmp_path):

@@ -17,15 +17,9 @@ from typing import Any, Optional, Union
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import Logger
 
-from lightning_monitor._writers.backends import (
-    Backend,
-    Writer,
-    deliver,
-    guard_lightning_calls,
-    unguard_lightning_calls,
-    writer_for,
-)
+from lightning_monitor._writers.backends import Backend, Writer, deliver
 from lightning_monitor._writers.media import HistogramData, prepare_images
+from lightning_monitor._writers.plain import guard_lightning_calls, unguard_lightning_calls, writer_for
 
 # writers of plain loggers, made once per logger (their warn-once state lives as long as the logger)
 _plain: "weakref.WeakKeyDictionary[Logger, Writer]" = weakref.WeakKeyDictionary()

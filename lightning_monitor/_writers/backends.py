@@ -4,7 +4,8 @@ A monitor's value takes one path: the dispatch layer prepares it once (a
 :class:`~lightning_monitor._writers.media.HistogramData` or :class:`~lightning_monitor._writers.media.Images`) and hands
 the same object to each writer through :func:`deliver`. Writers are chosen once per logger:
 :class:`~lightning_monitor.MultiLogger` brings its own (the :class:`Backend` contract), a plain ``TensorBoardLogger`` /
-``WandbLogger`` gets one of the classes here, and any other Lightning logger gets the scalar-only :class:`Writer`.
+``WandbLogger`` gets one of the classes here, and any other Lightning logger gets the scalar-only :class:`Writer`
+(:mod:`~lightning_monitor._writers.plain` picks them and guards Lightning's own calls on those loggers).
 
 Failure isolation is the same for all of them. A value a backend rejects (``ValueError``, ``TypeError``,
 ``KeyError``, ``IndexError``: a bad key, a picture it cannot encode) is skipped with one warning naming the key, and
@@ -16,14 +17,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from functools import partial
 from typing import Any, Optional
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_monitor._core import clock as _clock
-from lightning_monitor._core.compat import add_prefix, file_writer, logger_prefix, tensorboard_installed
+from lightning_monitor._core.compat import add_prefix, file_writer, logger_prefix
 from lightning_monitor._core.warn import WarnOnce
 from lightning_monitor._writers.layout import layout_summary, note_layout_tags, read_layout_tags
 from lightning_monitor._writers.media import HistogramData, Images, to_rgb
@@ -364,82 +364,13 @@ def os_error(err: Optional[BaseException]) -> Optional[OSError]:
     return None
 
 
-class _GuardedCall:
-    """A plain logger's own ``log_metrics`` / ``log_hyperparams``, run through :func:`deliver` so that
-    Lightning's ``self.log`` path gets the same isolation as our values. Picklable (no closure)."""
-
-    def __init__(self, writer: Writer, method: str, others: list[Writer]) -> None:
-        self.writer, self.method, self.others = writer, method, others
-
-    def __call__(self, *args: Any, **kwargs: Any) -> None:
-        values = args[0] if args else kwargs.get("metrics", kwargs.get("params", {}))
-        keys = list(values) if isinstance(values, Mapping) else [self.method]
-        write = partial(_call, self.writer.logger, self.method, *args, **kwargs)
-        step = kwargs.get("step", args[1] if len(args) > 1 else None)
-        if isinstance(self.writer, TensorBoardWriter) and self.method == "log_metrics" and isinstance(values, Mapping):
-            # the model's own self.log values belong in the run's layout too (train/loss beside val/loss)
-            numbers = [k for k, v in values.items() if not isinstance(v, Mapping)]
-            write = partial(_then, write, partial(self.writer.note_logger_keys, numbers, step))
-        deliver(self.writer, write, step, keys, self.others, row=self.method == "log_metrics")
-
-
-def _then(first: Callable[[], Any], second: Callable[[], Any]) -> None:
-    first()
-    second()
-
-
 class Backend(abc.ABC):
     """The contract of an object that brings its own writers to the dispatch layer, instead of getting one made for
-    it by :func:`writer_for`: :class:`~lightning_monitor.MultiLogger` (a logger: its TensorBoard and wandb
-    writers) and :class:`~lightning_monitor.RunSummary` (a callback: an in-memory consumer of the logged scalars).
-    The dispatch layer asks the trainer's loggers and callbacks for it, on global rank 0 only."""
+    it by :func:`~lightning_monitor._writers.plain.writer_for`: :class:`~lightning_monitor.MultiLogger` (a logger:
+    its TensorBoard and wandb writers) and :class:`~lightning_monitor.RunSummary` (a callback: an in-memory consumer
+    of the logged scalars). The dispatch layer asks the trainer's loggers and callbacks for it, on global rank 0
+    only."""
 
     @abc.abstractmethod
     def monitor_writers(self) -> Sequence[Writer]:
         """The writers that get every value the monitors log, now (may take the run directory's lock)."""
-
-
-def check_not_tensorboardx(who: str) -> None:
-    """Refuse the writer Lightning's ``TensorBoardLogger`` picks when the ``tensorboard`` package is missing:
-    tensorboardX, whose writer thread dies on a full disk and then blocks every later write (training hangs).
-
-    Raises:
-        ModuleNotFoundError: ``tensorboard`` is not installed, with the ``pip install`` line.
-    """
-    if not tensorboard_installed():
-        raise ModuleNotFoundError(
-            f"{who} needs the `tensorboard` package: without it Lightning's TensorBoardLogger writes through"
-            " tensorboardX, whose writer blocks training forever once the disk is full. Install it:"
-            " `pip install tensorboard`"
-        )
-
-
-def writer_for(logger: Logger) -> Writer:
-    """The writer of a plain Lightning logger (a :class:`Backend` brings its own)."""
-    if isinstance(logger, TensorBoardLogger):
-        check_not_tensorboardx("lightning-monitor with a TensorBoardLogger")  # in Monitor.setup: before training
-        return TensorBoardWriter(logger)
-    if isinstance(logger, WandbLogger):
-        return WandbWriter(logger)
-    return Writer(logger)
-
-
-def guard_lightning_calls(writer: Writer, others: list[Writer]) -> None:
-    """Route Lightning's own calls on a plain TensorBoard/wandb logger (``self.log``, hyperparameters) through
-    :func:`deliver` too, by wrapping the two methods on that logger instance."""
-    if type(writer) is Writer:
-        return  # other loggers are the user's own business
-    for method in _GUARDED:
-        setattr(writer.logger, method, _GuardedCall(writer, method, others))
-
-
-def unguard_lightning_calls(writer: Writer) -> None:
-    """Undo :func:`guard_lightning_calls`: the logger's methods are its class's own again (at a fit's teardown; the
-    next fit's setup guards them again)."""
-    for method in _GUARDED:
-        if isinstance(vars(writer.logger).get(method), _GuardedCall):
-            delattr(writer.logger, method)
-
-
-#: the methods of a plain TensorBoard/wandb logger that Lightning's own writes go through
-_GUARDED = ("log_metrics", "log_hyperparams")
