@@ -2,6 +2,7 @@
 
 from lightning_monitor._core.warn import install_warning_format
 from lightning_monitor.gradient_monitor import GradientMonitor
+from lightning_monitor.health_monitor import HealthMonitor
 from lightning_monitor.memory_monitor import MemoryMonitor
 from lightning_monitor.multi_logger import MultiLogger
 from lightning_monitor.prediction_grid_monitor import PredictionGridMonitor
@@ -12,4 +13,5 @@ __version__ = "0.1.0"
 
 install_warning_format()  # our warnings read "lightning-monitor: <message>", without an internal file:line prefix
 
-__all__ = ["MultiLogger", "GradientMonitor", "MemoryMonitor", "SpeedMonitor", "PredictionGridMonitor", "RunSummary"]
+__all__ = ["MultiLogger", "GradientMonitor", "MemoryMonitor", "SpeedMonitor", "PredictionGridMonitor", "RunSummary",
+           "HealthMonitor"]

@@ -98,6 +98,10 @@ class RunSummary(Callback, Backend):
         "summary/overhead_share_mean": "mean of ``time/monitor_share`` over the logging windows: the monitors'"
         " own share of training time (headline)",
         "summary/overhead_share_mean/{name}": "the part of it spent in one monitor (``time/monitor_share/{name}``)",
+        "summary/alerts": "alerts HealthMonitor raised in the fit (its last ``health/alerts``)",
+        "summary/alert_count/{rule}": "alerts of one HealthMonitor rule (the times ``health/{rule}`` went to 1)",
+        "summary/alert_first_step/{rule}": "the step of that rule's first alert",
+        "summary/alert_last_step/{rule}": "the step of that rule's last alert",
         "summary/table": "text: the table (a TensorBoard text card)",
     }
     #: the TensorBoard text card holding the whole table

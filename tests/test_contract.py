@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback
 import lightning_monitor
 from lightning_monitor import (
     GradientMonitor,
+    HealthMonitor,
     MemoryMonitor,
     MultiLogger,
     PredictionGridMonitor,
@@ -61,7 +62,7 @@ CBS = pytest.mark.parametrize("cls", CALLBACKS, ids=lambda c: c.__name__)
 # ------------------------------------------------------------------------------ key names, patterns, tables
 
 #: The first segment of every key (DESIGN.md "Logged keys").
-AREAS = ("grad", "param", "memory", "throughput", "time", "predictions", "run", "summary")
+AREAS = ("grad", "param", "memory", "throughput", "time", "predictions", "run", "summary", "health")
 _PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 _SEGMENT = re.compile(r"^[a-z][a-z0-9_]*$")
 # Units the key must spell as _gib / _sec / _per_sec (tokens between underscores of a key's last segment).
@@ -200,7 +201,8 @@ def test_document_keys_fills_the_placeholder_and_refuses_a_docstring_without_one
 
 def test_all_lists_the_public_classes():
     assert lightning_monitor.__all__ == [
-        "MultiLogger", "GradientMonitor", "MemoryMonitor", "SpeedMonitor", "PredictionGridMonitor", "RunSummary"]
+        "MultiLogger", "GradientMonitor", "MemoryMonitor", "SpeedMonitor", "PredictionGridMonitor", "RunSummary",
+        "HealthMonitor"]
 
 
 @ALL
@@ -342,6 +344,11 @@ def _conditional(device: str) -> dict[str, str]:
     reasons["memory/host/worker_processes"] = "runs with DataLoader workers only"
     reasons["grad/optimizer_norm/{index}"] = "per-optimizer series: more than one optimizer only"
     reasons["grad/optimizer_nonfinite_count/{index}"] = "per-optimizer series: more than one optimizer only"
+    for key in HealthMonitor.LOGGED_KEYS:
+        reasons[key] = "HealthMonitor logs only after an alert (and is not in this fit)"
+    for key in RunSummary.LOGGED_KEYS:
+        if key.startswith("summary/alert"):
+            reasons[key] = "only when HealthMonitor raised an alert"
     reasons["summary/cuda_{phase}_peak_allocated_gib_max"] = "CUDA only (MemoryMonitor's per-phase peaks)"
     reasons["summary/cuda_{phase}_peak_allocated_gib_max_rank"] = "CUDA only (MemoryMonitor's per-phase peaks)"
     if "time/monitor_share" not in SpeedMonitor.LOGGED_KEYS:

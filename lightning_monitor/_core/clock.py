@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 #: the clock, ``time.perf_counter`` unless a test set another (:func:`set_clock`)
 now: Callable[[], float] = time.perf_counter
+#: the wall clock of the timestamps a person reads (seconds since the epoch: ``alerts.jsonl``'s ``time``)
+wall: Callable[[], float] = time.time
 
 
 def set_clock(clock: Callable[[], float]) -> None:

@@ -103,3 +103,23 @@ def log_image(
     every = writers(trainer)
     for writer in every:
         deliver(writer, partial(writer.images, prepared, step), step, [key], every)
+
+
+def log_text(trainer: "pl.Trainer", key: str, text: str, step: int) -> None:
+    """A piece of text (Markdown) at ``step`` to every writer: TensorBoard's text tab, a one-cell wandb table; a
+    scalar-only logger says once that it shows no text."""
+    if not trainer.is_global_zero:
+        return
+    every = writers(trainer)
+    for writer in every:
+        deliver(writer, partial(writer.text, key, text, step), step, [key], every)
+
+
+def log_alert(trainer: "pl.Trainer", title: str, text: str) -> None:
+    """An alert worth a notification to every writer that has one (wandb's ``run.alert``, when the run is online);
+    the others ignore it (the alert is also in their scalars and text)."""
+    if not trainer.is_global_zero:
+        return
+    every = writers(trainer)
+    for writer in every:
+        deliver(writer, partial(writer.alert, title, text), None, [title], every, row=False)

@@ -23,7 +23,7 @@ SOURCE_KEYS = frozenset(
     }
 )
 #: families of logged keys the summary reads (the module groups' gradient norms, each monitor's own cost)
-SOURCE_PREFIXES = ("grad/norm/", "time/monitor_share/")
+SOURCE_PREFIXES = ("grad/norm/", "time/monitor_share/", "health/")
 
 Series = Mapping[str, Sequence[tuple[int, float]]]
 
@@ -82,10 +82,27 @@ def compute(series: Series, *, status: str, wall_sec: Optional[float], steps: in
             out["summary/grad_norm_max_group"] = max(groups, key=lambda g: groups[g])
     if accuracy := values("predictions/accuracy"):
         out["summary/accuracy_first"], out["summary/accuracy_last"] = accuracy[0], accuracy[-1]
+    out.update(_alerts(series))
     if overhead := values("time/monitor_share"):
         out["summary/overhead_share_mean"] = float(np.mean(overhead))
         for key in sorted(k for k in series if k.startswith("time/monitor_share/")):
             out[f"summary/overhead_share_mean/{key.removeprefix('time/monitor_share/')}"] = float(np.mean(values(key)))
+    return out
+
+
+def _alerts(series: Series) -> dict[str, Any]:
+    """HealthMonitor's alerts: the count, and per rule its episodes (the times ``health/{rule}`` went to 1) with the
+    steps of the first and the last."""
+    out: dict[str, Any] = {}
+    if points := series.get("health/alerts"):
+        out["summary/alerts"] = int(points[-1][1])
+    for key in sorted(k for k in series if k.startswith("health/") and k != "health/alerts"):
+        points = series[key]
+        starts = [step for i, (step, v) in enumerate(points) if v >= 0.5 and (i == 0 or points[i - 1][1] < 0.5)]
+        if starts:
+            rule = key.removeprefix("health/")
+            out[f"summary/alert_count/{rule}"] = len(starts)
+            out[f"summary/alert_first_step/{rule}"], out[f"summary/alert_last_step/{rule}"] = starts[0], starts[-1]
     return out
 
 
@@ -105,6 +122,10 @@ def unit(key: str) -> Optional[str]:
     """The unit of a summary value, read off its name (DESIGN.md: units in the name); ``None`` for text."""
     if key in ("summary/status", "summary/grad_norm_max_group"):
         return None
+    if key == "summary/alerts" or key.startswith("summary/alert_count/"):
+        return "alerts"
+    if key.startswith(("summary/alert_first_step/", "summary/alert_last_step/")):
+        return "step"
     for suffix, name in (("_per_sec_p50", "samples/s"), ("_per_sec_p10", "samples/s"), ("_rank", "global rank"),
                          ("_gib_max", "GiB"), ("_sec", "s"), ("_sec_p50", "s"), ("_sec_p95", "s"),
                          ("_step", "step"), ("steps", "steps"), ("grad_norm_max", "L2 norm")):
@@ -151,6 +172,11 @@ def rows(values: Mapping[str, Any]) -> list[tuple[str, str]]:
     if "summary/accuracy_first" in v:
         out.append(("accuracy, fixed samples", f"first {v['summary/accuracy_first']:.1%}, "
                                                f"last {v['summary/accuracy_last']:.1%}"))
+    if "summary/alerts" in v:
+        counts = {k.rsplit("/", 1)[1]: n for k, n in v.items() if k.startswith("summary/alert_count/")}
+        parts = [f"{rule} {n}x ({_steps(v[f'summary/alert_first_step/{rule}'], v[f'summary/alert_last_step/{rule}'])})"
+                 for rule, n in counts.items()]
+        out.append(("health alerts", f"{v['summary/alerts']}" + (f": {', '.join(parts)}" if parts else "")))
     if "summary/overhead_share_mean" in v:
         parts = [f"{k.rsplit('/', 1)[1].removesuffix('_monitor').replace('_', ' ')} {x:.1%}" for k, x in v.items()
                  if k.startswith("summary/overhead_share_mean/")]
@@ -191,6 +217,10 @@ def rich_text(values: Mapping[str, Any], footer: str = "") -> str:
     buffer = io.StringIO()
     Console(file=buffer, force_terminal=sys.stdout.isatty(), width=120).print(table)
     return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
+
+
+def _steps(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}..{last}"
 
 
 def _duration(seconds: float) -> str:

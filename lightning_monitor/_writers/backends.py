@@ -99,6 +99,10 @@ class Writer:
         shows text. ``headline``: the numbers worth a chart (a dashboard writer charts those only)."""
         _call(self.logger, "log_metrics", _numbers(values), step=step)
 
+    def alert(self, title: str, text: str) -> None:
+        """An alert worth a notification (HealthMonitor's): only wandb has one (``run.alert``, online); every other
+        backend shows the alert in its scalars and text, and ignores this."""
+
     def _unsupported(self, kind: str) -> None:
         self.warn(  # one warning for every kind of media (histograms, images, text): not one per kind
             "media",
@@ -257,6 +261,13 @@ class WandbWriter(Writer):
         row."""
         wb = self.wandb_logger()
         wb.experiment.summary.update(add_prefix(values, logger_prefix(wb), wb.LOGGER_JOIN_CHAR))
+
+    def alert(self, title: str, text: str) -> None:
+        """``run.alert`` (an e-mail or Slack message from wandb) when the run is online; an offline run has no
+        server to send it, and keeps the alert in its history rows (what ``wandb sync`` uploads)."""
+        run = self.wandb_logger().experiment
+        if not run.offline:
+            run.alert(title=title, text=text)
 
 
 class Recorder(Writer):
