@@ -236,7 +236,8 @@ class HealthMonitor(Monitor):
                 self._report(trainer, found, judged, max(steps))
             strongest = max(found, key=lambda a: _SEVERITY[a.action], default=None)
             if strongest is not None and strongest.action != "warn":
-                decision = (_SEVERITY[strongest.action], strongest.line())
+                reason = f"{strongest.rule} at step {strongest.step}: {strongest.message}"
+                decision = (_SEVERITY[strongest.action], reason)
         if not final and self._acts and trainer.world_size > 1:
             # collective on every rank, only at the boundary after a logging step: every rank acts alike
             decision = trainer.strategy.broadcast(decision, src=0)
@@ -250,7 +251,7 @@ class HealthMonitor(Monitor):
         if severity >= _SEVERITY["stop"]:
             trainer.should_stop = True
             if trainer.is_global_zero and self.print_alerts:
-                _report.say(trainer, f"lightning-monitor: HealthMonitor stops the fit after this batch ({reason})")
+                _report.say(trainer, f"lightning-monitor: HealthMonitor stops the fit after this batch: {reason}")
 
     def _report(self, trainer: "pl.Trainer", alerts: Sequence[Alert], judged: Mapping[str, int], step: int) -> None:
         """The health keys at ``step`` and, for new alerts, the terminal lines, the text card, wandb's alert and the
