@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from lightning_monitor._core.compat import convert_params
@@ -316,23 +316,22 @@ class MultiLogger(Logger, Backend):
     def finalize(self, status: str) -> None:
         """Flush and close both backends; the wandb run is finished (failed unless ``status`` is success).
 
-        One backend failing does not stop the other from being flushed. After a successful run the first error
-        is raised; after a failed or interrupted run it is only warned about, so it never masks the training
-        exception. The run directory's lock is released. A write after ``finalize`` (``test`` after ``fit`` makes
-        one) deliberately reopens the same run: a new TensorBoard event file in the run directory, a new segment
-        of the same wandb run, the lock taken again.
+        Never raises because a backend could not finish (wandb's service crashing while it finishes, a disk failing
+        at the last flush): one backend failing does not stop the other from being flushed, and one warning says
+        what failed and where each backend's files are (the ``wandb sync`` command for wandb's local copy), so
+        ``fit`` returns and never masks a training exception. The run directory's lock is released. A write after
+        ``finalize`` (``test`` after ``fit`` makes one) deliberately reopens the same run: a new TensorBoard event
+        file in the run directory, a new segment of the same wandb run, the lock taken again.
         """
-        errors: list[BaseException] = []
+        failures: list[tuple[str, BaseException]] = []
         for writer in self._writers:
             try:
                 writer.finish(status)
-            except Exception as err:  # noqa: BLE001 - the other backend must still be flushed
-                errors.append(err)
+            except Exception as err:  # noqa: BLE001 - the other backend must still be flushed; fit must return
+                failures.append((writer.name, err))
         self._guard.release()
-        for error in errors:
-            if status == "success" and error is errors[0]:
-                raise error
-            rank_zero_warn(f"MultiLogger.finalize({status!r}): {type(error).__name__}: {error}")
+        if failures:
+            self._guard.finish_failed(status, failures)
 
     # ------------------------------------------------------------------ internals
     def _deliver(

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import http.server
 import io
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -123,6 +128,42 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def json_server(status: int = 200, answer: Any = None) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """A real HTTP server on 127.0.0.1 (a free port, a thread per request) answering every request, whatever its
+    method and path, with ``status`` and ``answer`` as JSON (``{}`` by default): a reverse proxy that is no W&B
+    server. Yields its base URL and the ``(method, path)`` of each request it got; shut down on exit."""
+    body = json.dumps({} if answer is None else answer).encode()
+    seen: list[tuple[str, str]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            seen.append((self.command, self.path))
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = answer
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
 
 
 def run_ddp_script(tmp_path: Any, name: str, source: str, timeout: float = 170) -> subprocess.CompletedProcess[str]:

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import pytest
+from helpers import json_server
 from wandb_reader import find_runs
 
 from lightning_monitor._run import wandb_start as _wandb_run
@@ -157,6 +158,44 @@ def test_decide_mode_unreachable_server(monkeypatch):
     assert time.monotonic() - started < 2 * _wandb_run.NETWORK_TIMEOUT_SEC
     with pytest.raises(_wandb_run.WandbOnlineError, match=r"127\.0\.0\.1:9 did not answer.*require_online"):
         _wandb_run.check_options({"require_online": True})
+
+
+W_AND_B_ANSWER = {"data": {"serverInfo": {"__typename": "ServerInfo"}}}
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "online", "reason"),
+    [
+        (200, W_AND_B_ANSWER, True, None),
+        (200, {}, False, "answers, but not as a W&B server (POST /graphql: HTTP 200, no serverInfo in the answer)"),
+        (200, {"data": {"serverInfo": None}, "errors": [{"message": "no"}]}, False, "no serverInfo in the answer: no"),
+        (404, {"detail": "Not Found"}, False, "not as a W&B server (POST /graphql: HTTP 404"),
+        (401, {"errors": [{"message": "denied"}]}, False, "refused the API key (HTTP 401: denied)"),
+    ],
+    ids=["wandb", "empty-json", "graphql-errors", "not-found", "key-refused"],
+)
+def test_the_probe_tells_a_wandb_server_from_any_web_server(monkeypatch, status, answer, online, reason):
+    """A real HTTP server answering every request alike: only the answer a W&B server gives to ``serverInfo``
+    lets the run be online; anything else is offline with the reason."""
+    with json_server(status, answer) as (url, seen):
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", url)
+        mode, why = _wandb_run.decide_mode({})
+    assert seen == [("POST", "/graphql")]
+    if online:
+        assert (mode, why) == ("online", "")
+    else:
+        assert mode == "offline" and url in why and reason in why
+
+
+def test_the_probe_answer_without_a_key_of_ours():
+    """With an identity token (no key we can send), a GraphQL refusal is left to wandb's own authentication; an
+    answer that is not GraphQL is not a W&B server's."""
+    refusal = b'{"errors": [{"message": "anonymous user cannot check version info"}]}'
+    assert _wandb_run._judge("http://h", 403, refusal, key_sent=False) is None
+    assert "refused the API key (HTTP 403: anonymous" in _wandb_run._judge("http://h", 403, refusal, key_sent=True)
+    assert "not as a W&B server (POST /graphql: HTTP 401, not JSON)" in _wandb_run._judge(
+        "http://h", 401, b"<html>login</html>", key_sent=False)
 
 
 def test_decide_mode_finds_the_key_where_wandb_does(monkeypatch, tmp_path):

@@ -91,15 +91,17 @@ def run_is_finished(run: Any) -> bool:
     return bool(getattr(run, "_is_finished", False))
 
 
-def wandb_session_key(base_url: str) -> bool:
-    """Whether an earlier ``wandb.login(key=...)`` in this process left a key for ``base_url``
-    (``wandb.sdk.lib.wbauth.session_credentials``, wandb >= 0.22); ``False`` on any other wandb."""
+def wandb_session_key(base_url: str) -> Optional[str]:
+    """The API key an earlier ``wandb.login(key=...)`` in this process left for ``base_url``: ``""`` when its
+    credentials are of another kind, ``None`` when there are none (``wandb.sdk.lib.wbauth.session_credentials`` and
+    ``AuthApiKey.api_key``, wandb >= 0.22); ``None`` on any other wandb."""
     try:
         from wandb.sdk.lib import wbauth
 
-        return wbauth.session_credentials(host=base_url) is not None
+        auth = wbauth.session_credentials(host=base_url)
     except Exception:  # noqa: BLE001 - another wandb version: the key is not there
-        return False
+        return None
+    return None if auth is None else str(getattr(auth, "api_key", "") or "")
 
 
 def stop_wandb_analytics() -> None:

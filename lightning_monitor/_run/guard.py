@@ -1,5 +1,6 @@
-"""Run-level guards of a MultiLogger: the run directory's lock and disk watch, a directory fault told once, and a
-key that both a monitor and the model log at one step."""
+"""Run-level guards of a MultiLogger: the run directory's lock and disk watch, a directory fault told once, a backend
+that could not finish told once with where every backend's files are, and a key that both a monitor and the model
+log at one step."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any, Optional, Protocol
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_monitor._core.warn import WarnOnce
 from lightning_monitor._run import disk as _disk
 from lightning_monitor._run import lock as _run_lock
 from lightning_monitor._run.run import Run
@@ -27,6 +29,10 @@ class RunFiles(Protocol):
     def lose_run_dir(self) -> None:
         """The run directory was deleted or its disk is full: stop writing (unless it keeps sending elsewhere)."""
 
+    def local_files(self) -> Optional[str]:
+        """Where its files of this run are on disk (for TensorBoard the run directory, for wandb the folder of the
+        run it finished last, which ``wandb sync`` uploads), or ``None``."""
+
 
 class RunGuard:
     """What a MultiLogger checks around its writes on rank 0 (the only rank that writes)."""
@@ -40,6 +46,7 @@ class RunGuard:
         self.monitor_keys: dict[str, Optional[int]] = {}  # key -> last step a monitor wrote it at
         self.from_model = False  # inside MultiLogger.log_metrics (Lightning's self.log path)
         self.clashes: set[str] = set()
+        self.warn = WarnOnce()
         run.on_ledger_fault = self.ledger_fault
 
     def attach(self, files: Sequence[RunFiles]) -> None:
@@ -74,6 +81,28 @@ class RunGuard:
             writer.lose_run_dir()
         self.fault_told = True
         return message
+
+    def finish_failed(self, status: str, failures: Sequence[tuple[str, BaseException]]) -> None:
+        """Some writers could not finish the run (wandb's service crashing while it finishes, a disk failing at the
+        last flush): one warning saying so and where every backend's files are, and nothing raised, so that ``fit``
+        returns and whatever the script does next still runs."""
+        failed = {name for name, _ in failures}
+        told = "; ".join(f"{name} could not finish ({type(err).__name__}{f': {err}' if str(err) else ''})"
+                         for name, err in failures)
+        kept = []
+        for writer in self.files:
+            where = writer.local_files()
+            if where is None:
+                continue
+            if writer.name == "wandb":
+                kept.append(f"wandb's local copy of the run is in {where}: upload it with `wandb sync {where}`")
+            elif writer.name in failed:
+                kept.append(f"{writer.name}'s files are in {where}, perhaps without their last values")
+            else:
+                kept.append(f"{writer.name} has every value in {where}")
+        message = f"MultiLogger.finalize({status!r}): {told}; nothing is raised for it"
+        message += f", and the run's files stay on disk: {'; '.join(kept)}." if kept else "."
+        self.warn(message, message)
 
     def ledger_fault(self, err: OSError) -> None:
         """The step ledger could not be written (it is written at every step, before TensorBoard's writer thread

@@ -2,32 +2,38 @@
 
 - The mode is decided by us, never by a prompt: a mode that needs the W&B server (``online``, ``shared``), whether
   asked for (``mode=``, ``WANDB_MODE``) or chosen because nothing was asked for, is used only when an API key is
-  configured and the server answers within ``NETWORK_TIMEOUT_SEC``; otherwise the run is offline, with one message
-  saying why. wandb itself only prompts for a key it cannot find, and we only let it go online with one it will
-  find (the same places it looks: ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, the ``.netrc`` entry for the
-  server, ``settings.api_key``, an earlier ``wandb.login(key=...)``).
+  configured and a W&B server answers a query wandb's own client makes (``serverInfo`` on ``/graphql``) within
+  ``NETWORK_TIMEOUT_SEC`` as only a W&B server does; otherwise (no answer, any other web server, the key refused) the
+  run is offline, with one message saying why. wandb itself only prompts for a key it cannot find, and we only let it
+  go online with one it will find (the same places it looks: ``WANDB_API_KEY``, ``WANDB_IDENTITY_TOKEN_FILE``, the
+  ``.netrc`` entry for the server, ``settings.api_key``, an earlier ``wandb.login(key=...)``).
 - ``require_online=True`` (a ``MultiLogger(wandb={...})`` option) turns every fallback to offline into an error:
   :func:`check_options` raises before training when no key is configured or the server does not answer, and
   :func:`start` raises when the online start fails.
 - A start is bounded by ``INIT_TIMEOUT_SEC``: the server probe takes at most 3 s, the online attempt at most
   ``ONLINE_INIT_TIMEOUT_SEC``, and the fallback (a fresh wandb service, the offline run) the rest. Measured on a busy
   2-core machine: a server that accepts connections and never answers, 3 s (probe 2 s + offline start); one that
-  answers the probe but never its API, 24 s (online attempt 20.3 s + teardown 2.0 s + offline start 1.6 s).
+  answers the probe but not the rest of its API, 24 s (online attempt 20.3 s + teardown 2.0 s + offline start
+  1.6 s).
 - An offline run sends nothing: wandb's own usage metrics are turned off for it (wandb sends them to the server and
   waits for it at interpreter exit: 11.5 s with a silent server). If an online attempt already started them, exit
   can still wait up to wandb's 10 s request timeout (measured 11.5 s).
-- ``finish`` is bounded too: an online run that cannot upload in time keeps its local copy for ``wandb sync``.
+- ``finish`` is bounded too: an online run that cannot upload in time keeps its local copy for ``wandb sync``; a
+  service that died (crashed, killed) is let go, so that the process exits cleanly and a later start gets a new one.
 - ``WANDB_*`` environment variables that wandb sets in our process (``WANDB_SERVICE`` …) are put back as they were,
   without touching a variable anyone else set meanwhile.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import glob
 import inspect
+import json
 import netrc
 import os
+import ssl
 import threading
 import time
 import urllib.error
@@ -58,6 +64,11 @@ REQUIRE_ONLINE = "require_online"
 #: modes that need an API key and a reachable server (``run`` is wandb's old name for ``online``).
 SERVER_MODES = ("online", "shared", "run")
 DEFAULT_BASE_URL = "https://api.wandb.ai"
+#: the online probe: the ``serverInfo`` query wandb's own client makes (its ``ServerFeaturesQuery``), reduced to what
+#: every W&B server version answers
+PROBE_QUERY = "query LightningMonitorProbe { serverInfo { __typename } }"
+#: bytes of the probe's answer read at most (a W&B server's is about 60)
+PROBE_MAX_BYTES = 65536
 _ASKED_ONLINE = "asked for"  # how a reason starts when a mode the user asked for was replaced by offline
 _announced: set[str] = set()
 
@@ -128,11 +139,12 @@ def decide_mode(options: dict[str, Any]) -> tuple[str, str]:
 
 
 def _server_problem(settings: Any) -> Optional[str]:
-    """Why a run cannot be online (no API key, no answer from the server), or ``None`` when it can."""
+    """Why a run cannot be online (no API key, no W&B server answering), or ``None`` when it can."""
     base_url = str(_setting(settings, "base_url") or os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL)
-    if not _has_credentials(base_url, settings):
+    key = _api_key(base_url, settings)
+    if key is None:
         return "no W&B API key: set WANDB_API_KEY or run `wandb login`"
-    return _no_answer(base_url)
+    return _not_a_wandb_server(base_url, key, settings)
 
 
 def _setting(settings: Any, name: str) -> Any:
@@ -141,34 +153,61 @@ def _setting(settings: Any, name: str) -> Any:
 
 def _has_credentials(base_url: str, settings: Any) -> bool:
     """Whether wandb will find credentials for ``base_url`` without prompting (the places it looks, in order)."""
-    if _setting(settings, "api_key") or os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
+    return _api_key(base_url, settings) is not None
+
+
+def _api_key(base_url: str, settings: Any) -> Optional[str]:
+    """The API key wandb will use for ``base_url`` (the places it looks, in order); ``""`` when it authenticates
+    another way we cannot read (an identity token file, an earlier ``wandb.login`` of another kind), ``None`` when
+    it would have to ask for one."""
+    key = _setting(settings, "api_key") or os.environ.get("WANDB_API_KEY")
+    if key:
+        return str(key)
+    if os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return ""
     path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
     try:
         entry = netrc.netrc(path).authenticators(urlsplit(base_url).netloc)  # wandb's key: host[:port]
         if entry is not None and entry[2]:
-            return True
+            return entry[2]
     except (OSError, netrc.NetrcParseError):
         pass
     return wandb_session_key(base_url)  # an earlier `wandb.login(key=...)` in this process
 
 
-def _no_answer(base_url: str) -> Optional[str]:
-    """``None`` when ``base_url`` answers an HTTP request (any status) within ``NETWORK_TIMEOUT_SEC``, else why not.
+def _not_a_wandb_server(base_url: str, api_key: str, settings: Any = None) -> Optional[str]:
+    """``None`` when a W&B server at ``base_url`` answers :data:`PROBE_QUERY` within ``NETWORK_TIMEOUT_SEC``, else
+    why not (no answer, an answer no W&B server gives, the API key refused).
 
-    A TCP connection is not enough: a server that accepts connections and never answers made ``wandb.init`` wait
-    for its whole ``init_timeout``. Proxies set in the environment are used, as wandb uses them.
+    Any HTTP answer is not enough: a reverse proxy answering ``200 {}`` to every request let wandb start online, and
+    its service crashed while finishing the run. The probe is a GraphQL query wandb's own client makes too
+    (``serverInfo`` on ``/graphql``, the key as HTTP basic auth ``api:<key>`` as wandb sends it; wandb 0.31
+    checked), and only a W&B server answers it with ``{"data": {"serverInfo": {"__typename": "ServerInfo"}}}``. The
+    extra HTTP headers and the TLS choice the user gave wandb (``x_extra_http_headers``, ``insecure_disable_ssl``)
+    go with it. A TCP connection is not enough either: a server that accepts connections and never answers made
+    ``wandb.init`` wait for its whole ``init_timeout``. Proxies set in the environment are used, as wandb uses them.
     """
     outcome: list[Optional[str]] = []
+    url = base_url.rstrip("/") + "/graphql"
+    headers = {"Content-Type": "application/json", "User-Agent": "lightning-monitor", **_extra_headers(settings)}
+    if api_key:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"api:{api_key}".encode()).decode()
+    request = urllib.request.Request(url, data=json.dumps({"query": PROBE_QUERY}).encode(), headers=headers)
+    context = None
+    if _setting(settings, "insecure_disable_ssl") or _truthy(os.environ.get("WANDB_INSECURE_DISABLE_SSL")):
+        context = ssl.create_default_context()  # the user turned wandb's certificate check off: ours too
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
 
     def probe() -> None:
         try:
-            urllib.request.urlopen(base_url, timeout=NETWORK_TIMEOUT_SEC).close()  # noqa: S310 - the W&B server
-            outcome.append(None)
-        except urllib.error.HTTPError:  # it answered (401, 404 …): it is there
-            outcome.append(None)
+            with urllib.request.urlopen(  # noqa: S310 - the W&B server
+                request, timeout=NETWORK_TIMEOUT_SEC, context=context
+            ) as response:
+                outcome.append(_judge(base_url, response.status, response.read(PROBE_MAX_BYTES), bool(api_key)))
+        except urllib.error.HTTPError as err:  # it answered with an error status (401, 404 ...)
+            outcome.append(_judge(base_url, err.code, err.read(PROBE_MAX_BYTES), bool(api_key)))
         except Exception as err:  # noqa: BLE001 - any other failure means no answer
-            outcome.append(f"{type(err).__name__}: {getattr(err, 'reason', err)}")
+            outcome.append(f"{base_url} did not answer ({type(err).__name__}: {getattr(err, 'reason', err)})")
 
     thread = threading.Thread(target=probe, name="lightning-monitor-wandb-probe", daemon=True)
     thread.start()
@@ -178,7 +217,47 @@ def _no_answer(base_url: str) -> Optional[str]:
     _stop_wandb_analytics()  # wandb would send them to this server, and wait for it at exit
     if not outcome:
         return f"{base_url} did not answer within {NETWORK_TIMEOUT_SEC:.0f} s"
-    return f"{base_url} did not answer ({outcome[0]})"
+    return outcome[0]
+
+
+def _extra_headers(settings: Any) -> dict[str, str]:
+    """The extra HTTP headers wandb sends to the server (``x_extra_http_headers``: its settings, or a JSON object in
+    ``WANDB__EXTRA_HTTP_HEADERS``, the environment name wandb reads it from)."""
+    headers = _setting(settings, "x_extra_http_headers") or os.environ.get("WANDB__EXTRA_HTTP_HEADERS")
+    if isinstance(headers, str):
+        try:
+            headers = json.loads(headers)
+        except ValueError:
+            return {}
+    return {str(k): str(v) for k, v in headers.items()} if isinstance(headers, Mapping) else {}
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def _judge(base_url: str, status: int, body: bytes, key_sent: bool) -> Optional[str]:
+    """``None`` when ``status`` and ``body`` are a W&B server's answer to :data:`PROBE_QUERY`, else why the run
+    cannot be online. A refusal (401, 403) of a key we sent is final (wandb would fail to start with it); without a
+    key of ours to send (an identity token), a GraphQL refusal is left to wandb's own authentication."""
+    try:
+        answer = json.loads(body.decode("utf-8", "replace"))
+    except ValueError:
+        answer = None
+    errors = answer.get("errors") if isinstance(answer, dict) else None
+    first_error = ""
+    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+        first_error = f": {str(errors[0].get('message', ''))[:200]}"
+    if status in (401, 403) and key_sent:
+        return f"the server at {base_url} refused the API key (HTTP {status}{first_error})"
+    if status in (401, 403) and errors:
+        return None  # a GraphQL server asking for credentials we cannot send: wandb's own start decides
+    data = answer.get("data") if isinstance(answer, dict) else None
+    info = data.get("serverInfo") if isinstance(data, dict) else None
+    if status == 200 and isinstance(info, dict) and info.get("__typename") == "ServerInfo":
+        return None
+    what = "not JSON" if answer is None else f"no serverInfo in the answer{first_error}"
+    return f"{base_url} answers, but not as a W&B server (POST /graphql: HTTP {status}, {what})"
 
 
 def _wandb_environment() -> dict[str, str]:
@@ -337,17 +416,24 @@ def _teardown() -> None:
 
     try:
         wandb.teardown()
-    except Exception:  # noqa: BLE001 - a dead service cannot be told to stop; the connection is dropped anyway
-        pass
+    except (Exception, SystemExit):  # noqa: BLE001 - a dead service cannot be told to stop; the connection is
+        pass  # dropped anyway (wandb exits with the exit code of a service that ended badly: not the user's exit)
 
 
 def _service_lost(err: BaseException) -> bool:
-    """Whether ``err`` says wandb's service process is gone (killed, crashed) rather than anything about the run."""
-    return isinstance(err, (ConnectionError, BrokenPipeError)) or "Mailbox" in type(err).__name__
+    """Whether ``err`` says wandb's service process is gone (killed, crashed) rather than anything about the run:
+    a lost connection, or a request the connection dropped (``HandleAbandonedError``, ``MailboxError`` before)."""
+    name = type(err).__name__
+    return isinstance(err, (ConnectionError, BrokenPipeError)) or "Mailbox" in name or "Abandoned" in name
 
 
 def finish(run: Any, exit_code: int, timeout: float = FINISH_TIMEOUT_SEC) -> None:
-    """``run.finish(exit_code)`` in a helper thread, waited for at most ``timeout`` seconds."""
+    """``run.finish(exit_code)`` in a helper thread, waited for at most ``timeout`` seconds.
+
+    Raises:
+        Exception: what ``run.finish`` raised. When it says wandb's service is gone, the connection to it is dropped
+            first (the next start makes a new service, and the exit runs no teardown of a dead one).
+    """
     errors: list[BaseException] = []
     kept = _EnvironmentKept()
 
@@ -369,7 +455,17 @@ def finish(run: Any, exit_code: int, timeout: float = FINISH_TIMEOUT_SEC) -> Non
             f" {os.path.dirname(run.dir)}: upload it with `wandb sync` if it does not arrive."
         )
     elif errors:
+        if _service_lost(errors[0]):
+            _teardown()
         raise errors[0]
+
+
+def local_copy(run: Any) -> Optional[str]:
+    """The folder of ``run``'s local files (``.../wandb/offline-run-...`` or ``run-...``: what ``wandb sync`` takes),
+    or ``None`` when it has none."""
+    files = getattr(run, "dir", None)
+    folder = os.path.dirname(str(files)) if files else None
+    return folder if folder and os.path.isdir(folder) else None
 
 
 def is_online(run: Any) -> bool:

@@ -103,6 +103,10 @@ class RunTensorBoard(TensorBoardWriter):
     def keeps_after_loss(self) -> Optional[bool]:
         return False if self.on else None
 
+    def local_files(self) -> Optional[str]:
+        """The run directory, where the event files are, once this writer wrote there."""
+        return os.path.abspath(self.tb.log_dir) if self.on and self.started else None
+
     def lose_run_dir(self) -> None:
         self.failed = True
 
@@ -170,6 +174,7 @@ class RunWandb(WandbWriter):
         self.run, self.guard, self.on = run, guard, on
         self.wb: Optional[WandbLogger] = None
         self.pending: list[Any] = []  # hyperparameters logged before the run could start
+        self.closed_copy: Optional[str] = None  # the local folder of the run last finished (wandb sync takes it)
 
     def wandb_logger(self) -> WandbLogger:
         assert self.wb is not None
@@ -227,13 +232,29 @@ class RunWandb(WandbWriter):
 
     def _close(self, exit_code: int, status: Optional[str]) -> None:
         """Finish the run (bounded: :func:`~lightning_monitor._run.wandb_start.finish`); a later fit/test resumes it
-        with the same id. ``status``: Lightning's finalize of the WandbLogger first (its checkpoint upload)."""
+        with the same id. ``status``: Lightning's finalize of the WandbLogger first (its checkpoint upload); the run
+        is finished even when that fails. Raises what failed first, after both were tried."""
         assert self.wb is not None
         wandb_logger, self.wb = self.wb, None
         _run_state.live_runs.pop(self.run.run_id, None)
+        run = wandb_logger.experiment
+        self.closed_copy = _wandb_run.local_copy(run)
+        errors: list[Exception] = []
         if status is not None:
-            wandb_logger.finalize(status)
-        _wandb_run.finish(wandb_logger.experiment, exit_code=exit_code)
+            try:
+                wandb_logger.finalize(status)
+            except Exception as err:  # noqa: BLE001 - the run must still be finished
+                errors.append(err)
+        try:
+            _wandb_run.finish(run, exit_code=exit_code)
+        except Exception as err:  # noqa: BLE001 - raised below, after Lightning's part
+            errors.append(err)
+        if errors:
+            raise errors[0]
+
+    def local_files(self) -> Optional[str]:
+        """The local folder of the wandb run this writer finished last (``wandb sync`` uploads it), if it exists."""
+        return self.closed_copy
 
     def keeps_after_loss(self) -> Optional[bool]:
         if not self.on or self.failed:
