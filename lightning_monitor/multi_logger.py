@@ -56,6 +56,8 @@ class MultiLogger(Logger, Backend):
     past the checkpoint are logged again: TensorBoard drops the old points (a purge marker), wandb keeps both, so
     on the ``trainer/global_step`` axis the line steps back to the checkpoint's step and runs on from there.
     ``wandb_rewind=True`` instead cuts the wandb run back to the checkpoint (wandb's rewind, a preview feature).
+    A fit that starts the run over from scratch (a notebook cell run again with the same ``version``) is told once,
+    with what TensorBoard will show and the way out (``version=None``).
 
     Hyperparameters go to TensorBoard's HParams tab and wandb's config without ``_``-prefixed keys; at the end of
     every segment (``fit``, a later ``test``, in this process or a later one) the validation and test metrics of

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -11,6 +12,7 @@ import sys
 import textwrap
 import time
 import urllib.request
+import warnings
 
 import numpy as np
 import pytest
@@ -223,6 +225,53 @@ def test_real_tensorboard_server_lists_our_data(tmp_path):
         proc.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def _started_over_warnings():
+    """The messages of the warnings that a fit started a run over (MultiLogger's re-run warning) within the block."""
+    told = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        yield told
+    told.extend(str(w.message) for w in record if "starts again at step" in str(w.message))
+
+
+@pytest.mark.parametrize("every", [1, 4], ids=["log-every-step", "log-every-4"])
+def test_a_fit_started_over_on_the_same_version_warns_once(tmp_path, every):
+    """A notebook cell run twice with ``MultiLogger(version=0)``: the second fit starts again where the first one
+    started (step 0; step 3 logging every 4 steps, as Lightning's default 50 starts at 49). Said once per fit that
+    starts over, with what TensorBoard shows and the way to keep the fits apart; a fit on the same logger object
+    again too. From step 3 the restart's purge marker hides the first fit's points; from step 0 there is none (a
+    fresh trainer's ``test`` logs there too) and TensorBoard shows both fits' points at the same steps."""
+    first = every - 1
+
+    def fit(logger):
+        make_trainer(tmp_path, logger=logger, max_steps=8, log_every_n_steps=every).fit(
+            TinyImageModel(), image_loader(n=128))
+
+    logger = MultiLogger(save_dir=tmp_path, name="nb", version=0)
+    with _started_over_warnings() as told:
+        fit(logger)
+    assert told == []  # a new run
+    fit_steps = list(range(first, 8, every))
+    assert [s for s, _ in tb_scalars(logger.log_dir, "train/loss")] == fit_steps
+    again = MultiLogger(save_dir=tmp_path, name="nb", version=0)
+    with _started_over_warnings() as told:
+        fit(again)
+    shown = ("TensorBoard will hide the earlier fit's points from step 3 on (wandb keeps both)" if first else
+             "TensorBoard will show both fits' points at the same steps, on one line that runs back to step 0"
+             " (wandb too)")
+    assert told == [
+        f"This fit starts again at step {first} in {again.log_dir}, which already holds steps up to 7 from an"
+        f" earlier fit: {shown}. To keep the fits apart, log each to its own version: `MultiLogger(version=None)`"
+        " takes the next free one, or pass another `version=`."
+    ]
+    # what TensorBoard shows
+    assert [s for s, _ in tb_scalars(again.log_dir, "train/loss")] == (fit_steps if first else fit_steps * 2)
+    with _started_over_warnings() as told:
+        fit(again)  # the cell that only calls fit, run a third time: the same logger object
+    assert len(told) == 1 and told[0].startswith(f"This fit starts again at step {first} in")
+
+
 def _fit_then_restart_from_step_4(tmp_path, **logger_options):
     """Fit to step 8 with a checkpoint at step 4, then restart from step 4 with the same version, to step 12."""
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
@@ -233,9 +282,11 @@ def _fit_then_restart_from_step_4(tmp_path, **logger_options):
     assert [s for s, _ in first] == list(range(8))
 
     again = MultiLogger(save_dir=tmp_path / "runs", name="res", version=logger.version, **logger_options)
-    make_trainer(tmp_path, logger=again, max_steps=12, log_every_n_steps=1).fit(
-        TinyImageModel(), image_loader(n=128), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
-    )
+    with _started_over_warnings() as told:
+        make_trainer(tmp_path, logger=again, max_steps=12, log_every_n_steps=1).fit(
+            TinyImageModel(), image_loader(n=128), ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt")
+        )
+    assert told == []  # a restart from a checkpoint is no fit started over
     assert again.log_dir == logger.log_dir
     assert os.listdir(tmp_path / "runs" / "res") == ["version_0"]
     resumed = tb_scalars(logger.log_dir, "train/loss")
@@ -350,8 +401,10 @@ def test_fit_then_test_keeps_every_row_in_both(tmp_path):
     logger = MultiLogger(save_dir=tmp_path, name="ft")
     trainer = make_trainer(tmp_path, logger=logger, max_epochs=2, max_steps=-1, log_every_n_steps=1)
     model = TinyImageModel()
-    trainer.fit(model, image_loader(n=32), image_loader(n=16, seed=1))
-    trainer.test(model, image_loader(n=16, seed=2))
+    with _started_over_warnings() as told:
+        trainer.fit(model, image_loader(n=32), image_loader(n=16, seed=1))
+        trainer.test(model, image_loader(n=16, seed=2))
+    assert told == []  # the test segment logs at the fit's last step: nothing is hidden
     tb_val = tb_scalars(logger.log_dir, "val/loss")
     assert [s for s, _ in tb_val] == [1, 3]
     runs = find_runs(logger.log_dir)
@@ -371,8 +424,10 @@ def test_a_later_job_testing_the_same_version_drops_nothing(tmp_path):
                  enable_checkpointing=True).fit(TinyImageModel(), image_loader(n=32), image_loader(n=16, seed=1))
     fit_val, fit_train = tb_scalars(logger.log_dir, "val/loss"), tb_scalars(logger.log_dir, "train/loss")
     again = MultiLogger(save_dir=tmp_path, name="later", version=logger.version)
-    make_trainer(tmp_path, logger=again).test(TinyImageModel(), image_loader(n=16, seed=2),
-                                              ckpt_path=ckpt.best_model_path)
+    with _started_over_warnings() as told:
+        make_trainer(tmp_path, logger=again).test(TinyImageModel(), image_loader(n=16, seed=2),
+                                                  ckpt_path=ckpt.best_model_path)
+    assert told == []  # a test at step 0 is no fit started over
     assert [s for s, _ in fit_val] == [1, 3] and tb_scalars(logger.log_dir, "val/loss") == fit_val
     assert tb_scalars(logger.log_dir, "train/loss") == fit_train
     runs = find_runs(logger.log_dir)

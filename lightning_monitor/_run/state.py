@@ -35,13 +35,19 @@ class StepLedger:
     def _read(self) -> tuple[list[tuple[int, int]], int]:
         """``(rows, last step)``: ``(_step, trainer step)`` of every row the wandb run still holds (rows after a
         rewind point dropped), and the largest trainer step logged to any backend (-1 when none)."""
+        rows, last, _ = self._read_all()
+        return rows, last
+
+    def _read_all(self) -> tuple[list[tuple[int, int]], int, int]:
+        """:meth:`_read` and the run's first step: the first ``step`` line, the step its first segment started at
+        (-1 when none; later segments only add larger steps)."""
         rows: list[tuple[int, int]] = []
-        last = -1
+        last = first = -1
         try:
             with open(self.path) as f:
                 lines = f.read().splitlines()
         except OSError:
-            return rows, last
+            return rows, last, first
         for line in lines:
             parts = line.split("\t")
             if len(parts) != 2:
@@ -52,12 +58,13 @@ class StepLedger:
                     rows = [row for row in rows if row[0] <= cut]
                 elif parts[0] == "step":
                     last = max(last, int(parts[1]))
+                    first = int(parts[1]) if first < 0 else first
                 else:
                     rows.append((int(parts[0]), int(parts[1])))
                     last = max(last, rows[-1][1])
             except ValueError:
                 continue
-        return rows, last
+        return rows, last, first
 
     def last_step(self) -> int:
         """The largest trainer step logged to this run so far (by any process); -1 when nothing was."""
@@ -89,6 +96,17 @@ class StepLedger:
         """Whether a job whose first value is at ``first_step`` restarts the run from an earlier checkpoint."""
         last = self.last_step() if last is None else last
         return first_step is not None and 0 < first_step < last
+
+    def started_over(self, first_step: int) -> Optional[int]:
+        """The largest step the run holds when a job whose first value is at ``first_step`` starts it over from
+        scratch (a notebook cell run again on the same version), else ``None``.
+
+        Such a job starts below that step, and at or before the step the run's first segment started at: a fresh
+        trainer logs its first value where the first one did (step 0, or ``log_every_n_steps - 1``). A restart from
+        a checkpoint starts after it (:meth:`is_restart`). A job that logs one step only (``test`` or ``validate``
+        with a fresh trainer, at step 0) starts below it too: the caller tells a fit by its steps moving on."""
+        _, last, first = self._read_all()
+        return last if 0 <= first_step < last and first_step <= first else None
 
     def record(self, wandb_step: int, trainer_step: Optional[int]) -> None:
         self._append(f"{wandb_step}\t{-1 if trainer_step is None else int(trainer_step)}\n")

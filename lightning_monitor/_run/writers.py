@@ -37,7 +37,9 @@ class RunTensorBoard(TensorBoardWriter):
         super().__init__(run.tb)
         self.run, self.guard, self.on, self.hp_metric = run, guard, on, hp_metric
         self.started = False  # the SummaryWriter is made and its header written
-        self.purge_pending = False
+        self.purge_pending = False  # the next step written is the first of a segment in a run holding earlier ones
+        self.started_over: Optional[tuple[int, int, bool]] = None  # (first step, run's last, purged): see start()
+        self.segments = 0  # segments this writer has finished (a re-run told once per segment)
         self.last_step = 0
         self.hparams: Optional[dict[str, Any]] = None  # flattened, for the HParams tab
         self.eval_metrics: dict[str, float] = {}  # last value of each validation/test metric: HParams columns
@@ -59,9 +61,15 @@ class RunTensorBoard(TensorBoardWriter):
         if step is None:
             return True
         self.last_step = max(self.last_step, int(step))
+        if self.started_over is not None and step > self.started_over[0]:
+            self.tell_started_over()
         if self.purge_pending:
             self.purge_pending = False
-            if self.run.ledger().is_restart(step):
+            ledger = self.run.ledger()
+            last = ledger.started_over(int(step))
+            if last is not None:  # told when a later step shows a fit (test or validate log one step only)
+                self.started_over = (int(step), last, ledger.is_restart(step))
+            if ledger.is_restart(step):
                 # Restarted from a checkpoint: the earlier run logged past `step`. TensorBoard drops its points at
                 # steps >= `step` (logged after that checkpoint): the series stays strictly increasing. (Merely
                 # continuing, e.g. `test` after `fit`, drops nothing.)
@@ -73,6 +81,27 @@ class RunTensorBoard(TensorBoardWriter):
                 except OSError:
                     pass  # the write that follows fails the same way, inside the guard
         return True
+
+    def tell_started_over(self) -> None:
+        """A fit started the run over from scratch below the steps an earlier fit logged (a notebook cell run again
+        with the same ``version``): say once what TensorBoard will show, and how to keep the fits apart. From a
+        step above 0 the purge marker written for a restart (:meth:`start`) hides the earlier fit's points from
+        there on; from step 0 there is none (a fresh trainer's ``test`` logs there too), and both fits' points
+        share the steps."""
+        assert self.started_over is not None
+        first, last, purged = self.started_over
+        self.started_over = None
+        if purged:
+            shown = f"TensorBoard will hide the earlier fit's points from step {first} on (wandb keeps both)"
+        else:
+            shown = (f"TensorBoard will show both fits' points at the same steps, on one line that runs back to step"
+                     f" {first} (wandb too)")
+        self.warn(
+            f"started-over:{self.segments}",
+            f"This fit starts again at step {first} in {self.tb.log_dir}, which already holds steps up to {last} from"
+            f" an earlier fit: {shown}. To keep the fits apart, log each to its own version:"
+            " `MultiLogger(version=None)` takes the next free one, or pass another `version=`.",
+        )
 
     def end(self, step: Optional[int], row: bool) -> None:
         if step is not None:
@@ -98,6 +127,8 @@ class RunTensorBoard(TensorBoardWriter):
             self.summary_writer().add_text("run/status", status, global_step=self.last_step)
         if not self.hp_metric:
             self.hparams_session(None, status)
+        self.segments += 1
+        self.purge_pending, self.started_over = True, None  # a later write (test, another fit) starts a segment
         self.tb.finalize(status)
 
     def keeps_after_loss(self) -> Optional[bool]:
