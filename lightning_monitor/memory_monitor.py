@@ -8,7 +8,6 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
@@ -333,7 +332,7 @@ class MemoryMonitor(Monitor):
         shown = bool(values.get(_MOVED, 0.0))
         if trainer.world_size > 1:
             keys = list(values)
-            gathered = _dist.gather_packed(trainer, torch.tensor([values[k] for k in keys], dtype=torch.float64))
+            gathered = _dist.gather_packed(trainer, [values[k] for k in keys])
             complete = (~np.isnan(gathered).any(axis=0)).tolist()  # a value missing on any rank is skipped
             per_rank = [i for i, ok in enumerate(complete) if ok and keys[i] not in HOST_WIDE and keys[i] != _MOVED]
             metrics.update(_dist.rank_stats(gathered[:, per_rank], [keys[i] for i in per_rank]))

@@ -178,6 +178,10 @@ class SpeedMonitor(Monitor):
         self._cost_index: list[int] = []  # column of each of self._monitors in the hook seconds
         self._before_backward_written = 0.0
         self._wait_others = self._wait_hooks = 0.0  # other monitors' hook seconds: at the previous end, in the wait
+        self._cost_table: list[float] = [0.0]  # every monitor's hook seconds per column, then their total (setup)
+        # the stretch of counted costs not yet in the window: (reading it began at, reading it ended at)
+        self._span: Optional[tuple[tuple[float, list[float]], tuple[float, list[float]]]] = None
+        self._batch_tensors: list[torch.Tensor] = []  # the tensors of the batch now running (batch size, FLOP key)
 
     # ----------------------------------------------------------------------------------------------- setup
     @override
@@ -194,12 +198,23 @@ class SpeedMonitor(Monitor):
         keys = [MONITOR_SHARE.format(monitor=m.cost_name()) for m in self._monitors]
         self._cost_keys = sorted(set(keys))
         self._cost_index = [self._cost_keys.index(key) for key in keys]
+        # every monitor adds its hook seconds to one table as it spends them: a batch reads the costs in one copy
+        self._cost_table = [0.0] * (len(self._cost_keys) + 1)
+        for monitor, column in zip(self._monitors, self._cost_index, strict=True):
+            monitor.sink_costs_into(self._cost_table, column)
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        for monitor in self._monitors:
+            monitor.sink_costs_into(None)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # a new fit (after another fit, an interrupted one or a tuner run) starts a new window and warm-up
         super().on_train_start(trainer, pl_module)
         self._window = _speed_window.Window(len(self._cost_keys))
+        self._span = None
         self._first_step = None
 
     @override
@@ -226,6 +241,7 @@ class SpeedMonitor(Monitor):
         self._start, self._start_costs = now, costs
         self._before_backward = None
         self._exclude = step < self._first_step + self.warmup_steps
+        self._batch_tensors = _flops.tensors_in(batch)  # once a batch: its size and its FLOP key come from them
         self._batch_flops = self._flops_for(trainer, batch)
 
     @override
@@ -251,8 +267,8 @@ class SpeedMonitor(Monitor):
                 pre_sync = now - self._start - written
             else:
                 pre_sync = self._before_backward - self._start - (self._before_backward_written - self._start_costs[0])
-            self._window.add_batch(self._batch_size(batch), self._wait, now - self._start - written, pre_sync,
-                                   self._batch_flops or 0.0)
+            samples = self._batch_size(batch, self._batch_tensors)
+            self._window.add_batch(samples, self._wait, now - self._start - written, pre_sync, self._batch_flops or 0.0)
             self._window.sums[_speed_window.WAIT] -= min(self._wait_hooks, self._wait)
             self._span_costs(self._wait_costs, costs)
             if self.items_fn is not None:
@@ -302,7 +318,7 @@ class SpeedMonitor(Monitor):
         if self._val_hooks is not None:
             self._window.add_outside([b - a for a, b in zip(self._val_hooks, self._costs()[1], strict=True)])
             self._val_hooks = None
-        rows = _dist.gather_packed(trainer, torch.tensor([self._val_samples, seconds])).tolist()
+        rows = _dist.gather_packed(trainer, [float(self._val_samples), seconds]).tolist()
         rate = sum(samples / secs for samples, secs in rows if secs > 0)
         step = self._validation_step(trainer)
         self._log_scalars(trainer, {"throughput/val_samples_per_sec": rate}, step)
@@ -328,28 +344,37 @@ class SpeedMonitor(Monitor):
 
     # ------------------------------------------------------------------------------------------ helpers
     def _costs(self) -> tuple[float, list[float]]:
-        """Seconds so far spent writing to loggers (this process) and in each monitor class's hooks."""
-        hooks = [0.0] * len(self._cost_keys)
-        for monitor, column in zip(self._monitors, self._cost_index, strict=True):
-            hooks[column] += monitor.hook_seconds()
-        return _writers.seconds_writing(), hooks
+        """Seconds so far spent writing to loggers (this process) and in each monitor class's hooks (since setup)."""
+        return _writers.seconds_writing(), self._cost_table[:-1]
 
     def _mark(self, now: float, costs: tuple[float, list[float]]) -> None:
         """Where the next batch's data wait starts: the clock and the cost counters then."""
         self._prev_end, self._prev_costs, self._wait_others = now, costs, self._others_hook_seconds()
 
     def _others_hook_seconds(self) -> float:
-        return sum(m.hook_seconds() for m in self._monitors if m is not self)
+        return self._cost_table[-1] - self._hook_seconds
 
     def _span_costs(self, begin: tuple[float, list[float]], end: tuple[float, list[float]]) -> None:
-        """Add the logger writes and hook time between two :meth:`_costs` readings to the window."""
-        if not self._exclude:
-            self._window.add_costs(end[0] - begin[0], [b - a for a, b in zip(begin[1], end[1], strict=True)])
+        """Count the logger writes and hook time between two :meth:`_costs` readings in the window. Consecutive
+        stretches (each begins at the reading the last one ended at) are added up once, by :meth:`_close_span`."""
+        if self._exclude:
+            return
+        if self._span is None or begin is not self._span[1]:
+            self._close_span()
+            self._span = (begin, end)
+        else:
+            self._span = (self._span[0], end)
 
-    def _batch_size(self, batch: Any) -> int:
+    def _close_span(self) -> None:
+        if self._span is not None:
+            (written_a, hooks_a), (written_b, hooks_b) = self._span
+            self._window.add_costs(written_b - written_a, [b - a for a, b in zip(hooks_a, hooks_b, strict=True)])
+            self._span = None
+
+    def _batch_size(self, batch: Any, tensors: Optional[list[torch.Tensor]] = None) -> int:
         if self.batch_size_fn is not None:
             return int(self.batch_size_fn(batch))
-        tensors = _flops.tensors_in(batch)
+        tensors = _flops.tensors_in(batch) if tensors is None else tensors
         if not tensors or tensors[0].dim() == 0:
             self._warn("batch_size", "SpeedMonitor cannot infer the batch size (no tensor with a leading"
                             " dimension in the batch); counting 1 sample per batch. Pass `batch_size_fn`.")
@@ -363,7 +388,7 @@ class SpeedMonitor(Monitor):
             return self.flops_per_batch
         if not self.measure_flops:
             return None
-        key = _flops.shape_key(batch)
+        key = _flops.shape_key(self._batch_tensors)
         if key in self._flops_cache:
             return self._flops_cache[key]
         if len(self._flops_cache) < self.max_measured_shapes:
@@ -374,7 +399,7 @@ class SpeedMonitor(Monitor):
         per_sample = sum(self._flops_cache.values()) / max(1, sum(k[0][0] for k in self._flops_cache if k and k[0]))
         self._warn("shapes", f"SpeedMonitor measured {self.max_measured_shapes} batch shapes; FLOPs of further"
                         " shapes are scaled from the measured FLOPs per sample.")
-        return per_sample * self._batch_size(batch)
+        return per_sample * self._batch_size(batch, self._batch_tensors)
 
     def _finish_measurement(self, trainer: "pl.Trainer") -> None:
         flops = self._counter.stop()
@@ -400,6 +425,7 @@ class SpeedMonitor(Monitor):
             self._measuring = None
 
     def _log_window(self, trainer: "pl.Trainer", step: int) -> None:
+        self._close_span()
         packed = self._window.pack()
         self._window = _speed_window.Window(len(self._cost_keys))
         # collective on every rank; the one host transfer of this logging step happens inside

@@ -48,10 +48,11 @@ def test_whole_suite_makes_no_host_sync_on_non_logging_steps():
         calls = steps.per_step[step]
         per_callback = Counter(owner for *_, owner in calls)
         assert set(per_callback) <= set(CALLBACK_FILES), calls  # MultiLogger / the dispatch layer force none
-        assert {"GradientMonitor", "SpeedMonitor", "PredictionGridMonitor"} <= set(per_callback), calls
-        # one packed transfer per callback per logging step (MemoryMonitor reads host-side allocator stats only)
-        assert per_callback["GradientMonitor"] == 1 and per_callback["SpeedMonitor"] == 1, calls
-        assert per_callback["MemoryMonitor"] == 0, calls
+        assert {"GradientMonitor", "PredictionGridMonitor"} <= set(per_callback), calls
+        # one packed transfer per logging step for the gradients; SpeedMonitor's window holds host numbers only (no
+        # items_fn tensor to add, one process: nothing to gather) and MemoryMonitor reads host-side allocator stats
+        assert per_callback["GradientMonitor"] == 1, calls
+        assert per_callback["SpeedMonitor"] == per_callback["MemoryMonitor"] == 0, calls
         grid = [(name, os.path.relpath(f, PACKAGE_DIR)) for name, f, _, owner in calls
                 if owner == "PredictionGridMonitor"]
         if step != logging_steps[0]:  # the first grid also takes the fixed samples and prepares their pictures

@@ -135,6 +135,7 @@ class HostRecorder(Callback):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_host_memory_of_process_and_dataloader_workers(tmp_path, num_workers, monkeypatch):
     monkeypatch.setattr(_memory, "WORKERS_READ_EVERY_SEC", 0.0)  # read at every logging step, as the recorder does
+    monkeypatch.setattr(_memory, "SYSTEM_READ_EVERY_SEC", 0.0)
     monkeypatch.setattr(memory_monitor, "AVAILABLE_MOVED_SHARE", 0.0)  # available memory logged from the start
     ballast_mib = 64
     loader = DataLoader(BallastDataset(ballast_mib), batch_size=16, num_workers=num_workers,
@@ -213,6 +214,25 @@ def test_workers_unique_memory_is_read_at_most_every_interval(monkeypatch):
         worker.terminate()
         worker.join()
     assert _memory.host_memory().workers == 0 and _memory._workers_read[0] == frozenset()  # new set: read at once
+
+
+def test_system_memory_is_read_at_most_every_interval(monkeypatch):
+    """``psutil.virtual_memory`` parses /proc/meminfo (the largest part of a logging step's reading on a small model):
+    it is read again only after SYSTEM_READ_EVERY_SEC, the process's RSS at every call."""
+    monkeypatch.setattr(_memory, "SYSTEM_READ_EVERY_SEC", 3600.0)
+    monkeypatch.setattr(_memory, "_system_read", (float("-inf"), 0, 0))
+    first = _memory.host_memory()
+    when = _memory._system_read[0]
+    assert first.total == psutil.virtual_memory().total and first.available > 0
+    ballast = bytearray(64 * 2**20)
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touched: resident
+    again = _memory.host_memory()
+    assert _memory._system_read[0] == when and again.available == first.available  # not read again
+    assert again.rss >= first.rss + 60 * 2**20  # the process's own memory is read every time
+    monkeypatch.setattr(_memory, "SYSTEM_READ_EVERY_SEC", 0.0)
+    _memory.host_memory()
+    assert _memory._system_read[0] > when  # read again once the interval passed
+    del ballast
 
 
 def test_workers_memory_counts_what_the_workers_add(tmp_path):

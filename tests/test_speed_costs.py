@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import numpy as np
@@ -187,7 +188,7 @@ def test_hooks_are_timed_once_through_super_calls():
             super().on_train_start(trainer, pl_module)
 
     probe = Outer(None)
-    probe.on_train_start(None, None)
+    probe.on_train_start(SimpleNamespace(callbacks=[probe]), None)
     assert probe.hook_seconds() == 1.5 and Outer.cost_name() == "other"
     assert SpeedMonitor.cost_name() == "speed"
 

@@ -372,6 +372,10 @@ _DDP_SCRIPT = textwrap.dedent(
             return F.nll_loss(self(batch[0]), batch[1])
 
     monitor = SpeedMonitor(measure_flops=False)
+    # no cyclic garbage collection inside the timed batches: a full collection (~0.25 s here) that falls into one
+    # fast-rank batch is a real pause, but not the straggler this test plants
+    import gc
+    gc.disable()
     if mode == "fake":
         _clock.set_clock(clock)  # the test seam: a clock that only the model moves
     trainer = make_trainer(".", accelerator="cpu", devices=2, strategy="ddp", max_steps=6, log_every_n_steps=3,

@@ -35,6 +35,10 @@ class WarnOnce:
         rank_zero_warn(message)
         return True
 
+    def said(self, tag: str) -> bool:
+        """Whether ``tag`` was warned about since the last :meth:`clear` (a caller skips building the message)."""
+        return tag in self._said
+
     def clear(self) -> None:
         self._said.clear()
 

@@ -71,6 +71,11 @@ _process: Optional[psutil.Process] = None
 #: with torch loaded (measured: 32 ms for 2 workers); in between, the last reading of the same workers is reported
 WORKERS_READ_EVERY_SEC = 10.0
 _workers_read: tuple[frozenset[int], float, int] = (frozenset(), float("-inf"), 0)  # (pids, when, bytes)
+#: seconds between two reads of the system's memory (``psutil.virtual_memory`` parses ``/proc/meminfo``: ~0.1 ms
+#: inside a training step, the largest part of a logging step's memory reading); in between, the last reading. The
+#: host-wide value is logged only once it moved by 1 % of the total, so a reading up to a second old loses nothing
+SYSTEM_READ_EVERY_SEC = 1.0
+_system_read: tuple[float, int, int] = (float("-inf"), 0, 0)  # (when, available bytes, total bytes)
 
 
 def host_memory() -> HostMemory:
@@ -85,6 +90,7 @@ def host_memory() -> HostMemory:
     process maps) is the memory the system would get back if it exited, the memory the workers add. Reading it
     walks the worker's page map (``/proc/<pid>/smaps_rollup``, ~10 ms a worker), so it is read at most every
     :data:`WORKERS_READ_EVERY_SEC` seconds while the same workers live, and the last reading reported in between.
+    The system's available memory is read at most every :data:`SYSTEM_READ_EVERY_SEC` seconds.
     """
     global _process
     if _process is None or _process.pid != os.getpid():  # a new process after fork/spawn
@@ -100,8 +106,14 @@ def host_memory() -> HostMemory:
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
                 continue  # a worker that exits between the listing and the read
         _workers_read = (pids, time.monotonic(), workers_uss)
-    system = psutil.virtual_memory()
-    return HostMemory(_process.memory_info().rss, workers_uss, len(pids), system.available, system.total)
+    global _system_read
+    when, available, total = _system_read
+    now = time.monotonic()
+    if now - when >= SYSTEM_READ_EVERY_SEC:
+        system = psutil.virtual_memory()
+        available, total = system.available, system.total
+        _system_read = (now, available, total)
+    return HostMemory(_process.memory_info().rss, workers_uss, len(pids), available, total)
 
 
 class NvmlSampler:

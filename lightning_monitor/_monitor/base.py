@@ -36,22 +36,41 @@ def _is_hook(name: str) -> bool:
 
 def _timed_hook(hook: _F) -> _F:
     """``hook`` adding its host time to ``self._hook_seconds``: two clock reads a call. A hook that calls the hook it
-    overrides (``super()``) is timed once, by the outermost call."""
+    overrides (``super()``) is timed once, by the outermost call.
+
+    ``on_train_batch_end``: the first monitor's holds the scalars every monitor logs there, the last one's writes them
+    (one write per backend, :func:`~lightning_monitor._monitor.dispatch.hold_scalars`), after its own timing: the
+    write's time is charged to the monitors that logged, by :meth:`Monitor.charge_seconds`. A hook that raises
+    writes what is held first."""
+    batch_end = hook.__name__ == "on_train_batch_end"
 
     @functools.wraps(hook)
     def timed(self: "Monitor", *args: Any, **kwargs: Any) -> Any:
         if self._in_hook:
             return hook(self, *args, **kwargs)
+        role = self._batch_end_role if batch_end else 0
+        if role & _HOLDS:
+            _dispatch.hold_scalars()
         self._in_hook = True
         began = _clock.now()
         try:
             return hook(self, *args, **kwargs)
+        except BaseException:
+            if batch_end:
+                _dispatch.release_scalars()  # what the monitors before this one logged is not lost
+            raise
         finally:
-            self._hook_seconds += _clock.now() - began
+            self.charge_seconds(_clock.now() - began)
             self._in_hook = False
+            if role & _RELEASES:
+                _dispatch.release_scalars()
 
     timed._monitor_timed = True  # type: ignore[attr-defined]
     return timed  # type: ignore[return-value]
+
+
+# roles in a training batch's end (Monitor._batch_end_role): the first monitor holds the scalars, the last writes them
+_HOLDS, _RELEASES = 1, 2
 
 
 def _time_hooks(cls: type) -> None:
@@ -92,6 +111,10 @@ class Monitor(Callback):
         self._batch_step: Optional[int] = None  # self.log's step of this fit's last training batch (_cadence)
         self._hook_seconds = 0.0  # host seconds spent in this monitor's hooks (every hook, timed by the base class)
         self._in_hook = False
+        #: where SpeedMonitor adds up every monitor's hook seconds as they are spent (:meth:`sink_costs_into`)
+        self._cost_sink: Optional[list[float]] = None
+        self._cost_column = 0
+        self._batch_end_role = 0  # _HOLDS / _RELEASES: set at the start of a fit (on_train_start)
         self._parts: list[Part] = []  # the expensive optional parts the budget spaces out (_part)
         self._budget: Optional[Budget] = None  # made at the start of a fit, started after its first batch
         self._batches = 0
@@ -113,6 +136,19 @@ class Monitor(Callback):
         """Host seconds spent so far in this monitor's hooks (every hook, timed by this base class); reading it
         changes nothing."""
         return self._hook_seconds
+
+    def charge_seconds(self, seconds: float) -> None:
+        """Count ``seconds`` of host time as this monitor's (its hooks' time; a shared write's part of it)."""
+        self._hook_seconds += seconds
+        sink = self._cost_sink
+        if sink is not None:  # SpeedMonitor's table of every monitor's hook seconds (one column per class)
+            sink[self._cost_column] += seconds
+            sink[-1] += seconds
+
+    def sink_costs_into(self, table: Optional[list[float]], column: int = 0) -> None:
+        """Add this monitor's hook seconds, as they are spent, to ``table[column]`` and to the total ``table[-1]``
+        (``None``: nowhere): SpeedMonitor reads every monitor's cost at each batch from one list."""
+        self._cost_sink, self._cost_column = table, column
 
     def is_off(self) -> bool:
         """Whether this monitor turned itself off for the rest of the run (it then logs nothing, and no key is
@@ -152,6 +188,10 @@ class Monitor(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._batch_step = None  # no training batch of this fit yet
         self._batches = 0
+        enders = [c for c in trainer.callbacks  # type: ignore[attr-defined]
+                  if isinstance(c, Monitor) and type(c).on_train_batch_end is not Callback.on_train_batch_end]
+        self._batch_end_role = ((_HOLDS if enders and enders[0] is self else 0)
+                                | (_RELEASES if enders and enders[-1] is self else 0))
         self._budget = None
         if self.cost_budget is not None and not turned_off_by_environment():
             monitors = [c for c in trainer.callbacks if isinstance(c, Monitor)]  # type: ignore[attr-defined]
@@ -161,7 +201,7 @@ class Monitor(Callback):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        self._batch_step = _cadence.batch_start_step(trainer)
+        self._batch_step = _cadence.batch_start_step(trainer, pl_module)
         self._batches += 1
         if self._batches == 2 and self._budget is not None:
             # the budget counts from the end of the first batch: the start-up (FLOP counting, lazy imports, first
@@ -184,6 +224,8 @@ class Monitor(Callback):
         if budget is None or budget.allows(part):
             return True
         part.skipped += 1
+        if self._warn.said("budget"):
+            return False
         name = type(self).__name__
         parts = " and ".join(p.what for p in self._parts)
         self._warn("budget", (  # once per monitor and run: its first part spaced out, and what else may be
@@ -208,7 +250,7 @@ class Monitor(Callback):
         return not any(fnmatch.fnmatchcase(key, pattern) for pattern in self.exclude_keys)
 
     def _log_scalars(self, trainer: "pl.Trainer", metrics: Mapping[str, float], step: int) -> None:
-        _dispatch.log_scalars(trainer, {k: v for k, v in metrics.items() if self._keeps(k)}, step)
+        _dispatch.log_scalars(trainer, {k: v for k, v in metrics.items() if self._keeps(k)}, step, payer=self)
 
     def _log_histograms(self, trainer: "pl.Trainer", histograms: Mapping[str, HistogramData], step: int) -> None:
         _dispatch.log_histograms(trainer, {k: v for k, v in histograms.items() if self._keeps(k)}, step)

@@ -86,5 +86,5 @@ class Budget:
         if self.began is None or part.cost is None:
             return True
         allowed = self.allowed()
-        return (self.spent() + part.cost <= allowed
-                and part.spent + part.cost <= part.fraction * allowed)
+        return (part.spent + part.cost <= part.fraction * allowed  # the part's own slice first: no sum over monitors
+                and self.spent() + part.cost <= allowed)

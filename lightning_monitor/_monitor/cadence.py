@@ -26,14 +26,14 @@ def is_logging_step(step: int, every_n_steps: int) -> bool:
     return (step + 1) % every_n_steps == 0
 
 
-def batch_start_step(trainer: "pl.Trainer") -> int:
+def batch_start_step(trainer: "pl.Trainer", module: Optional["pl.LightningModule"] = None) -> int:
     """The step Lightning's ``self.log`` gives the training batch that starts now.
 
     ``trainer.global_step`` under automatic optimization (batches that accumulate gradients share it). Under
     manual optimization ``self.log`` counts training batches while ``trainer.global_step`` counts every
     ``optimizer.step()`` call (twice per batch in a GAN), so the step is the number of completed batches.
     """
-    module = trainer.lightning_module
+    module = trainer.lightning_module if module is None else module  # the hook's own argument: no property chain
     if module is None or module.automatic_optimization:
         return trainer.global_step
     return completed_batches(trainer)

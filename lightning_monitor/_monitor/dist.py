@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Union
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,18 +23,18 @@ def works_on_model_here(trainer: "pl.Trainer") -> bool:
     return trainer.is_global_zero or model_on_every_rank(trainer)
 
 
-def gather_packed(trainer: "pl.Trainer", values: torch.Tensor) -> np.ndarray:
-    """All-gather a 1-D tensor of per-rank values; returns a ``[world_size, n]`` float64 array on the host.
+def gather_packed(trainer: "pl.Trainer", values: Union[torch.Tensor, Sequence[float]]) -> np.ndarray:
+    """All-gather a 1-D tensor (or list) of per-rank values; returns a ``[world_size, n]`` float64 array on the host.
 
     Must be called on every rank (it is a collective whenever ``world_size > 1``). The one ``.tolist()`` at the
-    end is the only host transfer; everything after it is numpy.
+    end is the only host transfer; everything after it is numpy. On one process a list of host values goes
+    straight to numpy (no tensor is made for it).
     """
-    packed = values.detach().reshape(-1).to(dtype=torch.float64)
-    if trainer.world_size > 1:
-        packed = packed.to(trainer.strategy.root_device)
-        gathered = trainer.strategy.all_gather(packed).reshape(trainer.world_size, -1)
-    else:
-        gathered = packed.unsqueeze(0)
+    if trainer.world_size == 1:
+        host = values.detach().reshape(-1).tolist() if isinstance(values, torch.Tensor) else values  # sync point
+        return np.array(host, dtype=np.float64).reshape(1, -1)
+    packed = torch.as_tensor(values, dtype=torch.float64).detach().reshape(-1).to(trainer.strategy.root_device)
+    gathered = trainer.strategy.all_gather(packed).reshape(trainer.world_size, -1)
     return np.array(gathered.tolist(), dtype=np.float64).reshape(trainer.world_size, -1)  # sync point
 
 

@@ -12,6 +12,7 @@ mode and is slower, so SpeedMonitor leaves measured steps out of its timing wind
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -144,6 +145,8 @@ def tensors_in(batch: Any) -> list[torch.Tensor]:
     """Every tensor in a batch, depth first through lists, tuples and dicts (host metadata only, no sync)."""
     if isinstance(batch, torch.Tensor):
         return [batch]
+    if type(batch) in (tuple, list) and all(type(v) is torch.Tensor for v in batch):  # (inputs, targets): most batches
+        return list(batch)
     if isinstance(batch, dict):
         return [t for v in batch.values() for t in tensors_in(v)]
     if isinstance(batch, (list, tuple)):
@@ -151,9 +154,9 @@ def tensors_in(batch: Any) -> list[torch.Tensor]:
     return []
 
 
-def shape_key(batch: Any) -> tuple[tuple[int, ...], ...]:
-    """The shapes of a batch's tensors: the key FLOPs are cached under."""
-    return tuple(tuple(t.shape) for t in tensors_in(batch))
+def shape_key(tensors: Sequence[torch.Tensor]) -> tuple[tuple[int, ...], ...]:
+    """The shapes of a batch's tensors (:func:`tensors_in`): the key FLOPs are cached under."""
+    return tuple(tuple(t.shape) for t in tensors)
 
 
 def format_flops(flops: float) -> str:

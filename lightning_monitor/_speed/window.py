@@ -58,12 +58,13 @@ class Window:
         else:
             self.sums[ITEMS] += items
 
-    def pack(self) -> torch.Tensor:
-        """This rank's sums as one float64 vector (on the items' device, if any) to gather."""
-        packed = torch.tensor(self.sums, dtype=torch.float64)
-        if self._items is not None:
-            packed = packed.to(self._items.device)
-            packed[ITEMS] += self._items
+    def pack(self) -> Union[list[float], torch.Tensor]:
+        """This rank's sums to gather: the host list, or one float64 vector on the items' device when items were
+        counted on the device."""
+        if self._items is None:
+            return list(self.sums)
+        packed = torch.tensor(self.sums, dtype=torch.float64).to(self._items.device)
+        packed[ITEMS] += self._items
         return packed
 
 
