@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from functools import partial
 from typing import Any, ClassVar, Optional
 
 import lightning.pytorch as pl
@@ -12,7 +14,7 @@ from typing_extensions import override
 from lightning_monitor._core.keys import document_keys
 from lightning_monitor._health import report as _report
 from lightning_monitor._health.engine import Alert, Engine
-from lightning_monitor._health.rules import Rule, build_rules
+from lightning_monitor._health.rules import DROPPED_KEY, Rule, build_rules
 from lightning_monitor._health.tap import Pending, Tap
 from lightning_monitor._monitor import dispatch as _dispatch
 from lightning_monitor._monitor.base import Monitor
@@ -29,16 +31,17 @@ class HealthAlertError(RuntimeError):
 @document_keys
 class HealthMonitor(Monitor):
     """Judges the run at its logging steps: NaN/Inf, loss and gradient spikes, a starved input pipeline, nearly full
-    device memory, a host memory leak, a throughput drop, a straggler rank, and rules of your own; alerts once per
-    episode.
+    device memory, a host memory leak, a throughput drop, a straggler rank, points a backend dropped or refused, and
+    rules of your own; alerts once per episode.
 
     The rules read the numbers every logger already received at that step, on the host: the monitors' keys
     (GradientMonitor, MemoryMonitor, SpeedMonitor) and the model's own ``self.log`` values. HealthMonitor adds an
     in-memory logger of its own at the end of ``trainer.loggers`` for the fit (Lightning hands it the same numbers
     as the others; it is removed at the fit's end), so it makes no host-device sync and no collective of its own;
-    under DDP a rule with action ``stop`` or ``raise`` adds one small broadcast from global rank 0 right after each
-    logging step, so that every rank stops (or raises) at the same step. The values of a logging step are judged
-    when they are all in: at the start of the next batch (or the end of the epoch); ``stop`` then ends the fit the
+    under DDP a rule with action ``stop`` or ``raise`` adds one small broadcast from global rank 0 at each logging
+    step, so that every rank stops (or raises) at the same step. The values of a logging step are judged when they
+    are all in: when Lightning hands the model's ``self.log`` values to the loggers at the end of that batch (every
+    rank), else (no ``self.log`` value at that step) at the start of the next batch; ``stop`` then ends the fit the
     Lightning way (``trainer.should_stop``: checkpoints are written and the loggers finalized) after that batch.
 
     A rule fires when its condition has held for ``patience`` evaluations in a row, and alerts when it starts
@@ -152,10 +155,15 @@ class HealthMonitor(Monitor):
         #: the alerts of the last fit, in order (global rank 0)
         self.alerts: list[Alert] = []
         self._acts = any(rule.action != "warn" for rule in self.health_rules)  # needs the same decision on all ranks
+        self._counts_drops = any(DROPPED_KEY in rule.keys for rule in self.health_rules)
+        self._drops: dict[str, int] = {}  # points each backend dropped, as of the last evaluation (rank 0)
+        self._drops_at_start: dict[str, int] = {}  # ... and as of the fit's start
+        self._new_drops: dict[str, int] = {}  # ... since the evaluation before it
         self._engine = Engine(self.health_rules)
         self._pending = Pending()
         self._tap: Optional[Tap] = None
         self._due: Optional[int] = None  # the logging step whose values are judged at the next boundary
+        self._armed = False  # the next Tap.log_metrics is Lightning's of the logging batch that just ended
         self._logged_at = -1  # the last step the health keys were logged at
 
     def __getstate__(self) -> dict[str, Any]:
@@ -169,11 +177,24 @@ class HealthMonitor(Monitor):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        self._engine, self._pending, self._due, self._logged_at, self.alerts = (
-            Engine(self.health_rules), Pending(), None, -1, [])
+        self._engine, self._pending, self._due, self._armed, self._logged_at, self.alerts = (
+            Engine(self.health_rules), Pending(), None, False, -1, [])
         self._detach(trainer)
-        self._tap = Tap(self._pending, trainer.loggers[0])
+        if self._counts_drops and trainer.is_global_zero:  # the writers' own counters (no sync), from here on
+            self._drops = self._drops_at_start = _dispatch.dropped_points(trainer)
+        self._tap = Tap(self._pending, trainer.loggers[0], on_log=partial(self._logged, trainer))
         trainer.loggers = [*trainer.loggers, self._tap]  # last: trainer.logger and the checkpoint path stay the user's
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The rules' state (streaks, episodes, windows, bests) and the alert count: a fit restarted from a
+        checkpoint (``ckpt_path``) goes on with them, so a rule firing before it is the same episode after it."""
+        return {"engine": self._engine.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores a checkpoint's callback state after `setup`, which starts every fit afresh
+        self._engine.load_state_dict(state_dict.get("engine", {}))
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -195,7 +216,8 @@ class HealthMonitor(Monitor):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        if self._due is not None:  # the last batch was a logging step: Lightning has logged all of it by now
+        self._armed = False
+        if self._due is not None:  # a logging step Lightning logged none of the model's values at: judged now
             self._evaluate(trainer, final=False)
 
     @override
@@ -204,10 +226,21 @@ class HealthMonitor(Monitor):
     ) -> None:
         step = self._batch_logging_step(trainer)
         if step is not None:
-            self._due = step  # the model's self.log values of this step reach the loggers after this hook
+            # the model's self.log values of this step reach the loggers after this hook: judged then (_logged)
+            self._due, self._armed = step, True
+
+    def _logged(self, trainer: "pl.Trainer") -> None:
+        """The Tap got values. The first time after a logging batch's end, it is Lightning handing every logger the
+        model's values of that step, on every rank, before its training loop checks ``trainer.should_stop``: the
+        step is judged here, so that ``stop`` ends the fit after this very batch. (Lightning skips that call when
+        the model logged nothing at the step; the step is then judged at the next batch's start, on every rank.)"""
+        if self._armed:
+            self._armed = False
+            self._evaluate(trainer, final=False)
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._armed = False
         if self._due is not None:
             self._evaluate(trainer, final=False)
 
@@ -224,11 +257,13 @@ class HealthMonitor(Monitor):
         groups = self._pending.drain()
         decision: tuple[int, str] = (0, "")
         if trainer.is_global_zero:
+            if self._counts_drops:
+                groups = self._with_drops(trainer, groups, due)
             found: list[Alert] = []
             judged: dict[str, int] = {}
             for step, values in groups:
                 evaluation = self._engine.evaluate(step, values)
-                found += evaluation.alerts
+                found += [self._said_drops(a) if a.key == DROPPED_KEY else a for a in evaluation.alerts]
                 judged.update(evaluation.judged)
             judged.update(dict.fromkeys({a.rule for a in found}, 1))  # an alert of this boundary shows, even if cleared
             steps = [s for s, _ in groups] + ([due] if due is not None else [])
@@ -239,11 +274,35 @@ class HealthMonitor(Monitor):
                 reason = f"{strongest.rule} at step {strongest.step}: {strongest.message}"
                 decision = (_SEVERITY[strongest.action], reason)
         if not final and self._acts and trainer.world_size > 1:
-            # collective on every rank, only at the boundary after a logging step: every rank acts alike
+            # collective on every rank, only at a logging step (Lightning's log_metrics of that batch, else the next
+            # batch's start: the same point on every rank): every rank acts alike
             decision = trainer.strategy.broadcast(decision, src=0)
         elif final and trainer.world_size > 1:
             decision = (0, "")  # the fit is over: a decision rank 0 alone took can no longer be shared
         self._act(trainer, *decision)
+
+    def _with_drops(self, trainer: "pl.Trainer", groups: list[tuple[int, dict[str, float]]],
+                    due: Optional[int]) -> list[tuple[int, dict[str, float]]]:
+        """``groups`` with the points the backends dropped or refused since the last evaluation (``DROPPED_KEY``,
+        0 when none: an episode ends) added to the last step judged; the counters are the failure guard's."""
+        steps = [step for step, _ in groups] + ([due] if due is not None else [])
+        if not steps:
+            return groups
+        now = _dispatch.dropped_points(trainer)
+        before, self._drops = self._drops, now
+        self._new_drops = {name: n - before.get(name, 0) for name, n in now.items() if n > before.get(name, 0)}
+        last = max(steps)
+        values = dict(groups[-1][1]) if groups and groups[-1][0] == last else {}
+        values[DROPPED_KEY] = float(sum(self._new_drops.values()))
+        return [group for group in groups if group[0] != last] + [(last, values)]
+
+    def _said_drops(self, alert: Alert) -> Alert:
+        """The alert of a rule on the dropped points, saying which backend dropped how many."""
+        rule = next(r for r in self.health_rules if r.name == alert.rule)
+        counts = ", ".join(
+            f"{name}: {n} since the last logging step, {self._drops[name] - self._drops_at_start.get(name, 0)} in"
+            " this fit" for name, n in sorted(self._new_drops.items()))
+        return replace(alert, message=f"{rule.describe()} ({counts}; its warning above says which)")
 
     def _act(self, trainer: "pl.Trainer", severity: int, reason: str) -> None:
         if severity >= _SEVERITY["raise"]:

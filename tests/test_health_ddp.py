@@ -30,7 +30,8 @@ class NanAt4(TinyImageModel):
 
 if __name__ == "__main__":
     logger = MultiLogger(save_dir="runs", name="ddp")
-    health = HealthMonitor(actions={{"nonfinite_loss": "stop"}})
+    # the straggler rule is left out: on a loaded 2-core machine one process of two may well lag for 3 windows
+    health = HealthMonitor(actions={{"nonfinite_loss": "stop"}}, disable=["straggler"])
     trainer = make_trainer(".", logger=logger, strategy=DDPStrategy(timeout=timedelta(seconds=30)), devices=2,
                            max_steps=20, log_every_n_steps=2, limit_val_batches=0,
                            callbacks=[GradientMonitor(), SpeedMonitor(), health])
@@ -44,9 +45,10 @@ if __name__ == "__main__":
 @pytest.mark.timeout(200)
 def test_stop_under_ddp_ends_both_ranks_at_the_same_step(tmp_path):
     proc = run_ddp_script(tmp_path, "health_ddp.py", DDP_JOB.format(tests=os.path.dirname(__file__)))
-    # rank 0 judged step 5 at the start of batch 6 and broadcast its decision: both ranks stop after batch 6
-    assert "RANK 0 STEP 7 STOP True ALERTS 2 LOGGERS 1" in proc.stdout, proc.stdout + proc.stderr[-3000:]
-    assert "RANK 1 STEP 7 STOP True ALERTS 0 LOGGERS 1" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    # rank 0 judged step 5 when Lightning handed the loggers its values (the end of batch 5, every rank) and
+    # broadcast its decision there: both ranks stop after batch 5, the alerting logging step
+    assert "RANK 0 STEP 6 STOP True ALERTS 2 LOGGERS 1" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert "RANK 1 STEP 6 STOP True ALERTS 0 LOGGERS 1" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines.count("lightning-monitor: ALERT nonfinite_loss at step 5: the training loss is"
                        " NaN/Inf (train/loss = nan)") == 1, lines  # one terminal line, from rank 0
@@ -60,3 +62,4 @@ def test_stop_under_ddp_ends_both_ranks_at_the_same_step(tmp_path):
     (run,) = find_runs(run_dir)
     assert run.exit_code == 0  # finalized
     assert run.series("health/nonfinite_loss")[0] == (5, 1)
+    assert max(step for step, _ in run.series("train/loss")) == 5  # nothing trained past the alerting step

@@ -271,16 +271,34 @@ def test_stop_ends_the_fit_cleanly_and_raise_raises():
     logger = MultiLogger(save_dir="runs", name="stop", wandb=False)
     health = HealthMonitor(actions={"nonfinite_loss": "stop"})
     trainer = _fit(Faulty(at=4, factor=math.nan), [health], logger, steps=20)
-    # judged at the start of batch 6 (when step 5's values are all in); Lightning stops after that batch
-    assert trainer.should_stop and trainer.global_step == 7
-    # Lightning logs the stopping batch's values too (step 6): judged at the fit's end, still firing
-    assert tb_scalars(logger.log_dir, "health/nonfinite_loss") == [(5, 1.0), (6, 1.0)]
-    assert [r["action"] for r in _jsonl(logger.log_dir)] == ["stop"]
+    # judged when Lightning hands the loggers step 5's values (the end of batch 5): the fit ends after that batch
+    assert trainer.should_stop and trainer.global_step == 6
+    assert tb_scalars(logger.log_dir, "train/loss")[-1][0] == 5  # the alerting logging step is the last one
+    assert tb_scalars(logger.log_dir, "health/nonfinite_loss") == [(5, 1.0)]
+    assert [(r["step"], r["action"]) for r in _jsonl(logger.log_dir)] == [(5, "stop")]
 
     raising = HealthMonitor(actions={"nonfinite_loss": "raise"})
     with pytest.raises(HealthAlertError, match="nonfinite_loss at step 5: the training loss is NaN/Inf"):
         _fit(Faulty(at=4, factor=math.nan), [raising], MultiLogger(save_dir="runs", name="raise", wandb=False),
              steps=20)
+
+
+class Silent(TinyImageModel):
+    """Logs nothing with ``self.log``: Lightning hands the loggers no values at its logging steps."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.nll_loss(self(x), y)
+
+
+def test_stop_without_model_values_ends_the_fit_one_batch_later():
+    """With no self.log value at a logging step Lightning calls no logger there: the monitors' values of step 1 are
+    judged at the next batch's start, and the fit ends after that batch."""
+    logger = MultiLogger(save_dir="runs", name="silent", wandb=False)
+    health = HealthMonitor(rules=[{"key": "grad/norm_total", "rule": "above", "threshold": 0.0, "action": "stop"}])
+    trainer = _fit(Silent(), [GradientMonitor(), health], logger, steps=20)
+    assert trainer.should_stop and trainer.global_step == 3
+    assert [(r["step"], r["action"]) for r in _jsonl(logger.log_dir)] == [(1, "stop")]
 
 
 def test_no_host_sync_added():

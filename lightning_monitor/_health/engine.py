@@ -103,6 +103,34 @@ class Engine:
                                         rule.action))
         return out
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the rules remember (streaks, episodes, windows, bests) and the alert count, as plain containers (a
+        checkpoint loads them with ``weights_only``)."""
+        return {"alert_count": self.alert_count, "rules": {
+            name: {"streak": st.streak, "firing": st.firing, "alerts": st.alerts, "since_best": st.since_best,
+                   "best": None if st.best is None else tuple(st.best),
+                   "history": [tuple(h) if isinstance(h, (tuple, list)) else h for h in st.history]}
+            for name, st in self.states.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take up :meth:`state_dict`'s state: the rules of the same name continue (a window longer than the rule's
+        now is cut to it); a rule not in ``state`` starts afresh, one no longer here is left out."""
+        self.alert_count = int(state.get("alert_count", 0))
+        saved = state.get("rules", {})
+        for rule in self.rules:
+            if rule.name not in saved:
+                continue
+            got = saved[rule.name]
+            keep = _DROP_HISTORY if rule.condition == "drop" else rule.window
+            history = [tuple(h) if isinstance(h, (tuple, list)) else float(h) for h in got.get("history", [])]
+            best = got.get("best")
+            self.states[rule.name] = _State(
+                streak=int(got.get("streak", 0)), firing=bool(got.get("firing", False)),
+                alerts=int(got.get("alerts", 0)), history=deque(history[-keep:]),
+                best=None if best is None else (int(best[0]), float(best[1])),
+                since_best=int(got.get("since_best", 0)))
+
+
 
 def _needed(rule: Rule) -> int:
     """Evaluations in a row the condition must hold (``not_improving`` counts its patience itself)."""

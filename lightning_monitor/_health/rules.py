@@ -26,6 +26,9 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 #: the keys a user's training loss is looked for under when ``loss_key`` is not given, in this order
 LOSS_KEYS = ("train/loss", "train_loss", "loss", "train/loss_step", "train_loss_step")
+#: the points the backends dropped or refused since the last evaluation: not a logged key, the count the writers'
+#: failure guard keeps, which HealthMonitor adds to each evaluation (live only: replay has no such count)
+DROPPED_KEY = "run/dropped_points"
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,7 @@ def _per_rank(key: str) -> tuple[str, ...]:
 
 #: the default rules' names, in the order they are evaluated (the ``disable`` and ``actions`` options name them)
 DEFAULT_NAMES = ("nonfinite_loss", "nonfinite_grad", "loss_spike", "grad_spike", "input_bound", "near_oom",
-                 "alloc_retries", "host_memory_leak", "throughput_drop", "straggler")
+                 "alloc_retries", "host_memory_leak", "throughput_drop", "straggler", "dropped_points")
 
 
 def default_rules(
@@ -184,6 +187,7 @@ def default_rules(
              patience=throughput_windows, what="throughput dropped below the run's median"),
         Rule("straggler", ("time/straggler_ratio",), "above", straggler_ratio, patience=straggler_windows,
              what="one rank is slower than the others (a straggler)"),
+        Rule("dropped_points", (DROPPED_KEY,), "above", 0.0, what="a backend dropped or refused logged points"),
     ]
 
 

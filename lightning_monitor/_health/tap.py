@@ -14,7 +14,7 @@ Nothing here reads a tensor: a value that is not a plain number is left out, so 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Optional
 
 from lightning.pytorch.loggers import Logger
@@ -83,13 +83,16 @@ class TapWriter(Writer):
 class Tap(Logger, Backend):
     """An in-memory Lightning logger: what Lightning logs goes into ``pending`` (every rank), and the dispatch
     layer's values through :class:`TapWriter` (rank 0). ``first``: the trainer's first logger, whose version it
-    reports so that the progress bar's ``v_num`` stays what it was."""
+    reports so that the progress bar's ``v_num`` stays what it was; ``on_log``: called after each ``log_metrics``
+    (HealthMonitor judges a logging step there, once Lightning has handed every logger its values)."""
 
-    def __init__(self, pending: Pending, first: Optional[Logger] = None) -> None:
+    def __init__(self, pending: Pending, first: Optional[Logger] = None,
+                 on_log: Optional[Callable[[], None]] = None) -> None:
         super().__init__()
         self.pending = pending
         self.writer = TapWriter(pending)
         self._first = first
+        self.on_log = on_log
 
     @property
     @override
@@ -104,6 +107,8 @@ class Tap(Logger, Backend):
     @override
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
         self.pending.add(metrics, step)
+        if self.on_log is not None:
+            self.on_log()
 
     @override
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:

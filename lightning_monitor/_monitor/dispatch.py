@@ -48,6 +48,16 @@ def writers(trainer: "pl.Trainer") -> list[Writer]:
     return out
 
 
+def dropped_points(trainer: "pl.Trainer") -> dict[str, int]:
+    """Points each dashboard backend of the trainer did not keep so far (values it rejected, writes after it was
+    turned off), by backend name: counters the failure guard keeps, no sync. Global rank 0 (the rank that writes)."""
+    out: dict[str, int] = {}
+    for writer in writers(trainer):
+        if writer.dashboard:
+            out[writer.name] = out.get(writer.name, 0) + writer.dropped
+    return out
+
+
 def release(trainer: "pl.Trainer") -> None:
     """The fit is over: the trainer's plain loggers get their own methods back (no wrapper left on them), and the
     next fit (or ``test``) guards them again."""

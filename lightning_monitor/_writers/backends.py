@@ -10,7 +10,9 @@ the same object to each writer through :func:`deliver`. Writers are chosen once 
 Failure isolation is the same for all of them. A value a backend rejects (``ValueError``, ``TypeError``,
 ``KeyError``, ``IndexError``: a bad key, a picture it cannot encode) is skipped with one warning naming the key, and
 the backend keeps logging; :data:`MAX_VALUE_ERRORS` such errors in a row, or any other error (service gone, disk
-gone), turn that backend off with one warning saying what still logs. Training never stops for either.
+gone), turn that backend off with one warning saying what still logs. Training never stops for either. Each
+writer counts the points it did not keep (:attr:`Writer.dropped`: the values rejected, every value of a write
+after it was turned off), which HealthMonitor's ``dropped_points`` rule reads.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class Writer:
         self.name = name or type(logger).__name__
         self.failed = False
         self.value_errors = 0  # value-level errors since the last successful write
+        #: points (one value at one step) of rows this backend did not keep: values it rejected, and every value
+        #: written to it after it was turned off (counted by :func:`deliver`; HealthMonitor's ``dropped_points``)
+        self.dropped = 0
+        self.refused: Optional[int] = None  # set by a write that kept some values and refused these many
         self.warn = WarnOnce()
 
     # -------------------------------------------------------------------- lifecycle hooks for subclasses
@@ -175,6 +181,7 @@ class TensorBoardWriter(Writer):
         self._one_event(values, step)  # the numbers are written even when another value is not one
         self.note_scalar_tags([v.tag for v in values], step)
         if rejected:
+            self.refused = len(rejected)  # the other values of the write were kept
             raise ValueError(f"not a number: {', '.join(rejected[:5])}")
 
     def histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int]) -> None:
@@ -325,14 +332,17 @@ def deliver(
     """Run ``write`` (one operation of ``writer``) inside the failure guard described in the module docstring.
 
     ``keys`` name what is written (for the warning when the backend rejects it); ``others`` are the writers that
-    keep logging if this one stops (for the warning's wording). The host time spent here is added to
-    :func:`seconds_writing`.
+    keep logging if this one stops (for the warning's wording); ``row``: the write adds points (a row of values at
+    ``step``), which :attr:`Writer.dropped` counts when the backend does not keep them. The host time spent here is
+    added to :func:`seconds_writing`.
     """
     global _seconds_writing
     began = _clock.now()  # the package's one host clock (tests fake it there)
     try:
         # start() runs outside the guard: a run directory that cannot be written fails before training, as documented
         if writer.failed or not writer.start(step, row):
+            if row and writer.failed:
+                writer.dropped += _points(keys)  # a backend turned off keeps nothing more
             return
         try:
             write()
@@ -340,6 +350,9 @@ def deliver(
             writer.value_errors = 0
         except Exception as err:  # noqa: BLE001 - a backend never ends the user's run
             writer.value_errors += 1
+            refused, writer.refused = writer.refused, None
+            if row:
+                writer.dropped += _points(keys) if refused is None else refused
             # a value error caused by an OSError (Lightning's TensorBoardLogger wraps a failed write in ValueError)
             # is the disk failing, not the value
             if isinstance(err, _VALUE_ERRORS) and os_error(err) is None and writer.value_errors < MAX_VALUE_ERRORS:
@@ -355,6 +368,11 @@ def deliver(
             rank_zero_warn(writer.failure_message(err, still))
     finally:
         _seconds_writing += _clock.now() - began
+
+
+def _points(keys: Iterable[str]) -> int:
+    """How many values a write names (``keys``: a mapping of values or a list of keys)."""
+    return len(keys) if isinstance(keys, Collection) else sum(1 for _ in keys)
 
 
 def seconds_writing() -> float:
