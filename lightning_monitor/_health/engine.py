@@ -131,7 +131,6 @@ class Engine:
                 since_best=int(got.get("since_best", 0)))
 
 
-
 def _needed(rule: Rule) -> int:
     """Evaluations in a row the condition must hold (``not_improving`` counts its patience itself)."""
     return 1 if rule.condition == "not_improving" else rule.patience
