@@ -102,6 +102,10 @@ class RunSummary(Callback, Backend):
         "summary/alert_count/{rule}": "alerts of one HealthMonitor rule (the times ``health/{rule}`` went to 1)",
         "summary/alert_first_step/{rule}": "the step of that rule's first alert",
         "summary/alert_last_step/{rule}": "the step of that rule's last alert",
+        "summary/stalls": "stalls StallMonitor saw end in the fit (global rank 0: its ``health/stall_sec`` points)",
+        "summary/stall_longest_sec": "seconds the longest stall lasted (global rank 0's view)",
+        "summary/stall_longest_step": "the step it happened at",
+        "summary/stall_longest_phase": "text: its phase (``waiting for data``, ``forward/backward``, ...)",
         "summary/table": "text: the table (a TensorBoard text card)",
     }
     #: the TensorBoard text card holding the whole table

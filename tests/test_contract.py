@@ -38,6 +38,7 @@ from lightning_monitor import (
     PredictionGridMonitor,
     RunSummary,
     SpeedMonitor,
+    StallMonitor,
 )
 from lightning_monitor._core.keys import PLACEHOLDER, document_keys, keys_table
 from lightning_monitor._writers.layout import LAYOUT_TAG
@@ -202,7 +203,7 @@ def test_document_keys_fills_the_placeholder_and_refuses_a_docstring_without_one
 def test_all_lists_the_public_classes():
     assert lightning_monitor.__all__ == [
         "MultiLogger", "GradientMonitor", "MemoryMonitor", "SpeedMonitor", "PredictionGridMonitor", "RunSummary",
-        "HealthMonitor"]
+        "HealthMonitor", "StallMonitor"]
 
 
 @ALL
@@ -346,9 +347,11 @@ def _conditional(device: str) -> dict[str, str]:
     reasons["grad/optimizer_nonfinite_count/{index}"] = "per-optimizer series: more than one optimizer only"
     for key in HealthMonitor.LOGGED_KEYS:
         reasons[key] = "HealthMonitor logs only after an alert (and is not in this fit)"
+    for key in StallMonitor.LOGGED_KEYS:
+        reasons.setdefault(key, "StallMonitor logs only after a stall (and is not in this fit)")
     for key in RunSummary.LOGGED_KEYS:
-        if key.startswith("summary/alert"):
-            reasons[key] = "only when HealthMonitor raised an alert"
+        if key.startswith(("summary/alert", "summary/stall")):
+            reasons[key] = "only when HealthMonitor or StallMonitor raised an alert"
     reasons["summary/cuda_{phase}_peak_allocated_gib_max"] = "CUDA only (MemoryMonitor's per-phase peaks)"
     reasons["summary/cuda_{phase}_peak_allocated_gib_max_rank"] = "CUDA only (MemoryMonitor's per-phase peaks)"
     if "time/monitor_share" not in SpeedMonitor.LOGGED_KEYS:

@@ -10,7 +10,14 @@ from typing import Any
 
 import pytest
 
-from lightning_monitor import GradientMonitor, MemoryMonitor, PredictionGridMonitor, RunSummary, SpeedMonitor
+from lightning_monitor import (
+    GradientMonitor,
+    MemoryMonitor,
+    PredictionGridMonitor,
+    RunSummary,
+    SpeedMonitor,
+    StallMonitor,
+)
 from lightning_monitor._core import options as _options
 
 #: (class, option, a valid value, a value out of range) for every integer option (counts included)
@@ -29,6 +36,7 @@ INTEGERS = [
     (PredictionGridMonitor, "tile_size", 8, 7),
     (PredictionGridMonitor, "padding", 0, -1),
     (PredictionGridMonitor, "dataloader_idx", 0, -1),
+    (StallMonitor, "exit_code", 1, 0),
 ]
 #: the same for the number options (floats; an int is a number too)
 NUMBERS = [
@@ -36,13 +44,16 @@ NUMBERS = [
     (MemoryMonitor, "nvml_interval_sec", 1, -1.0),
     (SpeedMonitor, "flops_per_batch", 1e9, -1.0),
     (SpeedMonitor, "peak_flops_per_sec", 1e12, 0.0),
+    (StallMonitor, "timeout", 0.5, 0.0),
+    (StallMonitor, "min_timeout", 1, -1.0),
+    (StallMonitor, "step_factor", 2.5, 0.0),
 ]
 #: the flags: True or False only
 FLAGS = [
     (GradientMonitor, name) for name in ("per_param_norms", "param_norms", "update_ratio", "histograms",
                                          "param_histograms")
 ] + [(MemoryMonitor, "nvml"), (SpeedMonitor, "measure_flops"), (PredictionGridMonitor, "mistakes_first"),
-     (RunSummary, "print_table"), (RunSummary, "use_rich")]
+     (RunSummary, "print_table"), (RunSummary, "use_rich"), (StallMonitor, "print_alerts")]
 
 
 def _id(case: tuple[Any, ...]) -> str:

@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from lightning_monitor._monitor.phases import STALL_PHASES
+
 #: phases whose device allocator peak MemoryMonitor logs as ``memory/cuda/{phase}_peak_allocated_gib``
 PHASES = ("train", "validation", "test")
 _PEAKS = tuple(f"memory/cuda/{phase}_peak_allocated_gib" for phase in PHASES) + ("memory/host/rss_gib",)
@@ -83,6 +85,7 @@ def compute(series: Series, *, status: str, wall_sec: Optional[float], steps: in
     if accuracy := values("predictions/accuracy"):
         out["summary/accuracy_first"], out["summary/accuracy_last"] = accuracy[0], accuracy[-1]
     out.update(_alerts(series))
+    out.update(_stalls(series))
     if overhead := values("time/monitor_share"):
         out["summary/overhead_share_mean"] = float(np.mean(overhead))
         for key in sorted(k for k in series if k.startswith("time/monitor_share/")):
@@ -106,6 +109,18 @@ def _alerts(series: Series) -> dict[str, Any]:
     return out
 
 
+def _stalls(series: Series) -> dict[str, Any]:
+    """StallMonitor's stalls (global rank 0's view): how many, and the longest with its step and phase."""
+    points = series.get("health/stall_sec")
+    if not points:
+        return {}
+    step, seconds = max(points, key=lambda sv: sv[1])
+    code = int(dict(series.get("health/stall_phase", ())).get(step, -1))
+    return {"summary/stalls": len(points), "summary/stall_longest_sec": float(seconds),
+            "summary/stall_longest_step": int(step),
+            "summary/stall_longest_phase": STALL_PHASES[code] if 0 <= code < len(STALL_PHASES) else "?"}
+
+
 def _peak(series: Series, key: str) -> Optional[tuple[float, int]]:
     """The largest value of ``key`` over the run and the global rank that held it: from the cross-rank
     ``key_max`` / ``key_max_rank`` when logged (world size > 1), else from ``key`` itself (rank 0)."""
@@ -120,8 +135,10 @@ def _peak(series: Series, key: str) -> Optional[tuple[float, int]]:
 
 def unit(key: str) -> Optional[str]:
     """The unit of a summary value, read off its name (DESIGN.md: units in the name); ``None`` for text."""
-    if key in ("summary/status", "summary/grad_norm_max_group"):
+    if key in ("summary/status", "summary/grad_norm_max_group", "summary/stall_longest_phase"):
         return None
+    if key == "summary/stalls":
+        return "stalls"
     if key == "summary/alerts" or key.startswith("summary/alert_count/"):
         return "alerts"
     if key.startswith(("summary/alert_first_step/", "summary/alert_last_step/")):
@@ -177,6 +194,10 @@ def rows(values: Mapping[str, Any]) -> list[tuple[str, str]]:
         parts = [f"{rule} {n}x ({_steps(v[f'summary/alert_first_step/{rule}'], v[f'summary/alert_last_step/{rule}'])})"
                  for rule, n in counts.items()]
         out.append(("health alerts", f"{v['summary/alerts']}" + (f": {', '.join(parts)}" if parts else "")))
+    if "summary/stalls" in v:
+        out.append(("stalls", f"{v['summary/stalls']}, the longest {_duration(v['summary/stall_longest_sec'])} at step"
+                              f" {v['summary/stall_longest_step']} in {v['summary/stall_longest_phase']} (rank 0's"
+                              " view; every rank's stacks in stalls/)"))
     if "summary/overhead_share_mean" in v:
         parts = [f"{k.rsplit('/', 1)[1].removesuffix('_monitor').replace('_', ' ')} {x:.1%}" for k, x in v.items()
                  if k.startswith("summary/overhead_share_mean/")]
