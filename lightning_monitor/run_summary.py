@@ -162,7 +162,15 @@ class RunSummary(Callback, Backend):
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
-            self.print_now()  # a stage after fit (test, validate, predict) ended: its results table is above
+            # a stage after fit (test, validate, predict) ended: its results table is above. A progress bar whose live
+            # display ends in its own teardown, after this one (rich's: the last "Testing 1/1" frame is drawn when
+            # it stops), ends it now, so that the table is the last thing printed (a second stop does nothing)
+            bar = trainer.progress_bar_callback
+            callbacks = list(trainer.callbacks)  # type: ignore[attr-defined]
+            later = callbacks[callbacks.index(self) + 1:] if self in callbacks else []
+            if bar is not None and any(c is bar for c in later):
+                bar.teardown(trainer, pl_module, stage)
+            self.print_now()
 
     def print_now(self) -> None:
         """Print the table held since the end of the last ``fit`` now, if it has not been printed yet."""

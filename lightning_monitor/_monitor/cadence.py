@@ -51,7 +51,8 @@ def batch_logging_step(trainer: "pl.Trainer", batch_step: Optional[int], every_n
     module = trainer.lightning_module
     if module is not None and not module.automatic_optimization:  # one self.log step per batch
         return batch_step if is_logging_step(batch_step, n) else None
-    return next((s for s in range(batch_step, trainer.global_step) if is_logging_step(s, n)), None)
+    first = batch_step + (-(batch_step + 1)) % n  # the first logging step at or after the batch's first step
+    return first if first < trainer.global_step else None
 
 
 def validation_step(trainer: "pl.Trainer", last_batch_step: Optional[int]) -> int:
