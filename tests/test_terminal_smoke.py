@@ -36,6 +36,8 @@ def test_smoke_run_terminal(tmp_path):
     assert re.search(r"wandb sync \S+/offline-run-\*-\S+\*$", uploads[0]), uploads[0]
     assert out.count("Run summary (success)") == 1
     assert out.index("Test metric") < out.index("Run summary (success)")  # the summary comes after the test table
+    testing = [i for i, line in enumerate(lines) if line.startswith("Testing")]  # rich's last progress frame
+    assert testing and max(testing) < lines.index("Run summary (success)"), lines[-20:]  # ... and the test bar
     assert "written to " in out[out.index("Run summary (success)"):]
     assert "lightning_monitor/" not in out and "lightning_monitor\\" not in out  # no internal path prefix
 
