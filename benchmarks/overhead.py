@@ -24,6 +24,8 @@ Configurations:
                    log_freq=n)`` (gradient and parameter histograms to wandb only).
 * ``ours+health``  (``--configs ours,ours+health``) ``ours`` + ``HealthMonitor()`` with its default rules: what
                    judging the run at each logging step adds to the whole suite.
+* ``ours+stall``   (``--configs ours,ours+stall``) ``ours`` + ``StallMonitor()``: what its progress marks (and its
+                   watchdog thread, waking once a second) add to the whole suite.
 * ``monitors``     (``--self-cost``) the baseline's ``TensorBoardLogger`` + the four monitors with defaults: the
                    end-to-end difference to ``baseline`` is the monitors' cost and nothing else.
 * ``all``          (``--only small10`` / ``small50``) the baseline's ``TensorBoardLogger`` + every monitor with its
@@ -72,7 +74,7 @@ from examples.mnist.model import LitNet  # noqa: E402
 
 CONFIGS = ["baseline", "ours", "ours+grid", "lightning", "add_histogram", "wandb.watch"]
 #: extra configurations, run only when named with --configs: one monitor alone on the baseline's logger
-SINGLE = ["grad", "memory", "speed", "monitors", "ours+health"]
+SINGLE = ["grad", "memory", "speed", "monitors", "ours+health", "ours+stall"]
 #: the small model's configurations (--only small10): the cost budget on and off
 BUDGET = ["baseline", "all", "all, no budget"]
 #: time/monitor_share values SpeedMonitor logged in the current fit: (step, value)
@@ -198,7 +200,7 @@ def build(config: str, model_name: str, n: int, root: str) -> tuple[Any, list[pl
 
     if config == "baseline":
         return tb(), [], nothing
-    if config in ("ours", "ours+grid", "ours+health"):
+    if config in ("ours", "ours+grid", "ours+health", "ours+stall"):
         from lightning_monitor import (
             GradientMonitor,
             HealthMonitor,
@@ -206,6 +208,7 @@ def build(config: str, model_name: str, n: int, root: str) -> tuple[Any, list[pl
             MultiLogger,
             PredictionGridMonitor,
             SpeedMonitor,
+            StallMonitor,
         )
 
         callbacks: list[pl.Callback] = [GradientMonitor(), MemoryMonitor(), SpeedMonitor()]
@@ -214,6 +217,8 @@ def build(config: str, model_name: str, n: int, root: str) -> tuple[Any, list[pl
             callbacks.append(PredictionGridMonitor(every_n_steps=grid_every, mean=[MNIST_MEAN], std=[MNIST_STD]))
         if config == "ours+health":  # the whole suite with HealthMonitor's default rules
             callbacks.append(HealthMonitor())
+        if config == "ours+stall":  # the whole suite with StallMonitor's watchdog
+            callbacks.append(StallMonitor())
         return MultiLogger(save_dir=root, name="ours"), callbacks, nothing
     if config in ("all", "all, no budget"):
         from lightning_monitor import GradientMonitor, MemoryMonitor, PredictionGridMonitor, SpeedMonitor

@@ -1,6 +1,6 @@
 """StallMonitor: the watchdog's limits (fake time), a starved input pipeline and a rank asleep under 2-process DDP
 (real fits: the dumps, the alert in alerts.jsonl and both backends, the run finishing), a clean run with a slow first
-step and a slow validation raising nothing, no host sync, and ``action="exit"``."""
+step and a slow validation raising nothing, no host sync, ``action="exit"`` and LightningCLI YAML."""
 
 from __future__ import annotations
 
@@ -80,6 +80,27 @@ def test_options_are_checked():
         StallMonitor(exit_code=0)
     with pytest.raises(ValueError, match="dirname"):
         StallMonitor(dirname="a/b")
+
+
+def test_lightning_cli_builds_it_from_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  logger: false\n"
+        "  callbacks:\n"
+        "    - class_path: lightning_monitor.StallMonitor\n"
+        "      init_args:\n"
+        "        min_timeout: 300\n"
+        "        first_step_timeout: 1200.5\n"
+        "        action: exit\n"
+        "        exit_code: 3\n"
+    )
+    cli = LightningCLI(TinyImageModel, run=False, args=["--config", str(config)], save_config_callback=None)
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, StallMonitor)]
+    assert (monitor.timeout, monitor.min_timeout, monitor.first_step_timeout) == (None, 300, 1200.5)
+    assert (monitor.action, monitor.exit_code) == ("exit", 3)
 
 
 # ------------------------------------------------------------------------------------------ real fits, one process
