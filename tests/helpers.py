@@ -89,6 +89,24 @@ def fit_tiny(callbacks: list[Any], logger: Any, **trainer_kwargs: Any) -> pl.Tra
     return trainer
 
 
+def callback_from_cli_yaml(tmp_path: Any, cls: type, init_args: str) -> Any:
+    """The ``cls`` callback LightningCLI builds from a config file whose trainer holds it alone, with ``init_args``
+    (YAML lines, indented as the file's init_args body: 8 spaces), and no logger."""
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  logger: false\n"
+        "  callbacks:\n"
+        f"    - class_path: lightning_monitor.{cls.__name__}\n"
+        "      init_args:\n" + init_args
+    )
+    cli = LightningCLI(TinyImageModel, run=False, args=["--config", str(config)], save_config_callback=None)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, cls)]
+    return callback
+
+
 def tb_accumulator(log_dir: str) -> Any:
     """Everything TensorBoard wrote under ``log_dir`` (size guidance 0 keeps every event, not a sample)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from helpers import TinyImageModel
+from helpers import callback_from_cli_yaml
 
 from lightning_monitor import HealthMonitor
 from lightning_monitor._health.engine import Engine
@@ -169,23 +169,13 @@ def test_rules_file_forms(tmp_path):
 
 
 def test_lightning_cli_builds_it_from_yaml(tmp_path):
-    from lightning.pytorch.cli import LightningCLI
-
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        "trainer:\n"
-        "  logger: false\n"
-        "  callbacks:\n"
-        "    - class_path: lightning_monitor.HealthMonitor\n"
-        "      init_args:\n"
+    monitor = callback_from_cli_yaml(tmp_path, HealthMonitor, (
         "        rules:\n"
         "          - {key: val_loss, rule: not_improving, patience: 5}\n"
         "          - {key: train/acc, rule: below, threshold: 0.2, patience: 3, action: stop}\n"
         "        actions: {nonfinite_loss: stop}\n"
         "        spike_z: 6.0\n"
-    )
-    cli = LightningCLI(TinyImageModel, run=False, args=["--config", str(config)], save_config_callback=None)
-    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, HealthMonitor)]
+    ))
     rules = {r.name: r for r in monitor.health_rules}
     assert rules["val_loss_not_improving"].patience == 5
     assert rules["train_acc_below"].action == "stop" and rules["nonfinite_loss"].action == "stop"

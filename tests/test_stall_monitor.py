@@ -12,7 +12,16 @@ import sys
 import time
 
 import pytest
-from helpers import TinyImageModel, find_runs, image_data, make_trainer, run_ddp_script, tb_accumulator, tb_scalars
+from helpers import (
+    TinyImageModel,
+    callback_from_cli_yaml,
+    find_runs,
+    image_data,
+    make_trainer,
+    run_ddp_script,
+    tb_accumulator,
+    tb_scalars,
+)
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_monitor import MultiLogger, RunSummary, StallMonitor
@@ -83,22 +92,12 @@ def test_options_are_checked():
 
 
 def test_lightning_cli_builds_it_from_yaml(tmp_path):
-    from lightning.pytorch.cli import LightningCLI
-
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        "trainer:\n"
-        "  logger: false\n"
-        "  callbacks:\n"
-        "    - class_path: lightning_monitor.StallMonitor\n"
-        "      init_args:\n"
+    monitor = callback_from_cli_yaml(tmp_path, StallMonitor, (
         "        min_timeout: 300\n"
         "        first_step_timeout: 1200.5\n"
         "        action: exit\n"
         "        exit_code: 3\n"
-    )
-    cli = LightningCLI(TinyImageModel, run=False, args=["--config", str(config)], save_config_callback=None)
-    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, StallMonitor)]
+    ))
     assert (monitor.timeout, monitor.min_timeout, monitor.first_step_timeout) == (None, 300, 1200.5)
     assert (monitor.action, monitor.exit_code) == ("exit", 3)
 

@@ -14,14 +14,13 @@ Nothing here reads a tensor: a value that is not a plain number is left out, so 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 from lightning.pytorch.loggers import Logger
 from typing_extensions import override
 
-from lightning_monitor._writers.backends import Backend, Writer
-from lightning_monitor._writers.media import HistogramData, Images
+from lightning_monitor._writers.backends import Backend, ScalarSink, Writer
 
 #: families of keys that are not training signals: HealthMonitor's own and RunSummary's end-of-run numbers
 _NOT_SIGNALS = ("health/", "summary/")
@@ -50,34 +49,15 @@ class Pending:
         return out
 
 
-class TapWriter(Writer):
-    """The monitors' scalars into :class:`Pending` (the dispatch layer's writer for :class:`Tap`). Not a dashboard:
-    media, text and summaries are not its business."""
-
-    dashboard = False
+class TapWriter(ScalarSink):
+    """The monitors' scalars into :class:`Pending` (the dispatch layer's writer for :class:`Tap`)."""
 
     def __init__(self, pending: Pending) -> None:
-        super().__init__(None, "HealthMonitor")  # type: ignore[arg-type]  # no logger behind it
+        super().__init__("HealthMonitor")
         self.pending = pending
 
     def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
         self.pending.add(metrics, step)
-
-    def hyperparams(self, params: Any, metrics: Optional[Mapping[str, float]] = None) -> None:
-        pass
-
-    def histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int]) -> None:
-        pass
-
-    def images(self, images: Images, step: Optional[int]) -> None:
-        pass
-
-    def text(self, key: str, text: str, step: Optional[int]) -> None:
-        pass
-
-    def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]],
-                headline: Collection[str] = ()) -> None:
-        pass
 
 
 class Tap(Logger, Backend):

@@ -277,21 +277,15 @@ class WandbWriter(Writer):
             run.alert(title=title, text=text)
 
 
-class Recorder(Writer):
-    """An in-memory consumer of the logged scalars (RunSummary's): ``series`` keeps ``key -> [(step, value)]``, in
-    logging order, of every key ``keep`` accepts. Not a dashboard: media, text and summaries are not its business."""
+class ScalarSink(Writer):
+    """An in-memory consumer of the logged scalars, with no logger behind it (RunSummary's :class:`Recorder`,
+    HealthMonitor's writer): a subclass says what :meth:`scalars` keeps. Not a dashboard: hyperparameters, media, text
+    and summaries are not its business."""
 
     dashboard = False
 
-    def __init__(self, keep: Callable[[str], bool], name: str = "RunSummary") -> None:
+    def __init__(self, name: str) -> None:
         super().__init__(None, name)  # type: ignore[arg-type]  # no logger behind it: every operation is its own
-        self.keep = keep
-        self.series: dict[str, list[tuple[int, float]]] = {}
-
-    def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
-        for key, value in metrics.items():
-            if self.keep(key):
-                self.series.setdefault(key, []).append((int(step or 0), float(value)))  # plain numbers: no sync
 
     def hyperparams(self, params: Any, metrics: Optional[Mapping[str, float]] = None) -> None:
         pass
@@ -308,6 +302,21 @@ class Recorder(Writer):
     def summary(self, values: Mapping[str, Any], step: Optional[int], card: Optional[tuple[str, str]],
                 headline: Collection[str] = ()) -> None:
         pass
+
+
+class Recorder(ScalarSink):
+    """RunSummary's consumer of the logged scalars: ``series`` keeps ``key -> [(step, value)]``, in logging order, of
+    every key ``keep`` accepts."""
+
+    def __init__(self, keep: Callable[[str], bool], name: str = "RunSummary") -> None:
+        super().__init__(name)
+        self.keep = keep
+        self.series: dict[str, list[tuple[int, float]]] = {}
+
+    def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
+        for key, value in metrics.items():
+            if self.keep(key):
+                self.series.setdefault(key, []).append((int(step or 0), float(value)))  # plain numbers: no sync
 
 
 def _numbers(values: Mapping[str, Any]) -> dict[str, float]:
