@@ -17,6 +17,7 @@ from lightning_monitor._core.keys import document_keys
 from lightning_monitor._grad import event as _grad_event
 from lightning_monitor._grad import groups as _grad_groups
 from lightning_monitor._grad import nonfinite as _grad_nonfinite
+from lightning_monitor._grad import optstate as _grad_optstate
 from lightning_monitor._grad import sharded as _grad_sharded
 from lightning_monitor._grad.norms import fast_norms
 from lightning_monitor._monitor import dist as _dist
@@ -76,6 +77,14 @@ class GradientMonitor(Monitor):
         per_param_norms: also log one norm per parameter (of those selected by ``include``/``exclude``).
         param_norms: also log weight norms per group.
         update_ratio: also log ||delta w|| / ||w|| per group (snapshots the weights on logging steps only).
+        optimizer_state: also log Adam-style optimizer state per group (any optimizer keeping ``exp_avg`` and
+            ``exp_avg_sq``: Adam, AdamW, ...), as it stands before the step: the moments' norms, the effective
+            per-element step ``lr / (sqrt(v_hat) + eps)`` (``v_hat`` bias-corrected with the state's step count,
+            ``max_exp_avg_sq`` under ``amsgrad``; median and 99th percentile over at most 1024 elements per parameter
+            at a prime stride), the share of collapsed second moments and the cosine between the Adam direction and
+            the gradient (``p.grad``). Computed on the device and read back in the gradients' one transfer (temporary
+            buffers of a few times the measured parameters' size at logging steps). Not under FSDP2 / tensor
+            parallel yet (warned once).
         histograms: log gradient histograms (of those selected by ``include``/``exclude``).
         param_histograms: log weight histograms too.
         bins: histogram bins (1..512).
@@ -134,6 +143,12 @@ class GradientMonitor(Monitor):
         "param/hist/{name}": "histogram of one parameter's weights (``param_histograms=True``)",
         "param/update_ratio_total": "||w_after - w_before|| / ||w_before|| of all weights (``update_ratio``)",
         "param/update_ratio/{group}": "the same ratio for one module group (``update_ratio=True``)",
+        "optim/exp_avg_norm/{group}": "L2 norm of a group's Adam first moment ``exp_avg`` (``optimizer_state=True``)",
+        "optim/exp_avg_sq_sqrt_norm/{group}": "L2 norm of the square root of a group's second moment ``exp_avg_sq``",
+        "optim/step_median/{group}": "median effective per-element step ``lr / (sqrt(v_hat) + eps)`` (sampled)",
+        "optim/step_p99/{group}": "99th percentile of the effective per-element step (sampled)",
+        "optim/small_v_share/{group}": "share of a group's elements whose ``exp_avg_sq`` is below 1e-16",
+        "optim/update_cos/{group}": "cosine between the Adam direction ``m_hat / (sqrt(v_hat) + eps)`` and ``p.grad``",
     }
     FLAT_SHARDS_UNSUPPORTED = "shards gradients into flat buffers with no per-parameter global view"
 
@@ -146,6 +161,7 @@ class GradientMonitor(Monitor):
         per_param_norms: bool = False,
         param_norms: bool = False,
         update_ratio: bool = False,
+        optimizer_state: bool = False,
         histograms: bool = True,
         param_histograms: bool = False,
         bins: int = 64,
@@ -167,7 +183,7 @@ class GradientMonitor(Monitor):
         max_histograms = _options.check_count("max_histograms", max_histograms, none_ok=True)  # None: no cap
         max_param_keys = _options.check_count("max_param_keys", max_param_keys, none_ok=True)
         flags = dict(per_param_norms=per_param_norms, param_norms=param_norms, update_ratio=update_ratio,
-                     histograms=histograms, param_histograms=param_histograms)
+                     optimizer_state=optimizer_state, histograms=histograms, param_histograms=param_histograms)
         for option, flag in flags.items():
             _options.check_bool(option, flag)
         _options.check_choice("param_select", param_select, _grad_groups.SELECTS)
@@ -185,6 +201,7 @@ class GradientMonitor(Monitor):
         self.per_param_norms = per_param_norms
         self.param_norms = param_norms
         self.update_ratio = update_ratio
+        self.optimizer_state = optimizer_state
         self.histograms = histograms
         self.param_histograms = param_histograms
         self.bins = bins
@@ -224,6 +241,7 @@ class GradientMonitor(Monitor):
         self._measured: dict[int, _grad_event.Measured] = {}  # this logging batch's steps, per optimizer
         self._pending: tuple[dict[int, float], float] = ({}, 0.0)  # NaN/Inf queued before it, read back
         self._snapshots: dict[int, tuple[np.ndarray, list[torch.Tensor], np.ndarray]] = {}  # update_ratio
+        self._optstate: dict[int, Any] = {}  # optimizer_state: per optimizer, what _grad_optstate.metrics takes
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -305,6 +323,7 @@ class GradientMonitor(Monitor):
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self._measured.clear()
         self._snapshots.clear()
+        self._optstate.clear()
         step = self._batch_step  # self.log's step (_cadence.batch_start_step): batches under manual optimization
         logs = step is not None and self._logs_at(trainer, step)
         self._log_step = step if logs and _dist.works_on_model_here(trainer) else None  # sharded: every rank measures
@@ -327,7 +346,7 @@ class GradientMonitor(Monitor):
             return
         grads = [g for g in (self._params[i].grad for i in present) if g is not None]  # one per present index
         if self._log_step is not None:
-            bad = self._measure(number, np.array(present, dtype=np.int64), grads)
+            bad = self._measure(number, np.array(present, dtype=np.int64), grads, optimizer)
         elif watch_only:
             with self._spending(self._watch_part):
                 self._nonfinite.queue(tuple(present), fast_norms(_grad_sharded.local_shards(grads, trainer)))
@@ -339,13 +358,28 @@ class GradientMonitor(Monitor):
                 self._flush(trainer)  # log what we saw before raising
             _grad_nonfinite.act(self.nonfinite, bad, self._params, self._names, optimizer, trainer.global_step)
 
-    def _measure(self, number: int, present: np.ndarray, grads: list[torch.Tensor]) -> list[int]:
+    def _measure(self, number: int, present: np.ndarray, grads: list[torch.Tensor],
+                 optimizer: torch.optim.Optimizer) -> list[int]:
         """Measure one optimizer step of a logging batch (one host transfer); the parameters with NaN/Inf."""
         weights = [self._params[i].detach() for i in present.tolist()] if self._spec.weights else []
         hist = np.flatnonzero(self._hist_mask[present] & self._nonempty[present]) if self._hist_now else _EMPTY
         began = _clock.now()
+        opt = None
+        if self.optimizer_state and _grad_sharded.is_sharded(grads):
+            self._warn("optstate:sharded", "GradientMonitor: optimizer_state is not measured for sharded (DTensor)"
+                       " parameters (FSDP2, tensor parallel) yet; no optim/* keys.")
+        elif self.optimizer_state:  # queued on the device, read back in measure's one transfer
+            opt = _grad_optstate.queue(optimizer, [self._params[i] for i in present.tolist()], grads)
+            if opt is None and optimizer.state:  # it has stepped, but keeps no exp_avg / exp_avg_sq
+                self._warn("optstate:none", f"GradientMonitor: optimizer_state=True, but {type(optimizer).__name__}"
+                           " keeps no Adam-style state (exp_avg, exp_avg_sq); no optim/* keys for it.")
         measured, pending = _grad_event.measure(self._spec, number, present, grads, weights=weights, hist=hist,
-                                                pending=self._nonfinite.pending())
+                                                pending=self._nonfinite.pending(),
+                                                extra=opt.packed if opt is not None else None)
+        if opt is not None:
+            rows, samples = _grad_optstate.unpack(measured.extra, opt.lengths)
+            numels = np.array([self._params[i].numel() for i in present[opt.positions].tolist()])
+            self._optstate[number] = (present[opt.positions], rows, samples, measured.sq[opt.positions], numels)
         if hist.size:  # what the budget expects the histograms to cost: the whole measurement (an upper bound) ...
             self._hist_seconds += _clock.now() - began
         if pending.size:
@@ -393,6 +427,8 @@ class GradientMonitor(Monitor):
                 metrics[f"grad/optimizer_norm/{m.optimizer}"] = float(np.sqrt(m.sq.sum()))
                 metrics[f"grad/optimizer_nonfinite_count/{m.optimizer}"] = float(m.nonfinite.sum())
         metrics.update(_grad_groups.group_norms("grad/norm", self._group_names, self._gid, have, sq))
+        optstate, self._optstate = [self._optstate[k] for k in sorted(self._optstate)], {}
+        metrics.update(_grad_optstate.metrics(self._group_names, self._gid, optstate))
         if self.per_param_norms:
             chosen = np.flatnonzero(have & self._norm_mask).tolist()
             root = np.sqrt(sq[chosen]).tolist()

@@ -6,7 +6,7 @@ ones go to :mod:`lightning_monitor._grad.sharded` (the full tensors' numbers, wi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -56,6 +56,7 @@ class Measured:
     wsq: Optional[np.ndarray]  # [n] squared weight norms (param_norms / update_ratio / param_histograms)
     phist: np.ndarray  # [k] parameters with a weight histogram row
     prows: np.ndarray  # [k, STAT_COLUMNS + bins]
+    extra: np.ndarray = field(default_factory=lambda: np.zeros(0))  # host copy of ``measure``'s ``extra``
 
     @property
     def bad(self) -> np.ndarray:
@@ -91,6 +92,7 @@ def measure(
     weights: list[torch.Tensor],
     hist: np.ndarray,
     pending: Sequence[torch.Tensor],
+    extra: Optional[torch.Tensor] = None,
 ) -> tuple[Measured, np.ndarray]:
     """Norms and histogram rows of one optimizer step (``present``: the parameters, ``grads`` their gradients,
     ``weights`` their weights when ``spec.weights``), read back with ``pending`` (NaN/Inf counts queued since the last
@@ -98,7 +100,8 @@ def measure(
 
     ``hist`` are positions in ``present`` (non-empty tensors, within the cap) whose histograms are logged (gradients
     with ``spec.grad_histograms``, weights with ``spec.param_histograms``). Returns the host values and the host copy
-    of ``pending``.
+    of ``pending``. ``extra`` (a flat device tensor, plain gradients only: the optimizer state's statistics) rides
+    in the same transfer and comes back as ``Measured.extra``.
 
     Sharded gradients (DTensor: FSDP2, tensor parallel) are measured on EVERY rank: the same host values for the full
     tensors, with :data:`~lightning_monitor._grad.sharded.COLLECTIVES_PER_EVENT` all-reduces and one host transfer;
@@ -123,6 +126,7 @@ def measure(
         wsq_dev, param_rows = _norms_and_rows(weights, phist_pos, bins, max_elements, hist_range)
         parts += [wsq_dev]
         parts += [param_rows] if param_rows is not None else []
+    parts += [extra.reshape(-1).to(sq.dtype)] if extra is not None else []
     parts += [p.reshape(-1).double() for p in pending]
     # sync point: one packed host transfer per optimizer step of a logging step (``to`` copies, ``numpy`` is free)
     host = torch.cat(parts).to("cpu").numpy()
@@ -135,6 +139,9 @@ def measure(
         wsq, off = host[off : off + n], off + n
     prows = host[off : off + phist_pos.size * width].reshape(-1, width)
     off += phist_pos.size * width
+    extra_host = np.zeros(0)
+    if extra is not None:
+        extra_host, off = host[off : off + extra.numel()], off + extra.numel()
     nonfinite = np.zeros(n)
     bad_now = np.flatnonzero(~np.isfinite(host_sq))
     if bad_now.size:  # exact counts and finite-only histograms, read in a second transfer (only with NaN/Inf)
@@ -148,7 +155,7 @@ def measure(
             if int(j) in where:
                 rows[where[int(j)]] = fixed_rows[b]
     measured = Measured(optimizer, present, host_sq, nonfinite, present[hist_pos], rows, wsq, present[phist_pos],
-                        prows)
+                        prows, extra_host)
     return measured, host[off:]
 
 
