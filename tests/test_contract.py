@@ -345,6 +345,9 @@ def _conditional(device: str) -> dict[str, str]:
     reasons["memory/host/worker_processes"] = "runs with DataLoader workers only"
     reasons["grad/optimizer_norm/{index}"] = "per-optimizer series: more than one optimizer only"
     reasons["grad/optimizer_nonfinite_count/{index}"] = "per-optimizer series: more than one optimizer only"
+    for key in GradientMonitor.LOGGED_KEYS:
+        if key.startswith("optim/"):
+            reasons[key] = "optimizer_state=True with an Adam-style optimizer only (tests/test_optimizer_state.py)"
     for key in HealthMonitor.LOGGED_KEYS:
         reasons[key] = "HealthMonitor logs only after an alert (and is not in this fit)"
     for key in StallMonitor.LOGGED_KEYS:
