@@ -23,6 +23,7 @@ from lightning_monitor._core import options as _options
 from lightning_monitor._core.keys import document_keys
 from lightning_monitor._monitor import dispatch as _dispatch
 from lightning_monitor._summary import numbers as _summary
+from lightning_monitor._summary import verdicts as _verdicts
 from lightning_monitor._writers.backends import Backend, Recorder, Writer
 
 _RICH_AVAILABLE = RequirementCache("rich")
@@ -61,9 +62,24 @@ class RunSummary(Callback, Backend):
         print_table: print the table on global rank 0 (the file and the backends get the values either way).
         use_rich: draw the table with ``rich``; ``None``: when ``rich`` is installed.
         filename: name of the JSON file written into the run directory; ``None`` writes none.
+        data_wait_share: ``INPUT-BOUND`` when the mean data-wait share of training time is above it.
+        straggler_ratio: ``STRAGGLER`` when the median slowest-over-fastest rank time before the gradient all-reduce
+            is above it (DDP).
+        oom_share: ``NEAR-OOM`` when the device's peak reserved memory reaches this share of its total (or the
+            allocator had to retry an allocation).
+        creep_mib_per_1k_steps: ``MEMORY-CREEP`` when host memory (RSS) rises faster than this, in MiB per 1,000
+            steps (a robust slope over the logging steps), and by ``creep_min_mib`` or more over the run.
+        creep_min_mib: the least rise of host memory over the run, in MiB, that ``MEMORY-CREEP`` needs.
+        monitor_share: ``MONITOR-COST-HIGH`` when the monitors' mean share of training time is above it.
+        low_mfu: ``LOW-MFU`` when the median MFU is below it (only when SpeedMonitor knows the device's peak).
+
+    The verdicts (``docs/verdicts.md``) are in the table's ``verdicts`` row, ``summary.json`` (a ``verdicts`` list
+    of objects: ``name``, ``evidence``, ``numbers``, ``advice``), the text card and wandb's run summary.
 
     Raises:
-        TypeError: a ``print_table`` or ``use_rich`` that is not ``True`` or ``False`` (``use_rich``: or ``None``).
+        TypeError: a ``print_table`` or ``use_rich`` that is not ``True`` or ``False`` (``use_rich``: or ``None``),
+            a threshold that is not a number.
+        ValueError: a threshold out of its range.
         ValueError: a ``filename`` that is not a plain file name.
         ModuleNotFoundError: ``use_rich=True`` without ``rich`` installed.
 
@@ -106,13 +122,17 @@ class RunSummary(Callback, Backend):
         "summary/stall_longest_sec": "seconds the longest stall lasted (global rank 0's view)",
         "summary/stall_longest_step": "the step it happened at",
         "summary/stall_longest_phase": "text: its phase (``waiting for data``, ``forward/backward``, ...)",
+        "summary/verdicts": "text: the verdicts' names (``INPUT-BOUND``, ..., ``HEALTHY``; docs/verdicts.md)",
+        "summary/verdict/{name}": "text: one verdict, its evidence and the next thing to try",
         "summary/table": "text: the table (a TensorBoard text card)",
     }
     #: the TensorBoard text card holding the whole table
     CARD_KEY = "summary/table"
 
     def __init__(self, print_table: bool = True, *, use_rich: Optional[bool] = None,
-                 filename: Optional[str] = "summary.json") -> None:
+                 filename: Optional[str] = "summary.json", data_wait_share: float = 0.3,
+                 straggler_ratio: float = 1.5, oom_share: float = 0.9, creep_mib_per_1k_steps: float = 50.0,
+                 creep_min_mib: float = 128.0, monitor_share: float = 0.1, low_mfu: float = 0.2) -> None:
         super().__init__()
         _options.check_bool("print_table", print_table)
         _options.check_bool("use_rich", use_rich, none_ok=True)
@@ -121,11 +141,21 @@ class RunSummary(Callback, Backend):
             raise ValueError(f"`filename` must be a file name such as 'summary.json' (or None), got {filename!r}")
         if use_rich and not _RICH_AVAILABLE:
             raise ModuleNotFoundError(f"RunSummary(use_rich=True) needs rich: pip install rich ({_RICH_AVAILABLE})")
+        checked = _verdicts.check_thresholds(
+            data_wait_share=data_wait_share, straggler_ratio=straggler_ratio, oom_share=oom_share,
+            creep_mib_per_1k_steps=creep_mib_per_1k_steps, creep_min_mib=creep_min_mib, monitor_share=monitor_share,
+            low_mfu=low_mfu)
+        self.data_wait_share, self.straggler_ratio, self.oom_share = (checked[k] for k in (
+            "data_wait_share", "straggler_ratio", "oom_share"))
+        self.creep_mib_per_1k_steps, self.creep_min_mib = checked["creep_mib_per_1k_steps"], checked["creep_min_mib"]
+        self.monitor_share, self.low_mfu = checked["monitor_share"], checked["low_mfu"]
         self.print_table = print_table
         self.use_rich = use_rich
         self.filename = filename
         #: the values of the last summary (``summary/...`` -> number or text); empty until a fit ends
         self.summary: dict[str, Any] = {}
+        #: the verdicts of the last summary (docs/verdicts.md); empty until a fit ends
+        self.verdicts: list[_verdicts.Verdict] = []
         self._began: Optional[float] = None
         self._open = False  # a fit is running and has no summary yet
         self._recorder: Optional[Recorder] = None  # the monitors' scalars of this fit (rank 0): a writer like any
@@ -143,6 +173,11 @@ class RunSummary(Callback, Backend):
         self.print_now()  # the previous fit's table, before this fit's output
         self._began, self._open = _clock.now(), True
         self._recorder = Recorder(_summary.records)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The verdicts' thresholds (the options of the same names)."""
+        return {name: getattr(self, name) for name in _verdicts.DEFAULTS}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -212,6 +247,8 @@ class RunSummary(Callback, Backend):
     def _report(self, trainer: "pl.Trainer", status: str, series: _summary.Series, bar_open: bool) -> None:
         wall = None if self._began is None else _clock.now() - self._began
         values = self.summary = _summary.compute(series, status=status, wall_sec=wall, steps=trainer.global_step)
+        self.verdicts = _verdicts.judge(values, series, self.thresholds)
+        values.update(_verdicts.summary_values(self.verdicts))
         path = self._write_json(trainer, values)
         _dispatch.log_summary(trainer, values, trainer.global_step, (self.CARD_KEY, _summary.markdown(values)),
                               headline=_summary.HEADLINE)
@@ -233,7 +270,8 @@ class RunSummary(Callback, Backend):
         if self.filename is None:
             return None
         path = os.path.join(run_dir(trainer), self.filename)
-        document = {key: {"value": value, "unit": _summary.unit(key)} for key, value in values.items()}
+        document: dict[str, Any] = {key: {"value": value, "unit": _summary.unit(key)} for key, value in values.items()}
+        document["verdicts"] = [verdict.as_dict() for verdict in self.verdicts]
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:

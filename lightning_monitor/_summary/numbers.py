@@ -11,6 +11,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lightning_monitor._monitor.phases import STALL_PHASES
+from lightning_monitor._summary import verdicts as _verdicts
 
 #: phases whose device allocator peak MemoryMonitor logs as ``memory/cuda/{phase}_peak_allocated_gib``
 PHASES = ("train", "validation", "test")
@@ -22,6 +23,7 @@ SOURCE_KEYS = frozenset(
         "throughput/samples_per_sec", "time/step_sec", "time/data_wait_share", "throughput/mfu",
         "grad/nonfinite_steps", "grad/norm_total", "predictions/accuracy", "time/monitor_share",
         *_PEAKS, *(f"{key}_max" for key in _PEAKS), *(f"{key}_max_rank" for key in _PEAKS),
+        *_verdicts.SOURCE_KEYS,
     }
 )
 #: families of logged keys the summary reads (the module groups' gradient norms, each monitor's own cost)
@@ -135,7 +137,8 @@ def _peak(series: Series, key: str) -> Optional[tuple[float, int]]:
 
 def unit(key: str) -> Optional[str]:
     """The unit of a summary value, read off its name (DESIGN.md: units in the name); ``None`` for text."""
-    if key in ("summary/status", "summary/grad_norm_max_group", "summary/stall_longest_phase"):
+    if key in ("summary/status", "summary/grad_norm_max_group", "summary/stall_longest_phase", "summary/verdicts") \
+            or key.startswith("summary/verdict/"):
         return None
     if key == "summary/stalls":
         return "stalls"
@@ -203,6 +206,9 @@ def rows(values: Mapping[str, Any]) -> list[tuple[str, str]]:
                  if k.startswith("summary/overhead_share_mean/")]
         out.append(("monitoring cost", f"{v['summary/overhead_share_mean']:.1%} of training time"
                                        + (f" ({', '.join(parts)})" if parts else "")))
+    if "summary/verdicts" in v:  # one row, a line per verdict
+        lines = [v.get(f"summary/verdict/{name}", name) for name in v["summary/verdicts"].split(", ") if name]
+        out.append(("verdicts", "\n".join(lines)))
     return out
 
 
@@ -214,14 +220,15 @@ def plain(values: Mapping[str, Any], footer: str = "") -> str:
     """The table as plain text."""
     lines = rows(values)
     width = max(len(what) for what, _ in lines)
-    body = [f"  {what.ljust(width)}  {text}" for what, text in lines]
+    pad = "\n" + " " * (width + 4)  # a value of several lines goes on below itself
+    body = [f"  {what.ljust(width)}  {text.replace(chr(10), pad)}" for what, text in lines]
     return "\n".join([title(values), *body] + ([f"  {footer}"] if footer else []))
 
 
 def markdown(values: Mapping[str, Any]) -> str:
     """The table as Markdown (TensorBoard's text card)."""
     lines = [f"**{title(values)}**", "", "| | |", "|---|---|"]
-    lines += [f"| {what} | {text} |" for what, text in rows(values)]
+    lines += [f"| {what} | {text.replace(chr(10), '<br>')} |" for what, text in rows(values)]
     return "\n".join(lines)
 
 
