@@ -1,6 +1,7 @@
 """lightning-monitor: live training monitors for PyTorch Lightning, in TensorBoard and Weights & Biases at once."""
 
 from lightning_monitor._core.warn import install_warning_format
+from lightning_monitor.activation_monitor import ActivationMonitor
 from lightning_monitor.gradient_monitor import GradientMonitor
 from lightning_monitor.health_monitor import HealthMonitor
 from lightning_monitor.memory_monitor import MemoryMonitor
@@ -15,4 +16,4 @@ __version__ = "0.1.0"
 install_warning_format()  # our warnings read "lightning-monitor: <message>", without an internal file:line prefix
 
 __all__ = ["MultiLogger", "GradientMonitor", "MemoryMonitor", "SpeedMonitor", "PredictionGridMonitor", "RunSummary",
-           "HealthMonitor", "StallMonitor"]
+           "HealthMonitor", "StallMonitor", "ActivationMonitor"]

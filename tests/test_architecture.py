@@ -15,7 +15,7 @@ LAYERS = (
     ("_core",),
     ("_writers",),
     ("_run", "_monitor"),
-    ("_grad", "_speed", "_memory", "_grid", "_summary", "_health", "_stall"),
+    ("_grad", "_speed", "_memory", "_grid", "_summary", "_health", "_stall", "_act"),
     ("public",),  # the modules at the top: one public class each, cli, testing
     ("package",),  # lightning_monitor/__init__.py: re-exports only
 )

@@ -31,6 +31,7 @@ from lightning.pytorch.callbacks import Callback
 
 import lightning_monitor
 from lightning_monitor import (
+    ActivationMonitor,
     GradientMonitor,
     HealthMonitor,
     MemoryMonitor,
@@ -63,7 +64,7 @@ CBS = pytest.mark.parametrize("cls", CALLBACKS, ids=lambda c: c.__name__)
 # ------------------------------------------------------------------------------ key names, patterns, tables
 
 #: The first segment of every key (DESIGN.md "Logged keys").
-AREAS = ("grad", "param", "memory", "throughput", "time", "predictions", "run", "summary", "health")
+AREAS = ("grad", "param", "optim", "act", "memory", "throughput", "time", "predictions", "run", "summary", "health")
 _PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
 _SEGMENT = re.compile(r"^[a-z][a-z0-9_]*$")
 # Units the key must spell as _gib / _sec / _per_sec (tokens between underscores of a key's last segment).
@@ -203,7 +204,7 @@ def test_document_keys_fills_the_placeholder_and_refuses_a_docstring_without_one
 def test_all_lists_the_public_classes():
     assert lightning_monitor.__all__ == [
         "MultiLogger", "GradientMonitor", "MemoryMonitor", "SpeedMonitor", "PredictionGridMonitor", "RunSummary",
-        "HealthMonitor", "StallMonitor"]
+        "HealthMonitor", "StallMonitor", "ActivationMonitor"]
 
 
 @ALL
@@ -382,6 +383,7 @@ def test_every_logged_key_is_documented_and_every_always_on_key_is_logged(device
     callbacks = [
         # every option that adds keys switched on, so only the keys listed in _conditional may be missing
         GradientMonitor(per_param_norms=True, param_norms=True, update_ratio=True, param_histograms=True),
+        ActivationMonitor(),
         MemoryMonitor(),
         SpeedMonitor(peak_flops_per_sec=1e12, items_fn=_items),
         PredictionGridMonitor(num_samples=8),

@@ -116,3 +116,11 @@ def stop_wandb_analytics() -> None:
             proxy._server_supports_proxy = False
     except Exception:  # noqa: BLE001 - another wandb version: nothing of this to stop
         pass
+
+
+def compiled_in_place(module: Any) -> bool:
+    """Whether ``module`` was compiled in place: ``nn.Module.compile()`` sets ``_compiled_call_impl`` (torch 2.14.1),
+    and Lightning's ``from_compiled`` (a ``torch.compile``-d LightningModule handed to the Trainer) sets
+    ``_compiler_ctx`` (lightning 2.6.6). A forward hook below such a module changes what Dynamo guards on."""
+    compiled_call = getattr(module, "_compiled_call_impl", None)
+    return compiled_call is not None or getattr(module, "_compiler_ctx", None) is not None

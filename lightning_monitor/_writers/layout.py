@@ -32,7 +32,7 @@ TAGS_FILE = "layout-tags.txt"
 #: the tag the plugin reads a run's layout from (``tensorboard.plugins.custom_scalar.metadata.CONFIG_SUMMARY_TAG``)
 LAYOUT_TAG = "custom_scalars__config__"
 #: areas of the monitors' keys (``docs/DESIGN.md``: Logged keys); any other tag is the model's own metric
-AREAS = ("grad/", "param/", "memory/", "throughput/", "time/", "predictions/", "run/", "summary/")
+AREAS = ("grad/", "param/", "optim/", "act/", "memory/", "throughput/", "time/", "predictions/", "run/", "summary/")
 _PHASES = re.compile(r"^(train|val|validation|test)[/_](.+)$")
 _BAND = ("_min", "_mean", "_max")
 #: Lightning's own bookkeeping scalars: no chart of theirs in the layout
@@ -49,6 +49,16 @@ _FAMILIES = (
     ("weight norm per group", "param/norm/", "param/norm_total"),
     ("update/weight ratio per group", "param/update_ratio/", "param/update_ratio_total"),
     ("monitors' share of the time", "time/monitor_share/", "time/monitor_share"),
+    ("Adam first moment norm per group", "optim/exp_avg_norm/", None),
+    ("Adam sqrt second moment norm per group", "optim/exp_avg_sq_sqrt_norm/", None),
+    ("effective step median per group", "optim/step_median/", None),
+    ("effective step p99 per group", "optim/step_p99/", None),
+    ("collapsed second moment share per group", "optim/small_v_share/", None),
+    ("update/gradient cosine per group", "optim/update_cos/", None),
+    ("activation RMS per module", "act/rms/", None),
+    ("activation mean per module", "act/mean/", None),
+    ("activation max |x| per module", "act/max_abs/", None),
+    ("dead unit share per module", "act/dead_share/", None),
 )
 #: charts of named keys, in order: (category, title, keys)
 _NAMED = (
@@ -78,12 +88,14 @@ _NAMED = (
     ("memory", "CUDA peak share of the device", ("memory/cuda/peak_allocated_share",
                                                  "memory/cuda/peak_reserved_share")),
 )
-_CATEGORIES = ("metrics", "gradients", "speed", "memory", "predictions", "run")
+_CATEGORIES = ("metrics", "gradients", "activations", "speed", "memory", "predictions", "run")
 
 
 def _category(key: str) -> str:
-    if key.startswith(("grad/", "param/")):
+    if key.startswith(("grad/", "param/", "optim/")):
         return "gradients"
+    if key.startswith("act/"):
+        return "activations"
     if key.startswith(("throughput/", "time/")):
         return "speed"
     if key.startswith("memory/"):

@@ -1,0 +1,92 @@
+"""ActivationMonitor's forward hooks: per module output, device sums kept between the calls of a logging batch.
+
+A hook only queues device work (no host read): ``sum x``, ``sum x^2`` (float64), ``max |x|`` and, per unit, whether
+it was ever non-zero. The element count is the output's shape, known on the host. :func:`pack` lays every module's
+numbers out in one flat float64 tensor for the one gather of a logging step; :func:`combine` reduces the gathered
+``[world, n]`` rows over the ranks: sums and counts add up (exact mean and RMS of the global batch), maxima take the
+maximum, a unit is dead when it was zero on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+STATS = ("rms", "mean", "max_abs", "dead_share")
+_HEAD = 4  # per module in the pack: sum, sum of squares, count, max |x|; then one 0/1 per unit (ever non-zero)
+
+
+def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
+    """The dimension that holds a module's units: channels (dim 1) after a convolution or batch norm, else the last
+    (features of a Linear, a transformer's hidden size)."""
+    if output.dim() >= 3 and isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
+        return 1
+    return output.dim() - 1
+
+
+class Tap:
+    """One chosen module's running sums over the counted forward calls of a logging step."""
+
+    def __init__(self) -> None:
+        self.sums: Optional[torch.Tensor] = None  # [2] float64: sum x, sum x^2
+        self.max_abs: Optional[torch.Tensor] = None  # [] float64
+        self.alive: Optional[torch.Tensor] = None  # [units] bool: non-zero somewhere
+        self.count = 0  # elements seen (host: from the shapes)
+        self.units = 0  # the unit dimension's size (host, from the first counted call)
+
+    def add(self, module: nn.Module, output: Any) -> None:
+        x = output[0] if isinstance(output, (tuple, list)) and output else output
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+            return
+        with torch.no_grad():
+            x = x.detach()
+            dim = unit_dim(module, x)
+            if self.alive is not None and x.shape[dim] != self.units:
+                return  # a call with another width (shared module used twice): the first width is kept
+            flat = x.reshape(-1)
+            sums = torch.stack([flat.sum(dtype=torch.float64), flat.double().square().sum()])
+            peak = flat.abs().amax().double()
+            alive = (x != 0).movedim(dim, -1).reshape(-1, x.shape[dim]).any(dim=0)
+            if self.sums is None or self.max_abs is None or self.alive is None:
+                self.sums, self.max_abs, self.alive, self.units = sums, peak, alive, int(x.shape[dim])
+            else:
+                self.sums = self.sums + sums
+                self.max_abs = torch.maximum(self.max_abs, peak)
+                self.alive = self.alive | alive
+            self.count += x.numel()
+
+
+def pack(taps: Sequence[Tap], units: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Every tap's numbers in one flat float64 tensor (``units``: each module's unit count, the same on every rank;
+    a tap that saw no call packs zeros of that width)."""
+    parts: list[torch.Tensor] = []
+    for tap, width in zip(taps, units, strict=True):
+        if tap.sums is None or tap.max_abs is None or tap.alive is None:
+            parts.append(torch.zeros(_HEAD + width, dtype=torch.float64, device=device))
+            continue
+        count = torch.full((1,), float(tap.count), dtype=torch.float64, device=tap.sums.device)  # a fill, no copy
+        head = torch.cat([tap.sums, count, tap.max_abs.reshape(1)])
+        parts.append(torch.cat([head.to(device), tap.alive.to(device=device, dtype=torch.float64)]))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
+
+
+def combine(gathered: np.ndarray, names: Sequence[str], units: Sequence[int]) -> dict[str, float]:
+    """``act/{stat}/{module}`` from the gathered ``[world, n]`` packs (modules that saw no element are left out)."""
+    out: dict[str, float] = {}
+    off = 0
+    for name, width in zip(names, units, strict=True):
+        block = gathered[:, off : off + _HEAD + width]
+        off += _HEAD + width
+        total, squares, count = block[:, 0].sum(), block[:, 1].sum(), block[:, 2].sum()
+        if count <= 0:
+            continue
+        alive = block[:, _HEAD:].max(axis=0) if width else np.zeros(0)
+        out[f"act/rms/{name}"] = float(np.sqrt(squares / count))
+        out[f"act/mean/{name}"] = float(total / count)
+        out[f"act/max_abs/{name}"] = float(block[:, 3].max())
+        out[f"act/dead_share/{name}"] = float(1.0 - alive.mean()) if width else 0.0
+    return out
