@@ -108,10 +108,10 @@ WATCHED = {"conv": 1, "act": 1, "hidden": 1, "relu": 1, "head": 1}
 
 
 @pytest.mark.parametrize("ckpt", [False, True])
-def test_values_equal_an_independent_forward_hook_computation(tmp_path, ckpt):
+def test_values_equal_an_independent_forward_hook_computation(tmp_path, ckpt, accelerator="cpu"):
     ref = Reference(list(WATCHED))
     monitor = ActivationMonitor(types=["Conv2d", "Linear", "ReLU"])
-    scalars = _fit(tmp_path, monitor, Net(ckpt=ckpt), extra=[ref])
+    scalars = _fit(tmp_path, monitor, Net(ckpt=ckpt), extra=[ref], accelerator=accelerator)
     for step in (1, 3):  # log_every_n_steps=2
         for name in WATCHED:
             outs = ref.outputs[step][name]
@@ -122,6 +122,11 @@ def test_values_equal_an_independent_forward_hook_computation(tmp_path, ckpt):
     assert {k for k in scalars if k.startswith("act/")} == {f"act/{s}/{n}" for s in
                                                           ("rms", "mean", "max_abs", "dead_share") for n in WATCHED}
     assert all(sorted(v) == [1, 3] for k, v in scalars.items() if k.startswith("act/"))
+
+
+@pytest.mark.gpu
+def test_gpu_values_equal_an_independent_forward_hook_computation(tmp_path):
+    test_values_equal_an_independent_forward_hook_computation(tmp_path, ckpt=True, accelerator="gpu")
 
 
 def test_checkpointed_recompute_is_not_counted_twice(tmp_path):

@@ -39,10 +39,11 @@ class StateCapture(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         names = {id(p): n for n, p in pl_module.named_parameters()}
-        state = {names[id(p)]: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+        state = {names[id(p)]: {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v)
+                                for k, v in s.items()}
                  for p, s in optimizer.state.items()}
         hyper = {names[id(p)]: dict(g) for g in optimizer.param_groups for p in g["params"]}
-        grads = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()}
+        grads = {n: p.grad.detach().cpu().clone() for n, p in pl_module.named_parameters()}
         self.seen[trainer.global_step] = (state, hyper, grads)
 
 
@@ -84,13 +85,13 @@ def _scalars(root: str) -> dict[str, dict[int, float]]:
     ("adam", {"amsgrad": True}),
     ("adamw", {"amsgrad": True, "weight_decay": 0.05}),
 ])
-def test_optimizer_state_matches_the_optimizers_own_state(tmp_path, kind, opt):
+def test_optimizer_state_matches_the_optimizers_own_state(tmp_path, kind, opt, accelerator="cpu"):
     torch.manual_seed(0)
     capture = StateCapture()
     root = str(tmp_path / "tb")
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    trainer = make_trainer(tmp_path, logger=TensorBoardLogger(root), max_steps=6,
+    trainer = make_trainer(tmp_path, accelerator=accelerator, logger=TensorBoardLogger(root), max_steps=6,
                            callbacks=[GradientMonitor(optimizer_state=True, histograms=False), capture])
     trainer.fit(AdamModel(kind, **opt), image_loader())
     scalars = _scalars(root)
@@ -192,3 +193,10 @@ def test_optimizer_state_adds_no_host_sync(tmp_path):
     with counter:
         trainer.fit(AdamModel("adam", amsgrad=True), image_loader(n=112))
     assert snap.per_step == {0: 0, 1: 0, 2: 1, 3: 0, 4: 0, 5: 1, 6: 0}, counter.calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind, opt", [("adam", {}), ("adamw", {"amsgrad": True, "weight_decay": 0.05})])
+def test_gpu_optimizer_state_matches_the_optimizers_own_state(tmp_path, kind, opt):
+    """On CUDA: the step counts' pinned copy, segment_reduce and repeat_interleave on the device."""
+    test_optimizer_state_matches_the_optimizers_own_state(tmp_path, kind, opt, accelerator="gpu")
