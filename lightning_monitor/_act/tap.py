@@ -1,6 +1,6 @@
 """ActivationMonitor's forward hooks: per module output, device sums kept between the calls of a logging batch.
 
-A hook only queues device work (no host read): ``sum x``, ``sum x^2`` (float64), ``max |x|`` and, per unit, whether
+A hook only queues device work (no host read): ``sum x``, ``sum x^2``, ``max |x|`` and, per unit, whether
 it was ever non-zero. The element count is the output's shape, known on the host. :func:`pack` lays every module's
 numbers out in one flat float64 tensor for the one gather of a logging step; :func:`combine` reduces the gathered
 ``[world, n]`` rows over the ranks: sums and counts add up (exact mean and RMS of the global batch), maxima take the
@@ -48,9 +48,13 @@ class Tap:
             if self.alive is not None and x.shape[dim] != self.units:
                 return  # a call with another width (shared module used twice): the first width is kept
             flat = x.reshape(-1)
-            sums = torch.stack([flat.sum(dtype=torch.float64), flat.double().square().sum()])
-            peak = flat.abs().amax().double()
-            alive = (x != 0).movedim(dim, -1).reshape(-1, x.shape[dim]).any(dim=0)
+            # float32 reductions (pairwise/tree sums, within 1e-6 here), accumulated across calls in float64: a float64
+            # sum of a float32 tensor costs ~20x a float32 one on the CPU
+            f32 = torch.float32  # half-precision outputs too: their sum of squares would overflow float16
+            sums = torch.stack([flat.sum(dtype=f32), torch.linalg.vector_norm(flat, dtype=f32).square()]).double()
+            unit_max = x.abs().movedim(dim, -1).reshape(-1, x.shape[dim]).amax(dim=0)  # [units] max |x|
+            peak = unit_max.amax().double()
+            alive = unit_max != 0
             if self.sums is None or self.max_abs is None or self.alive is None:
                 self.sums, self.max_abs, self.alive, self.units = sums, peak, alive, int(x.shape[dim])
             else:
