@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from wandb_reader import WandbRun, find_runs  # noqa: F401 - re-exported for tests
 
 
@@ -87,6 +87,32 @@ def fit_tiny(callbacks: list[Any], logger: Any, **trainer_kwargs: Any) -> pl.Tra
     trainer = make_trainer(".", logger=logger, callbacks=callbacks, **trainer_kwargs)
     trainer.fit(TinyImageModel(), image_loader(64), image_loader(32))
     return trainer
+
+
+class FakeClock:
+    """A clock that only moves when the test moves it (seconds, from 100); set with ``_core.clock.set_clock``.
+    Binary-exact steps keep every expected value exact."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedSamples(Dataset):
+    """Fixed samples ``(x[i], y[i])``; fetching one moves ``clock`` by ``per_sample`` (a dataset that sleeps in
+    ``__getitem__``, on a fake clock)."""
+
+    def __init__(self, clock: FakeClock, x: torch.Tensor, y: torch.Tensor, per_sample: float) -> None:
+        self.clock, self.x, self.y, self.per_sample = clock, x, y, per_sample
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> Any:
+        self.clock.now += self.per_sample
+        return self.x[i], self.y[i]
 
 
 def callback_from_cli_yaml(tmp_path: Any, cls: type, init_args: str) -> Any:

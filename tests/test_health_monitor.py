@@ -11,11 +11,20 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import TinyImageModel, find_runs, image_loader, make_trainer, tb_accumulator, tb_scalars
+from helpers import (
+    FakeClock,
+    TimedSamples,
+    TinyImageModel,
+    find_runs,
+    image_loader,
+    make_trainer,
+    tb_accumulator,
+    tb_scalars,
+)
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lightning_monitor import (
     GradientMonitor,
@@ -127,34 +136,10 @@ def test_loss_times_fifty_for_one_batch_is_a_spike(capsys):
     assert _replayed(logger.log_dir, capsys)[:-1] == [a.line() for a in health.alerts]
 
 
-class _Clock:
-    """A clock that only the data and the model move (seconds)."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class _ClockedData(Dataset):
-    """Fixed samples; fetching one moves the clock by ``per_sample`` (a dataset that sleeps in ``__getitem__``)."""
-
-    def __init__(self, clock: _Clock, x: torch.Tensor, y: torch.Tensor, per_sample: float) -> None:
-        self.clock, self.x, self.y, self.per_sample = clock, x, y, per_sample
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> Any:
-        self.clock.now += self.per_sample
-        return self.x[i], self.y[i]
-
-
 class _ClockedModel(Faulty):
     """A training step takes 10 ms on the clock."""
 
-    def __init__(self, clock: _Clock) -> None:
+    def __init__(self, clock: FakeClock) -> None:
         super().__init__()
         self.clock = clock
 
@@ -164,10 +149,10 @@ class _ClockedModel(Faulty):
 
 
 def test_a_dataset_that_sleeps_makes_the_run_input_bound():
-    clock = _Clock()
+    clock = FakeClock()
     _clock.set_clock(clock)  # restored by conftest
     g = torch.Generator().manual_seed(0)
-    data = _ClockedData(clock, torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g),
+    data = TimedSamples(clock, torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g),
                         per_sample=0.005)  # 16 x 5 ms = 80 ms waiting for each batch of a 10 ms step
     logger = TensorBoardLogger("runs", name="slow", default_hp_metric=False)
     health = HealthMonitor()
@@ -248,10 +233,10 @@ def _mnist_tensors() -> tuple[torch.Tensor, torch.Tensor]:
 def test_a_fault_free_mnist_run_raises_no_alert():
     """Every default rule on, every monitor: 300 steps on real digits. The speed rules read a fake clock (a 10 ms
     step, 0.1 ms a sample to load): the test judges the rules, not this machine's load."""
-    clock = _Clock()
+    clock = FakeClock()
     _clock.set_clock(clock)  # restored by conftest
     x, y = _mnist_tensors()
-    data = DataLoader(_ClockedData(clock, x, y, per_sample=0.0001), batch_size=16, shuffle=True,
+    data = DataLoader(TimedSamples(clock, x, y, per_sample=0.0001), batch_size=16, shuffle=True,
                       generator=torch.Generator().manual_seed(0))
     logger = MultiLogger(save_dir="runs", name="mnist", wandb=False)
     health = HealthMonitor()

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from helpers import TinyImageModel, event_files, image_loader, make_trainer, tb_accumulator, tb_scalars
+from helpers import FakeClock, TinyImageModel, event_files, image_loader, make_trainer, tb_accumulator, tb_scalars
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
@@ -37,16 +37,6 @@ from lightning_monitor.testing import HostSyncCounter
 
 #: the package's folder: sync sites are named by their path in it (``_grid/draw.py``)
 PACKAGE_DIR = os.path.dirname(lightning_monitor.__file__)
-
-
-class FakeClock:
-    """A clock that only moves when the test moves it; binary-exact steps keep every expected value exact."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class ClockedData(Dataset):

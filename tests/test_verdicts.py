@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import TinyImageModel, find_runs, image_loader, make_trainer, tb_accumulator
+from helpers import FakeClock, TimedSamples, TinyImageModel, find_runs, image_loader, make_trainer, tb_accumulator
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lightning_monitor import GradientMonitor, HealthMonitor, MemoryMonitor, MultiLogger, RunSummary, SpeedMonitor
 from lightning_monitor._core import clock as _clock
@@ -23,34 +23,10 @@ from lightning_monitor._summary import verdicts as _verdicts
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class _Clock:
-    """A clock that only the data and the model move (seconds): the speed numbers do not depend on this machine."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class _ClockedData(Dataset):
-    """Fixed samples; fetching one moves the clock by ``per_sample`` (a dataset that sleeps in ``__getitem__``)."""
-
-    def __init__(self, clock: _Clock, x: torch.Tensor, y: torch.Tensor, per_sample: float) -> None:
-        self.clock, self.x, self.y, self.per_sample = clock, x, y, per_sample
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> Any:
-        self.clock.now += self.per_sample
-        return self.x[i], self.y[i]
-
-
 class _ClockedModel(TinyImageModel):
     """A training step takes 10 ms on the clock."""
 
-    def __init__(self, clock: _Clock) -> None:
+    def __init__(self, clock: FakeClock) -> None:
         super().__init__()
         self.clock = clock
 
@@ -80,11 +56,11 @@ def _names(summary: RunSummary) -> list[str]:
     return [v.name for v in summary.verdicts]
 
 
-def _clocked(per_sample: float, n: int = 64) -> tuple[_Clock, DataLoader]:
-    clock = _Clock()
+def _clocked(per_sample: float, n: int = 64) -> tuple[FakeClock, DataLoader]:
+    clock = FakeClock()
     _clock.set_clock(clock)  # restored by conftest
     g = torch.Generator().manual_seed(0)
-    data = _ClockedData(clock, torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g),
+    data = TimedSamples(clock, torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g),
                         per_sample)
     return clock, DataLoader(data, batch_size=16)
 
@@ -144,20 +120,20 @@ def test_a_callback_keeping_a_growing_list_of_tensors_is_memory_creep_in_every_b
     assert b"MEMORY-CREEP: host memory (RSS) rises" in card
 
 
-def _mnist_loader(clock: _Clock) -> DataLoader:
+def _mnist_loader(clock: FakeClock) -> DataLoader:
     sys.path.insert(0, os.path.join(REPO, "examples", "mnist"))
     from datamodule import MNISTDataModule
 
     dm = MNISTDataModule(data_dir=os.path.join(REPO, "tests", "data"), download=False, num_workers=0, val_split=64)
     dm.setup("fit")
     x, y = zip(*[dm.train_set[i] for i in range(len(dm.train_set))], strict=True)
-    return DataLoader(_ClockedData(clock, torch.stack(x), torch.tensor(y), per_sample=0.0001), batch_size=16,
+    return DataLoader(TimedSamples(clock, torch.stack(x), torch.tensor(y), per_sample=0.0001), batch_size=16,
                       shuffle=True, generator=torch.Generator().manual_seed(0))
 
 
 def test_a_clean_mnist_run_is_healthy():
     """Every monitor that feeds a verdict, on the committed digits; the speed numbers on the fake clock."""
-    clock = _Clock()
+    clock = FakeClock()
     _clock.set_clock(clock)
     summary = RunSummary()
     _fit(_ClockedModel(clock), [GradientMonitor(), MemoryMonitor(), SpeedMonitor(), HealthMonitor(), summary],
