@@ -89,6 +89,38 @@ def fit_tiny(callbacks: list[Any], logger: Any, **trainer_kwargs: Any) -> pl.Tra
     return trainer
 
 
+def rank_strided_loader(trainer: pl.Trainer, n: int = 64, global_batch: int = 16) -> DataLoader:
+    """:func:`image_data` where rank r reads samples r, r + world, ... in order: the ranks' batches together are one
+    process's batch of ``global_batch`` (a DDP run to compare with one process)."""
+    from torch.utils.data import DistributedSampler
+
+    data, world = image_data(n), trainer.world_size
+    sampler = DistributedSampler(data, num_replicas=world, rank=trainer.global_rank, shuffle=False)
+    return DataLoader(data, batch_size=global_batch // world, sampler=sampler)
+
+
+def one_process_and_ddp(tmp_path: Any, model: Any, callback: Any, prefix: str, max_steps: int = 4,
+                        ) -> dict[str, dict[str, dict[int, float]]]:
+    """``{"one": ..., "ddp": ...}``: the ``prefix`` scalars (tag -> step -> value) of the same seeded fit on one process
+    and on 2 ``ddp_spawn`` processes; ``model()`` and ``callback()`` make a fresh model (its loader from
+    :func:`rank_strided_loader`) and monitor for each."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    runs = {}
+    for name, devices in (("one", 1), ("ddp", 2)):
+        root = str(tmp_path / name)
+        torch.manual_seed(0)
+        kwargs = dict(strategy="ddp_spawn") if devices > 1 else {}
+        trainer = make_trainer(tmp_path / name, devices=devices, logger=TensorBoardLogger(root), max_steps=max_steps,
+                               use_distributed_sampler=False, callbacks=[callback()], **kwargs)
+        trainer.fit(model())
+        (path,) = event_files(root)
+        acc = tb_accumulator(os.path.dirname(path))
+        tags = [t for t in acc.Tags()["scalars"] if t.startswith(prefix)]
+        runs[name] = {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags}
+    return runs
+
+
 class FakeClock:
     """A clock that only moves when the test moves it (seconds, from 100); set with ``_core.clock.set_clock``.
     Binary-exact steps keep every expected value exact."""

@@ -10,12 +10,20 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import SPAWN_ABORT_RERUN
-from helpers import TinyImageModel, event_files, image_data, image_loader, make_trainer, tb_accumulator
+from helpers import (
+    TinyImageModel,
+    event_files,
+    image_loader,
+    make_trainer,
+    one_process_and_ddp,
+    rank_strided_loader,
+    tb_accumulator,
+)
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from lightning_monitor import ActivationMonitor
 from lightning_monitor.testing import HostSyncCounter
@@ -246,27 +254,14 @@ def test_logged_keys_match_the_docstring_and_picklable_after_a_fit(tmp_path):
 
 
 class Sharded(Net):
-    """Rank r reads samples r, r + world, ... in order: 2 ranks of 8 cover the one process's batch of 16."""
-
     def train_dataloader(self) -> DataLoader:
-        data, world = image_data(64), self.trainer.world_size
-        sampler = DistributedSampler(data, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
-        return DataLoader(data, batch_size=16 // world, sampler=sampler)
+        return rank_strided_loader(self.trainer)
 
 
 @pytest.mark.timeout(170)
 @SPAWN_ABORT_RERUN
 def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
-    runs = {}
-    for name, devices in (("one", 1), ("ddp", 2)):
-        root = str(tmp_path / name)
-        torch.manual_seed(0)
-        kwargs = dict(strategy="ddp_spawn") if devices > 1 else {}
-        trainer = make_trainer(tmp_path / name, devices=devices, logger=TensorBoardLogger(root), max_steps=4,
-                               use_distributed_sampler=False,
-                               callbacks=[ActivationMonitor(types=["Conv2d", "Linear", "ReLU"])], **kwargs)
-        trainer.fit(Sharded())
-        runs[name] = {k: v for k, v in _scalars(root).items() if k.startswith("act/")}
+    runs = one_process_and_ddp(tmp_path, Sharded, lambda: ActivationMonitor(types=["Conv2d", "Linear", "ReLU"]), "act/")
     assert sorted(runs["ddp"]) == sorted(runs["one"]) and len(runs["one"]) == 20
     for key, values in runs["one"].items():
         assert sorted(values) == [1, 3]

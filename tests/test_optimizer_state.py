@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import SPAWN_ABORT_RERUN
-from helpers import TinyImageModel, event_files, image_data, image_loader, make_trainer, tb_accumulator
-from torch.utils.data import DataLoader, DistributedSampler
+from helpers import (
+    TinyImageModel,
+    event_files,
+    image_loader,
+    make_trainer,
+    one_process_and_ddp,
+    rank_strided_loader,
+    tb_accumulator,
+)
+from torch.utils.data import DataLoader
 
 from lightning_monitor import GradientMonitor
 from lightning_monitor._grad.optstate import SAMPLE
@@ -140,29 +148,15 @@ def test_small_second_moments_and_no_state_for_sgd(tmp_path):
 
 
 class Sharded(AdamModel):
-    """Rank r reads samples r, r + world, ... in order: 2 ranks of 8 cover the one process's batch of 16."""
-
     def train_dataloader(self) -> DataLoader:
-        data, world = image_data(64), self.trainer.world_size
-        sampler = DistributedSampler(data, num_replicas=world, rank=self.trainer.global_rank, shuffle=False)
-        return DataLoader(data, batch_size=16 // world, sampler=sampler)
+        return rank_strided_loader(self.trainer)
 
 
 @pytest.mark.timeout(170)
 @SPAWN_ABORT_RERUN
 def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    runs = {}
-    for name, devices in (("one", 1), ("ddp", 2)):
-        root = str(tmp_path / name)
-        torch.manual_seed(0)
-        kwargs = dict(strategy="ddp_spawn") if devices > 1 else {}
-        trainer = make_trainer(tmp_path / name, devices=devices, logger=TensorBoardLogger(root), max_steps=4,
-                               use_distributed_sampler=False,
-                               callbacks=[GradientMonitor(optimizer_state=True, histograms=False)], **kwargs)
-        trainer.fit(Sharded("adamw", weight_decay=0.1))
-        runs[name] = {k: v for k, v in _scalars(root).items() if k.startswith("optim/")}
+    runs = one_process_and_ddp(tmp_path, lambda: Sharded("adamw", weight_decay=0.1),
+                               lambda: GradientMonitor(optimizer_state=True, histograms=False), "optim/")
     assert sorted(runs["ddp"]) == sorted(runs["one"]) and len(runs["one"]) == 12
     for key, values in runs["one"].items():
         assert sorted(values) == [1, 3]
