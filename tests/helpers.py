@@ -132,6 +132,36 @@ class FakeClock:
         return self.now
 
 
+class OnFakeClock:
+    """A LightningModule mixin (first among the bases): each training step moves ``clock`` by ``step_sec`` before the
+    step's own work, as a step that takes that long would."""
+
+    def __init__(self, clock: FakeClock, *args: Any, step_sec: float = 0.010, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.clock, self.step_sec = clock, step_sec
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.clock.now += self.step_sec
+        return super().training_step(batch, batch_idx)  # type: ignore[misc]
+
+
+class SyncsPerBatch(pl.Callback):
+    """``per_step``: how many host syncs a :class:`~lightning_monitor.testing.HostSyncCounter` counted from each
+    training batch's start to its end (``trainer.global_step`` after the batch, less one); place it after the
+    monitors so their batch ends are inside."""
+
+    def __init__(self, counter: Any) -> None:
+        self.counter = counter
+        self.per_step: dict[int, int] = {}
+        self._start = 0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._start = len(self.counter)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.per_step[trainer.global_step - 1] = len(self.counter) - self._start
+
+
 class TimedSamples(Dataset):
     """Fixed samples ``(x[i], y[i])``; fetching one moves ``clock`` by ``per_sample`` (a dataset that sleeps in
     ``__getitem__``, on a fake clock)."""

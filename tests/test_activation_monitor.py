@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import SPAWN_ABORT_RERUN
 from helpers import (
+    SyncsPerBatch,
     TinyImageModel,
     event_files,
     image_loader,
@@ -191,20 +192,9 @@ def test_hooks_run_on_logging_batches_only_and_are_removed(tmp_path):
     assert seen == [0] * 7  # removed at every batch's end
 
 
-class SyncSnapshot(pl.Callback):
-    def __init__(self, counter: HostSyncCounter) -> None:
-        self.counter, self.per_step, self._start = counter, {}, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = len(self.counter)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.per_step[trainer.global_step - 1] = len(self.counter) - self._start
-
-
 def test_no_host_sync_between_logging_steps_and_one_at_each(tmp_path):
     counter = HostSyncCounter()
-    snap = SyncSnapshot(counter)
+    snap = SyncsPerBatch(counter)
     with counter:
         _fit(tmp_path, ActivationMonitor(every_n_steps=3, types=["Linear", "ReLU", "Conv2d"]), Net(), max_steps=7,
              loader=image_loader(n=112), extra=[snap])

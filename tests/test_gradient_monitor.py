@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SPAWN_ABORT_RERUN
-from helpers import TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator
+from helpers import SyncsPerBatch, TinyImageModel, event_files, find_runs, image_loader, make_trainer, tb_accumulator
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.nn import functional as F
@@ -242,22 +242,9 @@ def test_nonfinite_skip_leaves_weights_and_optimizer_state_untouched(optimizer, 
     assert steps[3] == 1.0 and 1 not in steps  # logged from the first logging step that saw a NaN/Inf on
 
 
-class SyncSnapshot(pl.Callback):
-    def __init__(self, counter: HostSyncCounter) -> None:
-        self.counter = counter
-        self.per_step: dict[int, int] = {}
-        self._start = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = len(self.counter)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.per_step[trainer.global_step - 1] = len(self.counter) - self._start
-
-
 def test_no_host_sync_on_non_logging_steps_and_one_per_logging_step():
     counter = HostSyncCounter()
-    snap = SyncSnapshot(counter)
+    snap = SyncsPerBatch(counter)
     monitor = GradientMonitor(every_n_steps=3, per_param_norms=True, param_norms=True, param_histograms=True)
     trainer = make_trainer(".", logger=_multi_logger(), callbacks=[monitor, snap], max_steps=7)
     with counter:

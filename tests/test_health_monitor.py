@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import (
     FakeClock,
+    OnFakeClock,
     TimedSamples,
     TinyImageModel,
     find_runs,
@@ -136,16 +137,8 @@ def test_loss_times_fifty_for_one_batch_is_a_spike(capsys):
     assert _replayed(logger.log_dir, capsys)[:-1] == [a.line() for a in health.alerts]
 
 
-class _ClockedModel(Faulty):
+class _ClockedModel(OnFakeClock, Faulty):
     """A training step takes 10 ms on the clock."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        super().__init__()
-        self.clock = clock
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        self.clock.now += 0.010
-        return super().training_step(batch, batch_idx)
 
 
 def test_a_dataset_that_sleeps_makes_the_run_input_bound():

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import SPAWN_ABORT_RERUN
 from helpers import (
+    SyncsPerBatch,
     TinyImageModel,
     event_files,
     image_loader,
@@ -164,23 +165,12 @@ def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
             assert runs["ddp"][key][step] == pytest.approx(value, rel=1e-4, abs=1e-7), (key, step)
 
 
-class SyncSnapshot(pl.Callback):
-    def __init__(self, counter: HostSyncCounter) -> None:
-        self.counter, self.per_step, self._start = counter, {}, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._start = len(self.counter)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.per_step[trainer.global_step - 1] = len(self.counter) - self._start
-
-
 def test_optimizer_state_adds_no_host_sync(tmp_path):
     """The optimizer state rides the gradients' one packed transfer: nothing between logging steps, one at each."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     counter = HostSyncCounter()
-    snap = SyncSnapshot(counter)
+    snap = SyncsPerBatch(counter)
     monitor = GradientMonitor(every_n_steps=3, optimizer_state=True, per_param_norms=True)
     trainer = make_trainer(tmp_path, logger=TensorBoardLogger(str(tmp_path / "tb")), callbacks=[monitor, snap],
                            max_steps=7)

@@ -11,7 +11,16 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import FakeClock, TimedSamples, TinyImageModel, find_runs, image_loader, make_trainer, tb_accumulator
+from helpers import (
+    FakeClock,
+    OnFakeClock,
+    TimedSamples,
+    TinyImageModel,
+    find_runs,
+    image_loader,
+    make_trainer,
+    tb_accumulator,
+)
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
@@ -23,16 +32,8 @@ from lightning_monitor._summary import verdicts as _verdicts
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class _ClockedModel(TinyImageModel):
+class _ClockedModel(OnFakeClock, TinyImageModel):
     """A training step takes 10 ms on the clock."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        super().__init__()
-        self.clock = clock
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        self.clock.now += 0.010
-        return super().training_step(batch, batch_idx)
 
 
 class _Leak(Callback):
