@@ -83,8 +83,8 @@ class GradientMonitor(Monitor):
             ``max_exp_avg_sq`` under ``amsgrad``; median and 99th percentile over at most 1024 elements per parameter
             at a prime stride), the share of collapsed second moments and the cosine between the Adam direction and
             the gradient (``p.grad``). Computed on the device and read back in the gradients' one transfer (temporary
-            buffers of a few times the measured parameters' size at logging steps). Not under FSDP2 / tensor
-            parallel yet (warned once).
+            buffers of a few times the measured parameters' size at logging steps). Under FSDP2 / tensor parallel
+            the numbers are the full tensors', from each rank's shards, in the gradients' one SUM all-reduce.
         histograms: log gradient histograms (of those selected by ``include``/``exclude``).
         param_histograms: log weight histograms too.
         bins: histogram bins (1..512).
@@ -365,14 +365,18 @@ class GradientMonitor(Monitor):
         hist = np.flatnonzero(self._hist_mask[present] & self._nonempty[present]) if self._hist_now else _EMPTY
         began = _clock.now()
         opt = None
-        if self.optimizer_state and _grad_sharded.is_sharded(grads):
-            self._warn("optstate:sharded", "GradientMonitor: optimizer_state is not measured for sharded (DTensor)"
-                       " parameters (FSDP2, tensor parallel) yet; no optim/* keys.")
-        elif self.optimizer_state:  # queued on the device, read back in measure's one transfer
+        if self.optimizer_state:  # queued on the device, read back in measure's one transfer (sharded: its SUM)
             opt = _grad_optstate.queue(optimizer, [self._params[i] for i in present.tolist()], grads)
             if opt is None and optimizer.state:  # it has stepped, but keeps no exp_avg / exp_avg_sq
                 self._warn("optstate:none", f"GradientMonitor: optimizer_state=True, but {type(optimizer).__name__}"
                            " keeps no Adam-style state (exp_avg, exp_avg_sq); no optim/* keys for it.")
+            if opt is not None and opt.unsampled:
+                left = [self._names[present[opt.positions[i]]] for i in opt.unsampled]
+                more = ", ..." if len(left) > 3 else ""
+                self._warn("optstate:unsampled", (
+                    f"GradientMonitor: {len(left)} parameter(s) ({', '.join(left[:3])}{more})"
+                    " are sharded with strided placements (FSDP2 over tensor parallel); their effective steps are"
+                    " left out of optim/step_median and optim/step_p99 (the other optim/* keys include them)."))
         measured, pending = _grad_event.measure(self._spec, number, present, grads, weights=weights, hist=hist,
                                                 pending=self._nonfinite.pending(),
                                                 extra=opt.packed if opt is not None else None)

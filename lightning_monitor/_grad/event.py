@@ -100,8 +100,8 @@ def measure(
 
     ``hist`` are positions in ``present`` (non-empty tensors, within the cap) whose histograms are logged (gradients
     with ``spec.grad_histograms``, weights with ``spec.param_histograms``). Returns the host values and the host copy
-    of ``pending``. ``extra`` (a flat device tensor, plain gradients only: the optimizer state's statistics) rides
-    in the same transfer and comes back as ``Measured.extra``.
+    of ``pending``. ``extra`` (a flat device tensor: the optimizer state's statistics) rides in the same transfer and
+    comes back as ``Measured.extra`` (sharded: summed over the ranks in the SUM all-reduce).
 
     Sharded gradients (DTensor: FSDP2, tensor parallel) are measured on EVERY rank: the same host values for the full
     tensors, with :data:`~lightning_monitor._grad.sharded.COLLECTIVES_PER_EVENT` all-reduces and one host transfer;
@@ -114,10 +114,10 @@ def measure(
     if _grad_sharded.is_sharded(grads):
         stats = _grad_sharded.global_stats(
             grads, params=weights if spec.weights else None, grad_hist=hist_pos.tolist(), param_hist=phist_pos.tolist(),
-            bins=bins, max_elements=max_elements, hist_range=hist_range, extra_max=pending,
+            bins=bins, max_elements=max_elements, hist_range=hist_range, extra_max=pending, extra_sum=extra,
         )
         return Measured(optimizer, present, stats.sq, stats.nonfinite, present[hist_pos], stats.grad_rows, stats.wsq,
-                        present[phist_pos], stats.param_rows), stats.extra_max
+                        present[phist_pos], stats.param_rows, stats.extra_sum), stats.extra_max
     want_wsq = spec.weights
     sq, grad_rows = _norms_and_rows(grads, hist_pos, bins, max_elements, hist_range)  # float64, within 1e-6
     parts = [sq]

@@ -116,6 +116,7 @@ class GlobalStats:
     grad_rows: np.ndarray  #: ``[len(grad_hist), STAT_COLUMNS + bins]``: finite elements only, :func:`summarize` rows
     param_rows: np.ndarray  #: ``[len(param_hist), STAT_COLUMNS + bins]`` of the weights
     extra_max: np.ndarray  #: the caller's ``extra_max`` values, maximum over ranks
+    extra_sum: np.ndarray  #: the caller's ``extra_sum`` values, summed over ranks
 
 
 class _Hist:
@@ -235,6 +236,7 @@ def global_stats(
     max_elements: Optional[int] = None,
     hist_range: HistRange = "minmax",
     extra_max: Sequence[torch.Tensor] = (),
+    extra_sum: Optional[torch.Tensor] = None,
 ) -> GlobalStats:
     """Norms, NaN/Inf counts and histograms of the full tensors behind ``grads`` (and ``params``), on every rank.
 
@@ -242,7 +244,8 @@ def global_stats(
     (one MAX, one SUM) and one host transfer, plus two all-reduces and a transfer at a step whose gradients hold
     NaN/Inf (known from the reduced norms, so on every rank alike). ``grads``/``params`` are DTensors or plain
     tensors (counted from rank 0); ``grad_hist``/``param_hist`` index the tensors to histogram; ``extra_max``
-    are device tensors (e.g. per-rank step counts) reduced by maximum in the same MAX collective.
+    are device tensors (e.g. per-rank step counts) reduced by maximum in the same MAX collective, ``extra_sum`` a flat
+    device tensor (e.g. the optimizer state's addends) summed in the same SUM collective.
 
     Histogram rows follow :func:`~lightning_monitor._grad.stats.summarize`: ``[min, max, sum, sum_squares, num, lo,
     hi, counts...]`` over the finite elements (a row of NaN when there are none; weights holding NaN/Inf get a NaN
@@ -276,7 +279,8 @@ def global_stats(
     if live:
         rows_local.index_copy_(0, live_index, _local_rows(
             [tensors[k][0] for k in live], lo[live_index], hi[live_index], bins, max_elements, hist_range))
-    sum_pack = _all_reduce(torch.cat([*sum_parts, rows_local.reshape(-1)]), dist.ReduceOp.SUM)
+    extra = [] if extra_sum is None else [extra_sum.reshape(-1).to(device=device, dtype=torch.float64)]
+    sum_pack = _all_reduce(torch.cat([*sum_parts, rows_local.reshape(-1), *extra]), dist.ReduceOp.SUM)
     host = np.array(torch.cat([max_pack, sum_pack, lo, hi]).tolist())  # sync point: one transfer per logging step
 
     n, off = len(grads), len(max_pack)
@@ -285,6 +289,8 @@ def global_stats(
     if params is not None:
         wsq, off = host[off : off + n], off + n
     table = host[off : off + t * (2 + bins)].reshape(t, 2 + bins)
+    off += t * (2 + bins)
+    extra_host = host[off : off + (0 if extra_sum is None else extra_sum.numel())]
     square = np.concatenate([sq[list(grad_hist)], (wsq if wsq is not None else sq)[list(param_hist)]])
     rows = np.concatenate([-host[t : 2 * t, None], host[:t, None], table[:, :1], square[:, None], table[:, 1:2],
                            host[host.size - 2 * t :].reshape(2, t).T, table[:, 2:]], axis=1)
@@ -300,7 +306,7 @@ def global_stats(
         rows[redo] = fixed
     g = len(grad_hist)
     return GlobalStats(sq=sq, wsq=wsq, nonfinite=nonfinite, grad_rows=rows[:g], param_rows=rows[g:],
-                       extra_max=host[2 * t : len(max_pack)])
+                       extra_max=host[2 * t : len(max_pack)], extra_sum=extra_host)
 
 
 def local_shards(tensors: list[torch.Tensor], trainer: "pl.Trainer") -> list[torch.Tensor]:
