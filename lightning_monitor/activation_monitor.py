@@ -1,4 +1,5 @@
-"""ActivationMonitor: RMS, mean, max |x| and dead units of chosen modules' outputs, at logging steps only."""
+"""ActivationMonitor: RMS, mean, max |x|, dead units and (optionally) sampled histograms of chosen modules' outputs,
+at logging steps only."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_monitor._act import hist as _hist
 from lightning_monitor._act import select as _select
 from lightning_monitor._act import tap as _tap
 from lightning_monitor._core import options as _options
@@ -45,7 +47,15 @@ class ActivationMonitor(Monitor):
     region (``torch.compile(module)``, ``module.compile()``, a compiled LightningModule) is skipped, with one warning:
     a hook attached there after compiling either never runs (Dynamo does not guard on hooks by default) or, where
     it is guarded, makes Dynamo recompile at every logging step. Compile the modules below the ones you watch.
-    Not done yet: sampled activation histograms; FSDP2 and tensor parallel are not tested.
+    FSDP2 and tensor parallel are not tested.
+
+    Histograms (``histograms=True``): each counted call keeps a strided sample of the output (at most
+    ``max_hist_elements`` elements at a prime stride, a device copy) and its finite min and max. At the logging
+    step every module's samples are binned on the device over one range, the finite min..max of the samples of the
+    step (under DDP of every rank: one MAX all-reduce more, on every rank), with the gradients' binning
+    (``numpy.histogram``'s counts over ``numpy.linspace`` edges), each call's counts scaled to its element count;
+    the counts ride in the same packed transfer (and all-gather) as the numbers above. A module whose output holds
+    NaN/Inf at a logging step gets no histogram there.
 
     Args:
         every_n_steps: log every n steps of ``self.log``'s axis; ``None`` uses ``trainer.log_every_n_steps``.
@@ -55,6 +65,10 @@ class ActivationMonitor(Monitor):
         exclude: globs over module paths left out.
         max_modules: at most this many modules, evenly spread over the model (first and last kept); one warning
             names the cap when it leaves modules out; ``None``: no cap.
+        histograms: log a histogram of each watched module's output (``act/hist/{module}``).
+        bins: histogram bins (1..512).
+        max_hist_elements: bin at most this many elements of a module's output per forward call (a prime stride,
+            counts scaled to the element count); ``None`` bins every element.
         exclude_keys: globs over the keys this monitor logs, left out of every backend.
         cost_budget: the share of training time all lightning-monitor monitors together may take (see
             :class:`GradientMonitor`); this monitor's work is all at logging steps and is never spaced out.
@@ -75,6 +89,7 @@ class ActivationMonitor(Monitor):
         "act/max_abs/{module}": "largest |x| in a module's output",
         "act/dead_share/{module}": "share of a module's units (features, or channels after a conv) that are exactly"
         " 0 over the whole (global) batch",
+        "act/hist/{module}": "histogram of a module's output over the (global) batch, sampled (``histograms=True``)",
     }
 
     def __init__(
@@ -85,6 +100,9 @@ class ActivationMonitor(Monitor):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         max_modules: Optional[int] = 64,
+        histograms: bool = False,
+        bins: int = 64,
+        max_hist_elements: Optional[int] = 16384,
         exclude_keys: Optional[Sequence[str]] = None,
         cost_budget: Optional[float] = DEFAULT_SHARE,
     ) -> None:
@@ -96,6 +114,9 @@ class ActivationMonitor(Monitor):
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude or [])
         self.max_modules = _options.check_count("max_modules", max_modules, none_ok=True)
+        self.histograms = _options.check_bool("histograms", histograms)
+        self.bins = _options.check_int("bins", bins, low=1, high=512)  # 512: wandb's limit
+        self.max_hist_elements = _options.check_int("max_hist_elements", max_hist_elements, low=1, none_ok=True)
         self._reset_runtime()
 
     def _reset_runtime(self) -> None:
@@ -156,7 +177,8 @@ class ActivationMonitor(Monitor):
         if self._modules is None:
             self._modules = self._choose(pl_module)
         if self._step != step:  # a new logging step (micro-batches of one step add up)
-            self._taps, self._step = [_tap.Tap() for _ in self._modules], step
+            self._taps = [_tap.Tap(self.histograms, self.max_hist_elements) for _ in self._modules]
+            self._step = step
         self._handles = [m.register_forward_hook(self._hook(t)) for (_, m), t in zip(self._modules, self._taps,
                                                                                      strict=True)]
         self._counting = True
@@ -175,11 +197,17 @@ class ActivationMonitor(Monitor):
             return
         names = [name for name, _ in self._modules]
         units = [t.units for t in self._taps]
-        packed = _tap.pack(self._taps, units, trainer.strategy.root_device)
+        device = trainer.strategy.root_device
+        packed = _tap.pack(self._taps, units, device)
+        if self.histograms:  # device counts over one range per module (under DDP one MAX all-reduce, every rank)
+            packed = torch.cat([packed, _hist.device_counts(self._taps, self.bins, device)])
         self._taps, self._step = [], None
         # sync point: one packed host transfer per logging step (under DDP one all-gather, on every rank)
         gathered = _dist.gather_packed(trainer, packed)
         self._log_scalars(trainer, _tap.combine(gathered, names, units), step)
+        if self.histograms:
+            rows = _hist.rows(gathered[:, _tap.pack_width(units) :], _tap.totals(gathered, units), self.bins)
+            self._log_histograms(trainer, _hist.histograms(names, rows, self.bins), step)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import numpy as np
@@ -100,10 +100,11 @@ def rank_strided_loader(trainer: pl.Trainer, n: int = 64, global_batch: int = 16
 
 
 def one_process_and_ddp(tmp_path: Any, model: Any, callback: Any, prefix: str, max_steps: int = 4,
-                        ) -> dict[str, dict[str, dict[int, float]]]:
+                        histograms: Optional[dict[str, Any]] = None) -> dict[str, dict[str, dict[int, float]]]:
     """``{"one": ..., "ddp": ...}``: the ``prefix`` scalars (tag -> step -> value) of the same seeded fit on one process
     and on 2 ``ddp_spawn`` processes; ``model()`` and ``callback()`` make a fresh model (its loader from
-    :func:`rank_strided_loader`) and monitor for each."""
+    :func:`rank_strided_loader`) and monitor for each. ``histograms``: a dict that gets, under ``"one"`` and
+    ``"ddp"``, the ``prefix`` histograms too (tag -> step -> TensorBoard's HistogramProto)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     runs = {}
@@ -118,6 +119,9 @@ def one_process_and_ddp(tmp_path: Any, model: Any, callback: Any, prefix: str, m
         acc = tb_accumulator(os.path.dirname(path))
         tags = [t for t in acc.Tags()["scalars"] if t.startswith(prefix)]
         runs[name] = {t: {e.step: e.value for e in acc.Scalars(t)} for t in tags}
+        if histograms is not None:
+            histograms[name] = {t: {e.step: e.histogram_value for e in acc.Histograms(t)}
+                                for t in acc.Tags()["histograms"] if t.startswith(prefix)}
     return runs
 
 

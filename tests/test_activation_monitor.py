@@ -7,6 +7,7 @@ import pickle
 import re
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from conftest import SPAWN_ABORT_RERUN
@@ -27,6 +28,9 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
 from lightning_monitor import ActivationMonitor
+from lightning_monitor._act import hist as _hist
+from lightning_monitor._act import tap as _tap
+from lightning_monitor._grad.stats import sample_stride
 from lightning_monitor.testing import HostSyncCounter
 
 
@@ -102,6 +106,13 @@ def _scalars(root: str) -> dict[str, dict[int, float]]:
     (path,) = event_files(root)
     acc = tb_accumulator(os.path.dirname(path))
     return {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"]}
+
+
+def _histograms(tmp_path) -> dict[str, dict[int, object]]:
+    """``{tag: {step: HistogramProto}}`` of every histogram :func:`_fit` wrote under ``tmp_path``."""
+    (path,) = event_files(str(tmp_path / "tb"))
+    acc = tb_accumulator(os.path.dirname(path))
+    return {t: {e.step: e.histogram_value for e in acc.Histograms(t)} for t in acc.Tags()["histograms"]}
 
 
 def _fit(tmp_path, monitor, model, *, max_steps=4, loader=None, extra=(), **kwargs):
@@ -192,13 +203,94 @@ def test_hooks_run_on_logging_batches_only_and_are_removed(tmp_path):
     assert seen == [0] * 7  # removed at every batch's end
 
 
-def test_no_host_sync_between_logging_steps_and_one_at_each(tmp_path):
+@pytest.mark.parametrize("histograms", [False, True])
+def test_no_host_sync_between_logging_steps_and_one_at_each(tmp_path, histograms):
     counter = HostSyncCounter()
     snap = SyncsPerBatch(counter)
     with counter:
-        _fit(tmp_path, ActivationMonitor(every_n_steps=3, types=["Linear", "ReLU", "Conv2d"]), Net(), max_steps=7,
-             loader=image_loader(n=112), extra=[snap])
+        _fit(tmp_path, ActivationMonitor(every_n_steps=3, types=["Linear", "ReLU", "Conv2d"], histograms=histograms,
+                                         max_hist_elements=None if histograms else 16384),
+             Net(), max_steps=7, loader=image_loader(n=112), extra=[snap])
     assert snap.per_step == {0: 0, 1: 0, 2: 1, 3: 0, 4: 0, 5: 1, 6: 0}, counter.calls
+    assert bool(_histograms(tmp_path)) == histograms
+
+
+def test_histograms_equal_numpy_over_the_logging_steps_outputs(tmp_path, accelerator="cpu"):
+    ref = Reference(list(WATCHED))
+    monitor = ActivationMonitor(types=["Conv2d", "Linear", "ReLU"], histograms=True, max_hist_elements=None)
+    _fit(tmp_path, monitor, Net(), extra=[ref], accelerator=accelerator)
+    hists = _histograms(tmp_path)
+    assert set(hists) == {f"act/hist/{name}" for name in WATCHED}
+    for name in WATCHED:
+        assert sorted(hists[f"act/hist/{name}"]) == [1, 3]
+        for step in (1, 3):
+            x = torch.cat([o.reshape(-1) for o in ref.outputs[step][name]]).double().cpu().numpy()
+            counts, edges = np.histogram(x, bins=64, range=(x.min(), x.max()))
+            tb = hists[f"act/hist/{name}"][step]
+            np.testing.assert_array_equal(tb.bucket, counts, err_msg=f"{name} {step}")
+            np.testing.assert_allclose(tb.bucket_limit, edges[1:], rtol=1e-12, atol=0)
+            assert (tb.min, tb.max, tb.num) == (x.min(), x.max(), x.size)
+            assert tb.sum == pytest.approx(float(x.sum()), rel=1e-5, abs=1e-5)
+            assert tb.sum_squares == pytest.approx(float(np.square(x).sum()), rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_histograms_equal_numpy_over_the_logging_steps_outputs(tmp_path):
+    test_histograms_equal_numpy_over_the_logging_steps_outputs(tmp_path, accelerator="gpu")
+
+
+def test_sampled_histograms_count_every_element_over_the_samples_range(tmp_path):
+    ref = Reference(["conv", "hidden"])
+    _fit(tmp_path, ActivationMonitor(include=["conv", "hidden"], histograms=True, bins=16, max_hist_elements=100),
+         Net(), extra=[ref], max_steps=2)
+    hists = _histograms(tmp_path)
+    for name in ("conv", "hidden"):
+        (out,) = ref.outputs[1][name]
+        flat = out.reshape(-1).double().numpy()
+        stride = sample_stride(flat.size, 100)
+        assert stride > 1
+        sample = flat[::stride]
+        counts, edges = np.histogram(sample, bins=16, range=(sample.min(), sample.max()))
+        tb = hists[f"act/hist/{name}"][1]
+        assert sum(tb.bucket) == pytest.approx(flat.size) and tb.num == flat.size  # scaled to the element count
+        np.testing.assert_allclose(tb.bucket, counts * (flat.size / sample.size), rtol=1e-12)
+        np.testing.assert_allclose(tb.bucket_limit, edges[1:], rtol=1e-12, atol=0)
+        assert flat.min() <= tb.min == sample.min() and tb.max == sample.max() <= flat.max()
+
+
+def test_histograms_off_by_default_run_no_histogram_work(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("histogram work (and its all-reduce) with histograms=False")
+
+    monkeypatch.setattr(_hist, "device_counts", refuse)
+    scalars = _fit(tmp_path, ActivationMonitor(), Net(), max_steps=2)
+    assert "act/rms/hidden" in scalars and not _histograms(tmp_path)
+
+
+def _tap_histograms(outputs: list[torch.Tensor], bins: int = 8) -> dict:
+    """The ``act/hist`` values one process logs for a ``nn.Identity`` whose calls returned ``outputs``."""
+    tap = _tap.Tap(histograms=True, max_hist_elements=None)
+    for out in outputs:
+        tap.add(nn.Identity(), out)
+    units = [tap.units]
+    packed = torch.cat([_tap.pack([tap], units, torch.device("cpu")),
+                        _hist.device_counts([tap], bins, torch.device("cpu"))])
+    gathered = packed.numpy()[None, :]
+    rows = _hist.rows(gathered[:, _tap.pack_width(units) :], _tap.totals(gathered, units), bins)
+    return _hist.histograms(["m"], rows, bins)
+
+
+def test_a_constant_output_is_centred_and_nan_or_inf_leave_that_histogram_out():
+    (const,) = _tap_histograms([torch.full((4, 3), 2.5), torch.full((2, 3), 2.5)]).values()
+    assert const.num == 18 and const.counts.sum() == 18 and const.counts[4] == 18
+    assert (const.edges[0], const.edges[-1]) == (2.0, 3.0)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.arange(12.0).reshape(4, 3)
+        x[1, 1] = bad
+        assert _tap_histograms([x]) == {}  # no crash, no histogram over a poisoned range
+    assert _tap_histograms([torch.full((2, 3), float("nan"))]) == {}  # nothing finite at all
+    (two,) = _tap_histograms([torch.arange(6.0).reshape(2, 3), torch.arange(6.0, 12.0).reshape(2, 3)]).values()
+    np.testing.assert_array_equal(two.counts, np.histogram(np.arange(12.0), bins=8)[0])
 
 
 def test_gradient_accumulation_counts_every_micro_batch_of_the_logging_step(tmp_path):
@@ -233,6 +325,12 @@ def test_bad_arguments_are_rejected_with_their_value():
         ActivationMonitor(types="Linear")
     with pytest.raises((TypeError, ValueError), match="max_modules"):
         ActivationMonitor(max_modules=-1)
+    with pytest.raises(TypeError, match=re.escape("`histograms` must be True or False, got 1")):
+        ActivationMonitor(histograms=1)
+    with pytest.raises(ValueError, match=re.escape("`bins` must be an integer in 1..512, got 513")):
+        ActivationMonitor(bins=513)
+    with pytest.raises(ValueError, match=re.escape("`max_hist_elements` must be None or an integer >= 1, got 0")):
+        ActivationMonitor(max_hist_elements=0)
 
 
 def test_logged_keys_match_the_docstring_and_picklable_after_a_fit(tmp_path):
@@ -251,12 +349,27 @@ class Sharded(Net):
 @pytest.mark.timeout(170)
 @SPAWN_ABORT_RERUN
 def test_ddp_two_processes_equal_one_process_on_the_same_global_batch(tmp_path):
-    runs = one_process_and_ddp(tmp_path, Sharded, lambda: ActivationMonitor(types=["Conv2d", "Linear", "ReLU"]), "act/")
+    hists: dict = {}
+    runs = one_process_and_ddp(tmp_path, Sharded, lambda: ActivationMonitor(types=["Conv2d", "Linear", "ReLU"],
+                                                                            histograms=True), "act/", histograms=hists)
     assert sorted(runs["ddp"]) == sorted(runs["one"]) and len(runs["one"]) == 20
     for key, values in runs["one"].items():
         assert sorted(values) == [1, 3]
         for step, value in values.items():
             assert runs["ddp"][key][step] == pytest.approx(value, rel=1e-5, abs=1e-7), (key, step)
+    # histograms: one range from every rank (the MAX all-reduce), counts added over the ranks
+    assert sorted(hists["ddp"]) == sorted(hists["one"]) == sorted(f"act/hist/{n}" for n in WATCHED)
+    for tag, steps in hists["one"].items():
+        assert sorted(steps) == sorted(hists["ddp"][tag]) == [1, 3]
+        for step, one in steps.items():
+            ddp = hists["ddp"][tag][step]
+            assert ddp.num == one.num and sum(ddp.bucket) == sum(one.bucket) == one.num, (tag, step)
+            assert (ddp.min, ddp.max) == pytest.approx((one.min, one.max), rel=1e-5, abs=1e-7), (tag, step)
+            np.testing.assert_allclose(ddp.bucket_limit, one.bucket_limit, rtol=1e-5, atol=1e-7)
+            # equal count for count here; the two runs' weights may differ in the last float bits after a step (another
+            # summation order), so a value on an edge could move a bin
+            moved = np.abs(np.asarray(ddp.bucket) - np.asarray(one.bucket)).sum()
+            assert moved <= 2 + 1e-3 * one.num, (tag, step, moved)
 
 
 def test_dashboard_layout_puts_a_family_on_one_chart():

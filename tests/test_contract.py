@@ -383,7 +383,7 @@ def test_every_logged_key_is_documented_and_every_always_on_key_is_logged(device
     callbacks = [
         # every option that adds keys switched on, so only the keys listed in _conditional may be missing
         GradientMonitor(per_param_norms=True, param_norms=True, update_ratio=True, param_histograms=True),
-        ActivationMonitor(),
+        ActivationMonitor(histograms=True),
         MemoryMonitor(),
         SpeedMonitor(peak_flops_per_sec=1e12, items_fn=_items),
         PredictionGridMonitor(num_samples=8),

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from lightning_monitor import (
+    ActivationMonitor,
     GradientMonitor,
     MemoryMonitor,
     PredictionGridMonitor,
@@ -22,7 +23,8 @@ from lightning_monitor._core import options as _options
 
 #: (class, option, a valid value, a value out of range) for every integer option (counts included)
 INTEGERS = [
-    (cls, "every_n_steps", 3, 0) for cls in (GradientMonitor, MemoryMonitor, SpeedMonitor, PredictionGridMonitor)
+    (cls, "every_n_steps", 3, 0) for cls in (GradientMonitor, MemoryMonitor, SpeedMonitor, PredictionGridMonitor,
+                                             ActivationMonitor)
 ] + [
     (GradientMonitor, "group_depth", 0, -1),
     (GradientMonitor, "bins", 512, 513),
@@ -37,6 +39,9 @@ INTEGERS = [
     (PredictionGridMonitor, "padding", 0, -1),
     (PredictionGridMonitor, "dataloader_idx", 0, -1),
     (StallMonitor, "exit_code", 1, 0),
+    (ActivationMonitor, "max_modules", 0, -1),
+    (ActivationMonitor, "bins", 512, 513),
+    (ActivationMonitor, "max_hist_elements", 1, 0),
 ]
 #: the same for the number options (floats; an int is a number too)
 NUMBERS = [
@@ -53,7 +58,8 @@ FLAGS = [
     (GradientMonitor, name) for name in ("per_param_norms", "param_norms", "update_ratio", "histograms",
                                          "param_histograms")
 ] + [(MemoryMonitor, "nvml"), (SpeedMonitor, "measure_flops"), (PredictionGridMonitor, "mistakes_first"),
-     (RunSummary, "print_table"), (RunSummary, "use_rich"), (StallMonitor, "print_alerts")]
+     (RunSummary, "print_table"), (RunSummary, "use_rich"), (StallMonitor, "print_alerts"),
+     (ActivationMonitor, "histograms")]
 
 
 def _id(case: tuple[Any, ...]) -> str:

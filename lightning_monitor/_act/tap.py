@@ -1,7 +1,8 @@
 """ActivationMonitor's forward hooks: per module output, device sums kept between the calls of a logging batch.
 
 A hook only queues device work (no host read): ``sum x``, ``sum x^2``, ``max |x|`` and, per unit, whether
-it was ever non-zero. The element count is the output's shape, known on the host. :func:`pack` lays every module's
+it was ever non-zero, and with histograms a strided sample of the output (a copy) with its finite min and max.
+The element count is the output's shape, known on the host. :func:`pack` lays every module's
 numbers out in one flat float64 tensor for the one gather of a logging step; :func:`combine` reduces the gathered
 ``[world, n]`` rows over the ranks: sums and counts add up (exact mean and RMS of the global batch), maxima take the
 maximum, a unit is dead when it was zero on every rank.
@@ -9,12 +10,15 @@ maximum, a unit is dead when it was zero on every rank.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
+
+from lightning_monitor._grad.stats import sample_stride
 
 STATS = ("rms", "mean", "max_abs", "dead_share")
 _HEAD = 4  # per module in the pack: sum, sum of squares, count, max |x|; then one 0/1 per unit (ever non-zero)
@@ -31,7 +35,11 @@ def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
 class Tap:
     """One chosen module's running sums over the counted forward calls of a logging step."""
 
-    def __init__(self) -> None:
+    def __init__(self, histograms: bool = False, max_hist_elements: Optional[int] = None) -> None:
+        self.histograms, self.max_hist_elements = histograms, max_hist_elements
+        self.samples: list[tuple[torch.Tensor, float]] = []  # (strided copy, numel / sampled) per counted call
+        self.high: Optional[torch.Tensor] = None  # [] float64: the samples' largest finite value (-inf: none)
+        self.neg_low: Optional[torch.Tensor] = None  # [] float64: minus their smallest finite value
         self.sums: Optional[torch.Tensor] = None  # [2] float64: sum x, sum x^2
         self.max_abs: Optional[torch.Tensor] = None  # [] float64
         self.alive: Optional[torch.Tensor] = None  # [units] bool: non-zero somewhere
@@ -62,6 +70,22 @@ class Tap:
                 self.max_abs = torch.maximum(self.max_abs, peak)
                 self.alive = self.alive | alive
             self.count += x.numel()
+            if self.histograms:
+                self._sample(flat)
+
+    def _sample(self, flat: torch.Tensor) -> None:
+        """Keep at most ``max_hist_elements`` of ``flat`` (a prime stride) and their finite min and max; device work."""
+        work = torch.float64 if flat.dtype == torch.float64 else torch.float32
+        # a copy: a later in-place op (ReLU(inplace=True)) must not change what was sampled
+        sample = flat[:: sample_stride(flat.numel(), self.max_hist_elements)].to(dtype=work, copy=True)
+        self.samples.append((sample, flat.numel() / sample.numel()))
+        # NaN/Inf never set the range (-inf / +inf when nothing is finite: that histogram is left out)
+        high = sample.nan_to_num(nan=-math.inf, posinf=-math.inf).amax().double()
+        neg_low = sample.nan_to_num(nan=math.inf, neginf=math.inf).amin().double().neg()
+        if self.high is None or self.neg_low is None:
+            self.high, self.neg_low = high, neg_low
+        else:
+            self.high, self.neg_low = torch.maximum(self.high, high), torch.maximum(self.neg_low, neg_low)
 
 
 def pack(taps: Sequence[Tap], units: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -78,14 +102,27 @@ def pack(taps: Sequence[Tap], units: Sequence[int], device: torch.device) -> tor
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
 
 
+def pack_width(units: Sequence[int]) -> int:
+    """The length of :func:`pack`'s tensor (what follows it in the gathered rows starts there)."""
+    return sum(_HEAD + width for width in units)
+
+
+def _blocks(gathered: np.ndarray, units: Sequence[int]) -> list[np.ndarray]:
+    """Each module's ``[world, _HEAD + units]`` block of the gathered packs."""
+    starts = np.cumsum([0, *(_HEAD + width for width in units)])
+    return [gathered[:, a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+
+
+def totals(gathered: np.ndarray, units: Sequence[int]) -> np.ndarray:
+    """``[modules, 3]``: sum, sum of squares and element count of each module's output over every rank."""
+    return np.array([block[:, :3].sum(axis=0) for block in _blocks(gathered, units)]).reshape(-1, 3)
+
+
 def combine(gathered: np.ndarray, names: Sequence[str], units: Sequence[int]) -> dict[str, float]:
     """``act/{stat}/{module}`` from the gathered ``[world, n]`` packs (modules that saw no element are left out)."""
     out: dict[str, float] = {}
-    off = 0
-    for name, width in zip(names, units, strict=True):
-        block = gathered[:, off : off + _HEAD + width]
-        off += _HEAD + width
-        total, squares, count = block[:, 0].sum(), block[:, 1].sum(), block[:, 2].sum()
+    for name, width, block, (total, squares, count) in zip(names, units, _blocks(gathered, units),
+                                                           totals(gathered, units), strict=True):
         if count <= 0:
             continue
         alive = block[:, _HEAD:].max(axis=0) if width else np.zeros(0)
