@@ -15,7 +15,7 @@ from lightning_monitor._core.compat import foreach_norm
 from lightning_monitor._core.lru import Lru
 
 _NORM_ROW = 64  # CPU norms: float32 over rows of this many elements, combined in float64
-_NORM_SMALL = 256  # CPU norms: tensors up to this size are normed whole, in one _foreach_norm
+_NORM_SMALL = 2**17  # CPU norms: tensors up to this size are normed whole, in one float64 _foreach_norm
 _MAX_PLANS = 4  # row-owner vectors kept for recently seen parameter sets
 
 #: the pass :func:`squared_norms` takes: ``None`` picks by device (the fused float64 ``_foreach_norm`` on CUDA or for
@@ -28,10 +28,12 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[P]`` float64 device tensor: the squared L2 norm of each tensor, within 1e-6 relative of float64 at any size.
 
     CUDA (or float64 tensors): one ``torch._foreach_norm`` accumulating in float64 (a memory-bound read: free on
-    H100/H200-class parts). CPU, where float64 accumulation costs a float64 copy of every tensor (~20x): float32
-    norms of rows of ``_NORM_ROW`` elements (few enough terms per SIMD lane that even a constant tensor stays
-    below ~4e-7), the rows' squares summed in float64; tensors of at most ``_NORM_ROW * 4`` elements go through
-    one ``_foreach_norm``. Neither overflows for fp16/bf16 (float32 or float64 accumulators).
+    H100/H200-class parts). CPU, where float64 accumulation costs a float64 copy of every tensor (~20x per
+    element): tensors of at most ``_NORM_SMALL`` elements still go through one float64 ``_foreach_norm`` (at that
+    size the copy costs less than the extra operations of rows); larger ones as float32 norms of rows of
+    ``_NORM_ROW`` elements (few enough terms per SIMD lane that even a constant tensor stays below ~4e-7), the
+    rows' squares summed in float64. A whole float32 norm is not used: it drifts by ~1e-5 at 1e4 elements and
+    ~1e-3 at 1e6. Neither overflows for fp16/bf16 (float64 or float32 accumulators).
     """
     tensors = [t.detach() for t in tensors]
     if not tensors:
@@ -41,7 +43,8 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if fused:
         return torch.stack(foreach_norm(tensors, 2, dtype=torch.float64)).square()
     small = [t for t in tensors if t.numel() <= _NORM_SMALL]
-    parts = [torch.stack(foreach_norm(small, 2, dtype=torch.float32))] if small else []
+    whole = torch.stack(foreach_norm(small, 2, dtype=torch.float64)).square() if small else None
+    parts = []
     for t in tensors:
         n = t.numel()
         if n > _NORM_SMALL:
@@ -49,7 +52,11 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             parts.append(torch.linalg.vector_norm(flat[:body].view(-1, _NORM_ROW), dim=1, dtype=torch.float32))
             if body < n:
                 parts.append(torch.linalg.vector_norm(flat[body:], dtype=torch.float32).reshape(1))
+    if not parts and whole is not None:
+        return whole  # every tensor small: one row each, already in order
     rows = torch.cat(parts).double().square()
+    if whole is not None:
+        rows = torch.cat([whole, rows])
     owner = _norm_owner(tuple(t.numel() for t in tensors), device)
     if owner is None:  # every tensor small: one row each, already in order
         return rows
