@@ -3,10 +3,12 @@ at logging steps only."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
@@ -16,6 +18,9 @@ from lightning_monitor._act import select as _select
 from lightning_monitor._act import tap as _tap
 from lightning_monitor._core import options as _options
 from lightning_monitor._core.keys import document_keys
+from lightning_monitor._grad import bins as _grad_bins
+from lightning_monitor._grad import event as _grad_event
+from lightning_monitor._grad.stats import sample_stride
 from lightning_monitor._monitor import dist as _dist
 from lightning_monitor._monitor.base import Monitor
 from lightning_monitor._monitor.budget import DEFAULT_SHARE
@@ -177,7 +182,8 @@ class ActivationMonitor(Monitor):
         if self._modules is None:
             self._modules = self._choose(pl_module)
         if self._step != step:  # a new logging step (micro-batches of one step add up)
-            self._taps = [_tap.Tap(self.histograms, self.max_hist_elements) for _ in self._modules]
+            stride = functools.partial(sample_stride, max_elements=self.max_hist_elements) if self.histograms else None
+            self._taps = [_tap.Tap(stride) for _ in self._modules]
             self._step = step
         self._handles = [m.register_forward_hook(self._hook(t)) for (_, m), t in zip(self._modules, self._taps,
                                                                                      strict=True)]
@@ -199,15 +205,18 @@ class ActivationMonitor(Monitor):
         units = [t.units for t in self._taps]
         device = trainer.strategy.root_device
         packed = _tap.pack(self._taps, units, device)
-        if self.histograms:  # device counts over one range per module (under DDP one MAX all-reduce, every rank)
-            packed = torch.cat([packed, _hist.device_counts(self._taps, self.bins, device)])
+        if self.histograms:
+            lo, hi = _hist.ranges(self._taps, device)  # one range per module (under DDP one MAX all-reduce, every rank)
+            counts = _grad_bins.scaled_counts(*_hist.pieces(self._taps), lo, hi, self.bins)  # on the device
+            packed = torch.cat([packed, lo, hi, counts.reshape(-1)])
         self._taps, self._step = [], None
         # sync point: one packed host transfer per logging step (under DDP one all-gather, on every rank)
         gathered = _dist.gather_packed(trainer, packed)
         self._log_scalars(trainer, _tap.combine(gathered, names, units), step)
-        if self.histograms:
+        if self.histograms:  # a module whose output held NaN/Inf (sums not finite) or nothing finite is left out
             rows = _hist.rows(gathered[:, _tap.pack_width(units) :], _tap.totals(gathered, units), self.bins)
-            self._log_histograms(trainer, _hist.histograms(names, rows, self.bins), step)
+            hists = _grad_event.histograms("act/hist", names, np.arange(len(names)), rows, self.bins)
+            self._log_histograms(trainer, hists, step)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:

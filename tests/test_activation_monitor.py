@@ -30,7 +30,9 @@ from torch.utils.data import DataLoader
 from lightning_monitor import ActivationMonitor
 from lightning_monitor._act import hist as _hist
 from lightning_monitor._act import tap as _tap
-from lightning_monitor._grad.stats import sample_stride
+from lightning_monitor._grad import bins as _grad_bins
+from lightning_monitor._grad.event import histograms as _grad_histograms
+from lightning_monitor._grad.stats import STAT_COLUMNS, sample_stride
 from lightning_monitor.testing import HostSyncCounter
 
 
@@ -262,22 +264,24 @@ def test_histograms_off_by_default_run_no_histogram_work(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("histogram work (and its all-reduce) with histograms=False")
 
-    monkeypatch.setattr(_hist, "device_counts", refuse)
+    monkeypatch.setattr(_hist, "ranges", refuse)
+    monkeypatch.setattr(_grad_bins, "scaled_counts", refuse)
     scalars = _fit(tmp_path, ActivationMonitor(), Net(), max_steps=2)
     assert "act/rms/hidden" in scalars and not _histograms(tmp_path)
 
 
 def _tap_histograms(outputs: list[torch.Tensor], bins: int = 8) -> dict:
     """The ``act/hist`` values one process logs for a ``nn.Identity`` whose calls returned ``outputs``."""
-    tap = _tap.Tap(histograms=True, max_hist_elements=None)
+    tap = _tap.Tap(stride=lambda numel: 1)
     for out in outputs:
         tap.add(nn.Identity(), out)
     units = [tap.units]
-    packed = torch.cat([_tap.pack([tap], units, torch.device("cpu")),
-                        _hist.device_counts([tap], bins, torch.device("cpu"))])
-    gathered = packed.numpy()[None, :]
+    lo, hi = _hist.ranges([tap], torch.device("cpu"))
+    counts = _grad_bins.scaled_counts(*_hist.pieces([tap]), lo, hi, bins)
+    gathered = torch.cat([_tap.pack([tap], units, torch.device("cpu")), lo, hi, counts.reshape(-1)]).numpy()[None, :]
     rows = _hist.rows(gathered[:, _tap.pack_width(units) :], _tap.totals(gathered, units), bins)
-    return _hist.histograms(["m"], rows, bins)
+    assert rows.shape == (1, STAT_COLUMNS + bins)  # the layout of _grad.stats.summarize's rows
+    return _grad_histograms("act/hist", ["m"], np.arange(1), rows, bins)
 
 
 def test_a_constant_output_is_centred_and_nan_or_inf_leave_that_histogram_out():

@@ -11,14 +11,12 @@ maximum, a unit is dead when it was zero on every rank.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
-
-from lightning_monitor._grad.stats import sample_stride
 
 STATS = ("rms", "mean", "max_abs", "dead_share")
 _HEAD = 4  # per module in the pack: sum, sum of squares, count, max |x|; then one 0/1 per unit (ever non-zero)
@@ -35,8 +33,8 @@ def unit_dim(module: nn.Module, output: torch.Tensor) -> int:
 class Tap:
     """One chosen module's running sums over the counted forward calls of a logging step."""
 
-    def __init__(self, histograms: bool = False, max_hist_elements: Optional[int] = None) -> None:
-        self.histograms, self.max_hist_elements = histograms, max_hist_elements
+    def __init__(self, stride: Optional[Callable[[int], int]] = None) -> None:
+        self.stride = stride  # the sampling stride for an output of n elements; None: no histogram samples
         self.samples: list[tuple[torch.Tensor, float]] = []  # (strided copy, numel / sampled) per counted call
         self.high: Optional[torch.Tensor] = None  # [] float64: the samples' largest finite value (-inf: none)
         self.neg_low: Optional[torch.Tensor] = None  # [] float64: minus their smallest finite value
@@ -70,14 +68,14 @@ class Tap:
                 self.max_abs = torch.maximum(self.max_abs, peak)
                 self.alive = self.alive | alive
             self.count += x.numel()
-            if self.histograms:
-                self._sample(flat)
+            if self.stride is not None:
+                self._sample(flat, self.stride(flat.numel()))
 
-    def _sample(self, flat: torch.Tensor) -> None:
-        """Keep at most ``max_hist_elements`` of ``flat`` (a prime stride) and their finite min and max; device work."""
+    def _sample(self, flat: torch.Tensor, stride: int) -> None:
+        """Keep every ``stride``-th element of ``flat`` and their finite min and max; device work only."""
         work = torch.float64 if flat.dtype == torch.float64 else torch.float32
         # a copy: a later in-place op (ReLU(inplace=True)) must not change what was sampled
-        sample = flat[:: sample_stride(flat.numel(), self.max_hist_elements)].to(dtype=work, copy=True)
+        sample = flat[::stride].to(dtype=work, copy=True)
         self.samples.append((sample, flat.numel() / sample.numel()))
         # NaN/Inf never set the range (-inf / +inf when nothing is finite: that histogram is left out)
         high = sample.nan_to_num(nan=-math.inf, posinf=-math.inf).amax().double()

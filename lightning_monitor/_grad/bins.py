@@ -4,6 +4,7 @@ count, for many rows at once, each row over its own tensor's edges (no host sync
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Optional
 
 import torch
@@ -109,3 +110,33 @@ def bin_counts(sample: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: i
                        torch.empty(rows.shape, dtype=torch.bool, device=rows.device), None)
     counts = counts.reshape(k, bins).to(sample.dtype if sample.is_floating_point() else torch.float32)
     return counts if sample.dim() > 1 else counts[0]
+
+
+def scaled_counts(pieces: Sequence[torch.Tensor], group: Sequence[int], scale: Sequence[float], lo: torch.Tensor,
+                  hi: torch.Tensor, bins: int) -> torch.Tensor:
+    """``[G, bins]`` float64: the counts of 1-D ``pieces``, piece ``p`` binned over the ``[lo, hi]`` of its group
+    ``group[p]`` (``lo``/``hi``: ``[G]`` device tensors), scaled by ``scale[p]`` and added up per group.
+
+    Counts are :func:`bin_counts`'s (``numpy.histogram``'s rule); a fixed number of device ops for any number of
+    pieces and no host read (the pieces' groups, sizes and scales, known on the host, go to the device in one copy).
+    """
+    device, groups = lo.device, lo.numel()
+    out = torch.zeros(groups, bins, dtype=torch.float64, device=device)
+    if not pieces:
+        return out
+    values = torch.cat([p.reshape(-1).to(device=device, dtype=torch.float64) for p in pieces]).unsqueeze(1)  # [N, 1]
+    host = torch.tensor([list(group), [p.numel() for p in pieces], list(scale)], dtype=torch.float64)
+    if device.type == "cuda":  # pinned: a pageable host-to-device copy would wait for the device
+        host = host.pin_memory()
+    meta = host.to(device, non_blocking=True)
+    which, sizes, factor = meta[0].long(), meta[1].long(), meta[2]
+    seg = torch.repeat_interleave(torch.arange(len(pieces), device=device), sizes, output_size=values.shape[0])
+    piece_lo, piece_hi = lo.double().index_select(0, which), hi.double().index_select(0, which)
+    span = torch.where(piece_hi > piece_lo, piece_hi - piece_lo, torch.ones_like(piece_hi))
+    counts = bin_rows(
+        values, piece_lo.index_select(0, seg).unsqueeze(1), (bins / span).index_select(0, seg).unsqueeze(1),
+        (1 + seg.to(torch.int32) * (bins + 1)).unsqueeze(1), edge_table(piece_lo, piece_hi, bins, torch.float64),
+        bins, torch.empty_like(values), torch.empty(values.shape, dtype=torch.int32, device=device),
+        torch.empty(values.shape, dtype=torch.bool, device=device), None,
+    )  # [P, bins]
+    return out.index_add_(0, which, counts.double() * factor.unsqueeze(1))
