@@ -52,7 +52,9 @@ class ActivationMonitor(Monitor):
     region (``torch.compile(module)``, ``module.compile()``, a compiled LightningModule) is skipped, with one warning:
     a hook attached there after compiling either never runs (Dynamo does not guard on hooks by default) or, where
     it is guarded, makes Dynamo recompile at every logging step. Compile the modules below the ones you watch.
-    FSDP2 and tensor parallel are not tested.
+    FSDP2: the outputs are each rank's batch, as under DDP (tested equal to DDP). Tensor parallel: an output left
+    as a DTensor is read as this rank's local part; mean, RMS and max |x| stay exact, the dead share of a
+    feature-sharded output does not (its units differ across ranks).
 
     Histograms (``histograms=True``): each counted call keeps a strided sample of the output (at most
     ``max_hist_elements`` elements at a prime stride, a device copy) and its finite min and max. At the logging

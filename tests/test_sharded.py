@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import psutil
 import pytest
 from helpers import flat_shard_trainer, tb_images, tb_scalars
@@ -29,7 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from helpers import TinyImageModel, image_data, image_loader, make_trainer
-from lightning_monitor import PredictionGridMonitor
+from lightning_monitor import ActivationMonitor, PredictionGridMonitor
 
 N = {num_samples}
 MODE = {mode!r}
@@ -127,7 +128,8 @@ if __name__ == "__main__":
     trainer = make_trainer({root!r}, strategy=strategy, devices=2, max_epochs=2 if full else 1, max_steps=-1,
                            log_every_n_steps=2,
                            logger=TensorBoardLogger({root!r}, name="tb", version=0),
-                           callbacks=[monitor, Unsharded()], use_distributed_sampler=full)
+                           callbacks=[monitor, Unsharded(), *([ActivationMonitor()] if tp else [])],
+                           use_distributed_sampler=full)
     val = image_loader(n=40, batch_size=8, seed=1) if full else DataLoader(RankZeroOnly(), batch_size=None)
     trainer.fit(TensorParallelNet() if tp else ShardedNet(), image_loader(n=64, batch_size=16), val)
     os.write(1, ("RANK %d DONE\\n" % trainer.global_rank).encode())  # one write: the ranks share stdout
@@ -225,3 +227,7 @@ def test_tensor_parallel_grid_gathers_a_dtensor_output(tmp_path):
     accuracy = tb_scalars(log_dir, "predictions/accuracy")
     assert [s for s, _ in accuracy] == [3, 7] and accuracy[-1][1] == pytest.approx(unsharded["accuracy"])
     assert [s for s, _ in tb_images(log_dir, "predictions/grid")] == [3, 7]
+    # ActivationMonitor in the same fit: the layer split over the ranks returns a DTensor, read as each rank's part
+    for module in ("hidden", "out"):
+        rms = tb_scalars(log_dir, f"act/rms/{module}")
+        assert [s for s, _ in rms] == [1, 3, 5, 7] and all(np.isfinite(v) and v > 0 for _, v in rms), module

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 STATS = ("rms", "mean", "max_abs", "dead_share")
 _HEAD = 4  # per module in the pack: sum, sum of squares, count, max |x|; then one 0/1 per unit (ever non-zero)
@@ -49,7 +50,10 @@ class Tap:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
             return
         with torch.no_grad():
-            x = x.detach()
+            # tensor parallel: an output left as a DTensor (use_local_output=False) is read as this rank's part; its
+            # sums and counts add up over the ranks like a data-parallel batch's (a replicated one counts each
+            # copy, which leaves mean and RMS as they are)
+            x = x.to_local().detach() if isinstance(x, DTensor) else x.detach()
             dim = unit_dim(module, x)
             if self.alive is not None and x.shape[dim] != self.units:
                 return  # a call with another width (shared module used twice): the first width is kept
