@@ -109,3 +109,24 @@ def test_a_value_that_is_not_a_number_costs_that_value_only(tmp_path):
     logger.experiment.flush()
     series = tb_all_scalars(logger.log_dir)
     assert series["a/x"] == [(3, 1.5), (4, 2.5)] and series["a/y"] == [(3, 2.0)] and "a/text" not in series
+
+
+def test_repeated_keys_reuse_one_event_and_write_each_steps_values(tmp_path):
+    """The same keys again fill the last event's values in place: every write still lands as its own step with its
+    own values; other keys, another order or a value that is not a number take the full path."""
+    from lightning_monitor._monitor.dispatch import log_scalars
+
+    logger = TensorBoardLogger(tmp_path / "runs")
+    trainer = make_trainer(tmp_path, logger=logger)
+    log_scalars(trainer, {"a/x": 1.5, "a/y": 2.0}, 1)
+    log_scalars(trainer, {"a/x": 2.5, "a/y": 3.0}, 2)  # reused
+    log_scalars(trainer, {"a/y": 4.0, "a/x": 3.5}, 3)  # another order: built anew
+    log_scalars(trainer, {"a/y": 5.0, "a/x": 4.5}, 4)  # reused
+    with pytest.warns(UserWarning, match=r"TensorBoard rejected .* at step 5 \(ValueError: not a number: a/x\)"):
+        log_scalars(trainer, {"a/y": 6.0, "a/x": "high"}, 5)  # the same keys, a value that is not a number
+    log_scalars(trainer, {"a/y": 7.0, "a/x": 6.5}, 6)
+    log_scalars(trainer, {"a/x": 7.5}, 7)  # fewer keys
+    logger.experiment.flush()
+    series = tb_all_scalars(logger.log_dir)
+    assert series["a/x"] == [(1, 1.5), (2, 2.5), (3, 3.5), (4, 4.5), (6, 6.5), (7, 7.5)]
+    assert series["a/y"] == [(1, 2.0), (2, 3.0), (3, 4.0), (4, 5.0), (5, 6.0), (6, 7.0)]

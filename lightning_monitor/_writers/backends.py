@@ -125,6 +125,10 @@ class TensorBoardWriter(Writer):
         self.tb = logger
         self.layout_tags: set[str] = set()  # the scalar tags the run's layout names (lightning_monitor._writers.layout)
         self.layout_seeded = False  # layout_tags holds the tags earlier processes wrote to this run directory
+        # the last scalar write's keys, and its event (values set in place when the same keys come again)
+        self._event_keys: tuple[str, ...] = ()
+        self._event: Any = None
+        self._event_values: list[Any] = []
         use_fast_crc()
 
     def summary_writer(self) -> Any:
@@ -170,6 +174,9 @@ class TensorBoardWriter(Writer):
     def scalars(self, metrics: Mapping[str, float], step: Optional[int]) -> None:
         if type(self.tb).log_metrics is not TensorBoardLogger.log_metrics:
             return super().scalars(metrics, step)  # a subclass's own log_metrics keeps its say
+        if self._reuse_event(metrics):  # the keys of the last write again (a logging step of the same monitors)
+            file_writer(self.summary_writer()).add_event(self._event, step)
+            return
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         values, rejected = [], []
@@ -180,9 +187,27 @@ class TensorBoardWriter(Writer):
                 rejected.append(key)
         self._one_event(values, step)  # the numbers are written even when another value is not one
         self.note_scalar_tags([v.tag for v in values], step)
+        if not rejected:  # the next write of the same keys fills this event's values in place
+            from tensorboard.compat.proto.event_pb2 import Event
+
+            self._event_keys, self._event = tuple(metrics), Event(summary=Summary(value=values))
+            self._event_values = list(self._event.summary.value)
         if rejected:
             self.refused = len(rejected)  # the other values of the write were kept
             raise ValueError(f"not a number: {', '.join(rejected[:5])}")
+
+    def _reuse_event(self, metrics: Mapping[str, float]) -> bool:
+        """Set the values of the last write's event in place when ``metrics`` has its keys, in its order (building
+        40 ``Summary.Value`` protos and copying them into an event costs ~80 us a write; setting them ~5 us); False
+        when the keys differ or a value is not a number (the full path then writes, and names what it rejects)."""
+        if self._event is None or tuple(metrics) != self._event_keys:
+            return False
+        try:
+            for proto, value in zip(self._event_values, metrics.values(), strict=True):
+                proto.simple_value = float(value)
+        except (TypeError, ValueError):
+            return False
+        return True
 
     def histograms(self, histograms: Mapping[str, HistogramData], step: Optional[int]) -> None:
         from torch.utils.tensorboard.summary import histogram_raw
