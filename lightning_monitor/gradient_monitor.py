@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
@@ -441,7 +442,7 @@ class GradientMonitor(Monitor):
             metrics["param/norm_total"] = float(np.sqrt(wsq[have].sum()))
             metrics.update(_grad_groups.group_norms("param/norm", self._group_names, self._gid, have, wsq))
 
-        bad_now = np.flatnonzero(have & ~np.isfinite(sq))
+        bad_now = _EMPTY if math.isfinite(sq.sum()) else np.flatnonzero(have & ~np.isfinite(sq))
         bad_steps, any_steps = self._pending
         self._pending = ({}, 0.0)
         values, offenders, capped = self._nonfinite.report(

@@ -5,6 +5,7 @@ ones go to :mod:`lightning_monitor._grad.sharded` (the full tensors' numbers, wi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Optional
@@ -143,7 +144,7 @@ def measure(
     if extra is not None:
         extra_host, off = host[off : off + extra.numel()], off + extra.numel()
     nonfinite = np.zeros(n)
-    bad_now = np.flatnonzero(~np.isfinite(host_sq))
+    bad_now = _NONE if math.isfinite(host_sq.sum()) else np.flatnonzero(~np.isfinite(host_sq))
     if bad_now.size:  # exact counts and finite-only histograms, read in a second transfer (only with NaN/Inf)
         counts, fixed = summarize_finite([grads[j] for j in bad_now], bins, max_elements, hist_range)
         packed = torch.cat([counts, fixed.reshape(-1)]).to("cpu").numpy()  # sync point: only with NaN/Inf present

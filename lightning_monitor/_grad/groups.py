@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Sequence
 from typing import Literal, Optional
 
@@ -81,9 +82,16 @@ def group_norms(prefix: str, group_names: Sequence[str], gid: np.ndarray, have: 
                 ) -> dict[str, float]:
     """``{prefix/group: sqrt(sum of sq)}`` over the parameters in ``have`` (``gid``: group per parameter, -1: none)."""
     use = have & (gid >= 0)
-    if not use.any():
+    ids = gid[use]
+    if not ids.size:
         return {}
     size = len(group_names)
-    sums = np.bincount(gid[use], weights=sq[use], minlength=size)
-    seen = np.flatnonzero(np.bincount(gid[use], minlength=size))
-    return {f"{prefix}/{group_names[g]}": float(np.sqrt(sums[g])) for g in seen.tolist()}
+    sums = np.sqrt(np.bincount(ids, weights=sq[use], minlength=size)).tolist()
+    keys = _keys(prefix, tuple(group_names))
+    return {keys[g]: sums[g] for g in np.unique(ids).tolist()}
+
+
+@functools.lru_cache(maxsize=16)
+def _keys(prefix: str, group_names: tuple[str, ...]) -> list[str]:
+    """``prefix/group`` for every group (made once per prefix and model)."""
+    return [f"{prefix}/{name}" for name in group_names]

@@ -250,7 +250,8 @@ class Monitor(Callback):
         return not any(fnmatch.fnmatchcase(key, pattern) for pattern in self.exclude_keys)
 
     def _log_scalars(self, trainer: "pl.Trainer", metrics: Mapping[str, float], step: int) -> None:
-        _dispatch.log_scalars(trainer, {k: v for k, v in metrics.items() if self._keeps(k)}, step, payer=self)
+        kept = {k: v for k, v in metrics.items() if self._keeps(k)} if self.exclude_keys else metrics
+        _dispatch.log_scalars(trainer, kept, step, payer=self)
 
     def _log_histograms(self, trainer: "pl.Trainer", histograms: Mapping[str, HistogramData], step: int) -> None:
         _dispatch.log_histograms(trainer, {k: v for k, v in histograms.items() if self._keeps(k)}, step)
