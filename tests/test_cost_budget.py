@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_monitor import GradientMonitor, MemoryMonitor, PredictionGridMonitor, SpeedMonitor
 from lightning_monitor._core import clock
+from lightning_monitor._grad.nonfinite import NonfiniteLedger
 from lightning_monitor._monitor.budget import DEFAULT_SHARE, Budget, Part
 
 pytestmark = pytest.mark.budget  # the budget on (conftest turns it off for every other test)
@@ -163,3 +164,27 @@ def test_the_budget_counts_every_monitor_and_not_the_first_batch(tmp_path, fake_
     # 1 s tick); every later batch adds 1 s of training, 3 % of it allowed; the monitors' hooks took no fake time
     assert seen == {2: (0.0, 0.0), 3: (pytest.approx(0.03), 0.0), 4: (pytest.approx(0.06), 0.0)}
 
+
+
+def test_a_parts_run_in_the_first_batch_does_not_set_what_it_is_expected_to_cost(tmp_path, fake_clock, monkeypatch):
+    """A part whose first run (in the first batch) carries its one-offs is measured anew once the budget starts:
+    the between-logging-steps NaN/Inf check, 2 s on its first call and 1 ms after, keeps running under a 3 %
+    budget of 1 s batches (judged by its 2 s first run, it would wait 66 s of training)."""
+    ran = []
+
+    class Clock(Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            fake_clock[0] += 1.0  # 1 s a batch
+
+    monitor = GradientMonitor(histograms=False)
+    original = NonfiniteLedger.queue
+
+    def queue(self, *args, **kwargs):
+        ran.append(monitor._batches)
+        fake_clock[0] += 2.0 if len(ran) == 1 else 0.001  # the check's own cost, on the fake clock
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(NonfiniteLedger, "queue", queue)
+    _fit(tmp_path, [Clock(), monitor], max_steps=12, log_every_n_steps=12)
+    assert ran[0] == 1 and monitor._watch_part.cost == pytest.approx(0.001)  # measured after the start, not 2 s
+    assert len(ran) >= 8, ran  # 30 ms of budget per 1 s batch: the 1 ms check fits at most quiet steps

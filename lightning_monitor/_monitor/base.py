@@ -205,10 +205,11 @@ class Monitor(Callback):
         self._batches += 1
         if self._batches == 2 and self._budget is not None:
             # the budget counts from the end of the first batch: the start-up (FLOP counting, lazy imports, first
-            # writes) is a one-off, not a share of training
+            # writes) is a one-off, not a share of training; nor does a part's run in it tell what the part costs
+            # (its first call's one-offs: 3 ms for a NaN/Inf check that costs 0.05 ms after), so it measures anew
             self._budget.start()
             for part in self._parts:
-                part.spent = 0.0
+                part.spent, part.cost = 0.0, None
 
     # ------------------------------------------------------------------------------------------ cost budget
     def _part(self, what: str, fraction: float) -> Part:
