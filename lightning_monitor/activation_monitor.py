@@ -179,7 +179,7 @@ class ActivationMonitor(Monitor):
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         step = self._batch_step
-        if step is None or not self._logs_at(trainer, step):
+        if step is None or self._candidate is None:  # not a batch that starts at a logging step
             return
         if self._modules is None:
             self._modules = self._choose(pl_module)

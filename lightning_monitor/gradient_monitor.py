@@ -326,8 +326,8 @@ class GradientMonitor(Monitor):
         self._snapshots.clear()
         self._optstate.clear()
         step = self._batch_step  # self.log's step (_cadence.batch_start_step): batches under manual optimization
-        logs = step is not None and self._logs_at(trainer, step)
-        self._log_step = step if logs and _dist.works_on_model_here(trainer) else None  # sharded: every rank measures
+        logs = self._candidate is not None  # the batch starts at a logging step (Monitor.on_train_batch_start)
+        self._log_step = step if logs and self._works_here else None  # sharded: every rank measures
         # every rank measures sharded gradients with collectives: each rank's own clock must not decide for them
         self._hist_now = (self._log_step is None or not (self.histograms or self.param_histograms)
                           or _dist.model_on_every_rank(trainer) or self._affordable(self._hist_part))
@@ -337,7 +337,7 @@ class GradientMonitor(Monitor):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
     ) -> None:
         watch_only = self._log_step is None and self.nonfinite == "warn"
-        if watch_only and not _dist.works_on_model_here(trainer):
+        if watch_only and not self._works_here:
             return  # under DDP only rank 0 reads the NaN/Inf counts (every rank holds the same reduced gradients)
         if watch_only and not self._affordable(self._watch_part):
             return  # spaced out by the cost budget: grad/nonfinite_steps counts the steps checked

@@ -229,7 +229,9 @@ class SpeedMonitor(Monitor):
     ) -> None:
         now, costs = _clock.now(), self._costs()
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        step = trainer.global_step
+        step = self._batch_step  # trainer.global_step under automatic optimization (read once, by the base)
+        if self._manual or step is None:
+            step = trainer.global_step
         if self._first_step is None:
             self._first_step = step  # a resumed fit warms up again too
         self._wait_costs = self._prev_costs if self._prev_end is not None else costs  # the batch's costs start here
@@ -257,8 +259,7 @@ class SpeedMonitor(Monitor):
         if self._counter.active:
             self._finish_measurement(trainer)
         log_step = None if self._exclude else self._batch_logging_step(trainer)  # warm-up and measured steps: none
-        device = trainer.strategy.root_device
-        if log_step is not None and device.type == "cuda":
+        if log_step is not None and (device := trainer.strategy.root_device).type == "cuda":
             torch.cuda.synchronize(device)  # sync point: once per logging step, so the window ends when the GPU is done
         now, costs = _clock.now(), self._costs()
         if not self._exclude:

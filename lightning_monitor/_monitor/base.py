@@ -21,6 +21,7 @@ from lightning_monitor._core import options as _options
 from lightning_monitor._core.warn import WarnOnce
 from lightning_monitor._monitor import cadence as _cadence
 from lightning_monitor._monitor import dispatch as _dispatch
+from lightning_monitor._monitor import dist as _dist
 from lightning_monitor._monitor.budget import Budget, Part, turned_off_by_environment
 from lightning_monitor._writers.media import HistogramData
 
@@ -109,6 +110,9 @@ class Monitor(Callback):
         self.exclude_keys = list(exclude_keys or ())
         self._warn = WarnOnce()  # self._warn(tag, message): once per run (cleared in setup)
         self._batch_step: Optional[int] = None  # self.log's step of this fit's last training batch (_cadence)
+        self._candidate: Optional[int] = None  # the logging step that batch would complete (_batch_logging_step)
+        self._manual = False  # that batch's module uses manual optimization
+        self._works_here = True  # set at a fit's first training batch (_dist.works_on_model_here)
         self._hook_seconds = 0.0  # host seconds spent in this monitor's hooks (every hook, timed by the base class)
         self._in_hook = False
         #: where SpeedMonitor adds up every monitor's hook seconds as they are spent (:meth:`sink_costs_into`)
@@ -186,7 +190,7 @@ class Monitor(Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._batch_step = None  # no training batch of this fit yet
+        self._batch_step = self._candidate = None  # no training batch of this fit yet
         self._batches = 0
         enders = [c for c in trainer.callbacks  # type: ignore[attr-defined]
                   if isinstance(c, Monitor) and type(c).on_train_batch_end is not Callback.on_train_batch_end]
@@ -201,8 +205,15 @@ class Monitor(Callback):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        self._batch_step = _cadence.batch_start_step(trainer, pl_module)
+        self._batch_step = step = _cadence.batch_start_step(trainer, pl_module)
+        # the step this batch logs at if it completes it (found at its end: _batch_logging_step); None for a batch
+        # that cannot, so that its end reads nothing of the trainer
+        self._manual = not pl_module.automatic_optimization
+        n = _cadence.logging_interval(trainer, self.every_n_steps)
+        self._candidate = step if _cadence.is_logging_step(step, n) else None
         self._batches += 1
+        if self._batches == 1:  # this rank's part in work on the model: fixed for a fit, read by every batch after
+            self._works_here = _dist.works_on_model_here(trainer)
         if self._batches == 2 and self._budget is not None:
             # the budget counts from the end of the first batch: the start-up (FLOP counting, lazy imports, first
             # writes) is a one-off, not a share of training; nor does a part's run in it tell what the part costs
@@ -264,13 +275,18 @@ class Monitor(Callback):
             _dispatch.log_image(trainer, key, image, step, caption=caption)
 
     # ------------------------------------------------------------------------------------------ cadence
-    def _logs_at(self, trainer: "pl.Trainer", step: int) -> bool:
-        """Whether the optimizer step that starts at ``trainer.global_step == step`` is a logging step."""
-        return _cadence.is_logging_step(step, _cadence.logging_interval(trainer, self.every_n_steps))
-
     def _batch_logging_step(self, trainer: "pl.Trainer") -> Optional[int]:
-        """At a training batch's end: the step to log at if the batch made a logging step, else ``None``."""
-        return _cadence.batch_logging_step(trainer, self._batch_step, self.every_n_steps)
+        """At a training batch's end: the step to log at if the batch made a logging step, else ``None``.
+
+        Under automatic optimization a batch makes at most one optimizer step, so only a batch that starts at a
+        logging step can make one: it did when the trainer's step moved past it (a micro-batch under gradient
+        accumulation did not). Under manual optimization ``self.log`` counts batches (the batch's own step, several
+        ``optimizer.step()`` calls or none). Decided at the batch's start: a batch that cannot log reads nothing of
+        the trainer at its end."""
+        candidate = self._candidate
+        if candidate is None:
+            return None
+        return candidate if self._manual or candidate < trainer.global_step else None
 
     def _validation_step(self, trainer: "pl.Trainer") -> int:
         """The step of values measured in a validation run (the step Lightning's own ``self.log`` gives them)."""

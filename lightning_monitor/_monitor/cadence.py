@@ -39,22 +39,6 @@ def batch_start_step(trainer: "pl.Trainer", module: Optional["pl.LightningModule
     return completed_batches(trainer)
 
 
-def batch_logging_step(trainer: "pl.Trainer", batch_step: Optional[int], every_n_steps: Optional[int]) -> Optional[int]:
-    """At a training batch's end: the step to log at, if one of the optimizer steps the batch made (none on a
-    micro-batch under gradient accumulation, several under manual optimization) is a logging step; else ``None``.
-
-    ``batch_step`` is ``trainer.global_step`` read at the batch's start.
-    """
-    if batch_step is None:
-        return None
-    n = logging_interval(trainer, every_n_steps)
-    module = trainer.lightning_module
-    if module is not None and not module.automatic_optimization:  # one self.log step per batch
-        return batch_step if is_logging_step(batch_step, n) else None
-    first = batch_step + (-(batch_step + 1)) % n  # the first logging step at or after the batch's first step
-    return first if first < trainer.global_step else None
-
-
 def validation_step(trainer: "pl.Trainer", last_batch_step: Optional[int]) -> int:
     """The step of values measured in a validation run: the step Lightning's own ``self.log`` gives them.
 
