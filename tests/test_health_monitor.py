@@ -4,8 +4,10 @@ replay prints the live run's alerts; a fault-free MNIST run raises none; stop an
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import mmap
 import os
 from typing import Any
 
@@ -158,19 +160,23 @@ def test_a_dataset_that_sleeps_makes_the_run_input_bound():
 
 
 class _Leak(Callback):
-    """Keeps 8 MiB of host memory more after every training batch."""
+    """Keeps 8 MiB of host memory more after every training batch: fresh pages of its own (an anonymous mapping,
+    written through), so the process's RSS grows by them whatever freed memory earlier tests left in the heap."""
 
     def __init__(self) -> None:
-        self.kept: list[bytes] = []
+        self.kept: list[mmap.mmap] = []
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.kept.append(b"x" * (8 << 20))
+        block = mmap.mmap(-1, 8 << 20)
+        block.write(b"x" * (8 << 20))
+        self.kept.append(block)
 
 
 def test_a_callback_leaking_host_memory_is_a_leak(tmp_path, capsys):
     logger = MultiLogger(save_dir="runs", name="leak", wandb=False)
     health = HealthMonitor(leak_gib=0.05, leak_window=8)
     leak = _Leak()
+    gc.collect()  # earlier tests' garbage freed now, not inside the window (RSS would fall while the leak grows)
     _fit(Faulty(), [MemoryMonitor(), leak, health], logger, steps=40)
     rss = tb_scalars(logger.log_dir, "memory/host/rss_gib")
     assert rss[-1][1] - rss[0][1] > 0.25  # it really leaked: 40 x 8 MiB
@@ -182,7 +188,8 @@ def test_a_callback_leaking_host_memory_is_a_leak(tmp_path, capsys):
     options.write_text("leak_gib: 0.05\nleak_window: 8\n")
     assert _replayed(logger.log_dir, capsys, "--rules", str(options))[:-1] == [a.line() for a in health.alerts]
     assert _replayed(logger.log_dir, capsys) == ["0 alerts"]  # the default threshold, 0.5 GiB, is not reached
-    leak.kept.clear()
+    for block in leak.kept:
+        block.close()
 
 
 def test_user_rules_on_the_models_own_keys(tmp_path, capsys):
