@@ -178,8 +178,8 @@ class ActivationMonitor(Monitor):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        step = self._batch_step
-        if step is None or self._candidate is None:  # not a batch that starts at a logging step
+        step = self._candidate  # self.log's step when the batch starts at a logging step, else None
+        if step is None:
             return
         if self._modules is None:
             self._modules = self._choose(pl_module)

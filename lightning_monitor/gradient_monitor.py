@@ -325,9 +325,8 @@ class GradientMonitor(Monitor):
         self._measured.clear()
         self._snapshots.clear()
         self._optstate.clear()
-        step = self._batch_step  # self.log's step (_cadence.batch_start_step): batches under manual optimization
-        logs = self._candidate is not None  # the batch starts at a logging step (Monitor.on_train_batch_start)
-        self._log_step = step if logs and self._works_here else None  # sharded: every rank measures
+        # self.log's step when the batch starts at a logging step (Monitor.on_train_batch_start); sharded: every rank
+        self._log_step = self._candidate if self._works_here else None
         # every rank measures sharded gradients with collectives: each rank's own clock must not decide for them
         self._hist_now = (self._log_step is None or not (self.histograms or self.param_histograms)
                           or _dist.model_on_every_rank(trainer) or self._affordable(self._hist_part))

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from lightning_monitor._act.tap import Tap
+from lightning_monitor._monitor import dist as _dist
 
 
 def ranges(taps: Sequence[Tap], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,9 +26,7 @@ def ranges(taps: Sequence[Tap], device: torch.device) -> tuple[torch.Tensor, tor
     none = torch.full((), -float("inf"), dtype=torch.float64, device=device)
     high = [none if t.high is None else t.high.to(device) for t in taps]
     neg_low = [none if t.neg_low is None else t.neg_low.to(device) for t in taps]
-    packed = torch.stack(high + neg_low)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX)  # collective: every rank, same size, logging steps only
+    packed = _dist.all_reduce(torch.stack(high + neg_low), dist.ReduceOp.MAX)  # collective: logging steps only
     return -packed[len(taps) :], packed[: len(taps)]
 
 

@@ -58,8 +58,6 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if whole is not None:
         rows = torch.cat([whole, rows])
     owner = _norm_owner(tuple(t.numel() for t in tensors), device)
-    if owner is None:  # every tensor small: one row each, already in order
-        return rows
     return torch.zeros(len(tensors), dtype=torch.float64, device=device).index_add_(0, owner, rows)
 
 
@@ -82,19 +80,18 @@ def fast_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return norms.index_select(0, order)
 
 
-_OWNERS: Lru[Optional[torch.Tensor]] = Lru(_MAX_PLANS)
+_OWNERS: Lru[torch.Tensor] = Lru(_MAX_PLANS)
 
 
-def _norm_owner(numels: tuple[int, ...], device: torch.device) -> Optional[torch.Tensor]:
-    """Which tensor each row of :func:`squared_norms` belongs to (small tensors first), cached per size list."""
+def _norm_owner(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Which tensor each row of :func:`squared_norms` belongs to (small tensors first, then the rows of each large
+    one), cached per size list."""
 
-    def make() -> Optional[torch.Tensor]:
-        small = [i for i, n in enumerate(numels) if n <= _NORM_SMALL]
-        owner = list(small)
+    def make() -> torch.Tensor:
+        owner = [i for i, n in enumerate(numels) if n <= _NORM_SMALL]
         for i, n in enumerate(numels):
             if n > _NORM_SMALL:
                 owner += [i] * (n // _NORM_ROW + (1 if n % _NORM_ROW else 0))
-        identity = len(small) == len(numels)
-        return None if identity else torch.tensor(owner, device=device)
+        return torch.tensor(owner, device=device)
 
     return _OWNERS.get_or_make((numels, device), make)

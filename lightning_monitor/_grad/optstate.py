@@ -70,12 +70,11 @@ def _plain_plan(numel: int, stride: int, device: torch.device) -> tuple[torch.Te
     return torch.from_numpy(positions).to(device), np.arange(positions.size, dtype=np.int64)
 
 
-def _shard_plan(t: torch.Tensor, local: torch.Tensor, counted: bool, stride: int
+def _shard_plan(t: torch.Tensor, device: torch.device, counted: bool, stride: int
                 ) -> Optional[tuple[torch.Tensor, np.ndarray]]:
     """(indices into this rank's flat local values, their slots in the full tensor's sample) for the sampled
     positions ``0, stride, 2 * stride, ...`` of the flattened full tensor that lie in this rank's shard (none when
-    another replica counts them); ``None`` for a placement with no rectangular shard."""
-    device = local.device
+    another replica counts them), as indices on ``device``; ``None`` for a placement with no rectangular shard."""
     if not counted:
         return torch.zeros(0, dtype=torch.int64, device=device), np.zeros(0, dtype=np.int64)
     if not isinstance(t, DTensor):
@@ -126,7 +125,7 @@ def queue(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], grad
         for f, s in zip(found, strides, strict=True):
             m, counted = _grad_sharded.local_shard(f[2])
             parts = [m] + [_grad_sharded.local_shard(t)[0] for t in (f[3], f[4], f[1])]
-            plan = _shard_plan(f[2], m, counted, s)
+            plan = _shard_plan(f[2], m.device, counted, s)
             local.append(([t if counted else t.reshape(-1)[:0] for t in parts], plan))
         ms, vs, ds, gs = ([x[0][i] for x in local] for i in range(4))
         plans = [x[1] for x in local]

@@ -47,19 +47,13 @@ def is_sharded(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
     return any(isinstance(t, DTensor) for t in tensors)
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def local_shard(tensor: torch.Tensor, reduce_partial: bool = True) -> tuple[torch.Tensor, bool]:
     """(this rank's local values of ``tensor``, whether this rank counts them in a SUM across ranks).
 
     A ``Partial`` placement (unreduced summands) is reduced first (a collective, the same on every rank since the
     placements are), unless ``reduce_partial=False`` (per-step NaN/Inf flags: a summand with NaN/Inf flags it too).
     """
-    rank, world = _world()
+    rank, world = _dist.world()
     if not isinstance(tensor, DTensor):
         return tensor.detach(), rank == 0 or world == 1
     if reduce_partial and any(p.is_partial() for p in tensor.placements):
@@ -72,12 +66,6 @@ def local_shard(tensor: torch.Tensor, reduce_partial: bool = True) -> tuple[torc
         if (placement.is_replicate() or placement.is_partial()) and coordinate and coordinate[dim] != 0:
             counted = False  # Replicate (or Partial, unreduced): coordinate 0 along this mesh dimension counts it
     return tensor.to_local().detach(), counted
-
-
-def _all_reduce(pack: torch.Tensor, op: "dist.ReduceOp.RedOpType") -> torch.Tensor:
-    if _world()[1] > 1:
-        dist.all_reduce(pack, op=op)  # collective: every rank, same size, same order
-    return pack
 
 
 def _local_squares(local: list[torch.Tensor], counted: list[bool], device: torch.device) -> torch.Tensor:
@@ -94,7 +82,7 @@ def global_squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``[n]`` float64 device tensor: squared L2 norms of the full tensors (one all-reduce SUM, on every rank)."""
     pairs = [local_shard(t) for t in tensors]
     local = [p[0] for p in pairs]
-    return _all_reduce(_local_squares(local, [p[1] for p in pairs], local[0].device), dist.ReduceOp.SUM)
+    return _dist.all_reduce(_local_squares(local, [p[1] for p in pairs], local[0].device), dist.ReduceOp.SUM)
 
 
 def global_squared_diffs(after: Sequence[torch.Tensor], before: Sequence[torch.Tensor]) -> np.ndarray:
@@ -103,7 +91,7 @@ def global_squared_diffs(after: Sequence[torch.Tensor], before: Sequence[torch.T
     pairs = [local_shard(t) for t in after]
     diffs = [a - b for (a, _), b in zip(pairs, before, strict=True)]
     sq = _local_squares(diffs, [p[1] for p in pairs], diffs[0].device)
-    return np.array(_all_reduce(sq, dist.ReduceOp.SUM).tolist())  # sync point: update_ratio logging steps only
+    return np.array(_dist.all_reduce(sq, dist.ReduceOp.SUM).tolist())  # sync point: update_ratio logging steps only
 
 
 @dataclass
@@ -205,14 +193,14 @@ def _finite_pieces(tensors: list[tuple[torch.Tensor, bool]], hist: Sequence[int]
     pieces = [_Hist(tensors[k][0], tensors[k][1], max_elements) for k in hist]
     high = torch.stack([h.high for h in pieces]) if pieces else torch.zeros(0, dtype=torch.float64, device=device)
     low_neg = torch.stack([h.neg_low for h in pieces]) if pieces else high
-    max_pack = _all_reduce(torch.cat([high, low_neg]), dist.ReduceOp.MAX)
+    max_pack = _dist.all_reduce(torch.cat([high, low_neg]), dist.ReduceOp.MAX)
     t = len(pieces)
     lo, hi = _range(max_pack[:t], -max_pack[t:], hist_range)
     nonfinite = [(x.numel() - torch.isfinite(x).sum()).double() if c else torch.zeros((), device=device,
                  dtype=torch.float64) for x, c in tensors]
     parts = [torch.stack(nonfinite)] + [torch.cat([h.sums(), h.counts(lo[k], hi[k], bins)])
                                         for k, h in enumerate(pieces)]
-    sum_pack = _all_reduce(torch.cat(parts), dist.ReduceOp.SUM)
+    sum_pack = _dist.all_reduce(torch.cat(parts), dist.ReduceOp.SUM)
     host = torch.cat([max_pack, sum_pack, lo, hi]).tolist()  # sync point: only at steps with NaN/Inf
     n, off = len(tensors), 2 * t
     counts, off = np.array(host[off : off + n]), off + n
@@ -268,7 +256,7 @@ def global_stats(
         high.index_copy_(0, live_index, torch.stack(top).double())
         low_neg.index_copy_(0, live_index, -torch.stack(low).double())
     extras = [e.reshape(-1).double().to(device) for e in extra_max]
-    max_pack = _all_reduce(torch.cat([high, low_neg, *extras]), dist.ReduceOp.MAX)
+    max_pack = _dist.all_reduce(torch.cat([high, low_neg, *extras]), dist.ReduceOp.MAX)
     lo, hi = _range(max_pack[:t], -max_pack[t : 2 * t], hist_range)
 
     # collective 2 (SUM): squared norms, then per histogram tensor (sum, element count, counts...)
@@ -280,7 +268,7 @@ def global_stats(
         rows_local.index_copy_(0, live_index, _local_rows(
             [tensors[k][0] for k in live], lo[live_index], hi[live_index], bins, max_elements, hist_range))
     extra = [] if extra_sum is None else [extra_sum.reshape(-1).to(device=device, dtype=torch.float64)]
-    sum_pack = _all_reduce(torch.cat([*sum_parts, rows_local.reshape(-1), *extra]), dist.ReduceOp.SUM)
+    sum_pack = _dist.all_reduce(torch.cat([*sum_parts, rows_local.reshape(-1), *extra]), dist.ReduceOp.SUM)
     host = np.array(torch.cat([max_pack, sum_pack, lo, hi]).tolist())  # sync point: one transfer per logging step
 
     n, off = len(grads), len(max_pack)

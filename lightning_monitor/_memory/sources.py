@@ -70,7 +70,7 @@ class HostMemory(NamedTuple):
 _process: Optional[psutil.Process] = None
 #: Linux: ``/proc/self/statm`` kept open (with the pid that opened it): one ``pread`` reads this process's RSS in
 #: ~3 us, where ``psutil.Process.memory_info`` opens, reads and closes the file (~23 us, a tenth of a small model's
-#: logging step); ``None`` elsewhere (psutil then)
+#: logging step); ``None`` until the first read, a descriptor of -1 where it cannot be opened (psutil then)
 _statm: Optional[tuple[int, int]] = None
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -84,8 +84,8 @@ def _rss() -> int:
             try:
                 _statm = (os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC), pid)
             except OSError:
-                _statm = None
-        if _statm is not None:
+                _statm = (-1, pid)  # no /proc here: psutil from now on, not an open that fails every read
+        if _statm[0] >= 0:
             try:
                 return int(os.pread(_statm[0], 128, 0).split()[1]) * _PAGE  # fields: size resident shared ...
             except (OSError, ValueError, IndexError):

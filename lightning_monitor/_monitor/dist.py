@@ -8,6 +8,7 @@ from typing import Union
 import lightning.pytorch as pl
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 
@@ -21,6 +22,21 @@ def works_on_model_here(trainer: "pl.Trainer") -> bool:
     """Whether this rank takes part in a monitor's work on the model (a measurement, a forward): global rank 0,
     or every rank when the model runs on every rank (:func:`model_on_every_rank`; only rank 0 writes)."""
     return trainer.is_global_zero or model_on_every_rank(trainer)
+
+
+def world() -> tuple[int, int]:
+    """(this process's rank, the world size) of the default process group; ``(0, 1)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce(pack: torch.Tensor, op: "dist.ReduceOp.RedOpType") -> torch.Tensor:
+    """``pack`` reduced in place over the default process group with ``op`` (a collective: every rank, same size,
+    same order); itself, untouched, on one process."""
+    if world()[1] > 1:
+        dist.all_reduce(pack, op=op)
+    return pack
 
 
 def gather_packed(trainer: "pl.Trainer", values: Union[torch.Tensor, Sequence[float]]) -> np.ndarray:
