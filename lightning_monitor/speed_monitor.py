@@ -181,7 +181,8 @@ class SpeedMonitor(Monitor):
         self._cost_table: list[float] = [0.0]  # every monitor's hook seconds per column, then their total (setup)
         # the stretch of counted costs not yet in the window: (reading it began at, reading it ended at)
         self._span: Optional[tuple[tuple[float, list[float]], tuple[float, list[float]]]] = None
-        self._batch_tensors: list[torch.Tensor] = []  # the tensors of the batch now running (batch size, FLOP key)
+        self._batch_shapes: tuple = ()  # the shapes of the batch now running's tensors: its FLOP key and its size
+        self._samples = 1  # the batch now running's size
 
     # ----------------------------------------------------------------------------------------------- setup
     @override
@@ -243,8 +244,9 @@ class SpeedMonitor(Monitor):
         self._start, self._start_costs = now, costs
         self._before_backward = None
         self._exclude = step < self._first_step + self.warmup_steps
-        self._batch_tensors = _flops.tensors_in(batch)  # once a batch: its size and its FLOP key come from them
-        self._batch_flops = self._flops_for(trainer, batch)
+        self._batch_shapes = _flops.shape_key(batch)  # once a batch: its size and its FLOP key come from them
+        self._samples = self._batch_size(batch, self._batch_shapes)
+        self._batch_flops = self._flops_for(trainer)
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
@@ -256,7 +258,7 @@ class SpeedMonitor(Monitor):
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._counter.active:
+        if self._measuring is not None:  # the FLOP counter runs for this batch
             self._finish_measurement(trainer)
         log_step = None if self._exclude else self._batch_logging_step(trainer)  # warm-up and measured steps: none
         if log_step is not None and (device := trainer.strategy.root_device).type == "cuda":
@@ -268,9 +270,8 @@ class SpeedMonitor(Monitor):
                 pre_sync = now - self._start - written
             else:
                 pre_sync = self._before_backward - self._start - (self._before_backward_written - self._start_costs[0])
-            samples = self._batch_size(batch, self._batch_tensors)
-            self._window.add_batch(samples, self._wait, now - self._start - written, pre_sync, self._batch_flops or 0.0)
-            self._window.sums[_speed_window.WAIT] -= min(self._wait_hooks, self._wait)
+            self._window.add_batch(self._samples, self._wait, now - self._start - written, pre_sync,
+                                   self._batch_flops or 0.0, self._wait_hooks)
             self._span_costs(self._wait_costs, costs)
             if self.items_fn is not None:
                 self._window.add_items(self.items_fn(batch))
@@ -337,7 +338,8 @@ class SpeedMonitor(Monitor):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"flops_cache": dict(self._flops_cache)}
+        # plain tuples (the batch's torch.Size shapes hash and compare as tuples): any checkpoint loader reads them
+        return {"flops_cache": {tuple(map(tuple, key)): flops for key, flops in self._flops_cache.items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -372,26 +374,27 @@ class SpeedMonitor(Monitor):
             self._window.add_costs(written_b - written_a, [b - a for a, b in zip(hooks_a, hooks_b, strict=True)])
             self._span = None
 
-    def _batch_size(self, batch: Any, tensors: Optional[list[torch.Tensor]] = None) -> int:
+    def _batch_size(self, batch: Any, shapes: Optional[tuple] = None) -> int:
         if self.batch_size_fn is not None:
             return int(self.batch_size_fn(batch))
-        tensors = _flops.tensors_in(batch) if tensors is None else tensors
-        if not tensors or tensors[0].dim() == 0:
+        shapes = _flops.shape_key(batch) if shapes is None else shapes
+        if not shapes or not shapes[0]:
             self._warn("batch_size", "SpeedMonitor cannot infer the batch size (no tensor with a leading"
                             " dimension in the batch); counting 1 sample per batch. Pass `batch_size_fn`.")
             return 1
-        return int(tensors[0].shape[0])
+        return int(shapes[0][0])
 
-    def _flops_for(self, trainer: "pl.Trainer", batch: Any) -> Optional[float]:
+    def _flops_for(self, trainer: "pl.Trainer") -> Optional[float]:
         if self.flops_per_batch is not None:
             if self.flops_source is None:
                 self._announce(trainer, f"{_flops.format_flops(self.flops_per_batch)}/batch given by `flops_per_batch`")
             return self.flops_per_batch
         if not self.measure_flops:
             return None
-        key = _flops.shape_key(self._batch_tensors)
-        if key in self._flops_cache:
-            return self._flops_cache[key]
+        key = self._batch_shapes
+        flops = self._flops_cache.get(key)
+        if flops is not None:
+            return flops
         if len(self._flops_cache) < self.max_measured_shapes:
             self._measuring = key
             self._exclude = True  # FlopCounterMode slows this step down: keep it out of the timing window
@@ -400,7 +403,7 @@ class SpeedMonitor(Monitor):
         per_sample = sum(self._flops_cache.values()) / max(1, sum(k[0][0] for k in self._flops_cache if k and k[0]))
         self._warn("shapes", f"SpeedMonitor measured {self.max_measured_shapes} batch shapes; FLOPs of further"
                         " shapes are scaled from the measured FLOPs per sample.")
-        return per_sample * self._batch_size(batch, self._batch_tensors)
+        return per_sample * self._samples
 
     def _finish_measurement(self, trainer: "pl.Trainer") -> None:
         flops = self._counter.stop()
@@ -421,7 +424,7 @@ class SpeedMonitor(Monitor):
         _say(trainer, f"SpeedMonitor: {self.flops_source}")
 
     def _abort_measurement(self) -> None:
-        if self._counter.active:
+        if self._measuring is not None:
             self._counter.stop()
             self._measuring = None
 
@@ -429,8 +432,10 @@ class SpeedMonitor(Monitor):
         self._close_span()
         packed = self._window.pack()
         self._window = _speed_window.Window(len(self._cost_keys))
-        # collective on every rank; the one host transfer of this logging step happens inside
-        gathered = _dist.gather_packed(trainer, packed)
+        # collective on every rank; the one host transfer of this logging step happens inside (one process with the
+        # sums on the host: they are the one row, as they are)
+        gathered = ([packed] if isinstance(packed, list) and trainer.world_size == 1
+                    else _dist.gather_packed(trainer, packed))
         remaining = _speed_window.remaining_batches(trainer, step, self._batch_idx)
         flops = self.flops_per_batch is not None or self.measure_flops
         metrics = _speed_window.metrics(gathered, items=self.items_fn is not None, flops=flops, peak=self._peak,

@@ -62,6 +62,71 @@ def test_budget_is_the_share_of_the_time_since_it_started_and_each_part_keeps_to
     assert budget.allows(Part("grids", 0.5))  # a part that never ran may always run once
 
 
+def test_a_refused_part_waits_by_one_comparison_and_runs_again_as_soon_as_it_fits(fake_clock):
+    """A part refused by its own slice, or by the whole budget, is not checked again (no monitor's seconds read)
+    before the earliest time it could fit; at that time exactly it runs (the check is the same as without the
+    shortcut)."""
+    read = []
+
+    class Counted(Spent):
+        def hook_seconds(self) -> float:
+            read.append(1)
+            return self.seconds
+
+    a = Counted()
+    budget = Budget(0.01, [a])  # 10 ms a second; a part with half of it: 5 ms a second
+    part = Part("grids", 0.5)
+    budget.start()  # at 100 s
+    part.record(0.005)  # ran: 5 ms spent, 5 ms expected next time: its slice holds 10 ms from 102 s on
+    a.seconds += 0.005
+    fake_clock[0] = 101.0
+    assert not budget.allows(part)
+    read.clear()
+    fake_clock[0] = 101.999
+    assert not budget.allows(part) and not read  # refused without a sum over the monitors
+    fake_clock[0] = 102.0
+    assert budget.allows(part) and read  # 5 + 5 <= 10 ms of its slice, 5 + 5 <= 20 ms of the budget
+
+    whole = Part("histograms", 1.0)  # the whole budget as its slice: only the monitors' total refuses it
+    whole.record(0.002)
+    a.seconds += 0.030  # the scalars spent 30 ms: 35 ms with the 5 above, 37 ms with this part, by 103.7 s
+    fake_clock[0] = 103.0
+    assert not budget.allows(whole)  # 2 + 2 <= 30 ms of its slice, but 35 + 2 > 30 ms of the budget
+    read.clear()
+    fake_clock[0] = 103.69
+    assert not budget.allows(whole) and not read
+    fake_clock[0] = 103.7
+    assert budget.allows(whole) and read
+
+
+def test_the_trainer_is_read_once_a_batch_for_every_monitor_and_each_keeps_its_cadence(tmp_path, monkeypatch):
+    """The first monitor reads the batch's step for all of them; each still logs at its own steps. A monitor first
+    in the list whose batch start does not run the base's (a subclass that forgets ``super()``) leaves the others
+    reading the trainer themselves, with the same steps."""
+    from lightning_monitor._monitor import cadence
+
+    reads = []
+    real = cadence.batch_start_step
+    monkeypatch.setattr(cadence, "batch_start_step", lambda *a: reads.append(1) or real(*a))
+
+    class Forgetful(MemoryMonitor):
+        def on_train_batch_start(self, *args) -> None:  # breaks the documented contract: no super()
+            pass
+
+    for first in (MemoryMonitor, Forgetful):
+        reads.clear()
+        root = tmp_path / first.__name__
+        monitors = [first(every_n_steps=4), GradientMonitor(histograms=False, every_n_steps=3), SpeedMonitor()]
+        log_dir, _ = _fit(root, monitors, max_steps=12)
+        assert [s for s, _ in tb_scalars(log_dir, "grad/norm_total")] == [2, 5, 8, 11]
+        assert [s for s, _ in tb_scalars(log_dir, "time/step_sec")] == LOGGING_STEPS  # log_every_n_steps=2
+        if first is MemoryMonitor:
+            assert [s for s, _ in tb_scalars(log_dir, "memory/host/rss_gib")] == [3, 7, 11]
+            assert len(reads) == 12  # one read a batch for three monitors
+        else:
+            assert len(reads) == 12  # the second monitor reads it for the rest
+
+
 @pytest.mark.parametrize("value", [0, -0.1, 1.5, float("nan"), "3%", True])
 @pytest.mark.parametrize("monitor", [GradientMonitor, PredictionGridMonitor])
 def test_cost_budget_is_a_share_or_none(monitor, value):

@@ -122,6 +122,9 @@ class Monitor(Callback):
         self._parts: list[Part] = []  # the expensive optional parts the budget spaces out (_part)
         self._budget: Optional[Budget] = None  # made at the start of a fit, started after its first batch
         self._batches = 0
+        #: what every monitor of the trainer reads at a training batch's start, read once by the first of them
+        #: (:class:`_BatchStart`; set at the start of a fit)
+        self._batch_start: Optional[_BatchStart] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -192,26 +195,38 @@ class Monitor(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._batch_step = self._candidate = None  # no training batch of this fit yet
         self._batches = 0
-        enders = [c for c in trainer.callbacks  # type: ignore[attr-defined]
-                  if isinstance(c, Monitor) and type(c).on_train_batch_end is not Callback.on_train_batch_end]
+        monitors = [c for c in trainer.callbacks if isinstance(c, Monitor)]  # type: ignore[attr-defined]
+        if monitors and monitors[0] is self:  # the first monitor's start runs first: one record for all of them
+            shared = _BatchStart()
+            for monitor in monitors:
+                monitor._batch_start = shared
+        enders = [c for c in monitors if type(c).on_train_batch_end is not Callback.on_train_batch_end]
         self._batch_end_role = ((_HOLDS if enders and enders[0] is self else 0)
                                 | (_RELEASES if enders and enders[-1] is self else 0))
         self._budget = None
         if self.cost_budget is not None and not turned_off_by_environment():
-            monitors = [c for c in trainer.callbacks if isinstance(c, Monitor)]  # type: ignore[attr-defined]
             self._budget = Budget(self.cost_budget, monitors)
 
     @override
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        self._batch_step = step = _cadence.batch_start_step(trainer, pl_module)
+        self._batches += 1
+        shared = self._batch_start
+        if shared is not None and shared.batches == self._batches:  # the first monitor read it for this batch
+            step, self._manual, interval = shared.step, shared.manual, shared.interval
+        else:
+            step = _cadence.batch_start_step(trainer, pl_module)
+            self._manual = not pl_module.automatic_optimization
+            interval = _cadence.logging_interval(trainer, None)
+            if shared is not None:
+                shared.batches, shared.step, shared.manual = self._batches, step, self._manual
+                shared.interval = interval
+        self._batch_step = step
         # the step this batch logs at if it completes it (found at its end: _batch_logging_step); None for a batch
         # that cannot, so that its end reads nothing of the trainer
-        self._manual = not pl_module.automatic_optimization
-        n = _cadence.logging_interval(trainer, self.every_n_steps)
+        n = interval if self.every_n_steps is None else self.every_n_steps
         self._candidate = step if _cadence.is_logging_step(step, n) else None
-        self._batches += 1
         if self._batches == 1:  # this rank's part in work on the model: fixed for a fit, read by every batch after
             self._works_here = _dist.works_on_model_here(trainer)
         if self._batches == 2 and self._budget is not None:
@@ -220,7 +235,7 @@ class Monitor(Callback):
             # (its first call's one-offs: 3 ms for a NaN/Inf check that costs 0.05 ms after), so it measures anew
             self._budget.start()
             for part in self._parts:
-                part.spent, part.cost = 0.0, None
+                part.reset()
 
     # ------------------------------------------------------------------------------------------ cost budget
     def _part(self, what: str, fraction: float) -> Part:
@@ -291,6 +306,19 @@ class Monitor(Callback):
     def _validation_step(self, trainer: "pl.Trainer") -> int:
         """The step of values measured in a validation run (the step Lightning's own ``self.log`` gives them)."""
         return _cadence.validation_step(trainer, self._batch_step)
+
+
+class _BatchStart:
+    """What every monitor of a trainer reads at a training batch's start (the step ``self.log`` gives the batch, manual
+    optimization or not, the trainer's ``log_every_n_steps``), read once per batch by the first monitor whose start
+    runs and reused by the others: they run one after another, the first monitor's first (Lightning calls callbacks
+    in order). ``batches``: which of the fit's batches it was read for (each monitor counts its own); a monitor that
+    finds another count reads the trainer itself."""
+
+    __slots__ = ("batches", "step", "manual", "interval")
+
+    def __init__(self) -> None:
+        self.batches, self.step, self.manual, self.interval = 0, 0, False, 1
 
 
 _time_hooks(Monitor)  # the base's own hooks (a subclass that does not override one still runs it)

@@ -49,6 +49,13 @@ class Part:
         self.spent = 0.0  # seconds this part spent since the budget started
         self.ran = 0
         self.skipped = 0
+        #: clock time before which the part's own slice cannot hold its next run (:meth:`Budget.allows`): a part
+        #: left out is checked again by one comparison, not by summing every monitor's seconds
+        self.wait_until = 0.0
+
+    def reset(self) -> None:
+        """Measure the part anew (the budget starts: what it cost before is a one-off, :meth:`Budget.start`)."""
+        self.spent, self.cost, self.wait_until = 0.0, None, 0.0
 
     def record(self, seconds: float) -> None:
         """The part ran and took ``seconds``."""
@@ -83,8 +90,21 @@ class Budget:
 
     def allows(self, part: Part) -> bool:
         """Whether ``part`` may run now (its first run always may; before the budget started, everything may)."""
-        if self.began is None or part.cost is None:
+        began = self.began
+        if began is None or part.cost is None:
             return True
-        allowed = self.allowed()
-        return (part.spent + part.cost <= part.fraction * allowed  # the part's own slice first: no sum over monitors
-                and self.spent() + part.cost <= allowed)
+        now = _clock.now()
+        if now < part.wait_until:
+            return False
+        allowed = self.share * (now - began)
+        need = part.spent + part.cost
+        if need > part.fraction * allowed:  # the part's own slice first: no sum over monitors
+            # the slice holds it from began + need / (fraction * share) on (its spent and cost change only when it
+            # runs); a hair earlier, so that rounding never refuses a run the comparison above would allow
+            part.wait_until = began + need / (part.fraction * self.share) * (1.0 - 1e-9)
+            return False
+        total = self.spent() + part.cost
+        if total > allowed:  # the whole budget holds it no earlier than this (what the monitors spent only grows)
+            part.wait_until = began + total / self.share * (1.0 - 1e-9)
+            return False
+        return True

@@ -12,7 +12,6 @@ mode and is slower, so SpeedMonitor leaves measured steps out of its timing wind
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
@@ -154,9 +153,14 @@ def tensors_in(batch: Any) -> list[torch.Tensor]:
     return []
 
 
-def shape_key(tensors: Sequence[torch.Tensor]) -> tuple[tuple[int, ...], ...]:
-    """The shapes of a batch's tensors (:func:`tensors_in`): the key FLOPs are cached under."""
-    return tuple(tuple(t.shape) for t in tensors)
+def shape_key(batch: Any) -> tuple[tuple[int, ...], ...]:
+    """The shapes of a batch's tensors (:func:`tensors_in`, ``torch.Size`` values: tuples): the key FLOPs are cached
+    under, and the batch size (the first tensor's leading dimension)."""
+    if type(batch) in (tuple, list):  # (inputs, targets): most batches, without a walk
+        shapes = tuple([v.shape for v in batch if type(v) is torch.Tensor])
+        if len(shapes) == len(batch):
+            return shapes
+    return tuple(t.shape for t in tensors_in(batch))
 
 
 def format_flops(flops: float) -> str:

@@ -28,13 +28,15 @@ class Window:
         self.sums = [0.0] * (HOOKS + monitors)
         self._items: Optional[torch.Tensor] = None  # items_fn's tensors, summed on the device until the logging step
 
-    def add_batch(self, samples: int, wait: float, step: float, pre_sync: float, flops: float) -> None:
-        """One batch: ``wait`` for its data, ``step`` from its start to its end, ``pre_sync`` up to the backward."""
+    def add_batch(self, samples: int, wait: float, step: float, pre_sync: float, flops: float,
+                  hooks_in_wait: float = 0.0) -> None:
+        """One batch: ``wait`` before it started, ``step`` from its start to its end, ``pre_sync`` up to the backward;
+        ``hooks_in_wait``: monitors' hook seconds within ``wait`` (training time, but no wait for data)."""
         s = self.sums
         s[BATCHES] += 1
         s[SAMPLES] += samples
         s[WALL] += wait + step
-        s[WAIT] += wait
+        s[WAIT] += wait - min(hooks_in_wait, wait)
         s[PRE_SYNC] += wait + pre_sync
         s[FLOPS] += flops
 
@@ -69,7 +71,7 @@ class Window:
 
 
 def metrics(
-    gathered: np.ndarray,
+    gathered: Union[np.ndarray, Sequence[Sequence[float]]],
     *,
     items: bool,
     flops: bool,
@@ -90,7 +92,7 @@ def metrics(
     (writes included), at the rank whose monitors cost the largest share; per monitor only with more than one.
     """
     # plain Python over the few ranks' rows: numpy's per-call cost on arrays this small was ~0.1 ms a logging step
-    table = gathered.tolist() if isinstance(gathered, np.ndarray) else [list(r) for r in gathered]
+    table = gathered.tolist() if isinstance(gathered, np.ndarray) else [list(r) for r in gathered]  # rows: ranks
     world = len(table)
     ranks = [r for r in range(world) if table[r][BATCHES] > 0 and table[r][WALL] > 0]
     if not ranks:
