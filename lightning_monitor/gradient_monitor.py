@@ -233,11 +233,15 @@ class GradientMonitor(Monitor):
         self._params: list[torch.nn.Parameter] = []
         self._gid = _EMPTY  # [P] group id per parameter, -1 for none
         self._group_names: list[str] = []
+        self._plan = _grad_groups.GroupPlan([], _EMPTY)  # the groups' norms (made with _gid)
+        self._norm_chosen: list[int] = []  # parameters with a per-parameter norm key (when every one has a gradient)
+        self._norm_keys: list[str] = []  # their keys
         self._hist_mask = np.zeros(0, dtype=bool)  # [P] histogram logged (selected, within the cap)
         self._norm_mask = np.zeros(0, dtype=bool)  # [P] per-parameter norm logged
         self._nonempty = np.zeros(0, dtype=bool)
         self._nonfinite = _grad_nonfinite.NonfiniteLedger()
-        self._opt_index: dict[int, tuple[int, np.ndarray]] = {}  # id(optimizer) -> (its number, its parameters)
+        #: id(optimizer) -> (its number, indices of its parameters, the parameters)
+        self._opt_index: dict[int, tuple[int, np.ndarray, list[torch.nn.Parameter]]] = {}
         self._log_step: Optional[int] = None  # self.log's step of this batch when it is a logging batch
         self._measured: dict[int, _grad_event.Measured] = {}  # this logging batch's steps, per optimizer
         self._pending: tuple[dict[int, float], float] = ({}, 0.0)  # NaN/Inf queued before it, read back
@@ -289,6 +293,9 @@ class GradientMonitor(Monitor):
                                     self.histograms or self.param_histograms)
         self._norm_mask = self._cap(chosen, numels, self.max_param_keys, "per-parameter norms", "max_param_keys",
                                     self.per_param_norms)
+        self._norm_chosen = np.flatnonzero(self._norm_mask).tolist()
+        self._norm_keys = [f"grad/norm_param/{self._names[i]}" for i in self._norm_chosen]
+        self._plan = _grad_groups.GroupPlan(self._group_names, self._gid)
 
     def _cap(self, chosen: np.ndarray, numels: list[int], cap: Optional[int], what: str, option: str,
              used: bool) -> np.ndarray:
@@ -305,8 +312,8 @@ class GradientMonitor(Monitor):
         return mask
 
     def _index(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
-               optimizer: torch.optim.Optimizer) -> tuple[int, np.ndarray]:
-        """(the optimizer's index in ``trainer.optimizers``, indices of the parameters it steps)."""
+               optimizer: torch.optim.Optimizer) -> tuple[int, np.ndarray, list[torch.nn.Parameter]]:
+        """(the optimizer's index in ``trainer.optimizers``, indices of the parameters it steps, those parameters)."""
         if not self._params:
             self._watch(pl_module)
         key = id(optimizer)
@@ -314,7 +321,7 @@ class GradientMonitor(Monitor):
             where = {id(p): i for i, p in enumerate(self._params)}
             ids = sorted({where[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in where})
             number = next((k for k, o in enumerate(trainer.optimizers) if o is optimizer), len(self._opt_index))
-            self._opt_index[key] = (number, np.array(ids, dtype=np.int64))
+            self._opt_index[key] = (number, np.array(ids, dtype=np.int64), [self._params[i] for i in ids])
         return self._opt_index[key]
 
     @override
@@ -322,9 +329,10 @@ class GradientMonitor(Monitor):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
-        self._measured.clear()
-        self._snapshots.clear()
-        self._optstate.clear()
+        if self._measured or self._snapshots or self._optstate:  # empty unless a batch raised before its end
+            self._measured.clear()
+            self._snapshots.clear()
+            self._optstate.clear()
         # self.log's step when the batch starts at a logging step (Monitor.on_train_batch_start); sharded: every rank
         self._log_step = self._candidate if self._works_here else None
         # every rank measures sharded gradients with collectives: each rank's own clock must not decide for them
@@ -340,19 +348,21 @@ class GradientMonitor(Monitor):
             return  # under DDP only rank 0 reads the NaN/Inf counts (every rank holds the same reduced gradients)
         if watch_only and not self._affordable(self._watch_part):
             return  # spaced out by the cost budget: grad/nonfinite_steps counts the steps checked
-        number, index = self._index(trainer, pl_module, optimizer)
-        present = [i for i in index.tolist() if self._params[i].grad is not None]
-        if not present:
-            return
-        grads = [g for g in (self._params[i].grad for i in present) if g is not None]  # one per present index
+        number, index, params = self._index(trainer, pl_module, optimizer)
+        maybe = [p.grad for p in params]
+        grads = [g for g in maybe if g is not None]  # one per present index
+        if len(grads) < len(maybe):  # a parameter without a gradient at this step (frozen, unused)
+            if not grads:
+                return
+            index = np.array([i for i, g in zip(index.tolist(), maybe, strict=True) if g is not None], dtype=np.int64)
         if self._log_step is not None:
-            bad = self._measure(number, np.array(present, dtype=np.int64), grads, optimizer)
+            bad = self._measure(number, index, grads, optimizer)
         elif watch_only:
             with self._spending(self._watch_part):
-                self._nonfinite.queue(tuple(present), fast_norms(_grad_sharded.local_shards(grads, trainer)))
+                self._nonfinite.queue(tuple(index.tolist()), fast_norms(_grad_sharded.local_shards(grads, trainer)))
             return
-        else:
-            bad = self._nonfinite.count(tuple(present), _grad_sharded.step_norms(grads, trainer))  # sync: raise/skip
+        else:  # sync: raise/skip
+            bad = self._nonfinite.count(tuple(index.tolist()), _grad_sharded.step_norms(grads, trainer))
         if bad and self.nonfinite != "warn":
             if self.nonfinite == "raise" and self._log_step is not None:
                 self._flush(trainer)  # log what we saw before raising
@@ -419,29 +429,43 @@ class GradientMonitor(Monitor):
         if step is None or not measured:
             return
         n = len(self._params)
-        have, sq, nonfinite = np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n)
-        wsq: Optional[np.ndarray] = np.zeros(n) if all(m.wsq is not None for m in measured) else None
-        for m in measured:
-            have[m.present], sq[m.present], nonfinite[m.present] = True, m.sq, m.nonfinite
-            if wsq is not None and m.wsq is not None:
-                wsq[m.present] = m.wsq
-        metrics: dict[str, float] = {"grad/norm_total": float(np.sqrt(sq[have].sum()))}
+        have: Optional[np.ndarray] = None  # which parameters have values; None: all of them
+        wsq: Optional[np.ndarray]
+        if len(measured) == 1 and measured[0].present.size == n:  # one optimizer, every parameter: its arrays
+            sq, nonfinite, wsq = measured[0].sq, measured[0].nonfinite, measured[0].wsq
+        else:
+            have, sq, nonfinite = np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n)
+            wsq = np.zeros(n) if all(m.wsq is not None for m in measured) else None
+            for m in measured:
+                have[m.present], sq[m.present], nonfinite[m.present] = True, m.sq, m.nonfinite
+                if wsq is not None and m.wsq is not None:
+                    wsq[m.present] = m.wsq
+        # every parameter (the common case): plain Python over the host values, no numpy call on small arrays
+        values_sq = sq.tolist() if have is None else None
+        total = sum(values_sq) if values_sq is not None else float(sq[have].sum())
+        metrics: dict[str, float] = {"grad/norm_total": math.sqrt(total)}
         if len(trainer.optimizers) > 1:
             for m in measured:
                 metrics[f"grad/optimizer_norm/{m.optimizer}"] = float(np.sqrt(m.sq.sum()))
                 metrics[f"grad/optimizer_nonfinite_count/{m.optimizer}"] = float(m.nonfinite.sum())
-        metrics.update(_grad_groups.group_norms("grad/norm", self._group_names, self._gid, have, sq))
+        metrics.update(self._plan.norms("grad/norm", have, sq if values_sq is None else values_sq))
         optstate, self._optstate = [self._optstate[k] for k in sorted(self._optstate)], {}
         metrics.update(_grad_optstate.metrics(self._group_names, self._gid, optstate))
         if self.per_param_norms:
-            chosen = np.flatnonzero(have & self._norm_mask).tolist()
-            root = np.sqrt(sq[chosen]).tolist()
-            metrics.update({f"grad/norm_param/{self._names[i]}": v for i, v in zip(chosen, root, strict=True)})
+            if values_sq is not None:
+                metrics.update(zip(self._norm_keys, [math.sqrt(values_sq[i]) for i in self._norm_chosen], strict=True))
+            else:
+                chosen = np.flatnonzero(have & self._norm_mask).tolist()
+                root = np.sqrt(sq[chosen]).tolist()
+                metrics.update({f"grad/norm_param/{self._names[i]}": v for i, v in zip(chosen, root, strict=True)})
         if self.param_norms and wsq is not None:
-            metrics["param/norm_total"] = float(np.sqrt(wsq[have].sum()))
-            metrics.update(_grad_groups.group_norms("param/norm", self._group_names, self._gid, have, wsq))
+            values_wsq = wsq.tolist() if have is None else None
+            metrics["param/norm_total"] = math.sqrt(sum(values_wsq) if values_wsq is not None
+                                                    else float(wsq[have].sum()))
+            metrics.update(self._plan.norms("param/norm", have, wsq if values_wsq is None else values_wsq))
 
-        bad_now = _EMPTY if math.isfinite(sq.sum()) else np.flatnonzero(have & ~np.isfinite(sq))
+        bad_now = (_EMPTY if math.isfinite(total)
+                   else np.flatnonzero(~np.isfinite(sq) if have is None else have & ~np.isfinite(sq)))
         bad_steps, any_steps = self._pending
         self._pending = ({}, 0.0)
         values, offenders, capped = self._nonfinite.report(

@@ -233,3 +233,28 @@ def test_a_tensor_over_the_in_place_size_gets_exact_stats_and_its_strided_sample
         assert (row[0], row[1], row[4]) == (v.min(), v.max(), v.size)
         assert row[2] == pytest.approx(v.astype(np.float64).sum(), rel=1e-5, abs=1e-2)
         assert row[3] == pytest.approx(np.square(v.astype(np.float64)).sum(), rel=1e-6)
+
+
+def test_group_plan_sums_every_parameter_as_group_norms_does():
+    """The plain-Python sum of a step where every parameter has a gradient equals numpy's, group for group: a
+    parameter in no group (-1) and a group left with no parameter (over the key cap) give no key; NaN stays NaN."""
+    from lightning_monitor._grad.groups import GroupPlan, group_norms
+
+    rng = np.random.default_rng(0)
+    names = ["enc", "capped", "dec", "head"]
+    gid = np.array([0, 2, -1, 0, 3, 2, 2, -1])
+    plan = GroupPlan(names, gid)
+    everyone = np.ones(gid.size, dtype=bool)
+    for sq in (rng.random(gid.size) * 10.0 ** rng.integers(-8, 8, gid.size), np.array([1.0, np.nan, 2, 3, 4, 5, 6, 7])):
+        expected = group_norms("grad/norm", names, gid, everyone, sq)
+        got = plan.norms("grad/norm", None, sq.tolist())
+        assert list(got) == list(expected) == ["grad/norm/enc", "grad/norm/dec", "grad/norm/head"]
+        np.testing.assert_allclose(list(got.values()), list(expected.values()), rtol=1e-15)
+        as_array = plan.norms("grad/norm", None, sq)  # the host array as it is
+        assert list(as_array) == list(got)
+        np.testing.assert_array_equal(list(as_array.values()), list(got.values()))
+    some = everyone.copy()
+    some[[0, 3]] = False  # enc has no gradient at this step: no key
+    sq = rng.random(gid.size)
+    assert plan.norms("param/norm", some, sq) == group_norms("param/norm", names, gid, some, sq)
+    assert list(plan.norms("param/norm", some, sq)) == ["param/norm/dec", "param/norm/head"]

@@ -62,6 +62,8 @@ class Measured:
     @property
     def bad(self) -> np.ndarray:
         """Parameters (indices) whose gradient holds NaN/Inf at this step."""
+        if math.isfinite(sum(self.sq.tolist())):  # one check for the common case (plain Python: ~10 us less cold)
+            return _NONE
         return self.present[~np.isfinite(self.sq)]
 
 
@@ -144,7 +146,7 @@ def measure(
     if extra is not None:
         extra_host, off = host[off : off + extra.numel()], off + extra.numel()
     nonfinite = np.zeros(n)
-    bad_now = _NONE if math.isfinite(host_sq.sum()) else np.flatnonzero(~np.isfinite(host_sq))
+    bad_now = _NONE if math.isfinite(sum(host_sq.tolist())) else np.flatnonzero(~np.isfinite(host_sq))
     if bad_now.size:  # exact counts and finite-only histograms, read in a second transfer (only with NaN/Inf)
         counts, fixed = summarize_finite([grads[j] for j in bad_now], bins, max_elements, hist_range)
         packed = torch.cat([counts, fixed.reshape(-1)]).to("cpu").numpy()  # sync point: only with NaN/Inf present

@@ -88,6 +88,9 @@ class NonfiniteLedger:
         :meth:`read` returned. Per-parameter keys go to the first ``max_keys`` parameters ever found bad (stable
         series); the third value is how many offenders that cap left without a key of their own.
         """
+        if not (self.seen or any_steps or now_steps or bad_now.size or bad_steps or self._host or self._host_steps):
+            # no NaN/Inf in this run so far (nonfinite counts come only with non-finite norms: bad_now): no values
+            return {}, set(), len(self.capped)
         # steps with NaN/Inf since the last logging step: counted on the device (warn) or the host (raise/skip)
         any_steps += float(self._host_steps + now_steps)
         offenders = {names[i] for i in bad_now.tolist()}
