@@ -181,14 +181,17 @@ class SpeedMonitor(Monitor):
         self._cost_table: list[float] = [0.0]  # every monitor's hook seconds per column, then their total (setup)
         # the stretch of counted costs not yet in the window: (reading it began at, reading it ended at)
         self._span: Optional[tuple[tuple[float, list[float]], tuple[float, list[float]]]] = None
+        self._cuda: Optional[torch.device] = None  # the fit's CUDA device (setup), None elsewhere
         self._batch_shapes: tuple = ()  # the shapes of the batch now running's tensors: its FLOP key and its size
         self._samples = 1  # the batch now running's size
+        self._settled = False  # its size and FLOPs hold for the next batch of the same shapes
 
     # ----------------------------------------------------------------------------------------------- setup
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         device = trainer.strategy.root_device
+        self._cuda = device if device.type == "cuda" else None  # synced once per logging step (a fit's device)
         if self.peak_flops_per_sec is not None:
             self._peak, self._peak_source = self.peak_flops_per_sec, f"{self.peak_flops_per_sec:g} FLOP/s given"
         elif device.type == "cuda":
@@ -217,6 +220,7 @@ class SpeedMonitor(Monitor):
         self._window = _speed_window.Window(len(self._cost_keys))
         self._span = None
         self._first_step = None
+        self._settled = False
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -244,9 +248,13 @@ class SpeedMonitor(Monitor):
         self._start, self._start_costs = now, costs
         self._before_backward = None
         self._exclude = step < self._first_step + self.warmup_steps
-        self._batch_shapes = _flops.shape_key(batch)  # once a batch: its size and its FLOP key come from them
-        self._samples = self._batch_size(batch, self._batch_shapes)
-        self._batch_flops = self._flops_for(trainer)
+        shapes = _flops.shape_key(batch)  # once a batch: its size and its FLOP key come from them
+        if not (self._settled and self.batch_size_fn is None and shapes == self._batch_shapes):
+            # a new shape (or a size only batch_size_fn knows): the last batch's size and FLOPs do not carry over
+            self._batch_shapes = shapes
+            self._samples = self._batch_size(batch, shapes)
+            self._batch_flops = self._flops_for(trainer)
+            self._settled = self._measuring is None  # the FLOPs are known (or not asked for), not being measured
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
@@ -261,8 +269,8 @@ class SpeedMonitor(Monitor):
         if self._measuring is not None:  # the FLOP counter runs for this batch
             self._finish_measurement(trainer)
         log_step = None if self._exclude else self._batch_logging_step(trainer)  # warm-up and measured steps: none
-        if log_step is not None and (device := trainer.strategy.root_device).type == "cuda":
-            torch.cuda.synchronize(device)  # sync point: once per logging step, so the window ends when the GPU is done
+        if log_step is not None and self._cuda is not None:
+            torch.cuda.synchronize(self._cuda)  # sync point: once per logging step (the window ends with the GPU)
         now, costs = _clock.now(), self._costs()
         if not self._exclude:
             written = costs[0] - self._start_costs[0]  # logger writes inside the step: no training time

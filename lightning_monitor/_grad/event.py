@@ -132,7 +132,8 @@ def measure(
     parts += [extra.reshape(-1).to(sq.dtype)] if extra is not None else []
     parts += [p.reshape(-1).double() for p in pending]
     # sync point: one packed host transfer per optimizer step of a logging step (``to`` copies, ``numpy`` is free)
-    host = torch.cat(parts).to("cpu").numpy()
+    one = len(parts) == 1 and parts[0].device.type == "cpu"  # the norms alone, on the host already: no copy
+    host = parts[0].numpy() if one else torch.cat(parts).to("cpu").numpy()
     n, width = len(present), STAT_COLUMNS + bins
     host_sq, off = host[:n], n
     rows = host[off : off + hist_pos.size * width].reshape(-1, width)
