@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
-import math
 from collections.abc import Sequence
 from typing import Any, Literal, Optional, Union
 
@@ -20,6 +18,7 @@ from lightning_monitor._grad import groups as _grad_groups
 from lightning_monitor._grad import nonfinite as _grad_nonfinite
 from lightning_monitor._grad import optstate as _grad_optstate
 from lightning_monitor._grad import sharded as _grad_sharded
+from lightning_monitor._grad import watched as _grad_watched
 from lightning_monitor._grad.norms import fast_norms
 from lightning_monitor._monitor import dist as _dist
 from lightning_monitor._monitor.base import Monitor
@@ -214,7 +213,6 @@ class GradientMonitor(Monitor):
         self.max_param_keys = max_param_keys
         self.param_select = param_select
         self.nonfinite = nonfinite
-        self._prefix = ""  # module path of the first level with more than one child (see wrapper_prefix)
         # spaced out by the cost budget on a fast model (cost_budget=None: never): the histograms of a logging step,
         # and the NaN/Inf check of the steps between logging steps (only under nonfinite="warn", which acts on nothing)
         self._hist_part = self._part("gradient histograms", 0.5)
@@ -229,38 +227,27 @@ class GradientMonitor(Monitor):
             grad_histograms=self.histograms, param_histograms=self.param_histograms,
             weights=self.param_norms or self.update_ratio or self.param_histograms,
         )
-        self._names: list[str] = []
-        self._params: list[torch.nn.Parameter] = []
-        self._gid = _EMPTY  # [P] group id per parameter, -1 for none
-        self._group_names: list[str] = []
-        self._plan = _grad_groups.GroupPlan([], _EMPTY)  # the groups' norms (made with _gid)
-        self._norm_chosen: list[int] = []  # parameters with a per-parameter norm key (when every one has a gradient)
-        self._norm_keys: list[str] = []  # their keys
-        self._hist_mask = np.zeros(0, dtype=bool)  # [P] histogram logged (selected, within the cap)
-        self._norm_mask = np.zeros(0, dtype=bool)  # [P] per-parameter norm logged
-        self._nonempty = np.zeros(0, dtype=bool)
+        self._selection = _grad_watched.Selection(  # which parameters get which keys, from the options as they are
+            group_depth=self.group_depth, group_patterns=self.group_patterns, include=self.include,
+            exclude=self.exclude, max_histograms=self.max_histograms, max_param_keys=self.max_param_keys,
+            param_select=self.param_select, histograms=self.histograms or self.param_histograms,
+            per_param_norms=self.per_param_norms)
+        self._watched = _grad_watched.Watched()  # the parameters, read at the first optimizer step
         self._nonfinite = _grad_nonfinite.NonfiniteLedger()
-        #: id(optimizer) -> (its number, indices of its parameters, the parameters)
-        self._opt_index: dict[int, tuple[int, np.ndarray, list[torch.nn.Parameter]]] = {}
         self._log_step: Optional[int] = None  # self.log's step of this batch when it is a logging batch
         self._measured: dict[int, _grad_event.Measured] = {}  # this logging batch's steps, per optimizer
-        self._pending: tuple[dict[int, float], float] = ({}, 0.0)  # NaN/Inf queued before it, read back
         self._snapshots: dict[int, tuple[np.ndarray, list[torch.Tensor], np.ndarray]] = {}  # update_ratio
         self._optstate: dict[int, Any] = {}  # optimizer_state: per optimizer, what _grad_optstate.metrics takes
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_params"], state["_snapshots"] = [], {}  # tensors stay behind (ddp_spawn pickles callbacks)
+        state["_snapshots"] = {}  # tensors stay behind (ddp_spawn pickles callbacks; Watched leaves its own)
         return state
 
     def group_of(self, name: str) -> Optional[str]:
         """The group of parameter ``name``: the first matching ``group_patterns`` entry, else its module path cut to
         ``group_depth`` levels below the model's single-child wrappers (known once training started)."""
-        return _grad_groups.group_of(name, self._prefix, self.group_depth, self.group_patterns)
-
-    def _is_selected(self, name: str) -> bool:
-        included = self.include is None or any(fnmatch.fnmatchcase(name, g) for g in self.include)
-        return included and not any(fnmatch.fnmatchcase(name, g) for g in self.exclude)
+        return _grad_groups.group_of(name, self._watched.prefix, self.group_depth, self.group_patterns)
 
     def _needs_logger(self) -> bool:
         return self.nonfinite == "warn"  # raise/skip act on NaN/Inf without a logger
@@ -273,56 +260,7 @@ class GradientMonitor(Monitor):
     def _watch(self, pl_module: "pl.LightningModule") -> None:
         """Read the parameter list (at the first optimizer step, after ``configure_model``; frozen parameters
         included, so that a later unfreeze shows), its groups and which parameters the caps keep."""
-        named = list(pl_module.named_parameters())
-        self._names = [_grad_groups.model_name(n) for n, _ in named]  # compiled or not, the same keys
-        self._params = [p for _, p in named]
-        self._prefix = _grad_groups.model_name(_grad_groups.wrapper_prefix(pl_module))
-        groups = [self.group_of(n) for n in self._names]
-        self._group_names = list(dict.fromkeys(g for g in groups if g is not None))
-        where = {g: k for k, g in enumerate(self._group_names)}
-        self._gid = np.array([-1 if g is None else where[g] for g in groups], dtype=np.int64)
-        numels = [p.numel() for p in self._params]
-        sizes = np.bincount(self._gid[self._gid >= 0], weights=np.array(numels)[self._gid >= 0],
-                            minlength=len(self._group_names))
-        kept = self._cap(np.arange(len(self._group_names)), sizes.tolist(), self.max_param_keys, "group norms",
-                         "max_param_keys", self.group_depth > 0 or bool(self.group_patterns))
-        self._gid = np.where(kept[np.maximum(self._gid, 0)], self._gid, -1)  # groups over the cap: no key
-        self._nonempty = np.array(numels, dtype=np.int64) > 0
-        chosen = np.flatnonzero(np.array([self._is_selected(n) for n in self._names], dtype=bool) & self._nonempty)
-        self._hist_mask = self._cap(chosen, numels, self.max_histograms, "histograms", "max_histograms",
-                                    self.histograms or self.param_histograms)
-        self._norm_mask = self._cap(chosen, numels, self.max_param_keys, "per-parameter norms", "max_param_keys",
-                                    self.per_param_norms)
-        self._norm_chosen = np.flatnonzero(self._norm_mask).tolist()
-        self._norm_keys = [f"grad/norm_param/{self._names[i]}" for i in self._norm_chosen]
-        self._plan = _grad_groups.GroupPlan(self._group_names, self._gid)
-
-    def _cap(self, chosen: np.ndarray, numels: list[int], cap: Optional[int], what: str, option: str,
-             used: bool) -> np.ndarray:
-        kept = _grad_groups.pick(chosen, numels, cap, self.param_select)
-        if used and kept.size < chosen.size:
-            self._warn(f"cap:{option}:{what}", (
-                f"GradientMonitor: {chosen.size} {'groups' if what == 'group norms' else 'parameters'} selected for"
-                f" {what}, logging {kept.size} per logging step"
-                f" ({option}={cap}, chosen by param_select={self.param_select!r}); raise {option} (None: no cap)"
-                " or narrow include/exclude to choose others."
-            ))
-        mask = np.zeros(len(numels), dtype=bool)
-        mask[kept] = True
-        return mask
-
-    def _index(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
-               optimizer: torch.optim.Optimizer) -> tuple[int, np.ndarray, list[torch.nn.Parameter]]:
-        """(the optimizer's index in ``trainer.optimizers``, indices of the parameters it steps, those parameters)."""
-        if not self._params:
-            self._watch(pl_module)
-        key = id(optimizer)
-        if key not in self._opt_index:
-            where = {id(p): i for i, p in enumerate(self._params)}
-            ids = sorted({where[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in where})
-            number = next((k for k, o in enumerate(trainer.optimizers) if o is optimizer), len(self._opt_index))
-            self._opt_index[key] = (number, np.array(ids, dtype=np.int64), [self._params[i] for i in ids])
-        return self._opt_index[key]
+        self._watched.read(pl_module, self._selection, self._warn)
 
     @override
     def on_train_batch_start(
@@ -348,7 +286,9 @@ class GradientMonitor(Monitor):
             return  # under DDP only rank 0 reads the NaN/Inf counts (every rank holds the same reduced gradients)
         if watch_only and not self._affordable(self._watch_part):
             return  # spaced out by the cost budget: grad/nonfinite_steps counts the steps checked
-        number, index, params = self._index(trainer, pl_module, optimizer)
+        if not self._watched.params:
+            self._watch(pl_module)
+        number, index, params = self._watched.optimizer(trainer, optimizer)
         maybe = [p.grad for p in params]
         grads = [g for g in maybe if g is not None]  # one per present index
         if len(grads) < len(maybe):  # a parameter without a gradient at this step (frozen, unused)
@@ -366,41 +306,32 @@ class GradientMonitor(Monitor):
         if bad and self.nonfinite != "warn":
             if self.nonfinite == "raise" and self._log_step is not None:
                 self._flush(trainer)  # log what we saw before raising
-            _grad_nonfinite.act(self.nonfinite, bad, self._params, self._names, optimizer, trainer.global_step)
+            watched = self._watched
+            _grad_nonfinite.act(self.nonfinite, bad, watched.params, watched.names, optimizer, trainer.global_step)
 
     def _measure(self, number: int, present: np.ndarray, grads: list[torch.Tensor],
                  optimizer: torch.optim.Optimizer) -> list[int]:
         """Measure one optimizer step of a logging batch (one host transfer); the parameters with NaN/Inf."""
-        weights = [self._params[i].detach() for i in present.tolist()] if self._spec.weights else []
-        hist = np.flatnonzero(self._hist_mask[present] & self._nonempty[present]) if self._hist_now else _EMPTY
+        watched = self._watched
+        weights = [watched.params[i].detach() for i in present.tolist()] if self._spec.weights else []
+        hist = np.flatnonzero(watched.hist_mask[present] & watched.nonempty[present]) if self._hist_now else _EMPTY
         began = _clock.now()
         opt = None
         if self.optimizer_state:  # queued on the device, read back in measure's one transfer (sharded: its SUM)
-            opt = _grad_optstate.queue(optimizer, [self._params[i] for i in present.tolist()], grads)
-            if opt is None and optimizer.state:  # it has stepped, but keeps no exp_avg / exp_avg_sq
-                self._warn("optstate:none", f"GradientMonitor: optimizer_state=True, but {type(optimizer).__name__}"
-                           " keeps no Adam-style state (exp_avg, exp_avg_sq); no optim/* keys for it.")
-            if opt is not None and opt.unsampled:
-                left = [self._names[present[opt.positions[i]]] for i in opt.unsampled]
-                more = ", ..." if len(left) > 3 else ""
-                self._warn("optstate:unsampled", (
-                    f"GradientMonitor: {len(left)} parameter(s) ({', '.join(left[:3])}{more})"
-                    " are sharded with strided placements (FSDP2 over tensor parallel); their effective steps are"
-                    " left out of optim/step_median and optim/step_p99 (the other optim/* keys include them)."))
+            opt = _grad_optstate.queue(optimizer, [watched.params[i] for i in present.tolist()], grads)
+            for tag, message in _grad_optstate.warnings(optimizer, opt, watched.names, present):
+                self._warn(tag, message)
         measured, pending = _grad_event.measure(self._spec, number, present, grads, weights=weights, hist=hist,
                                                 pending=self._nonfinite.pending(),
                                                 extra=opt.packed if opt is not None else None)
         if opt is not None:
             rows, samples = _grad_optstate.unpack(measured.extra, opt.lengths)
-            numels = np.array([self._params[i].numel() for i in present[opt.positions].tolist()])
+            numels = np.array([watched.params[i].numel() for i in present[opt.positions].tolist()])
             self._optstate[number] = (present[opt.positions], rows, samples, measured.sq[opt.positions], numels)
         if hist.size:  # what the budget expects the histograms to cost: the whole measurement (an upper bound) ...
             self._hist_seconds += _clock.now() - began
         if pending.size:
-            bad_steps, any_steps = self._nonfinite.read(pending)
-            before, steps = self._pending
-            self._pending = ({i: before.get(i, 0.0) + bad_steps.get(i, 0.0) for i in {*before, *bad_steps}},
-                             steps + any_steps)
+            self._nonfinite.read_pending(pending)
         earlier = self._measured.pop(number, None)
         if earlier is not None:  # the same optimizer stepped again in this batch: the last step is logged
             self._nonfinite.note(earlier.bad.tolist())
@@ -428,71 +359,33 @@ class GradientMonitor(Monitor):
         self._measured = {}
         if step is None or not measured:
             return
-        n = len(self._params)
-        have: Optional[np.ndarray] = None  # which parameters have values; None: all of them
-        wsq: Optional[np.ndarray]
-        if len(measured) == 1 and measured[0].present.size == n:  # one optimizer, every parameter: its arrays
-            sq, nonfinite, wsq = measured[0].sq, measured[0].nonfinite, measured[0].wsq
-        else:
-            have, sq, nonfinite = np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n)
-            wsq = np.zeros(n) if all(m.wsq is not None for m in measured) else None
-            for m in measured:
-                have[m.present], sq[m.present], nonfinite[m.present] = True, m.sq, m.nonfinite
-                if wsq is not None and m.wsq is not None:
-                    wsq[m.present] = m.wsq
-        # every parameter (the common case): plain Python over the host values, no numpy call on small arrays
-        values_sq = sq.tolist() if have is None else None
-        total = sum(values_sq) if values_sq is not None else float(sq[have].sum())
-        metrics: dict[str, float] = {"grad/norm_total": math.sqrt(total)}
+        watched = self._watched
+        norms = watched.gather(measured)
+        metrics: dict[str, float] = {}
         if len(trainer.optimizers) > 1:
             for m in measured:
                 metrics[f"grad/optimizer_norm/{m.optimizer}"] = float(np.sqrt(m.sq.sum()))
                 metrics[f"grad/optimizer_nonfinite_count/{m.optimizer}"] = float(m.nonfinite.sum())
-        metrics.update(self._plan.norms("grad/norm", have, sq if values_sq is None else values_sq))
+        metrics.update(watched.norm_metrics(norms, self.per_param_norms, self.param_norms))
         optstate, self._optstate = [self._optstate[k] for k in sorted(self._optstate)], {}
-        metrics.update(_grad_optstate.metrics(self._group_names, self._gid, optstate))
-        if self.per_param_norms:
-            if values_sq is not None:
-                metrics.update(zip(self._norm_keys, [math.sqrt(values_sq[i]) for i in self._norm_chosen], strict=True))
-            else:
-                chosen = np.flatnonzero(have & self._norm_mask).tolist()
-                root = np.sqrt(sq[chosen]).tolist()
-                metrics.update({f"grad/norm_param/{self._names[i]}": v for i, v in zip(chosen, root, strict=True)})
-        if self.param_norms and wsq is not None:
-            values_wsq = wsq.tolist() if have is None else None
-            metrics["param/norm_total"] = math.sqrt(sum(values_wsq) if values_wsq is not None
-                                                    else float(wsq[have].sum()))
-            metrics.update(self._plan.norms("param/norm", have, wsq if values_wsq is None else values_wsq))
-
-        bad_now = (_EMPTY if math.isfinite(total)
-                   else np.flatnonzero(~np.isfinite(sq) if have is None else have & ~np.isfinite(sq)))
-        bad_steps, any_steps = self._pending
-        self._pending = ({}, 0.0)
+        metrics.update(_grad_optstate.metrics(watched.group_names, watched.gid, optstate))
+        bad_now = watched.nonfinite_now(norms)
+        bad_steps, any_steps = self._nonfinite.take_read()
         values, offenders, capped = self._nonfinite.report(
-            self._names, nonfinite, bad_now, sum(1 for m in measured if m.bad.size), bad_steps, any_steps,
+            watched.names, norms.nonfinite, bad_now, sum(1 for m in measured if m.bad.size), bad_steps, any_steps,
             self.max_param_keys,
         )
         metrics.update(values)
         if not self._nonfinite.seen:  # no NaN/Inf in this run yet: no chart of zeros
             for m in measured:
                 metrics.pop(f"grad/optimizer_nonfinite_count/{m.optimizer}", None)
-        if offenders:
-            names = ", ".join(sorted(offenders)[: _grad_nonfinite.MAX_NAMED])
-            self._warn("nonfinite", (
-                f"GradientMonitor: NaN/Inf gradients by step {step} in {names}"
-                f"{' and more' if len(offenders) > _grad_nonfinite.MAX_NAMED else ''}; counted under grad/nonfinite_*"
-                f" (policy {self.nonfinite!r}, warned once)."
-            ))
-        if capped:
-            self._warn("cap:nonfinite", (
-                f"GradientMonitor: more parameters had NaN/Inf than max_param_keys={self.max_param_keys};"
-                " the others count in grad/nonfinite_count only (raise max_param_keys, None: no cap)."
-            ))
+        for tag, message in _grad_nonfinite.warnings(offenders, capped, step, self.nonfinite, self.max_param_keys):
+            self._warn(tag, message)
         self._log_scalars(trainer, metrics, step)
         hists: dict[str, Any] = {}
         for m in measured:
-            hists.update(_grad_event.histograms("grad/hist", self._names, m.hist, m.rows, self._spec.bins))
-            hists.update(_grad_event.histograms("param/hist", self._names, m.phist, m.prows, self._spec.bins))
+            hists.update(_grad_event.histograms("grad/hist", watched.names, m.hist, m.rows, self._spec.bins))
+            hists.update(_grad_event.histograms("param/hist", watched.names, m.phist, m.prows, self._spec.bins))
         began = _clock.now()
         self._log_histograms(trainer, hists, step)  # one wandb row for all of them
         if hists:  # ... and their writes
@@ -501,5 +394,6 @@ class GradientMonitor(Monitor):
 
     def _log_update_ratio(self, trainer: "pl.Trainer", step: int) -> None:
         snapshots, self._snapshots = [self._snapshots[k] for k in sorted(self._snapshots)], {}
-        ratios = _grad_event.update_ratios(self._params, snapshots, self._group_names, self._gid)
+        watched = self._watched
+        ratios = _grad_event.update_ratios(watched.params, snapshots, watched.group_names, watched.gid)
         self._log_scalars(trainer, ratios, step)

@@ -622,9 +622,9 @@ def test_wrapper_prefix_and_group_depth_below_it():
     monitor = GradientMonitor(group_depth=2)
     inner = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(2, 2)), torch.nn.Linear(2, 2))
     monitor._watch(Wrapper(Wrapper(inner)))
-    assert monitor._group_names == ["inner.inner.0.0", "inner.inner.1"]  # 2 levels below, or the layer itself
+    assert monitor._watched.group_names == ["inner.inner.0.0", "inner.inner.1"]  # 2 levels below, or the layer itself
     monitor._watch(leaf)
-    assert monitor._group_names == ["inner.weight", "inner.bias"]
+    assert monitor._watched.group_names == ["inner.weight", "inner.bias"]
 
 
 class ManyLayers(pl.LightningModule):

@@ -29,6 +29,7 @@ class NonfiniteLedger:
         self.ever_bad: set[str] = set()  # names that had NaN/Inf in this run: their key stays (0 when clean)
         self.capped: set[str] = set()  # names that had NaN/Inf but no key: over the per-parameter key cap
         self.seen = False  # any NaN/Inf in this run: grad/nonfinite_count and _steps are logged from then on
+        self._read: tuple[dict[int, float], float] = ({}, 0.0)  # device counts read back in this logging batch
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_device": {}}  # device tensors stay behind (ddp_spawn pickles callbacks)
@@ -64,6 +65,19 @@ class NonfiniteLedger:
             off += len(present) + 1
         self._device.clear()
         return per_param, any_steps
+
+    def read_pending(self, host: np.ndarray) -> None:
+        """:meth:`read` ``host`` and keep the counts until :meth:`take_read` (several optimizer steps of one logging
+        batch add up)."""
+        bad_steps, any_steps = self.read(host)
+        before, steps = self._read
+        self._read = ({i: before.get(i, 0.0) + bad_steps.get(i, 0.0) for i in {*before, *bad_steps}},
+                      steps + any_steps)
+
+    def take_read(self) -> tuple[dict[int, float], float]:
+        """What :meth:`read_pending` kept since the last call (per parameter, steps with any), and forget it."""
+        out, self._read = self._read, ({}, 0.0)
+        return out
 
     def note(self, bad: Sequence[int]) -> None:
         """Count, on the host, an optimizer step whose NaN/Inf were read already (a logging step's earlier step)."""
@@ -127,3 +141,22 @@ def act(policy: str, bad: list[int], params: Sequence[torch.Tensor], names: Sequ
     for group in optimizer.param_groups:
         for p in group["params"]:
             p.grad = None
+
+
+def warnings(offenders: set[str], capped: int, step: int, policy: str, max_keys: Optional[int]
+             ) -> list[tuple[str, str]]:
+    """GradientMonitor's warnings (tag, message: each said once a run) about a logging step's :meth:`report`."""
+    out = []
+    if offenders:
+        names = ", ".join(sorted(offenders)[:MAX_NAMED])
+        out.append(("nonfinite", (
+            f"GradientMonitor: NaN/Inf gradients by step {step} in {names}"
+            f"{' and more' if len(offenders) > MAX_NAMED else ''}; counted under grad/nonfinite_*"
+            f" (policy {policy!r}, warned once)."
+        )))
+    if capped:
+        out.append(("cap:nonfinite", (
+            f"GradientMonitor: more parameters had NaN/Inf than max_param_keys={max_keys};"
+            " the others count in grad/nonfinite_count only (raise max_param_keys, None: no cap)."
+        )))
+    return out

@@ -242,3 +242,23 @@ def metrics(group_names: Sequence[str], gid: np.ndarray, parts: Sequence[tuple[n
         out[f"optim/small_v_share/{name}"] = small / float(numel[at].sum())
         out[f"optim/update_cos/{name}"] = dot / denom if denom > 0 else 0.0
     return out
+
+
+def warnings(optimizer: torch.optim.Optimizer, queued: Optional[Queued], names: Sequence[str], present: np.ndarray
+             ) -> list[tuple[str, str]]:
+    """GradientMonitor's warnings (tag, message: each said once a run) about ``optimizer``'s state at a logging step:
+    none to read, or parameters left out of the step percentiles (``names[present[j]]``: the name of the ``j``-th
+    parameter :func:`queue` got)."""
+    if queued is None:
+        if not optimizer.state:  # it has not stepped yet
+            return []
+        return [("optstate:none", f"GradientMonitor: optimizer_state=True, but {type(optimizer).__name__}"
+                 " keeps no Adam-style state (exp_avg, exp_avg_sq); no optim/* keys for it.")]
+    if not queued.unsampled:
+        return []
+    left = [names[present[queued.positions[i]]] for i in queued.unsampled]
+    more = ", ..." if len(left) > 3 else ""
+    return [("optstate:unsampled", (
+        f"GradientMonitor: {len(left)} parameter(s) ({', '.join(left[:3])}{more})"
+        " are sharded with strided placements (FSDP2 over tensor parallel); their effective steps are"
+        " left out of optim/step_median and optim/step_p99 (the other optim/* keys include them)."))]
