@@ -310,7 +310,7 @@ class HealthMonitor(Monitor):
         if severity >= _SEVERITY["stop"]:
             trainer.should_stop = True
             if trainer.is_global_zero and self.print_alerts:
-                _report.say(trainer, f"lightning-monitor: HealthMonitor stops the fit after this batch: {reason}")
+                _dispatch.say(trainer, f"lightning-monitor: HealthMonitor stops the fit after this batch: {reason}")
 
     def _report(self, trainer: "pl.Trainer", alerts: Sequence[Alert], judged: Mapping[str, int], step: int) -> None:
         """The health keys at ``step`` and, for new alerts, the terminal lines, the text card, wandb's alert and the
@@ -327,7 +327,7 @@ class HealthMonitor(Monitor):
             return
         for alert in alerts:
             if self.print_alerts:
-                _report.say(trainer, alert.line())
+                _dispatch.say(trainer, alert.line())
             _dispatch.log_alert(trainer, f"lightning-monitor: {alert.rule}", f"step {alert.step}: {alert.message}")
         if self._keeps("health/alert_text"):
             _dispatch.log_text(trainer, "health/alert_text", _report.card(alerts), step)

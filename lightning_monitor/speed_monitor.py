@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
@@ -15,6 +15,7 @@ from typing_extensions import override
 from lightning_monitor._core import clock as _clock
 from lightning_monitor._core import options as _options
 from lightning_monitor._core.keys import document_keys
+from lightning_monitor._monitor import dispatch as _dispatch
 from lightning_monitor._monitor import dist as _dist
 from lightning_monitor._monitor.base import Monitor
 from lightning_monitor._speed import flops as _flops
@@ -25,14 +26,9 @@ from lightning_monitor._writers import backends as _writers
 MONITOR_SHARE = "time/monitor_share/{monitor}"
 
 
-def _say(trainer: "pl.Trainer", message: str) -> None:
-    """An info line on global rank 0, printed through the progress bar when one is shown (between two of its
-    updates, never inside a bar line), else through Lightning's info log."""
-    bar = trainer.progress_bar_callback
-    if isinstance(bar, (TQDMProgressBar, RichProgressBar)) and bar.is_enabled and trainer.is_global_zero:
-        bar.print(message)
-    else:
-        rank_zero_info(message)
+def _teller(trainer: "pl.Trainer") -> Callable[[str], None]:
+    """How SpeedMonitor says where its FLOPs come from: a terminal line from global rank 0."""
+    return partial(_dispatch.say, trainer, fallback=rank_zero_info)
 
 
 @document_keys
@@ -150,13 +146,8 @@ class SpeedMonitor(Monitor):
         self.max_measured_shapes = max_measured_shapes
         self.batch_size_fn = batch_size_fn
         self.items_fn = items_fn
-        #: Where the FLOPs and peak figures come from, e.g. "1.2 GFLOP/batch measured by FlopCounterMode ...".
-        self.flops_source: Optional[str] = None
-        self._flops_cache: dict[tuple, int] = {}
-        self._counter = _flops.StepFlopCounter()
-        self._measuring: Optional[tuple] = None
+        self._book = _flops.FlopBook(flops_per_batch, measure_flops, max_measured_shapes)
         self._peak: Optional[float] = None
-        self._peak_source = "none"
         self._prev_end: Optional[float] = None
         self._val_start: Optional[float] = None
         self._val_samples = 0
@@ -179,12 +170,15 @@ class SpeedMonitor(Monitor):
         self._before_backward_written = 0.0
         self._wait_others = self._wait_hooks = 0.0  # other monitors' hook seconds: at the previous end, in the wait
         self._cost_table: list[float] = [0.0]  # every monitor's hook seconds per column, then their total (setup)
-        # the stretch of counted costs not yet in the window: (reading it began at, reading it ended at)
-        self._span: Optional[tuple[tuple[float, list[float]], tuple[float, list[float]]]] = None
         self._cuda: Optional[torch.device] = None  # the fit's CUDA device (setup), None elsewhere
         self._batch_shapes: tuple = ()  # the shapes of the batch now running's tensors: its FLOP key and its size
         self._samples = 1  # the batch now running's size
         self._settled = False  # its size and FLOPs hold for the next batch of the same shapes
+
+    @property
+    def flops_source(self) -> Optional[str]:
+        """Where the FLOPs and peak figures come from, e.g. "1.2 GFLOP/batch measured by FlopCounterMode ..."."""
+        return self._book.source
 
     # ----------------------------------------------------------------------------------------------- setup
     @override
@@ -193,11 +187,14 @@ class SpeedMonitor(Monitor):
         device = trainer.strategy.root_device
         self._cuda = device if device.type == "cuda" else None  # synced once per logging step (a fit's device)
         if self.peak_flops_per_sec is not None:
-            self._peak, self._peak_source = self.peak_flops_per_sec, f"{self.peak_flops_per_sec:g} FLOP/s given"
+            self._peak, peak_source = self.peak_flops_per_sec, f"{self.peak_flops_per_sec:g} FLOP/s given"
         elif device.type == "cuda":
-            self._peak, self._peak_source = _flops.cuda_peak(device, trainer.precision)
+            self._peak, peak_source = _flops.cuda_peak(device, trainer.precision)
         else:
-            self._peak, self._peak_source = None, f"none on {device.type} (pass `peak_flops_per_sec` for MFU)"
+            self._peak, peak_source = None, f"none on {device.type} (pass `peak_flops_per_sec` for MFU)"
+        book = self._book  # the options as they are now; what it measured in an earlier fit stays
+        book.given, book.measure, book.max_shapes = self.flops_per_batch, self.measure_flops, self.max_measured_shapes
+        book.peak_source = peak_source
         self._monitors = [c for c in trainer.callbacks if isinstance(c, Monitor)]  # type: ignore[attr-defined]
         keys = [MONITOR_SHARE.format(monitor=m.cost_name()) for m in self._monitors]
         self._cost_keys = sorted(set(keys))
@@ -218,7 +215,6 @@ class SpeedMonitor(Monitor):
         # a new fit (after another fit, an interrupted one or a tuner run) starts a new window and warm-up
         super().on_train_start(trainer, pl_module)
         self._window = _speed_window.Window(len(self._cost_keys))
-        self._span = None
         self._first_step = None
         self._settled = False
 
@@ -253,8 +249,10 @@ class SpeedMonitor(Monitor):
             # a new shape (or a size only batch_size_fn knows): the last batch's size and FLOPs do not carry over
             self._batch_shapes = shapes
             self._samples = self._batch_size(batch, shapes)
-            self._batch_flops = self._flops_for(trainer)
-            self._settled = self._measuring is None  # the FLOPs are known (or not asked for), not being measured
+            self._batch_flops = self._book.for_batch(shapes, self._samples, _teller(trainer), self._warn)
+            if self._book.measuring is not None:
+                self._exclude = True  # FlopCounterMode slows this step down: keep it out of the timing window
+            self._settled = self._book.measuring is None  # the FLOPs are known (or not asked for), not measured now
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
@@ -266,8 +264,8 @@ class SpeedMonitor(Monitor):
     def on_train_batch_end(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._measuring is not None:  # the FLOP counter runs for this batch
-            self._finish_measurement(trainer)
+        if self._book.measuring is not None:  # the FLOP counter runs for this batch
+            self._book.finish(self._batch_step, _teller(trainer))
         log_step = None if self._exclude else self._batch_logging_step(trainer)  # warm-up and measured steps: none
         if log_step is not None and self._cuda is not None:
             torch.cuda.synchronize(self._cuda)  # sync point: once per logging step (the window ends with the GPU)
@@ -280,7 +278,7 @@ class SpeedMonitor(Monitor):
                 pre_sync = self._before_backward - self._start - (self._before_backward_written - self._start_costs[0])
             self._window.add_batch(self._samples, self._wait, now - self._start - written, pre_sync,
                                    self._batch_flops or 0.0, self._wait_hooks)
-            self._span_costs(self._wait_costs, costs)
+            self._window.add_span(self._wait_costs, costs)
             if self.items_fn is not None:
                 self._window.add_items(self.items_fn(batch))
         self._mark(now, costs)
@@ -292,7 +290,7 @@ class SpeedMonitor(Monitor):
             self._mark(after, self._costs())
             written = self._prev_costs[0] - costs[0]
             self._window.sums[_speed_window.WALL] += after - now - written
-            self._span_costs(costs, self._prev_costs)
+            self._window.add_span(costs, self._prev_costs)
 
     # ---------------------------------------------------------------------------------------- validation
     @override
@@ -338,20 +336,20 @@ class SpeedMonitor(Monitor):
     # ---------------------------------------------------------------------------------------- teardown
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._abort_measurement()
+        self._book.abort()
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        self._abort_measurement()
+        self._book.abort()
 
     @override
     def state_dict(self) -> dict[str, Any]:
         # plain tuples (the batch's torch.Size shapes hash and compare as tuples): any checkpoint loader reads them
-        return {"flops_cache": {tuple(map(tuple, key)): flops for key, flops in self._flops_cache.items()}}
+        return {"flops_cache": {tuple(map(tuple, key)): flops for key, flops in self._book.cache.items()}}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._flops_cache.update(state_dict.get("flops_cache", {}))
+        self._book.cache.update(state_dict.get("flops_cache", {}))
 
     # ------------------------------------------------------------------------------------------ helpers
     def _costs(self) -> tuple[float, list[float]]:
@@ -365,23 +363,6 @@ class SpeedMonitor(Monitor):
     def _others_hook_seconds(self) -> float:
         return self._cost_table[-1] - self._hook_seconds
 
-    def _span_costs(self, begin: tuple[float, list[float]], end: tuple[float, list[float]]) -> None:
-        """Count the logger writes and hook time between two :meth:`_costs` readings in the window. Consecutive
-        stretches (each begins at the reading the last one ended at) are added up once, by :meth:`_close_span`."""
-        if self._exclude:
-            return
-        if self._span is None or begin is not self._span[1]:
-            self._close_span()
-            self._span = (begin, end)
-        else:
-            self._span = (self._span[0], end)
-
-    def _close_span(self) -> None:
-        if self._span is not None:
-            (written_a, hooks_a), (written_b, hooks_b) = self._span
-            self._window.add_costs(written_b - written_a, [b - a for a, b in zip(hooks_a, hooks_b, strict=True)])
-            self._span = None
-
     def _batch_size(self, batch: Any, shapes: Optional[tuple] = None) -> int:
         if self.batch_size_fn is not None:
             return int(self.batch_size_fn(batch))
@@ -392,52 +373,7 @@ class SpeedMonitor(Monitor):
             return 1
         return int(shapes[0][0])
 
-    def _flops_for(self, trainer: "pl.Trainer") -> Optional[float]:
-        if self.flops_per_batch is not None:
-            if self.flops_source is None:
-                self._announce(trainer, f"{_flops.format_flops(self.flops_per_batch)}/batch given by `flops_per_batch`")
-            return self.flops_per_batch
-        if not self.measure_flops:
-            return None
-        key = self._batch_shapes
-        flops = self._flops_cache.get(key)
-        if flops is not None:
-            return flops
-        if len(self._flops_cache) < self.max_measured_shapes:
-            self._measuring = key
-            self._exclude = True  # FlopCounterMode slows this step down: keep it out of the timing window
-            self._counter.start()
-            return None
-        per_sample = sum(self._flops_cache.values()) / max(1, sum(k[0][0] for k in self._flops_cache if k and k[0]))
-        self._warn("shapes", f"SpeedMonitor measured {self.max_measured_shapes} batch shapes; FLOPs of further"
-                        " shapes are scaled from the measured FLOPs per sample.")
-        return per_sample * self._samples
-
-    def _finish_measurement(self, trainer: "pl.Trainer") -> None:
-        flops = self._counter.stop()
-        key, self._measuring = self._measuring, None
-        if flops is None or key is None:
-            return
-        self._flops_cache[key] = flops
-        shapes = ", ".join("(" + ",".join(map(str, s)) + ")" for s in key)
-        what = (f"{_flops.format_flops(flops)}/batch measured by FlopCounterMode (forward + backward of the real"
-                f" training step at global_step {self._batch_step}) on batch shape {shapes}")
-        if self.flops_source is None:
-            self._announce(trainer, what)
-        else:
-            _say(trainer, f"SpeedMonitor: {what}")
-
-    def _announce(self, trainer: "pl.Trainer", what: str) -> None:
-        self.flops_source = f"{what}; peak {self._peak_source}"
-        _say(trainer, f"SpeedMonitor: {self.flops_source}")
-
-    def _abort_measurement(self) -> None:
-        if self._measuring is not None:
-            self._counter.stop()
-            self._measuring = None
-
     def _log_window(self, trainer: "pl.Trainer", step: int) -> None:
-        self._close_span()
         packed = self._window.pack()
         self._window = _speed_window.Window(len(self._cost_keys))
         # collective on every rank; the one host transfer of this logging step happens inside (one process with the

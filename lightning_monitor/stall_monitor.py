@@ -203,7 +203,7 @@ class StallMonitor(Monitor):
             f"no progress for {stall.seconds:.0f} s (limit {stall.limit:.0f} s) in {mark.phase}; the training"
             f" thread is at {_dump.top_frame(self._training_thread)}{where}", self.action)
         if self.print_alerts:
-            _report.say(trainer, alert.line())
+            _dispatch.say(trainer, alert.line())
         if self.filename is not None:
             jsonl = os.path.join(run_dir(trainer), self.filename)
             error = _report.append_jsonl(jsonl, [alert])
@@ -237,7 +237,7 @@ class StallMonitor(Monitor):
         self.stalls = [s for s in self.stalls if s[0] != mark.step or s[2] is not None] + [
             (mark.step, mark.phase, seconds)]
         if self.print_alerts:
-            _report.say(trainer, f"lightning-monitor: progress resumed at step {trainer.global_step} after a stall"
+            _dispatch.say(trainer, f"lightning-monitor: progress resumed at step {trainer.global_step} after a stall"
                                  f" of {seconds:.1f} s in {mark.phase} (step {mark.step})")
         self._log_scalars(trainer, {"health/stalled": 1.0, "health/stall_sec": seconds,
                                     "health/stall_phase": float(STALL_PHASES.index(mark.phase))}, mark.step)

@@ -209,7 +209,7 @@ def test_mnist_net_flops_and_mfu(tmp_path):
 
     flops = _reference_flops(8)
     assert flops > 2 * 8 * (9216 * 128 + 128 * 10) * 3  # at least the linear layers' fwd + bwd
-    assert monitor._flops_cache == {((8, 1, 28, 28), (8,)): flops}
+    assert monitor._book.cache == {((8, 1, 28, 28), (8,)): flops}
     # measured on step 0 (left out of the windows); each later step takes 0.25 s
     exact = pytest.approx  # TensorBoard stores float32
     assert _scalars(logger, "throughput/flops_per_sec") == [(1, exact(flops / 0.25)), (3, exact(flops / 0.25))]
@@ -225,13 +225,13 @@ def test_new_batch_shape_is_measured_once_and_cached(tmp_path):
     loader = DataLoader(ClockedData(None, n=48), batch_size=20)
     trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor], max_steps=6, log_every_n_steps=1)
     trainer.fit(LitNet(), train_dataloaders=loader)
-    assert monitor._flops_cache == {
+    assert monitor._book.cache == {
         ((20, 1, 28, 28), (20,)): _reference_flops(20),
         ((8, 1, 28, 28), (8,)): _reference_flops(8),
     }
     restored = SpeedMonitor()
     restored.load_state_dict(pickle.loads(pickle.dumps(monitor.state_dict())))
-    assert restored._flops_cache == monitor._flops_cache
+    assert restored._book.cache == monitor._book.cache
 
 
 def test_measuring_flops_changes_nothing_in_training():
@@ -481,7 +481,7 @@ def test_picklable_after_use(tmp_path):
     trainer = make_trainer(tmp_path, logger=_logger(tmp_path), callbacks=[monitor], max_steps=2)
     trainer.fit(TinyImageModel(), train_dataloaders=image_loader())
     clone = pickle.loads(pickle.dumps(monitor))
-    assert clone._flops_cache == monitor._flops_cache and copy.deepcopy(monitor).flops_source == monitor.flops_source
+    assert clone._book.cache == monitor._book.cache and copy.deepcopy(monitor).flops_source == monitor.flops_source
 
 
 def test_configurable_from_lightning_cli_yaml(tmp_path):
@@ -544,7 +544,7 @@ def test_gpu_mfu_against_dense_peak(tmp_path):
     trainer.fit(MatmulModel(), train_dataloaders=loader)
     # 2 FLOPs per MAC; 4 forward matmuls, 4 weight-gradient and 3 input-gradient matmuls (the input needs none)
     flops = 2 * 8192**3 * (4 + 4 + 3)
-    assert list(monitor._flops_cache.values()) == [flops]
+    assert list(monitor._book.cache.values()) == [flops]
     peak = _flops.peak_flops(torch.cuda.get_device_name(), "bf16")
     assert peak is not None and "from table" in monitor.flops_source
     mfu = _scalars(logger, "throughput/mfu")[-1][1]

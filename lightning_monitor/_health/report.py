@@ -8,21 +8,8 @@ import os
 from collections.abc import Sequence
 from typing import Optional
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-
 from lightning_monitor._core import clock as _clock
 from lightning_monitor._health.engine import Alert
-
-
-def say(trainer: "pl.Trainer", line: str) -> None:
-    """``line`` on the terminal, on its own line: through the progress bar when one is shown (between two of its
-    updates, never inside a bar line), else printed."""
-    bar = trainer.progress_bar_callback
-    if isinstance(bar, (TQDMProgressBar, RichProgressBar)) and bar.is_enabled:
-        bar.print(line)
-    else:
-        print(line, flush=True)
 
 
 def append_jsonl(path: str, alerts: Sequence[Alert]) -> Optional[OSError]:

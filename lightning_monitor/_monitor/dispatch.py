@@ -10,11 +10,12 @@ backend, never the run.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from functools import partial
 from typing import Any, Optional, Protocol, Union
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import Logger
 
 from lightning_monitor._core import clock as _clock
@@ -198,3 +199,18 @@ def log_alert(trainer: "pl.Trainer", title: str, text: str) -> None:
     every = writers(trainer)
     for writer in every:
         deliver(writer, partial(writer.alert, title, text), None, [title], every, row=False)
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def say(trainer: "pl.Trainer", line: str, fallback: Callable[[str], Any] = _print) -> None:
+    """``line`` on the terminal, on its own line: through the progress bar when one is shown (between two of its
+    updates, never inside a bar line; Lightning shows it on global rank 0 only), else through ``fallback`` (printed;
+    Lightning's ``rank_zero_info`` for a line only rank 0 should say)."""
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, (TQDMProgressBar, RichProgressBar)) and bar.is_enabled:
+        bar.print(line)
+    else:
+        fallback(line)

@@ -12,6 +12,7 @@ mode and is slower, so SpeedMonitor leaves measured steps out of its timing wind
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -193,3 +194,66 @@ class StepFlopCounter:
         mode, self._mode = self._mode, None
         mode.__exit__(None, None, None)
         return int(mode.get_total_flops())
+
+
+class FlopBook:
+    """SpeedMonitor's FLOPs per batch and where they come from: ``given`` (``flops_per_batch``), else measured by
+    ``FlopCounterMode`` on the real step once per batch shape (``measure``; at most ``max_shapes`` shapes, further
+    ones scaled from the FLOPs per sample), else none. ``source`` says where the figure comes from, with the peak's
+    own source (``peak_source``, set at setup)."""
+
+    def __init__(self, given: Optional[float], measure: bool, max_shapes: int) -> None:
+        self.given, self.measure, self.max_shapes = given, measure, max_shapes
+        self.peak_source = "none"
+        self.cache: dict[tuple, int] = {}  # FLOPs per batch shape (shape_key)
+        self.source: Optional[str] = None
+        self.measuring: Optional[tuple] = None  # the shapes counted in the batch now running
+        self._counter = StepFlopCounter()
+
+    def for_batch(self, shapes: tuple, samples: int, say: Callable[[str], Any],
+                  warn: Callable[[str, str], Any]) -> Optional[float]:
+        """The FLOPs of a batch of ``shapes`` (``samples`` in it); ``None`` when not measured, or while this batch is
+        counted (:attr:`measuring` is then set: FlopCounterMode slows the step down, so the caller leaves it out of
+        its timing, and :meth:`finish` ends the count at the batch's end)."""
+        if self.given is not None:
+            if self.source is None:
+                self._announce(f"{format_flops(self.given)}/batch given by `flops_per_batch`", say)
+            return self.given
+        if not self.measure:
+            return None
+        flops = self.cache.get(shapes)
+        if flops is not None:
+            return flops
+        if len(self.cache) < self.max_shapes:
+            self.measuring = shapes
+            self._counter.start()
+            return None
+        per_sample = sum(self.cache.values()) / max(1, sum(k[0][0] for k in self.cache if k and k[0]))
+        warn("shapes", f"SpeedMonitor measured {self.max_shapes} batch shapes; FLOPs of further shapes are scaled"
+                       " from the measured FLOPs per sample.")
+        return per_sample * samples
+
+    def finish(self, step: Optional[int], say: Callable[[str], Any]) -> None:
+        """The counted batch (at ``step``) ended: keep its FLOPs for its shapes, and say them."""
+        flops = self._counter.stop()
+        key, self.measuring = self.measuring, None
+        if flops is None or key is None:
+            return
+        self.cache[key] = flops
+        shapes = ", ".join("(" + ",".join(map(str, s)) + ")" for s in key)
+        what = (f"{format_flops(flops)}/batch measured by FlopCounterMode (forward + backward of the real"
+                f" training step at global_step {step}) on batch shape {shapes}")
+        if self.source is None:
+            self._announce(what, say)
+        else:
+            say(f"SpeedMonitor: {what}")
+
+    def abort(self) -> None:
+        """Stop a count the batch did not finish (the fit ended or raised)."""
+        if self.measuring is not None:
+            self._counter.stop()
+            self.measuring = None
+
+    def _announce(self, what: str, say: Callable[[str], Any]) -> None:
+        self.source = f"{what}; peak {self.peak_source}"
+        say(f"SpeedMonitor: {self.source}")

@@ -15,6 +15,8 @@ import torch
 # prediction grid draws there), added to the elapsed time the monitors' share is taken of
 BATCHES, SAMPLES, ITEMS, WALL, WAIT, PRE_SYNC, FLOPS, WRITTEN, OUTSIDE = range(9)
 HOOKS = 9
+#: a reading of the counted costs: seconds spent writing to loggers, and each monitor class's hook seconds
+Costs = tuple[float, list[float]]
 
 
 class Window:
@@ -27,6 +29,8 @@ class Window:
     def __init__(self, monitors: int = 0) -> None:
         self.sums = [0.0] * (HOOKS + monitors)
         self._items: Optional[torch.Tensor] = None  # items_fn's tensors, summed on the device until the logging step
+        # the stretch of counted costs not yet in the sums: (the reading it began at, the reading it ended at)
+        self._span: Optional[tuple[Costs, Costs]] = None
 
     def add_batch(self, samples: int, wait: float, step: float, pre_sync: float, flops: float,
                   hooks_in_wait: float = 0.0) -> None:
@@ -46,6 +50,23 @@ class Window:
         for i, seconds in enumerate(hooks):
             self.sums[HOOKS + i] += seconds
 
+    def add_span(self, begin: "Costs", end: "Costs") -> None:
+        """Count the logger writes and hook seconds between two readings of them (``(written, [per monitor])``).
+        Consecutive stretches (each begins at the reading the last one ended at) are added up once, when the next
+        stretch does not follow on or the window is packed."""
+        span = self._span
+        if span is None or begin is not span[1]:
+            self._close_span()
+            self._span = (begin, end)
+        else:
+            self._span = (span[0], end)
+
+    def _close_span(self) -> None:
+        if self._span is not None:
+            (written_a, hooks_a), (written_b, hooks_b) = self._span
+            self.add_costs(written_b - written_a, [b - a for a, b in zip(hooks_a, hooks_b, strict=True)])
+            self._span = None
+
     def add_outside(self, hooks: Sequence[float]) -> None:
         """Seconds spent in each monitor's hooks outside the timed spans (a validation run inside fit), charged to
         this window: they count in the monitors' share (and its elapsed time), never in a rate or step time."""
@@ -61,8 +82,9 @@ class Window:
             self.sums[ITEMS] += items
 
     def pack(self) -> Union[list[float], torch.Tensor]:
-        """This rank's sums to gather: the host list, or one float64 vector on the items' device when items were
-        counted on the device."""
+        """This rank's sums to gather (the costs counted so far included): the host list, or one float64 vector on
+        the items' device when items were counted on the device."""
+        self._close_span()
         if self._items is None:
             return list(self.sums)
         packed = torch.tensor(self.sums, dtype=torch.float64).to(self._items.device)
