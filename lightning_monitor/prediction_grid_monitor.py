@@ -205,16 +205,12 @@ class PredictionGridMonitor(Monitor):
     @property
     @override
     def state_key(self) -> str:
-        # two grids (say, one per validation dataloader) keep their own samples in the checkpoint. Lightning reads the
-        # key at every hook it calls (its profiler's action name): made once for the options' values, not per call
-        options = (self.dataloader_idx, self.num_samples, self.seed)
-        made = self.__dict__.get("_state_key")
-        if made is None or made[0] != options:
-            key = self._generate_state_key(
-                dataloader_idx=self.dataloader_idx, num_samples=self.num_samples, seed=self.seed
-            )
-            made = self._state_key = (options, key)
-        return made[1]
+        # two grids (say, one per validation dataloader) keep their own samples in the checkpoint; Lightning reads the
+        # key at every hook call (its profiler's action name): made once for the options' values, not per call
+        options = {"dataloader_idx": self.dataloader_idx, "num_samples": self.num_samples, "seed": self.seed}
+        if self.__dict__.get("_state_key_of") != options:
+            self._state_key_of, self._state_key = options, self._generate_state_key(**options)
+        return self._state_key
 
     @override
     def state_dict(self) -> dict[str, Any]:

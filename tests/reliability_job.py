@@ -47,9 +47,9 @@ def main():
                         help="let any server pass the online probe (as a broken W&B server that answers it would)")
     args = parser.parse_args()
     if args.skip_wandb_probe:
-        from lightning_monitor._run import wandb_start
+        from lightning_monitor._run import wandb_probe
 
-        wandb_start._not_a_wandb_server = lambda *a, **k: None
+        wandb_probe._not_a_wandb_server = lambda *a, **k: None
     if args.fsize_limit:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize_limit, args.fsize_limit))

@@ -39,7 +39,7 @@ def test_a_plain_loggers_methods_are_its_own_again_after_fit_and_after_test(tmp_
 CHECKSUM = """
 import lightning_monitor
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning_monitor._writers.backends import TensorBoardWriter
+from lightning_monitor._writers.dashboards import TensorBoardWriter
 from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
 from tensorboard.summary.writer import record_writer
 TensorBoardWriter(TensorBoardLogger({root!r}))  # where lightning-monitor makes the swap

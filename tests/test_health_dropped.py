@@ -122,7 +122,8 @@ def test_the_guard_counts_each_value_a_backend_did_not_keep(tmp_path):
     write that adds no point (hyperparameters) is not counted."""
     from functools import partial
 
-    from lightning_monitor._writers.backends import TensorBoardWriter, deliver
+    from lightning_monitor._writers.backends import deliver
+    from lightning_monitor._writers.dashboards import TensorBoardWriter
 
     writer = TensorBoardWriter(TensorBoardLogger(tmp_path, name="tb"))
     values = {"a/x": 1.0, "a/text": "hi"}

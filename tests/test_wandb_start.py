@@ -21,6 +21,7 @@ import pytest
 from helpers import json_server
 from wandb_reader import find_runs
 
+from lightning_monitor._run import wandb_probe as _wandb_probe
 from lightning_monitor._run import wandb_start as _wandb_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,9 +193,9 @@ def test_the_probe_answer_without_a_key_of_ours():
     """With an identity token (no key we can send), a GraphQL refusal is left to wandb's own authentication; an
     answer that is not GraphQL is not a W&B server's."""
     refusal = b'{"errors": [{"message": "anonymous user cannot check version info"}]}'
-    assert _wandb_run._judge("http://h", 403, refusal, key_sent=False) is None
-    assert "refused the API key (HTTP 403: anonymous" in _wandb_run._judge("http://h", 403, refusal, key_sent=True)
-    assert "not as a W&B server (POST /graphql: HTTP 401, not JSON)" in _wandb_run._judge(
+    assert _wandb_probe._judge("http://h", 403, refusal, key_sent=False) is None
+    assert "refused the API key (HTTP 403: anonymous" in _wandb_probe._judge("http://h", 403, refusal, key_sent=True)
+    assert "not as a W&B server (POST /graphql: HTTP 401, not JSON)" in _wandb_probe._judge(
         "http://h", 401, b"<html>login</html>", key_sent=False)
 
 
@@ -203,8 +204,8 @@ def test_decide_mode_finds_the_key_where_wandb_does(monkeypatch, tmp_path):
     (tmp_path / "netrc").write_text("machine 127.0.0.1:9\n  login user\n  password " + "k" * 40 + "\n")
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     assert "did not answer" in _wandb_run.decide_mode({"mode": "online"})[1]  # key found: the server was tried
-    assert _wandb_run._has_credentials("http://127.0.0.1:9", {"api_key": None})
-    assert not _wandb_run._has_credentials("http://127.0.0.1:10", None)  # wandb's netrc entry is host:port
+    assert _wandb_probe._has_credentials("http://127.0.0.1:9", {"api_key": None})
+    assert not _wandb_probe._has_credentials("http://127.0.0.1:10", None)  # wandb's netrc entry is host:port
 
 
 def test_check_options():

@@ -22,7 +22,8 @@ from lightning_monitor._run import state as _run_state
 from lightning_monitor._run import wandb_start as _wandb_run
 from lightning_monitor._run.guard import RunGuard
 from lightning_monitor._run.run import Run
-from lightning_monitor._writers.backends import TensorBoardWriter, WandbWriter, _call, _numbers, deliver, os_error
+from lightning_monitor._writers.backends import _call, _numbers, deliver, os_error
+from lightning_monitor._writers.dashboards import TensorBoardWriter, WandbWriter
 
 
 class RunTensorBoard(TensorBoardWriter):

@@ -11,7 +11,8 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 
 from lightning_monitor._core.compat import tensorboard_installed
-from lightning_monitor._writers.backends import TensorBoardWriter, WandbWriter, Writer, _call, deliver
+from lightning_monitor._writers.backends import Writer, _call, deliver
+from lightning_monitor._writers.dashboards import TensorBoardWriter, WandbWriter
 
 
 class _GuardedCall:
