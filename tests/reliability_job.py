@@ -16,10 +16,12 @@ from lightning_monitor import MultiLogger  # noqa: E402
 
 
 class Progress(Callback):
-    """Writes 'step wall_time' after every batch (flushed), sleeps to pace the run, and fails on request."""
+    """Writes 'step wall_time' after every batch (flushed), sleeps to pace the run (``hold`` seconds at step
+    ``hold_at``: a signal sent once that step shows lands in this sleep), and fails on request."""
 
-    def __init__(self, path, sleep, fail_at):
+    def __init__(self, path, sleep, fail_at, hold_at=-1, hold=0.0):
         self.path, self.sleep, self.fail_at = path, sleep, fail_at
+        self.hold_at, self.hold = hold_at, hold
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step - 1
@@ -28,7 +30,7 @@ class Progress(Callback):
                 f.write(f"{step} {time.time()}\n")
         if step == self.fail_at:
             raise RuntimeError(f"boom at step {step}")
-        time.sleep(self.sleep)
+        time.sleep(self.hold if step == self.hold_at else self.sleep)
 
 
 def main():
@@ -42,6 +44,8 @@ def main():
     parser.add_argument("--flush-secs", type=float, default=None)
     parser.add_argument("--wandb-settings", default="", help="k=v,k=v passed as wandb settings")
     parser.add_argument("--progress", default="")
+    parser.add_argument("--hold-at", type=int, default=-1, help="the step after which the job sleeps --hold seconds")
+    parser.add_argument("--hold", type=float, default=0.0)
     parser.add_argument("--version", type=int, default=None)
     parser.add_argument("--skip-wandb-probe", action="store_true",
                         help="let any server pass the online probe (as a broken W&B server that answers it would)")
@@ -61,7 +65,7 @@ def main():
     logger = MultiLogger(save_dir=args.runs, name="job", version=args.version, tensorboard=tb, wandb=wandb)
     trainer = make_trainer(
         args.runs, logger=logger, max_steps=args.steps, log_every_n_steps=1,
-        callbacks=[Progress(args.progress, args.sleep, args.fail_at)],
+        callbacks=[Progress(args.progress, args.sleep, args.fail_at, args.hold_at, args.hold)],
     )
     trainer.fit(TinyImageModel(), image_loader(n=16 * args.steps))
     print("JOB DONE", trainer.state.status, flush=True)
