@@ -50,6 +50,9 @@ def main():
     parser.add_argument("--skip-wandb-probe", action="store_true",
                         help="let any server pass the online probe (as a broken W&B server that answers it would)")
     args = parser.parse_args()
+    # Ctrl-C raises KeyboardInterrupt here even when the parent ignores SIGINT (a shell's background job does, and
+    # Python then keeps it ignored): the tests send it as a terminal would
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.skip_wandb_probe:
         from lightning_monitor._run import wandb_probe
 

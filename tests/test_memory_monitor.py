@@ -235,6 +235,24 @@ def test_system_memory_is_read_at_most_every_interval(monkeypatch):
     del ballast
 
 
+def test_rss_is_this_processs_after_another_owner_closes_the_kept_descriptor(tmp_path):
+    """The kept-open /proc/self/statm descriptor closed by someone else, its number reused by another file (seen once
+    in CI: every later reading was that file's constant): the next reading opens /proc/self/statm again."""
+    _memory._rss()
+    fd = _memory._statm[0]
+    os.close(fd)
+    with open(tmp_path / "other", "w+b") as other:
+        other.write(b"1 297643 3 4 5 6 7\n")
+        other.flush()
+        assert other.fileno() == fd  # the lowest free number: ours
+        before = _memory._rss()
+        assert abs(before - psutil.Process().memory_info().rss) < 8 * 2**20
+        ballast = bytearray(64 * 2**20)
+        ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+        assert _memory._rss() >= before + 60 * 2**20
+        del ballast
+
+
 def test_workers_memory_counts_what_the_workers_add(tmp_path):
     """2 workers x 192 MiB of ballast add 384 MiB on top of what 2 bare workers hold on their own (their unique
     pages: the interpreter state they touched since the fork), and no copy-on-write page they share with the

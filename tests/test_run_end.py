@@ -70,7 +70,7 @@ def test_normal_exit_without_finalize_loses_nothing(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_flushes_both_and_marks_the_run_failed(tmp_path, sig):
     # no timed flush comes to the rescue; the signal comes while the job holds after step 10 (a Ctrl-C in a slow
-    # step): sent at any moment of a step, it left no status in two CI runs (2026-12-07), never when run alone
+    # step), and the job takes Ctrl-C even when this process ignores SIGINT (a shell's background job does)
     proc, progress = start_paced_job(tmp_path, "--flush-secs", "600", "--hold-at", "10", "--hold", "5")
     wait_for_step(proc, progress, 10)
     proc.send_signal(sig)

@@ -68,10 +68,11 @@ class HostMemory(NamedTuple):
 
 
 _process: Optional[psutil.Process] = None
-#: Linux: ``/proc/self/statm`` kept open (with the pid that opened it): one ``pread`` reads this process's RSS in
-#: ~3 us, where ``psutil.Process.memory_info`` opens, reads and closes the file (~23 us, a tenth of a small model's
-#: logging step); ``None`` until the first read, a descriptor of -1 where it cannot be opened (psutil then)
-_statm: Optional[tuple[int, int]] = None
+#: Linux: ``/proc/self/statm`` kept open (with the pid that opened it and the file's identity): one ``pread`` reads
+#: this process's RSS in ~3 us, where ``psutil.Process.memory_info`` opens, reads and closes the file (~23 us, a tenth
+#: of a small model's logging step); ``None`` until the first read, a descriptor of -1 where it cannot be opened
+#: (psutil then)
+_statm: Optional[tuple[int, int, tuple[int, int]]] = None
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -80,11 +81,15 @@ def _rss() -> int:
     global _statm, _process
     pid = os.getpid()
     if sys.platform.startswith("linux"):
+        if _statm is not None and _statm[0] >= 0 and _statm[1] == pid and _identity(_statm[0]) != _statm[2]:
+            # someone else closed our descriptor (and its number may now be another file's): open the file again
+            _statm = None
         if _statm is None or _statm[1] != pid:  # first read, or a new process after fork
             try:
-                _statm = (os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC), pid)
+                fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+                _statm = (fd, pid, _identity(fd))
             except OSError:
-                _statm = (-1, pid)  # no /proc here: psutil from now on, not an open that fails every read
+                _statm = (-1, pid, (0, 0))  # no /proc here: psutil from now on, not an open that fails every read
         if _statm[0] >= 0:
             try:
                 return int(os.pread(_statm[0], 128, 0).split()[1]) * _PAGE  # fields: size resident shared ...
@@ -93,6 +98,15 @@ def _rss() -> int:
     if _process is None or _process.pid != pid:  # a new process after fork/spawn
         _process = psutil.Process()
     return int(_process.memory_info().rss)
+def _identity(fd: int) -> tuple[int, int]:
+    """(device, inode) of the file open on ``fd``; (0, 0) when nothing is (one ``fstat``: ~0.5 us)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return (0, 0)
+    return (st.st_dev, st.st_ino)
+
+
 #: seconds between two reads of the workers' unique set size: each read walks a worker's page map, ~10 ms a worker
 #: with torch loaded (measured: 32 ms for 2 workers); in between, the last reading of the same workers is reported
 WORKERS_READ_EVERY_SEC = 10.0
