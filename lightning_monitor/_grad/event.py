@@ -58,11 +58,16 @@ class Measured:
     phist: np.ndarray  # [k] parameters with a weight histogram row
     prows: np.ndarray  # [k, STAT_COLUMNS + bins]
     extra: np.ndarray = field(default_factory=lambda: np.zeros(0))  # host copy of ``measure``'s ``extra``
+    total: Optional[float] = None  # the sum of ``sq`` (made once, in plain Python: ~10 us less than numpy run cold)
+
+    def __post_init__(self) -> None:
+        if self.total is None:
+            self.total = sum(self.sq.tolist())
 
     @property
     def bad(self) -> np.ndarray:
         """Parameters (indices) whose gradient holds NaN/Inf at this step."""
-        if math.isfinite(sum(self.sq.tolist())):  # one check for the common case (plain Python: ~10 us less cold)
+        if math.isfinite(self.total):  # type: ignore[arg-type]  # one check for the common case: all finite
             return _NONE
         return self.present[~np.isfinite(self.sq)]
 
@@ -147,7 +152,8 @@ def measure(
     if extra is not None:
         extra_host, off = host[off : off + extra.numel()], off + extra.numel()
     nonfinite = np.zeros(n)
-    bad_now = _NONE if math.isfinite(sum(host_sq.tolist())) else np.flatnonzero(~np.isfinite(host_sq))
+    total = sum(host_sq.tolist())
+    bad_now = _NONE if math.isfinite(total) else np.flatnonzero(~np.isfinite(host_sq))
     if bad_now.size:  # exact counts and finite-only histograms, read in a second transfer (only with NaN/Inf)
         counts, fixed = summarize_finite([grads[j] for j in bad_now], bins, max_elements, hist_range)
         packed = torch.cat([counts, fixed.reshape(-1)]).to("cpu").numpy()  # sync point: only with NaN/Inf present
@@ -159,7 +165,7 @@ def measure(
             if int(j) in where:
                 rows[where[int(j)]] = fixed_rows[b]
     measured = Measured(optimizer, present, host_sq, nonfinite, present[hist_pos], rows, wsq, present[phist_pos],
-                        prows, extra_host)
+                        prows, extra_host, total)
     return measured, host[off:]
 
 

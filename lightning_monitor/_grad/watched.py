@@ -121,7 +121,7 @@ class Watched:
         n = len(self.params)
         if len(measured) == 1 and measured[0].present.size == n:
             m = measured[0]
-            return Norms(None, m.sq, m.nonfinite, m.wsq, sum(m.sq.tolist()))  # plain Python: ~10 us less cold
+            return Norms(None, m.sq, m.nonfinite, m.wsq, m.total)  # type: ignore[arg-type]
         have, sq, nonfinite = np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n)
         wsq = np.zeros(n) if all(m.wsq is not None for m in measured) else None
         for m in measured:
