@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -119,6 +121,16 @@ def test_half_precision_norms_never_overflow():
     assert sq.dtype == torch.float64 and torch.isfinite(sq).all()
     assert float(sq[0].sqrt()) == pytest.approx(3e5, rel=1e-6)
     assert float(sq[1]) == pytest.approx(40000 * float(grads[1][0]) ** 2, rel=1e-6)
+
+
+def test_a_finite_gradient_beyond_float32_squares_is_not_read_as_inf():
+    """CPU norms square in float32 (overflow past ~1.8e19 an element): such a tensor, small or large, is measured
+    again in float64 (a finite norm, no false NaN/Inf), the others keep their float32 values, and a real NaN stays."""
+    tensors = [torch.full((100,), 3e19), torch.ones(5), torch.full((200_000,), -2e19), torch.tensor([float("nan"), 1.0])]
+    sq = squared_norms(tensors).tolist()
+    for got, t in list(zip(sq, tensors, strict=True))[:3]:
+        assert math.isfinite(got) and got == pytest.approx(float(t.double().square().sum()), rel=1e-6)
+    assert sq[1] == 5.0 and math.isnan(sq[3])
 
 
 def test_nonfinite_norms_stay_nonfinite():

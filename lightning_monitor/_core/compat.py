@@ -20,6 +20,8 @@ import torch
 foreach_norm = torch._foreach_norm
 #: ``torch._foreach_sub(a, b)``: elementwise ``a[i] - b[i]`` for two lists of tensors in one call
 foreach_sub = torch._foreach_sub
+#: ``torch._foreach_mul(a, b)``: elementwise ``a[i] * b[i]`` for two lists of tensors in one call
+foreach_mul = torch._foreach_mul
 
 
 #: the attribute under which ``torch.compile``'s ``OptimizedModule`` keeps the module it compiled (``_orig_mod``):

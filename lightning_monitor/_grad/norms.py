@@ -5,13 +5,14 @@ Both only queue device work and return device tensors; the caller makes the one 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
 import torch
 
-from lightning_monitor._core.compat import foreach_norm
+from lightning_monitor._core.compat import foreach_mul, foreach_norm
 from lightning_monitor._core.lru import Lru
 
 _NORM_ROW = 64  # CPU norms: float32 over rows of this many elements, combined in float64
@@ -29,11 +30,14 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
     CUDA (or float64 tensors): one ``torch._foreach_norm`` accumulating in float64 (a memory-bound read: free on
     H100/H200-class parts). CPU, where float64 accumulation costs a float64 copy of every tensor (~20x per
-    element): tensors of at most ``_NORM_SMALL`` elements still go through one float64 ``_foreach_norm`` (at that
-    size the copy costs less than the extra operations of rows); larger ones as float32 norms of rows of
-    ``_NORM_ROW`` elements (few enough terms per SIMD lane that even a constant tensor stays below ~4e-7), the
-    rows' squares summed in float64. A whole float32 norm is not used: it drifts by ~1e-5 at 1e4 elements and
-    ~1e-3 at 1e6. Neither overflows for fp16/bf16 (float64 or float32 accumulators).
+    element): tensors of at most ``_NORM_SMALL`` elements as float32 sums of their squares (torch's CPU sum is a
+    cascade sum: within ~3e-7 of float64 at any size measured; 100K elements in ~50 us where the float64 norm takes
+    ~90 us, ~190 us run cold inside a fit); larger ones as float32 norms of rows of ``_NORM_ROW`` elements (few
+    enough terms per SIMD lane that even a constant tensor stays below ~4e-7; the cascade sum of a 16M-element
+    tensor's squares takes 7x as long), the rows' squares summed in float64. A whole float32 *norm* is not used:
+    it drifts by ~1e-5 at 1e4 elements and ~1e-3 at 1e6. fp16/bf16 are squared in float32. A float32 square
+    overflows past ~1.8e19 an element: a CPU norm that comes out Inf or NaN is measured again in float64, so only
+    a real NaN/Inf reads as one.
     """
     tensors = [t.detach() for t in tensors]
     if not tensors:
@@ -42,8 +46,18 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     fused = FUSED if FUSED is not None else device.type == "cuda" or any(t.dtype == torch.float64 for t in tensors)
     if fused:
         return torch.stack(foreach_norm(tensors, 2, dtype=torch.float64)).square()
-    small = [t for t in tensors if t.numel() <= _NORM_SMALL]
-    whole = torch.stack(foreach_norm(small, 2, dtype=torch.float64)).square() if small else None
+    sq = _cpu_squared_norms(tensors)
+    values = sq.tolist()
+    if not math.isfinite(sum(values)):  # an overflow of float32 (or a real NaN/Inf): those again in float64
+        bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        sq[bad] = torch.stack(foreach_norm([tensors[i] for i in bad], 2, dtype=torch.float64)).square()
+    return sq
+
+
+def _cpu_squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """:func:`squared_norms` in float32 on a CPU (see there), float64 out."""
+    small = [t if t.dtype == torch.float32 else t.float() for t in tensors if t.numel() <= _NORM_SMALL]
+    whole = torch.stack([s.sum() for s in foreach_mul(small, small)]).double() if small else None
     parts = []
     for t in tensors:
         n = t.numel()
@@ -57,6 +71,7 @@ def squared_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     rows = torch.cat(parts).double().square()
     if whole is not None:
         rows = torch.cat([whole, rows])
+    device = tensors[0].device
     owner = _norm_owner(tuple(t.numel() for t in tensors), device)
     return torch.zeros(len(tensors), dtype=torch.float64, device=device).index_add_(0, owner, rows)
 
