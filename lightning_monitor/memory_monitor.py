@@ -149,6 +149,9 @@ class MemoryMonitor(Monitor):
         self._counters = (0, 0)  # (num_alloc_retries, num_ooms) at the last log
         self._nvml_missing = False  # said once; not tried again by later fit/validate/test calls
         self._available_first: Optional[int] = None  # the fit's first reading of the host's available memory
+        #: whether the run's DataLoaders start workers (:func:`_has_workers`): read at the first logging step after
+        #: the dataloaders may have been made again (a fit's start, each training epoch's and validation's start)
+        self._workers: Optional[bool] = None
         self._available_moved = False  # it has moved by AVAILABLE_MOVED_SHARE since: logged from then on
 
     def __getstate__(self) -> dict[str, Any]:
@@ -197,6 +200,7 @@ class MemoryMonitor(Monitor):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         super().on_train_start(trainer, pl_module)
         self._available_first, self._available_moved = None, False
+        self._workers = None
         if self._cuda is not None:
             self._phase = None
             self._counters = self._read_counters(self._fold())  # drops what sanity checking and setup peaked at
@@ -204,6 +208,7 @@ class MemoryMonitor(Monitor):
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._workers = None  # reload_dataloaders_every_n_epochs may have made new ones
         self._enter("train")
 
     @override
@@ -213,6 +218,7 @@ class MemoryMonitor(Monitor):
     @override
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not trainer.sanity_checking:
+            self._workers = None
             self._outer_phase = self._phase
             self._enter("validation")
 
@@ -277,7 +283,9 @@ class MemoryMonitor(Monitor):
             self._log_step(trainer, step)
 
     def _log_step(self, trainer: "pl.Trainer", step: int) -> None:
-        host = _memory.host_memory()
+        if self._workers is None:
+            self._workers = _has_workers(trainer)
+        host = _memory.host_memory(workers=self._workers)
         if self._available_first is None:
             self._available_first = host.available
         moved = abs(host.available - self._available_first) >= AVAILABLE_MOVED_SHARE * host.total
@@ -287,7 +295,7 @@ class MemoryMonitor(Monitor):
             "memory/host/available_gib": host.available / GIB,
             _MOVED: float(self._available_moved),
         }
-        if _has_workers(trainer):  # without workers these keys can only read 0 (the same set on every rank)
+        if self._workers:  # without workers these keys can only read 0 (the same set on every rank)
             values["memory/host/workers_uss_gib"] = host.workers_uss / GIB
             values["memory/host/worker_processes"] = float(host.workers)
         if self._cuda is not None:

@@ -170,8 +170,8 @@ def test_host_wide_available_memory_is_logged_once_it_moves(tmp_path, monkeypatc
     readings = iter([50.0, 50.5, 49.5, 48.0, 48.75, 47.0])  # GiB available at steps 1, 3, 5, 7, 9, 11
     real = _memory.host_memory
 
-    def host_memory() -> Any:
-        return real()._replace(available=int(next(readings) * GIB), total=total)
+    def host_memory(**kwargs: Any) -> Any:
+        return real(**kwargs)._replace(available=int(next(readings) * GIB), total=total)
 
     monkeypatch.setattr(_memory, "host_memory", host_memory)
     trainer = make_trainer(tmp_path, max_steps=12, callbacks=[MemoryMonitor(every_n_steps=2)])
@@ -459,7 +459,7 @@ def test_no_work_and_no_sync_outside_logging_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(_memory, "cuda_source", lambda trainer: fake)
     host_reads = []
     real_host_memory = _memory.host_memory
-    monkeypatch.setattr(_memory, "host_memory", lambda: host_reads.append(1) or real_host_memory())
+    monkeypatch.setattr(_memory, "host_memory", lambda **kw: host_reads.append(1) or real_host_memory(**kw))
 
     model = ScriptedModel()
     model.fake = fake
