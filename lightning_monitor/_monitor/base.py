@@ -222,11 +222,15 @@ class Monitor(Callback):
             if shared is not None:
                 shared.batches, shared.step, shared.manual = self._batches, step, self._manual
                 shared.interval = interval
+                shared.candidate = step if _cadence.is_logging_step(step, interval) else None
         self._batch_step = step
         # the step this batch logs at if it completes it (found at its end: _batch_logging_step); None for a batch
         # that cannot, so that its end reads nothing of the trainer
-        n = interval if self.every_n_steps is None else self.every_n_steps
-        self._candidate = step if _cadence.is_logging_step(step, n) else None
+        if self.every_n_steps is None and shared is not None:  # the trainer's cadence: decided once for all
+            self._candidate = shared.candidate
+        else:
+            n = interval if self.every_n_steps is None else self.every_n_steps
+            self._candidate = step if _cadence.is_logging_step(step, n) else None
         if self._batches == 1:  # this rank's part in work on the model: fixed for a fit, read by every batch after
             self._works_here = _dist.works_on_model_here(trainer)
         if self._batches == 2 and self._budget is not None:
@@ -313,12 +317,14 @@ class _BatchStart:
     optimization or not, the trainer's ``log_every_n_steps``), read once per batch by the first monitor whose start
     runs and reused by the others: they run one after another, the first monitor's first (Lightning calls callbacks
     in order). ``batches``: which of the fit's batches it was read for (each monitor counts its own); a monitor that
-    finds another count reads the trainer itself."""
+    finds another count reads the trainer itself. ``candidate``: the batch's step when it is a logging step of
+    ``log_every_n_steps`` (else ``None``), for every monitor without its own ``every_n_steps``."""
 
-    __slots__ = ("batches", "step", "manual", "interval")
+    __slots__ = ("batches", "step", "manual", "interval", "candidate")
 
     def __init__(self) -> None:
         self.batches, self.step, self.manual, self.interval = 0, 0, False, 1
+        self.candidate: Optional[int] = None
 
 
 _time_hooks(Monitor)  # the base's own hooks (a subclass that does not override one still runs it)

@@ -157,7 +157,12 @@ def tensors_in(batch: Any) -> list[torch.Tensor]:
 def shape_key(batch: Any) -> tuple[tuple[int, ...], ...]:
     """The shapes of a batch's tensors (:func:`tensors_in`, ``torch.Size`` values: tuples): the key FLOPs are cached
     under, and the batch size (the first tensor's leading dimension)."""
-    if type(batch) in (tuple, list):  # (inputs, targets): most batches, without a walk
+    kind = type(batch)
+    if kind is tuple or kind is list:  # (inputs, targets): most batches, without a walk
+        if len(batch) == 2:
+            first, second = batch
+            if type(first) is torch.Tensor and type(second) is torch.Tensor:
+                return (first.shape, second.shape)
         shapes = tuple([v.shape for v in batch if type(v) is torch.Tensor])
         if len(shapes) == len(batch):
             return shapes
