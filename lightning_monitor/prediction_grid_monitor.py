@@ -163,6 +163,8 @@ class PredictionGridMonitor(Monitor):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._off = False  # a new run: a model the last one could not read may be readable now
+        if trainer.is_global_zero:
+            _draw.warm_up()  # before training: not a cost of the first grid (the budget spaces grids out by it)
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -56,6 +56,16 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
+def warm_up() -> None:
+    """Imports what drawing and writing a grid need (Pillow's image plugins, the PNG encoder TensorBoard's
+    ``add_image`` uses, ``make_grid``): ~8 ms, a one-off of the first grid otherwise, which the cost budget would read
+    as what every grid costs."""
+    from PIL import Image, ImageDraw  # noqa: F401
+    from torchvision.utils import make_grid  # noqa: F401
+
+    Image.preinit()  # Pillow's documented loader of its common format plugins (PNG among them)
+
+
 @functools.cache
 def font_px(tile_width: int) -> int:
     """The label font size of a tile ``tile_width`` pixels wide: the largest at which :data:`LABEL_SAMPLE` fits."""
