@@ -228,19 +228,23 @@ class SpeedMonitor(Monitor):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        now, costs = _clock.now(), self._costs()
+        now, table = _clock.now(), self._cost_table
+        costs = (_writers.seconds_writing(), table[:-1])  # self._costs(), inline: this runs at every batch
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         step = self._batch_step  # trainer.global_step under automatic optimization (read once, by the base)
         if self._manual or step is None:
             step = trainer.global_step
         if self._first_step is None:
             self._first_step = step  # a resumed fit warms up again too
-        self._wait_costs = self._prev_costs if self._prev_end is not None else costs  # the batch's costs start here
         # logger writes since the previous batch ended (Lightning writes self.log values there) are no training
         # time; other monitors' hooks there (their batch ends) are training time but no data wait
-        written = costs[0] - self._wait_costs[0]
-        self._wait = now - self._prev_end - written if self._prev_end is not None else 0.0
-        self._wait_hooks = self._others_hook_seconds() - self._wait_others
+        prev_end = self._prev_end
+        if prev_end is not None:
+            self._wait_costs = wait_costs = self._prev_costs  # the batch's costs start where the last one's ended
+            self._wait = now - prev_end - (costs[0] - wait_costs[0])
+        else:
+            self._wait_costs, self._wait = costs, 0.0
+        self._wait_hooks = table[-1] - self._hook_seconds - self._wait_others  # other monitors' hooks since then
         self._start, self._start_costs = now, costs
         self._before_backward = None
         self._exclude = step < self._first_step + self.warmup_steps
@@ -269,19 +273,22 @@ class SpeedMonitor(Monitor):
         log_step = None if self._exclude else self._batch_logging_step(trainer)  # warm-up and measured steps: none
         if log_step is not None and self._cuda is not None:
             torch.cuda.synchronize(self._cuda)  # sync point: once per logging step (the window ends with the GPU)
-        now, costs = _clock.now(), self._costs()
+        now, table = _clock.now(), self._cost_table
+        costs = (_writers.seconds_writing(), table[:-1])  # self._costs(), inline: this runs at every batch
         if not self._exclude:
-            written = costs[0] - self._start_costs[0]  # logger writes inside the step: no training time
+            start, start_written = self._start, self._start_costs[0]
+            written = costs[0] - start_written  # logger writes inside the step: no training time
             if self._before_backward is None:
-                pre_sync = now - self._start - written
+                pre_sync = now - start - written
             else:
-                pre_sync = self._before_backward - self._start - (self._before_backward_written - self._start_costs[0])
-            self._window.add_batch(self._samples, self._wait, now - self._start - written, pre_sync,
+                pre_sync = self._before_backward - start - (self._before_backward_written - start_written)
+            self._window.add_batch(self._samples, self._wait, now - start - written, pre_sync,
                                    self._batch_flops or 0.0, self._wait_hooks)
             self._window.add_span(self._wait_costs, costs)
             if self.items_fn is not None:
                 self._window.add_items(self.items_fn(batch))
-        self._mark(now, costs)
+        # self._mark(now, costs), inline: where the next batch's data wait starts
+        self._prev_end, self._prev_costs, self._wait_others = now, costs, table[-1] - self._hook_seconds
         self._batch_idx = batch_idx
         if log_step is not None:
             self._log_window(trainer, log_step)
