@@ -7,6 +7,7 @@ same bytes.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -138,6 +139,15 @@ def prepare_images(key: str, images: Any, caption: Optional[Union[str, Sequence[
     if captions is not None and len(captions) != len(arrays):
         raise ValueError(f"image {key!r}: {len(arrays)} images but {len(captions)} captions")
     return Images(key, arrays, captions)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """``H x W x C`` uint8 (C 3 or 4) as PNG bytes, zlib level 1 (lossless; fast rather than smallest)."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
