@@ -153,6 +153,7 @@ class PredictionGridMonitor(Monitor):
         self._images: Optional[torch.Tensor] = None  # the fixed samples, on the CPU
         self._labels: Optional[torch.Tensor] = None
         self._display: Optional[np.ndarray] = None  # their pictures, N x h x w x 3 uint8 (made at the first grid)
+        self._blanks: list[Any] = []  # each picture's tile before its labels (_draw.blank), made with _display
         self._labels_np: Optional[np.ndarray] = None
         self._last_drawn_at = -1  # trainer.global_step (model updates) of the last grid: one model state, one grid
         self._off = False  # turned off for the rest of the run (one warning said why)
@@ -319,6 +320,7 @@ class PredictionGridMonitor(Monitor):
         if self._display is None or self._labels_np is None:  # once per sample set; host tensors only
             assert self._images is not None and self._labels is not None  # taken before any grid is drawn
             self._display = _draw.display_images(self._images, self.tile_size, self.mean, self.std)
+            self._blanks = [_draw.blank(picture) for picture in self._display]
             self._labels_np = self._labels.numpy()
         confidence, predicted = probs.max(axis=1), probs.argmax(axis=1)
         labels = self._labels_np
@@ -338,7 +340,7 @@ class PredictionGridMonitor(Monitor):
             pred, true, conf = self._name(int(predicted[i])), self._name(int(labels[i])), float(confidence[i])
             colour = _draw.WRONG_TEXT_RGB if wrong[i] else _draw.RIGHT_TEXT_RGB
             lines = [(f"{pred} | {conf:.2f}", colour), (f"true {true}", _draw.TEXT_RGB)]
-            tiles.append(_draw.tile(pictures[i], lines, wrong[i]))
+            tiles.append(_draw.tile(pictures[i], lines, wrong[i], self._blanks[i]))
             if wrong[i]:
                 mistakes.append(f"{true}->{pred} ({conf:.2f})")
         right = len(labels) - len(mistakes)

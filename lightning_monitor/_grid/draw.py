@@ -144,19 +144,39 @@ def _fit(draw: Any, text: str, width: int, font: Any) -> str:
     return text + ".."
 
 
-def tile(image: np.ndarray, lines: Sequence[tuple[str, tuple[int, int, int]]], wrong: bool) -> np.ndarray:
-    """One ``H x W x 3`` uint8 image to a ``(H + band_px(W)) x W x 3`` tile with (up to two) ``lines`` under it."""
+@functools.lru_cache(maxsize=4096)
+def _fitted(text: str, width: int, size: int) -> str:
+    """``text`` cut (with "..") to ``width`` pixels in the label font of ``size``: labels repeat from grid to grid."""
     from PIL import Image, ImageDraw
+
+    return _fit(ImageDraw.Draw(Image.new("RGB", (1, 1))), text, width, _font(size))
+
+
+def blank(image: np.ndarray) -> Any:
+    """The tile of one ``H x W x 3`` uint8 picture before its labels: a Pillow image of the picture above an empty
+    label band (made once per sample, copied for each grid)."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    canvas = Image.new("RGB", (width, height + band_px(width)), BAND_RGB)
+    canvas.paste(Image.fromarray(np.ascontiguousarray(image), mode="RGB"), (0, 0))
+    return canvas
+
+
+def tile(image: np.ndarray, lines: Sequence[tuple[str, tuple[int, int, int]]], wrong: bool,
+         base: Optional[Any] = None) -> np.ndarray:
+    """One ``H x W x 3`` uint8 image to a ``(H + band_px(W)) x W x 3`` tile with (up to two) ``lines`` under it
+    (``base``: the picture's :func:`blank`, when kept)."""
+    from PIL import ImageDraw
 
     height, width = image.shape[:2]
     size = font_px(width)
-    canvas = Image.new("RGB", (width, height + band_px(width)), BAND_RGB)
-    canvas.paste(Image.fromarray(np.ascontiguousarray(image), mode="RGB"), (0, 0))
+    canvas = base.copy() if base is not None else blank(image)
     draw = ImageDraw.Draw(canvas)
     font = _font(size)
     room = width - 2 * TEXT_MARGIN_PX
     for i, (text, colour) in enumerate(lines[:2]):
-        draw.text((TEXT_MARGIN_PX, height + 2 + i * (size + 2)), _fit(draw, text, room, font), fill=colour, font=font)
+        draw.text((TEXT_MARGIN_PX, height + 2 + i * (size + 2)), _fitted(text, room, size), fill=colour, font=font)
     if wrong:
         w, h = canvas.size
         for k in range(FRAME_PX):
