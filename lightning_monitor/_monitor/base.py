@@ -216,8 +216,8 @@ class Monitor(Callback):
         if shared is not None and shared.batches == self._batches:  # the first monitor read it for this batch
             step, self._manual, interval = shared.step, shared.manual, shared.interval
         else:
-            step = _cadence.batch_start_step(trainer, pl_module)
-            self._manual = not pl_module.automatic_optimization
+            self._manual = manual = not pl_module.automatic_optimization  # read once: a property of the module
+            step = _cadence.batch_start_step(trainer, pl_module, manual)
             interval = _cadence.logging_interval(trainer, None)
             if shared is not None:
                 shared.batches, shared.step, shared.manual = self._batches, step, self._manual

@@ -26,17 +26,18 @@ def is_logging_step(step: int, every_n_steps: int) -> bool:
     return (step + 1) % every_n_steps == 0
 
 
-def batch_start_step(trainer: "pl.Trainer", module: Optional["pl.LightningModule"] = None) -> int:
+def batch_start_step(trainer: "pl.Trainer", module: Optional["pl.LightningModule"] = None,
+                     manual: Optional[bool] = None) -> int:
     """The step Lightning's ``self.log`` gives the training batch that starts now.
 
     ``trainer.global_step`` under automatic optimization (batches that accumulate gradients share it). Under
     manual optimization ``self.log`` counts training batches while ``trainer.global_step`` counts every
     ``optimizer.step()`` call (twice per batch in a GAN), so the step is the number of completed batches.
     """
-    module = trainer.lightning_module if module is None else module  # the hook's own argument: no property chain
-    if module is None or module.automatic_optimization:
-        return trainer.global_step
-    return completed_batches(trainer)
+    if manual is None:  # ``manual``: the caller read ``not module.automatic_optimization`` already
+        module = trainer.lightning_module if module is None else module  # the hook's argument: no property chain
+        manual = module is not None and not module.automatic_optimization
+    return completed_batches(trainer) if manual else trainer.global_step
 
 
 def validation_step(trainer: "pl.Trainer", last_batch_step: Optional[int]) -> int:
