@@ -126,7 +126,8 @@ def test_half_precision_norms_never_overflow():
 def test_a_finite_gradient_beyond_float32_squares_is_not_read_as_inf():
     """CPU norms square in float32 (overflow past ~1.8e19 an element): such a tensor, small or large, is measured
     again in float64 (a finite norm, no false NaN/Inf), the others keep their float32 values, and a real NaN stays."""
-    tensors = [torch.full((100,), 3e19), torch.ones(5), torch.full((200_000,), -2e19), torch.tensor([float("nan"), 1.0])]
+    nan = torch.tensor([float("nan"), 1.0])
+    tensors = [torch.full((100,), 3e19), torch.ones(5), torch.full((200_000,), -2e19), nan]
     sq = squared_norms(tensors).tolist()
     for got, t in list(zip(sq, tensors, strict=True))[:3]:
         assert math.isfinite(got) and got == pytest.approx(float(t.double().square().sum()), rel=1e-6)

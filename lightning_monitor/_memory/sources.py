@@ -132,7 +132,8 @@ def host_memory(workers: bool = True) -> HostMemory:
     :data:`WORKERS_READ_EVERY_SEC` seconds while the same workers live, and the last reading reported in between.
     The system's available memory is read at most every :data:`SYSTEM_READ_EVERY_SEC` seconds.
     """
-    pids, workers_uss = frozenset(), 0
+    pids: frozenset[int] = frozenset()
+    workers_uss = 0
     if workers:
         pids, workers_uss = _workers_memory()
     global _system_read
