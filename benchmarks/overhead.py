@@ -34,6 +34,9 @@ Configurations:
                    validates every 100 steps (one batch of 256), the baseline too.
 * ``all, no budget`` the same with ``cost_budget=None`` on GradientMonitor and PredictionGridMonitor: every
                    histogram, every per-step NaN/Inf check, every grid.
+* ``4 empty callbacks`` (``--only small10`` / ``small50``) the baseline with four ``Callback()`` that override
+                   nothing: what Lightning's own dispatch of every hook to four more callbacks costs, which no
+                   monitor can time (it happens outside their hooks).
 
 ``--self-cost`` runs ``baseline``, ``monitors``, ``ours`` and ``ours+grid`` and adds a table that sets the library's own
 measurement of its cost beside the measured one: the end-to-end share ``(T - T_baseline) / T`` of each round,
@@ -76,7 +79,7 @@ CONFIGS = ["baseline", "ours", "ours+grid", "lightning", "add_histogram", "wandb
 #: extra configurations, run only when named with --configs: one monitor alone on the baseline's logger
 SINGLE = ["grad", "memory", "speed", "monitors", "ours+health", "ours+stall"]
 #: the small model's configurations (--only small10): the cost budget on and off
-BUDGET = ["baseline", "all", "all, no budget"]
+BUDGET = ["baseline", "4 empty callbacks", "all", "all, no budget"]
 #: time/monitor_share values SpeedMonitor logged in the current fit: (step, value)
 LOGGED_SHARES: list[tuple[int, float]] = []
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -200,6 +203,8 @@ def build(config: str, model_name: str, n: int, root: str) -> tuple[Any, list[pl
 
     if config == "baseline":
         return tb(), [], nothing
+    if config == "4 empty callbacks":
+        return tb(), [pl.Callback() for _ in range(4)], nothing
     if config in ("ours", "ours+grid", "ours+health", "ours+stall"):
         from lightning_monitor import (
             GradientMonitor,
