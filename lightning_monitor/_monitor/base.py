@@ -211,13 +211,9 @@ class Monitor(Callback):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        self._batches = batches = self._batches + 1
+        self._batches += 1
         shared = self._batch_start
-        if shared is not None and shared.batches == batches and batches > 2 and self.every_n_steps is None:
-            # the common case: the first monitor read this batch's start for all, at the trainer's cadence
-            self._batch_step, self._manual, self._candidate = shared.step, shared.manual, shared.candidate
-            return
-        if shared is not None and shared.batches == batches:  # the first monitor read it for this batch
+        if shared is not None and shared.batches == self._batches:  # the first monitor read it for this batch
             step, self._manual, interval = shared.step, shared.manual, shared.interval
         else:
             self._manual = manual = not pl_module.automatic_optimization  # read once: a property of the module
