@@ -226,7 +226,7 @@ class PredictionGridMonitor(Monitor):
         if "images" not in state_dict:
             return
         images, labels = state_dict.get("images"), state_dict.get("labels")
-        problem = _state_problem(images, labels)
+        problem = _grid_input.state_problem(images, labels)
         # a checkpoint from another version, or edited by hand: never trusted blindly
         if problem or images is None or labels is None:
             self._warn("state", f"PredictionGridMonitor ignores the samples stored in the checkpoint ({problem}); it"
@@ -390,13 +390,3 @@ def _why(error: Exception) -> str:
         " module's forward; `batch_fn=` and `output_fn=` adapt other layouts"
     )
 
-
-def _state_problem(images: Any, labels: Any) -> str:
-    """What makes a restored ``(images, labels)`` unusable (empty when they are fine)."""
-    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        return f"images and labels must be tensors, got {type(images).__name__} and {type(labels).__name__}"
-    if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
-        return f"images of shape {tuple(images.shape)}, expected N x C x H x W with C in 1, 3"
-    if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
-        return f"labels of shape {tuple(labels.shape)} and dtype {labels.dtype} for {images.shape[0]} images"
-    return ""

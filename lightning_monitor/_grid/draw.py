@@ -163,15 +163,14 @@ def blank(image: np.ndarray) -> Any:
     return canvas
 
 
-def tile(image: np.ndarray, lines: Sequence[tuple[str, tuple[int, int, int]]], wrong: bool,
-         base: Optional[Any] = None) -> np.ndarray:
+def tile(image: np.ndarray, lines: Sequence[tuple[str, tuple[int, int, int]]], wrong: bool, base: Any) -> np.ndarray:
     """One ``H x W x 3`` uint8 image to a ``(H + band_px(W)) x W x 3`` tile with (up to two) ``lines`` under it
-    (``base``: the picture's :func:`blank`, when kept)."""
+    (``base``: the picture's :func:`blank`, kept between grids and copied here)."""
     from PIL import ImageDraw
 
     height, width = image.shape[:2]
     size = font_px(width)
-    canvas = base.copy() if base is not None else blank(image)
+    canvas = base.copy()
     draw = ImageDraw.Draw(canvas)
     font = _font(size)
     room = width - 2 * TEXT_MARGIN_PX

@@ -131,3 +131,14 @@ def describe(obj: Any, depth: int = 0) -> str:
         inner = ", ".join(describe(v, 1) for v in list(obj)[:4]) + (", ..." if len(obj) > 4 else "")
         return f"{type(obj).__name__} of {len(obj)} ({inner})"
     return type(obj).__name__
+
+
+def state_problem(images: Any, labels: Any) -> str:
+    """What makes a restored ``(images, labels)`` unusable (empty when they are fine)."""
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        return f"images and labels must be tensors, got {type(images).__name__} and {type(labels).__name__}"
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
+        return f"images of shape {tuple(images.shape)}, expected N x C x H x W with C in 1, 3"
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0] or labels.is_floating_point():
+        return f"labels of shape {tuple(labels.shape)} and dtype {labels.dtype} for {images.shape[0]} images"
+    return ""
