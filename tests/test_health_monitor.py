@@ -4,7 +4,6 @@ replay prints the live run's alerts; a fault-free MNIST run raises none; stop an
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import mmap
@@ -21,6 +20,7 @@ from helpers import (
     find_runs,
     image_loader,
     make_trainer,
+    steady_heap,
     tb_accumulator,
     tb_scalars,
 )
@@ -176,8 +176,8 @@ def test_a_callback_leaking_host_memory_is_a_leak(tmp_path, capsys):
     logger = MultiLogger(save_dir="runs", name="leak", wandb=False)
     health = HealthMonitor(leak_gib=0.05, leak_window=8)
     leak = _Leak()
-    gc.collect()  # earlier tests' garbage freed now, not inside the window (RSS would fall while the leak grows)
-    _fit(Faulty(), [MemoryMonitor(), leak, health], logger, steps=40)
+    with steady_heap():  # earlier tests' garbage freed before, not inside the window (RSS would fall as it grows)
+        _fit(Faulty(), [MemoryMonitor(), leak, health], logger, steps=40)
     rss = tb_scalars(logger.log_dir, "memory/host/rss_gib")
     assert rss[-1][1] - rss[0][1] > 0.25  # it really leaked: 40 x 8 MiB
     leaks = [a for a in health.alerts if a.rule == "host_memory_leak"]

@@ -24,6 +24,7 @@ from helpers import (
     image_loader,
     make_trainer,
     run_ddp_script,
+    steady_heap,
     tb_all_scalars,
 )
 from lightning.pytorch.callbacks import Callback
@@ -221,12 +222,13 @@ def test_system_memory_is_read_at_most_every_interval(monkeypatch):
     it is read again only after SYSTEM_READ_EVERY_SEC, the process's RSS at every call."""
     monkeypatch.setattr(_memory, "SYSTEM_READ_EVERY_SEC", 3600.0)
     monkeypatch.setattr(_memory, "_system_read", (float("-inf"), 0, 0))
-    first = _memory.host_memory()
-    when = _memory._system_read[0]
-    assert first.total == psutil.virtual_memory().total and first.available > 0
-    ballast = bytearray(64 * 2**20)
-    ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touched: resident
-    again = _memory.host_memory()
+    with steady_heap():
+        first = _memory.host_memory()
+        when = _memory._system_read[0]
+        assert first.total == psutil.virtual_memory().total and first.available > 0
+        ballast = bytearray(64 * 2**20)
+        ballast[:: 4096] = b"x" * len(ballast[:: 4096])  # touched: resident
+        again = _memory.host_memory()
     assert _memory._system_read[0] == when and again.available == first.available  # not read again
     assert again.rss >= first.rss + 60 * 2**20  # the process's own memory is read every time
     monkeypatch.setattr(_memory, "SYSTEM_READ_EVERY_SEC", 0.0)
@@ -248,12 +250,15 @@ def test_rss_is_this_processs_after_another_owner_closes_the_kept_descriptor(tmp
         duplicated = other.fileno() != fd
         os.dup2(other.fileno(), fd)
         assert os.pread(fd, 64, 0) == b"1 297643 3 4 5 6 7\n"
-        before = _memory._rss()
-        assert abs(before - psutil.Process().memory_info().rss) < 8 * 2**20
-        ballast = bytearray(64 * 2**20)
-        ballast[:: 4096] = b"x" * len(ballast[:: 4096])
-        assert _memory._rss() >= before + 60 * 2**20
-        del ballast
+        with steady_heap():
+            before = _memory._rss()
+            assert abs(before - psutil.Process().memory_info().rss) < 8 * 2**20
+            ballast = bytearray(64 * 2**20)
+            ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+            after = _memory._rss()
+            assert after >= before + 60 * 2**20
+            assert abs(after - psutil.Process().memory_info().rss) < 8 * 2**20
+            del ballast
     if duplicated:
         os.close(fd)  # our duplicate (the reader opened its own descriptor again)
 

@@ -19,6 +19,7 @@ from helpers import (
     find_runs,
     image_loader,
     make_trainer,
+    steady_heap,
     tb_accumulator,
 )
 from lightning.pytorch.callbacks import Callback
@@ -44,21 +45,6 @@ class _Leak(Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.kept.append(torch.ones(2 << 20))  # 8 MiB, written (so resident)
-
-
-def _release_free_heap() -> None:
-    """Hands the C allocator's free memory back to the system (glibc's ``malloc_trim``; nothing elsewhere).
-
-    An earlier test that freed large buffers (an image downscaled in bands of 32 MiB raises glibc's mmap threshold)
-    leaves hundreds of MiB free but resident in this process; a leak of 8 MiB blocks then reuses them and RSS stays
-    flat for the first 30 steps: an order-dependent miss in a CI run (seed 1166850914). A fresh process, as a user's
-    run starts, has no such pool."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError):
-        pass
 
 
 def _fit(model: Any, callbacks: list[Any], logger: Any, steps: int, data: Any, every: int = 2) -> Any:
@@ -119,11 +105,11 @@ def test_a_dataset_that_sleeps_is_input_bound_and_a_fast_one_is_not(capsys):
 
 
 def test_a_callback_keeping_a_growing_list_of_tensors_is_memory_creep_in_every_backend():
-    _release_free_heap()
     leak = _Leak()
     summary = RunSummary()
     logger = MultiLogger(save_dir="runs", name="leak")  # wandb offline
-    _fit(TinyImageModel(), [MemoryMonitor(), leak, summary], logger, steps=40, data=image_loader(64))
+    with steady_heap():  # no earlier test's freed memory for the leak to reuse, none of its garbage freed inside
+        _fit(TinyImageModel(), [MemoryMonitor(), leak, summary], logger, steps=40, data=image_loader(64))
     leak.kept.clear()
     assert "MEMORY-CREEP" in _names(summary)
     (creep,) = [v for v in summary.verdicts if v.name == "MEMORY-CREEP"]
