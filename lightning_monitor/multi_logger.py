@@ -30,7 +30,7 @@ from lightning_monitor._run.options import (
 )
 from lightning_monitor._run.run import Run
 from lightning_monitor._run.writers import RunTensorBoard, RunWandb
-from lightning_monitor._writers.backends import Backend, Writer, deliver
+from lightning_monitor._writers.backends import Backend, Writer, deliver, write_pending
 from lightning_monitor._writers.media import HistogramData, make_histogram, prepare_images
 from lightning_monitor._writers.plain import check_not_tensorboardx
 
@@ -223,6 +223,7 @@ class MultiLogger(Logger, Backend):
             self._deliver(lambda w: partial(w.scalars, scalars, step), step, scalars)
         finally:
             self._guard.from_model = False
+            write_pending()  # the monitors' scalars of this step, right after Lightning's (backends.defer)
 
     @override
     @rank_zero_only

@@ -10,8 +10,9 @@ from helpers import TinyImageModel, event_files, image_loader, make_trainer, tb_
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+from torch.nn import functional as F
 
-from lightning_monitor import GradientMonitor, MultiLogger
+from lightning_monitor import GradientMonitor, MemoryMonitor, MultiLogger
 from lightning_monitor._writers.tb_crc import use_fast_crc
 
 
@@ -130,3 +131,68 @@ def test_repeated_keys_reuse_one_event_and_write_each_steps_values(tmp_path):
     series = tb_all_scalars(logger.log_dir)
     assert series["a/x"] == [(1, 1.5), (2, 2.5), (3, 3.5), (4, 4.5), (6, 6.5), (7, 7.5)]
     assert series["a/y"] == [(1, 2.0), (2, 3.0), (3, 4.0), (4, 5.0), (5, 6.0), (6, 7.0)]
+
+
+class _Silent(TinyImageModel):
+    """Logs nothing: Lightning calls no logger at its logging steps."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.nll_loss(self(x), y)
+
+
+class _RaisesAt(TinyImageModel):
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.at:
+            raise RuntimeError(f"boom at step {self.at}")
+        return super().training_step(batch, batch_idx)
+
+
+def _scalar_events(path: str) -> list[tuple[int, list[str]]]:
+    return [(e.step, sorted(_tags(e))) for e in read_records(path) if e.summary.value
+            and e.summary.value[0].WhichOneof("value") == "simple_value"]
+
+
+@pytest.mark.parametrize("kind", ["plain", "multi"])
+def test_the_monitors_scalars_follow_lightnings_own_event_of_the_step(tmp_path, kind):
+    """At a logging step the monitors' scalars are put on TensorBoard's queue right after the model's ``self.log``
+    event of that step (whose put woke the writer thread: ours then wakes nothing), for a plain TensorBoardLogger and
+    for MultiLogger; every logging step has both, the model's first."""
+    logger = (TensorBoardLogger(tmp_path / "runs") if kind == "plain"
+              else MultiLogger(save_dir=tmp_path / "runs", name="order", wandb=False))
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=6, log_every_n_steps=2,
+                           callbacks=[GradientMonitor(histograms=False), MemoryMonitor()])
+    trainer.fit(TinyImageModel(), image_loader(96))
+    (path,) = event_files(logger.log_dir)
+    # (a plain TensorBoardLogger writes each self.log key as its own event, MultiLogger all of them as one)
+    rows = [(step, "model" if "train/loss" in tags else "monitors")
+            for step, tags in _scalar_events(path) if "train/loss" in tags or "grad/norm_total" in tags]
+    assert rows == [(s, who) for s in (1, 3, 5) for who in ("model", "monitors")]
+
+
+def test_the_monitors_scalars_are_written_when_the_model_logs_nothing(tmp_path):
+    """No ``self.log``: Lightning writes nothing at its logging steps, and the monitors' scalars of each one are
+    written at the next hook of a monitor (the last step's at the end of the fit)."""
+    logger = TensorBoardLogger(tmp_path / "runs")
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=6, log_every_n_steps=2,
+                           callbacks=[GradientMonitor(histograms=False), MemoryMonitor()])
+    trainer.fit(_Silent(), image_loader(96))
+    series = tb_all_scalars(logger.log_dir)
+    assert "train/loss" not in series
+    for key in ("grad/norm_total", "memory/host/rss_gib"):
+        assert [s for s, _ in series[key]] == [1, 3, 5], key
+
+
+def test_the_last_logging_steps_scalars_are_written_before_a_failed_fit_finalizes(tmp_path):
+    """The batch after a logging step raises: the scalars of that logging step are in the file (written when the
+    monitors hear of the exception, before Lightning finalizes the loggers), for a model that logs nothing too."""
+    logger = TensorBoardLogger(tmp_path / "runs")
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=10, log_every_n_steps=2,
+                           callbacks=[GradientMonitor(histograms=False)])
+    with pytest.raises(RuntimeError, match="boom at step 4"):
+        trainer.fit(_RaisesAt(4), image_loader(96))
+    assert [s for s, _ in tb_all_scalars(logger.log_dir)["grad/norm_total"]] == [1, 3]

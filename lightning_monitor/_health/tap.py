@@ -20,7 +20,7 @@ from typing import Any, Optional
 from lightning.pytorch.loggers import Logger
 from typing_extensions import override
 
-from lightning_monitor._writers.backends import Backend, ScalarSink, Writer
+from lightning_monitor._writers.backends import Backend, ScalarSink, Writer, write_pending
 
 #: families of keys that are not training signals: HealthMonitor's own and RunSummary's end-of-run numbers
 _NOT_SIGNALS = ("health/", "summary/")
@@ -86,6 +86,7 @@ class Tap(Logger, Backend):
 
     @override
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
+        write_pending()  # the monitors' scalars of this step reach the store before HealthMonitor judges it
         self.pending.add(metrics, step)
         if self.on_log is not None:
             self.on_log()

@@ -23,6 +23,7 @@ from lightning_monitor._monitor import cadence as _cadence
 from lightning_monitor._monitor import dispatch as _dispatch
 from lightning_monitor._monitor import dist as _dist
 from lightning_monitor._monitor.budget import Budget, Part, turned_off_by_environment
+from lightning_monitor._writers import backends as _backends
 from lightning_monitor._writers.media import HistogramData
 
 #: strategies that hide parameters in flat shards, behind their own wrapper (FSDP1, DeepSpeed ZeRO)
@@ -49,6 +50,8 @@ def _timed_hook(hook: _F) -> _F:
     def timed(self: "Monitor", *args: Any, **kwargs: Any) -> Any:
         if self._in_hook:
             return hook(self, *args, **kwargs)
+        if _backends._pending is not None:  # the last batch end's scalars, when Lightning wrote nothing since
+            _backends.write_pending()
         role = self._batch_end_role if batch_end else 0
         if role & _HOLDS:
             _dispatch.hold_scalars()
@@ -64,7 +67,7 @@ def _timed_hook(hook: _F) -> _F:
             self.charge_seconds(_clock.now() - began)
             self._in_hook = False
             if role & _RELEASES:
-                _dispatch.release_scalars()
+                _dispatch.release_scalars(later=True)
 
     timed._monitor_timed = True  # type: ignore[attr-defined]
     return timed  # type: ignore[return-value]
@@ -190,6 +193,11 @@ class Monitor(Callback):
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if trainer.is_global_zero:
             _dispatch.release(trainer)  # the plain loggers' own methods back, unwrapped (the next stage rewraps)
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        """Nothing of its own: its timing wrapper writes the last batch end's scalars if they still wait for
+        Lightning's write of the step (Lightning finalizes the loggers right after this hook)."""
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

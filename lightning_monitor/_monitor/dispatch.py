@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import Logger
 
 from lightning_monitor._core import clock as _clock
-from lightning_monitor._writers.backends import Backend, Writer, deliver
+from lightning_monitor._writers.backends import Backend, Writer, defer, deliver, write_pending
 from lightning_monitor._writers.media import HistogramData, prepare_images
 from lightning_monitor._writers.plain import guard_lightning_calls, unguard_lightning_calls, writer_for
 
@@ -60,9 +60,10 @@ def dropped_points(trainer: "pl.Trainer") -> dict[str, int]:
 
 
 def release(trainer: "pl.Trainer") -> None:
-    """The fit is over: the trainer's plain loggers get their own methods back (no wrapper left on them), and the
-    next fit (or ``test``) guards them again."""
+    """The fit is over: what is held or deferred is written, the trainer's plain loggers get their own methods back
+    (no wrapper left on them), and the next fit (or ``test``) guards them again."""
     release_scalars()
+    write_pending()
     for logger in trainer.loggers:
         writer = _plain.pop(logger, None)
         if writer is not None:
@@ -98,12 +99,18 @@ def hold_scalars() -> None:
     _holding = True
 
 
-def release_scalars() -> None:
+def release_scalars(later: bool = False) -> None:
     """Write what :func:`hold_scalars` gathered; the time it takes is charged to the monitors that logged it, in
-    proportion to their number of values."""
+    proportion to their number of values. ``later``: with Lightning's own write of the step, or at the next hook of
+    any monitor, whichever comes first (:func:`lightning_monitor._writers.backends.defer`)."""
     global _holding, _held
     held, _holding, _held = _held, False, None
-    if held is not None:
+    if held is None:
+        return
+    if later:
+        defer(partial(_write_held, held))
+    else:
+        write_pending()  # an earlier step's first
         _write_held(held)
 
 

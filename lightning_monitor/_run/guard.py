@@ -44,6 +44,7 @@ class RunGuard:
         self.disk: Optional[_disk.DiskWatch] = None
         self.fault_told = False
         self.monitor_keys: dict[str, Optional[int]] = {}  # key -> last step a monitor wrote it at
+        self.model_keys: dict[str, Optional[int]] = {}  # key -> last step the model's self.log wrote it at
         self.from_model = False  # inside MultiLogger.log_metrics (Lightning's self.log path)
         self.clashes: set[str] = set()
         self.warn = WarnOnce()
@@ -113,19 +114,29 @@ class RunGuard:
             rank_zero_warn(message)
 
     def scalars_written(self, metrics: Mapping[str, Any], step: Optional[int]) -> None:
-        """A writer wrote ``metrics``: note a monitor's keys (a dict write each)."""
+        """A writer wrote ``metrics``: note a monitor's keys (a dict write each), and say when the model's ``self.log``
+        wrote one of them at this step already."""
         if not self.from_model:
+            model = self.model_keys
             for key in metrics:
                 self.monitor_keys[key] = step
+                if key in model and model[key] == step:
+                    self._clash(key, step)
 
     def model_scalars(self, metrics: Mapping[str, Any], step: Optional[int]) -> None:
-        """Lightning's ``self.log`` values, flushed after the monitors' at the same step: one warning per key that a
-        monitor already wrote at this step (each backend would show two values there)."""
+        """Lightning's ``self.log`` values (written just before the monitors' of the same step, or after them when
+        Lightning writes late): one warning per key that a monitor writes at the same step too (each backend would
+        show two values there)."""
         for key in metrics:
-            if key in self.monitor_keys and self.monitor_keys[key] == step and key not in self.clashes:
-                self.clashes.add(key)
-                rank_zero_warn(
-                    f"{key!r} is logged both by a lightning-monitor callback and by the model (self.log) at step"
-                    f" {step}: each backend gets two values per step. Rename the model's key, or leave the monitor's"
-                    " out with its `exclude_keys` option."
-                )
+            self.model_keys[key] = step
+            if key in self.monitor_keys and self.monitor_keys[key] == step:
+                self._clash(key, step)
+
+    def _clash(self, key: str, step: Optional[int]) -> None:
+        if key not in self.clashes:
+            self.clashes.add(key)
+            rank_zero_warn(
+                f"{key!r} is logged both by a lightning-monitor callback and by the model (self.log) at step"
+                f" {step}: each backend gets two values per step. Rename the model's key, or leave the monitor's"
+                " out with its `exclude_keys` option."
+            )

@@ -11,7 +11,7 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 
 from lightning_monitor._core.compat import tensorboard_installed
-from lightning_monitor._writers.backends import Writer, _call, deliver
+from lightning_monitor._writers.backends import Writer, _call, deliver, write_pending
 from lightning_monitor._writers.dashboards import TensorBoardWriter, WandbWriter
 
 
@@ -32,6 +32,8 @@ class _GuardedCall:
             numbers = [k for k, v in values.items() if not isinstance(v, Mapping)]
             write = partial(_then, write, partial(self.writer.note_logger_keys, numbers, step))
         deliver(self.writer, write, step, keys, self.others, row=self.method == "log_metrics")
+        if self.method == "log_metrics":
+            write_pending()  # the monitors' scalars of this step, right after Lightning's (backends.defer)
 
 
 def _then(first: Callable[[], Any], second: Callable[[], Any]) -> None:
