@@ -119,6 +119,11 @@ def measure(
     hist_pos = hist if spec.grad_histograms else _NONE
     phist_pos = hist if spec.param_histograms else _NONE
     bins, max_elements, hist_range = spec.bins, spec.max_elements, spec.hist_range
+    if not (hist_pos.size or phist_pos.size or spec.weights or extra is not None or pending) and grads[0].device.type \
+            == "cpu" and not _grad_sharded.is_sharded(grads):
+        plain = _norms_only(optimizer, present, grads, STAT_COLUMNS + bins)
+        if plain is not None:
+            return plain, _NO_VALUES
     if _grad_sharded.is_sharded(grads):
         stats = _grad_sharded.global_stats(
             grads, params=weights if spec.weights else None, grad_hist=hist_pos.tolist(), param_hist=phist_pos.tolist(),
@@ -167,6 +172,24 @@ def measure(
     measured = Measured(optimizer, present, host_sq, nonfinite, present[hist_pos], rows, wsq, present[phist_pos],
                         prows, extra_host, total)
     return measured, host[off:]
+
+
+def _norms_only(optimizer: int, present: np.ndarray, grads: list[torch.Tensor], width: int) -> Optional[Measured]:
+    """:func:`measure` of most logging steps on a CPU: the gradients' norms and nothing else (no histogram, no
+    weights, nothing pending), with no packing (the norms are on the host already); ``None`` when a norm is NaN/Inf
+    (the full path then counts them)."""
+    host_sq = squared_norms(grads).numpy()
+    total = sum(host_sq.tolist())
+    if not math.isfinite(total):
+        return None
+    rows = _NO_ROWS.get_or_make(width, lambda: np.zeros((0, width)))
+    return Measured(optimizer, present, host_sq, np.zeros(len(present)), _NONE, rows, None, _NONE, rows, _NO_VALUES,
+                    total)
+
+
+#: empty host rows of a histogram width, shared by every step that logs no histogram (never written to)
+_NO_ROWS: Lru[np.ndarray] = Lru(4)
+_NO_VALUES = np.zeros(0)
 
 
 def histograms(prefix: str, names: Sequence[str], params: np.ndarray, rows: np.ndarray, bins: int
