@@ -196,3 +196,19 @@ def test_the_last_logging_steps_scalars_are_written_before_a_failed_fit_finalize
     with pytest.raises(RuntimeError, match="boom at step 4"):
         trainer.fit(_RaisesAt(4), image_loader(96))
     assert [s for s, _ in tb_all_scalars(logger.log_dir)["grad/norm_total"]] == [1, 3]
+
+
+@pytest.mark.parametrize("kind", ["plain", "multi"])
+def test_steps_stay_in_order_when_a_callback_logs_first_at_the_next_batch(tmp_path, kind):
+    """The model logs nothing; LearningRateMonitor (before the monitors in the list) logs the next step's learning
+    rate at the next batch's start, before any monitor's hook: the monitors' scalars of the step before go first."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    logger = (TensorBoardLogger(tmp_path / "runs") if kind == "plain"
+              else MultiLogger(save_dir=tmp_path / "runs", name="order", wandb=False))
+    trainer = make_trainer(tmp_path, logger=logger, max_steps=5, log_every_n_steps=1,
+                           callbacks=[LearningRateMonitor(logging_interval="step"), GradientMonitor(histograms=False)])
+    trainer.fit(_Silent(), image_loader(96))
+    (path,) = event_files(logger.log_dir)
+    steps = [step for step, tags in _scalar_events(path) if "grad/norm_total" in tags or "lr-SGD" in tags]
+    assert steps == sorted(steps) and steps.count(0) == 2 and steps.count(4) == 2, steps

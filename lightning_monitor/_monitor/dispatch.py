@@ -108,7 +108,7 @@ def release_scalars(later: bool = False) -> None:
     if held is None:
         return
     if later:
-        defer(partial(_write_held, held))
+        defer(partial(_write_held, held), held.step)
     else:
         write_pending()  # an earlier step's first
         _write_held(held)

@@ -230,30 +230,40 @@ def seconds_writing() -> float:
 
 _seconds_writing = 0.0
 
-#: the monitors' scalars of the last training batch's end, not written yet (:func:`defer`): a callable that writes them
-_pending: Optional[Callable[[], None]] = None
+#: the monitors' scalars of the last training batch's end, not written yet (:func:`defer`): (their step, a callable
+#: that writes them)
+_pending: Optional[tuple[Optional[int], Callable[[], None]]] = None
 
 
-def defer(write: Callable[[], None]) -> None:
-    """Write the monitors' scalars of a training batch's end with Lightning's own write of that step (its
-    ``log_metrics`` on the trainer's loggers, which follows the batch's end), or at the next hook of any monitor,
-    whichever comes first (:func:`write_pending`).
+def defer(write: Callable[[], None], step: Optional[int]) -> None:
+    """Write the monitors' scalars of a training batch's end (at ``step``) with Lightning's own write of that step
+    (its ``log_metrics`` on the trainer's loggers, which follows the batch's end), or at the next hook of any monitor,
+    whichever comes first (:func:`write_pending`); a logger write of a later step writes them first
+    (:func:`write_pending_before`), so every backend gets the steps in order.
 
     TensorBoard's event writer wakes its thread for each event put on its queue when the thread sleeps: a futex wake
     across CPUs, ~45 us inside a fit here, as much as the rest of the event's write. Lightning's write of the step
     wakes it anyway; an event put right after, while the thread waits for the interpreter lock, wakes nothing."""
     global _pending
-    earlier, _pending = _pending, write
+    earlier, _pending = _pending, (step, write)
     if earlier is not None:  # never two: the one before is written first (steps stay in order)
-        earlier()
+        earlier[1]()
 
 
 def write_pending() -> None:
     """Write what :func:`defer` holds, if anything (a global read when nothing is held)."""
     global _pending
-    write, _pending = _pending, None
-    if write is not None:
-        write()
+    pending, _pending = _pending, None
+    if pending is not None:
+        pending[1]()
+
+
+def write_pending_before(step: Optional[int]) -> None:
+    """A logger is about to write ``step``: what :func:`defer` holds from an earlier step goes first (a callback that
+    logs at the next batch's start when the model logged nothing at the last logging step)."""
+    pending = _pending
+    if pending is not None and (step is None or pending[0] is None or pending[0] < step):
+        write_pending()
 
 
 def os_error(err: Optional[BaseException]) -> Optional[OSError]:
