@@ -30,7 +30,7 @@ from lightning_monitor._run.options import (
 )
 from lightning_monitor._run.run import Run
 from lightning_monitor._run.writers import RunTensorBoard, RunWandb
-from lightning_monitor._writers.backends import Backend, Writer, deliver, write_pending, write_pending_before
+from lightning_monitor._writers.backends import Backend, Writer, around_model_write, deliver
 from lightning_monitor._writers.media import HistogramData, make_histogram, prepare_images
 from lightning_monitor._writers.plain import check_not_tensorboardx
 
@@ -218,13 +218,15 @@ class MultiLogger(Logger, Backend):
         scalars = {key: scalar(key, value) for key, value in metrics.items()}
         self._tb_writer.note_eval_metrics({k: v for k, v in scalars.items() if is_eval_metric(k)})
         self._guard.model_scalars(scalars, step)
-        write_pending_before(step)  # the monitors' scalars of an earlier step first
-        self._guard.from_model = True
-        try:
-            self._deliver(lambda w: partial(w.scalars, scalars, step), step, scalars)
-        finally:
-            self._guard.from_model = False
-            write_pending()  # the monitors' scalars of this step, right after Lightning's (backends.defer)
+
+        def model_write() -> None:
+            self._guard.from_model = True
+            try:
+                self._deliver(lambda w: partial(w.scalars, scalars, step), step, scalars)
+            finally:
+                self._guard.from_model = False
+
+        around_model_write(step, model_write)  # the monitors' deferred scalars around it (backends.defer)
 
     @override
     @rank_zero_only

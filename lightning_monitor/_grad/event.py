@@ -119,12 +119,13 @@ def measure(
     hist_pos = hist if spec.grad_histograms else _NONE
     phist_pos = hist if spec.param_histograms else _NONE
     bins, max_elements, hist_range = spec.bins, spec.max_elements, spec.hist_range
-    if not (hist_pos.size or phist_pos.size or spec.weights or extra is not None or pending) and grads[0].device.type \
-            == "cpu" and not _grad_sharded.is_sharded(grads):
+    sharded = _grad_sharded.is_sharded(grads)
+    if not (sharded or hist_pos.size or phist_pos.size or spec.weights or extra is not None or pending) \
+            and grads[0].device.type == "cpu":
         plain = _norms_only(optimizer, present, grads, STAT_COLUMNS + bins)
         if plain is not None:
             return plain, _NO_VALUES
-    if _grad_sharded.is_sharded(grads):
+    if sharded:
         stats = _grad_sharded.global_stats(
             grads, params=weights if spec.weights else None, grad_hist=hist_pos.tolist(), param_hist=phist_pos.tolist(),
             bins=bins, max_elements=max_elements, hist_range=hist_range, extra_max=pending, extra_sum=extra,

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, Optional
 
 from lightning.pytorch.loggers import Logger
 from typing_extensions import override
 
-from lightning_monitor._writers.backends import Backend, ScalarSink, Writer, write_pending
+from lightning_monitor._writers.backends import Backend, ScalarSink, Writer, around_model_write
 
 #: families of keys that are not training signals: HealthMonitor's own and RunSummary's end-of-run numbers
 _NOT_SIGNALS = ("health/", "summary/")
@@ -86,8 +87,8 @@ class Tap(Logger, Backend):
 
     @override
     def log_metrics(self, metrics: Mapping[str, float], step: Optional[int] = None) -> None:
-        write_pending()  # the monitors' scalars of this step reach the store before HealthMonitor judges it
-        self.pending.add(metrics, step)
+        # the monitors' deferred scalars of this step reach the store too, before HealthMonitor judges it
+        around_model_write(step, partial(self.pending.add, metrics, step))
         if self.on_log is not None:
             self.on_log()
 

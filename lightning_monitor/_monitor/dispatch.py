@@ -63,7 +63,6 @@ def release(trainer: "pl.Trainer") -> None:
     """The fit is over: what is held or deferred is written, the trainer's plain loggers get their own methods back
     (no wrapper left on them), and the next fit (or ``test``) guards them again."""
     release_scalars()
-    write_pending()
     for logger in trainer.loggers:
         writer = _plain.pop(logger, None)
         if writer is not None:
@@ -105,12 +104,12 @@ def release_scalars(later: bool = False) -> None:
     any monitor, whichever comes first (:func:`lightning_monitor._writers.backends.defer`)."""
     global _holding, _held
     held, _holding, _held = _held, False, None
-    if held is None:
-        return
     if later:
-        defer(partial(_write_held, held), held.step)
-    else:
-        write_pending()  # an earlier step's first
+        if held is not None:
+            defer(partial(_write_held, held), held.step)
+        return
+    write_pending()  # an earlier step's first
+    if held is not None:
         _write_held(held)
 
 

@@ -239,7 +239,7 @@ def defer(write: Callable[[], None], step: Optional[int]) -> None:
     """Write the monitors' scalars of a training batch's end (at ``step``) with Lightning's own write of that step
     (its ``log_metrics`` on the trainer's loggers, which follows the batch's end), or at the next hook of any monitor,
     whichever comes first (:func:`write_pending`); a logger write of a later step writes them first
-    (:func:`write_pending_before`), so every backend gets the steps in order.
+    (:func:`around_model_write`), so every backend gets the steps in order.
 
     TensorBoard's event writer wakes its thread for each event put on its queue when the thread sleeps: a futex wake
     across CPUs, ~45 us inside a fit here, as much as the rest of the event's write. Lightning's write of the step
@@ -258,11 +258,16 @@ def write_pending() -> None:
         pending[1]()
 
 
-def write_pending_before(step: Optional[int]) -> None:
-    """A logger is about to write ``step``: what :func:`defer` holds from an earlier step goes first (a callback that
-    logs at the next batch's start when the model logged nothing at the last logging step)."""
+def around_model_write(step: Optional[int], write: Callable[[], Any]) -> None:
+    """Lightning's own write of ``step`` (a logger's ``log_metrics``: the model's ``self.log`` values), with what
+    :func:`defer` holds around it: the monitors' scalars of an earlier step before it (a callback that logs at the
+    next batch's start when the model logged nothing at the last logging step), those of this step right after it."""
     pending = _pending
     if pending is not None and (step is None or pending[0] is None or pending[0] < step):
+        write_pending()
+    try:
+        write()
+    finally:
         write_pending()
 
 

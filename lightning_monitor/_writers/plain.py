@@ -11,7 +11,7 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 
 from lightning_monitor._core.compat import tensorboard_installed
-from lightning_monitor._writers.backends import Writer, _call, deliver, write_pending, write_pending_before
+from lightning_monitor._writers.backends import Writer, _call, around_model_write, deliver
 from lightning_monitor._writers.dashboards import TensorBoardWriter, WandbWriter
 
 
@@ -31,11 +31,11 @@ class _GuardedCall:
             # the model's own self.log values belong in the run's layout too (train/loss beside val/loss)
             numbers = [k for k, v in values.items() if not isinstance(v, Mapping)]
             write = partial(_then, write, partial(self.writer.note_logger_keys, numbers, step))
+        guarded = partial(deliver, self.writer, write, step, keys, self.others, row=self.method == "log_metrics")
         if self.method == "log_metrics":
-            write_pending_before(step)  # the monitors' scalars of an earlier step first
-        deliver(self.writer, write, step, keys, self.others, row=self.method == "log_metrics")
-        if self.method == "log_metrics":
-            write_pending()  # the monitors' scalars of this step, right after Lightning's (backends.defer)
+            around_model_write(step, guarded)  # the monitors' deferred scalars around it (backends.defer)
+        else:
+            guarded()
 
 
 def _then(first: Callable[[], Any], second: Callable[[], Any]) -> None:
