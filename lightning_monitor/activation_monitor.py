@@ -177,7 +177,7 @@ class ActivationMonitor(Monitor):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._begin_batch(trainer, pl_module, batch, batch_idx)
         step = self._candidate  # self.log's step when the batch starts at a logging step, else None
         if step is None:
             return

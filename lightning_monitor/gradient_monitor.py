@@ -266,7 +266,7 @@ class GradientMonitor(Monitor):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._begin_batch(trainer, pl_module, batch, batch_idx)
         if self._measured or self._snapshots or self._optstate:  # empty unless a batch raised before its end
             self._measured.clear()
             self._snapshots.clear()

@@ -215,7 +215,7 @@ class HealthMonitor(Monitor):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._begin_batch(trainer, pl_module, batch, batch_idx)
         self._armed = False
         if self._due is not None:  # a logging step Lightning logged none of the model's values at: judged now
             self._evaluate(trainer, final=False)

@@ -278,7 +278,7 @@ class MemoryMonitor(Monitor):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # Only the batch that completed the optimizer step logs, so a window covers whole accumulated steps.
-        step = self._batch_logging_step(trainer)
+        step = None if self._candidate is None else self._batch_logging_step(trainer)  # most batches: no call
         if step is not None:
             self._log_step(trainer, step)
 

@@ -210,9 +210,10 @@ class PredictionGridMonitor(Monitor):
     def state_key(self) -> str:
         # two grids (say, one per validation dataloader) keep their own samples in the checkpoint; Lightning reads the
         # key at every hook call (its profiler's action name): made once for the options' values, not per call
-        options = {"dataloader_idx": self.dataloader_idx, "num_samples": self.num_samples, "seed": self.seed}
+        options = (self.dataloader_idx, self.num_samples, self.seed)  # a tuple: ~1 us less than a dict, 6 times a batch
         if self.__dict__.get("_state_key_of") != options:
-            self._state_key_of, self._state_key = options, self._generate_state_key(**options)
+            self._state_key_of, self._state_key = options, self._generate_state_key(
+                dataloader_idx=self.dataloader_idx, num_samples=self.num_samples, seed=self.seed)
         return self._state_key
 
     @override

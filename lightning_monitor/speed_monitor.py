@@ -229,8 +229,8 @@ class SpeedMonitor(Monitor):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
         now, table = _clock.now(), self._cost_table
-        costs = (_writers.seconds_writing(), table[:-1])  # self._costs(), inline: this runs at every batch
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        costs = (_writers._seconds_writing, table[:-1])  # self._costs(), inline: this runs at every batch
+        self._begin_batch(trainer, pl_module, batch, batch_idx)
         step = self._batch_step  # trainer.global_step under automatic optimization (read once, by the base)
         if self._manual or step is None:
             step = trainer.global_step
@@ -262,7 +262,7 @@ class SpeedMonitor(Monitor):
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
         if self._before_backward is None:
             self._before_backward = _clock.now()
-            self._before_backward_written = _writers.seconds_writing()
+            self._before_backward_written = _writers._seconds_writing
 
     @override
     def on_train_batch_end(
@@ -270,11 +270,12 @@ class SpeedMonitor(Monitor):
     ) -> None:
         if self._book.measuring is not None:  # the FLOP counter runs for this batch
             self._book.finish(self._batch_step, _teller(trainer))
-        log_step = None if self._exclude else self._batch_logging_step(trainer)  # warm-up and measured steps: none
+        # warm-up and measured steps: none; most batches: no call
+        log_step = None if self._exclude or self._candidate is None else self._batch_logging_step(trainer)
         if log_step is not None and self._cuda is not None:
             torch.cuda.synchronize(self._cuda)  # sync point: once per logging step (the window ends with the GPU)
         now, table = _clock.now(), self._cost_table
-        costs = (_writers.seconds_writing(), table[:-1])  # self._costs(), inline: this runs at every batch
+        costs = (_writers._seconds_writing, table[:-1])  # self._costs(), inline: this runs at every batch
         if not self._exclude:
             start, start_written = self._start, self._start_costs[0]
             written = costs[0] - start_written  # logger writes inside the step: no training time
@@ -282,9 +283,10 @@ class SpeedMonitor(Monitor):
                 pre_sync = now - start - written
             else:
                 pre_sync = self._before_backward - start - (self._before_backward_written - start_written)
-            self._window.add_batch(self._samples, self._wait, now - start - written, pre_sync,
-                                   self._batch_flops or 0.0, self._wait_hooks)
-            self._window.add_span(self._wait_costs, costs)
+            window = self._window  # window.add_batch(...), inline: this runs at every batch (add_span folds)
+            window.batches.append((self._samples, self._wait, now - start - written, pre_sync,
+                                   self._batch_flops or 0.0, self._wait_hooks))
+            window.add_span(self._wait_costs, costs)
             if self.items_fn is not None:
                 self._window.add_items(self.items_fn(batch))
         # self._mark(now, costs), inline: where the next batch's data wait starts
@@ -310,12 +312,7 @@ class SpeedMonitor(Monitor):
 
     @override
     def on_validation_batch_end(
-        self,
-        trainer: "pl.Trainer",
-        pl_module: "pl.LightningModule",
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
         if not trainer.sanity_checking and self._val_start is not None:
@@ -361,7 +358,7 @@ class SpeedMonitor(Monitor):
     # ------------------------------------------------------------------------------------------ helpers
     def _costs(self) -> tuple[float, list[float]]:
         """Seconds so far spent writing to loggers (this process) and in each monitor class's hooks (since setup)."""
-        return _writers.seconds_writing(), self._cost_table[:-1]
+        return _writers._seconds_writing, self._cost_table[:-1]  # seconds_writing(), read without a call
 
     def _mark(self, now: float, costs: tuple[float, list[float]]) -> None:
         """Where the next batch's data wait starts: the clock and the cost counters then."""

@@ -271,7 +271,7 @@ class StallMonitor(Monitor):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._begin_batch(trainer, pl_module, batch, batch_idx)
         self._progress(trainer, "forward/backward")
         if self._clear_after is not None:
             self._clear(trainer)

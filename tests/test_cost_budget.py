@@ -106,8 +106,8 @@ def test_the_trainer_is_read_once_a_batch_for_every_monitor_and_each_keeps_its_c
     from lightning_monitor._monitor import cadence
 
     reads = []
-    real = cadence.batch_start_step
-    monkeypatch.setattr(cadence, "batch_start_step", lambda *a: reads.append(1) or real(*a))
+    real = cadence.batch_start
+    monkeypatch.setattr(cadence, "batch_start", lambda *a: reads.append(1) or real(*a))
 
     class Forgetful(MemoryMonitor):
         def on_train_batch_start(self, *args) -> None:  # breaks the documented contract: no super()
@@ -125,6 +125,30 @@ def test_the_trainer_is_read_once_a_batch_for_every_monitor_and_each_keeps_its_c
             assert len(reads) == 12  # one read a batch for three monitors
         else:
             assert len(reads) == 12  # the second monitor reads it for the rest
+
+
+def test_the_batch_start_step_is_trainer_global_step(tmp_path):
+    """``cadence.batch_start`` reads Lightning's step counter without the trainer's properties: at every batch the
+    step is ``trainer.global_step`` (gradient accumulation included: two batches a step), the candidate the steps of
+    ``log_every_n_steps``; a trainer without those loops is read through ``global_step`` itself."""
+    from types import SimpleNamespace
+
+    from lightning_monitor._monitor import cadence
+
+    read: list[tuple[tuple, int]] = []
+
+    class Reader(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            read.append((cadence.batch_start(trainer, pl_module), trainer.global_step))
+
+    trainer = make_trainer(tmp_path, logger=False, callbacks=[Reader()], max_steps=6, log_every_n_steps=3,
+                           accumulate_grad_batches=2)
+    trainer.fit(TinyImageModel(), image_loader(192))
+    assert [got for got, _ in read] == [(s, False, s if s in (2, 5) else None) for s in (0, 0, 1, 1, 2, 2, 3, 3, 4,
+                                                                                      4, 5, 5)]
+    assert [got[0] for got, _ in read] == [step for _, step in read]
+    other = SimpleNamespace(global_step=5, log_every_n_steps=3)
+    assert cadence.batch_start(other, SimpleNamespace(automatic_optimization=True)) == (5, False, 5)
 
 
 @pytest.mark.parametrize("value", [0, -0.1, 1.5, float("nan"), "3%", True])
@@ -229,6 +253,24 @@ def test_the_budget_counts_every_monitor_and_not_the_first_batch(tmp_path, fake_
     # 1 s tick); every later batch adds 1 s of training, 3 % of it allowed; the monitors' hooks took no fake time
     assert seen == {2: (0.0, 0.0), 3: (pytest.approx(0.03), 0.0), 4: (pytest.approx(0.06), 0.0)}
 
+
+
+def test_a_refusal_of_one_fit_does_not_hold_in_the_next(tmp_path):
+    """A part refused under a tiny budget waits far into the future (``Part.wait_until``); the next fit of the same
+    monitor starts a new budget: its first batch's NaN/Inf check runs (before the budget starts, every part may)."""
+    monitor = GradientMonitor(histograms=False, cost_budget=TINY)
+    runs_in_first_batch = []
+
+    class Count(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == 1:
+                runs_in_first_batch.append(monitor._watch_part.ran)
+
+    _fit(tmp_path / "one", [monitor, Count()], max_steps=12, log_every_n_steps=12)
+    assert monitor._watch_part.wait_until > clock.now() + 1e3  # refused for good in that fit
+    ran = monitor._watch_part.ran
+    _fit(tmp_path / "two", [monitor, Count()], max_steps=12, log_every_n_steps=12)
+    assert runs_in_first_batch == [1, ran + 1]
 
 
 def test_a_parts_run_in_the_first_batch_does_not_set_what_it_is_expected_to_cost(tmp_path, fake_clock, monkeypatch):

@@ -86,7 +86,9 @@ def test_without_the_correction_the_window_would_be_off(tmp_path, monkeypatch):
     _clock.set_clock(clock)
     # the correction's input switched off (was: writes timed on the real clock, so the fake 2 s were not seen as
     # writing; with one clock for everything, no writing time at all is seen instead)
-    monkeypatch.setattr(_writers, "seconds_writing", lambda: 0.0)
+    from lightning_monitor import speed_monitor
+
+    monkeypatch.setattr(speed_monitor, "_writers", SimpleNamespace(_seconds_writing=0.0))  # what SpeedMonitor reads
     trainer = make_trainer(tmp_path, logger=logger, callbacks=[monitor], max_steps=8, log_every_n_steps=2)
     trainer.fit(LoggingModel(clock, train_sec=0.25),
                 train_dataloaders=DataLoader(ClockedData(clock, n=64, per_sample=0.0625), batch_size=4))

@@ -444,6 +444,26 @@ def test_peak_table_and_precision_mapping():
         assert row.get("fp16", 0) >= row.get("tf32", 0) and row.get("fp8", float("inf")) >= row.get("bf16", 0)
 
 
+def test_a_window_adds_up_its_batches_in_order_and_holds_at_most_fold_at_of_them():
+    """Batches kept as tuples and added up later give the very sums of adding them one at a time; a long window
+    (a logging interval of thousands of batches) is added up every ``FOLD_AT`` batches, not kept whole."""
+    rng = np.random.default_rng(0)
+    batches = [(64, *rng.random(3).tolist(), 1e6 * rng.random(), 0.1 * rng.random()) for _ in range(2500)]
+    window = _speed_window.Window(2)
+    expected = [0.0] * len(window.sums)
+    for samples, wait, step, pre_sync, flops, hooks_in_wait in batches:
+        window.add_batch(samples, wait, step, pre_sync, flops, hooks_in_wait)
+        window.add_span((0.0, [0.0, 0.0]), (0.0, [0.0, 0.0]))
+        assert len(window.batches) <= _speed_window.FOLD_AT
+        expected[_speed_window.BATCHES] += 1
+        expected[_speed_window.SAMPLES] += samples
+        expected[_speed_window.WALL] += wait + step
+        expected[_speed_window.WAIT] += wait - min(hooks_in_wait, wait)
+        expected[_speed_window.PRE_SYNC] += wait + pre_sync
+        expected[_speed_window.FLOPS] += flops
+    assert window.pack() == expected  # exactly: the same additions in the same order
+
+
 def test_window_values_name_the_global_rank_and_time_what_is_left_at_the_slowest_rank():
     """Rank 0 timed no batch in this window (left out), rank 2 is the straggler: its global rank is logged."""
     rows, cols = np.zeros((3, 8)), [_speed_window.BATCHES, _speed_window.SAMPLES, _speed_window.WALL,

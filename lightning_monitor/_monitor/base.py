@@ -37,22 +37,51 @@ def _is_hook(name: str) -> bool:
 
 
 def _timed_hook(hook: _F) -> _F:
-    """``hook`` adding its host time to ``self._hook_seconds``: two clock reads a call. A hook that calls the hook it
-    overrides (``super()``) is timed once, by the outermost call.
+    """``hook`` adding its host time to ``self._hook_seconds`` and SpeedMonitor's table (:meth:`Monitor.charge_seconds`
+    written out: every hook of every monitor passes here): two clock reads a call. A hook that calls the hook it
+    overrides (``super()``) is timed once, by the outermost call. Before the hook, the last batch end's scalars are
+    written if Lightning wrote nothing since (:func:`lightning_monitor._writers.backends.defer`).
 
     ``on_train_batch_end``: the first monitor's holds the scalars every monitor logs there, the last one's writes them
     (one write per backend, :func:`~lightning_monitor._monitor.dispatch.hold_scalars`), after its own timing: the
     write's time is charged to the monitors that logged, by :meth:`Monitor.charge_seconds`. A hook that raises
     writes what is held first."""
-    batch_end = hook.__name__ == "on_train_batch_end"
+    if hook.__name__ == "on_train_batch_end":
+        return _timed_batch_end(hook)
 
     @functools.wraps(hook)
     def timed(self: "Monitor", *args: Any, **kwargs: Any) -> Any:
         if self._in_hook:
             return hook(self, *args, **kwargs)
-        if _backends._pending is not None:  # the last batch end's scalars, when Lightning wrote nothing since
+        if _backends._pending is not None:
             _backends.write_pending()
-        role = self._batch_end_role if batch_end else 0
+        self._in_hook = True
+        began = _clock.now()
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            spent = _clock.now() - began
+            self._in_hook = False
+            self._hook_seconds += spent
+            sink = self._cost_sink
+            if sink is not None:
+                sink[self._cost_column] += spent
+                sink[-1] += spent
+
+    timed._monitor_timed = True  # type: ignore[attr-defined]
+    return timed  # type: ignore[return-value]
+
+
+def _timed_batch_end(hook: _F) -> _F:
+    """:func:`_timed_hook` of ``on_train_batch_end``: the scalars held and released around it by role."""
+
+    @functools.wraps(hook)
+    def timed(self: "Monitor", *args: Any, **kwargs: Any) -> Any:
+        if self._in_hook:
+            return hook(self, *args, **kwargs)
+        if _backends._pending is not None:
+            _backends.write_pending()
+        role = self._batch_end_role
         if role & _HOLDS:
             _dispatch.hold_scalars()
         self._in_hook = True
@@ -60,8 +89,7 @@ def _timed_hook(hook: _F) -> _F:
         try:
             return hook(self, *args, **kwargs)
         except BaseException:
-            if batch_end:
-                _dispatch.release_scalars()  # what the monitors before this one logged is not lost
+            _dispatch.release_scalars()  # what the monitors before this one logged is not lost
             raise
         finally:
             self.charge_seconds(_clock.now() - began)
@@ -88,8 +116,8 @@ class Monitor(Callback):
 
     The step rule is Lightning's own ``self.log`` rule (:mod:`lightning_monitor._monitor.cadence`): the batch's step is
     read at ``on_train_batch_start``, and :meth:`_batch_logging_step` says at the batch's end whether it made a logging
-    step. A subclass that overrides ``setup``, ``teardown``, ``on_train_start`` or ``on_train_batch_start`` calls
-    ``super()``.
+    step. A subclass that overrides ``setup``, ``teardown`` or ``on_train_start`` calls ``super()``; one that overrides
+    ``on_train_batch_start`` calls ``super()`` or, cheaper, :meth:`_begin_batch` first.
     """
 
     #: Every key the monitor logs, ``key -> meaning``: the one source of its docstring table, the README table and
@@ -214,34 +242,41 @@ class Monitor(Callback):
         self._budget = None
         if self.cost_budget is not None and not turned_off_by_environment():
             self._budget = Budget(self.cost_budget, monitors)
+        for part in self._parts:  # no refusal of an earlier fit's budget holds in this one (Part.wait_until)
+            part.reset()
 
-    @override
-    def on_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    def _begin_batch(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any = None, batch_idx: int = 0
     ) -> None:
-        self._batches += 1
+        """The base's start of a training batch, untimed: ``on_train_batch_start`` of a monitor that does not override
+        it (timed there), and what a subclass's own start calls first, inside its own timing (not through ``super()``:
+        one timed call less at every batch).
+
+        The first monitor whose start runs reads the trainer for all of them (:class:`_BatchStart`); a batch's
+        candidate logging step is decided here, so that its end reads nothing of the trainer when it cannot log. The
+        hot path of every batch: a Python call run cold after the training step costs about 1 us."""
+        self._batches = batches = self._batches + 1
         shared = self._batch_start
-        if shared is not None and shared.batches == self._batches:  # the first monitor read it for this batch
-            step, self._manual, interval = shared.step, shared.manual, shared.interval
+        if shared is not None and shared.batches == batches:  # the first monitor read it for this batch
+            step, manual, candidate = shared.step, shared.manual, shared.candidate
         else:
-            self._manual = manual = not pl_module.automatic_optimization  # read once: a property of the module
-            step = _cadence.batch_start_step(trainer, pl_module, manual)
-            interval = _cadence.logging_interval(trainer, None)
+            step, manual, candidate = _cadence.batch_start(trainer, pl_module)
             if shared is not None:
-                shared.batches, shared.step, shared.manual = self._batches, step, self._manual
-                shared.interval = interval
-                shared.candidate = step if _cadence.is_logging_step(step, interval) else None
-        self._batch_step = step
+                shared.batches, shared.step, shared.manual, shared.candidate = batches, step, manual, candidate
+        self._batch_step, self._manual = step, manual
         # the step this batch logs at if it completes it (found at its end: _batch_logging_step); None for a batch
         # that cannot, so that its end reads nothing of the trainer
-        if self.every_n_steps is None and shared is not None:  # the trainer's cadence: decided once for all
-            self._candidate = shared.candidate
-        else:
-            n = interval if self.every_n_steps is None else self.every_n_steps
-            self._candidate = step if _cadence.is_logging_step(step, n) else None
-        if self._batches == 1:  # this rank's part in work on the model: fixed for a fit, read by every batch after
+        n = self.every_n_steps
+        self._candidate = candidate if n is None else step if _cadence.is_logging_step(step, n) else None
+        if batches <= 2:
+            self._first_batches(trainer, batches)
+
+    on_train_batch_start = _begin_batch  # timed by _time_hooks (the name, not _begin_batch)
+
+    def _first_batches(self, trainer: "pl.Trainer", batches: int) -> None:
+        if batches == 1:  # this rank's part in work on the model: fixed for a fit, read by every batch after
             self._works_here = _dist.works_on_model_here(trainer)
-        if self._batches == 2 and self._budget is not None:
+        elif self._budget is not None:
             # the budget counts from the end of the first batch: the start-up (FLOP counting, lazy imports, first
             # writes) is a one-off, not a share of training; nor does a part's run in it tell what the part costs
             # (its first call's one-offs: 3 ms for a NaN/Inf check that costs 0.05 ms after), so it measures anew
@@ -260,7 +295,8 @@ class Monitor(Callback):
     def _affordable(self, part: Part) -> bool:
         """Whether ``part`` may run now under the cost budget (always, without one); when it may not, say so once."""
         budget = self._budget
-        if budget is None or budget.allows(part):
+        # a refused part waits until part.wait_until (Budget.allows): until then one clock read says no
+        if budget is None or (_clock.now() >= part.wait_until and budget.allows(part)):
             return True
         part.skipped += 1
         if self._warn.said("budget"):
@@ -328,10 +364,10 @@ class _BatchStart:
     finds another count reads the trainer itself. ``candidate``: the batch's step when it is a logging step of
     ``log_every_n_steps`` (else ``None``), for every monitor without its own ``every_n_steps``."""
 
-    __slots__ = ("batches", "step", "manual", "interval", "candidate")
+    __slots__ = ("batches", "step", "manual", "candidate")
 
     def __init__(self) -> None:
-        self.batches, self.step, self.manual, self.interval = 0, 0, False, 1
+        self.batches, self.step, self.manual = 0, 0, False
         self.candidate: Optional[int] = None
 
 
