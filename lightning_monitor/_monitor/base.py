@@ -245,9 +245,7 @@ class Monitor(Callback):
         for part in self._parts:  # no refusal of an earlier fit's budget holds in this one (Part.wait_until)
             part.reset()
 
-    def _begin_batch(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any = None, batch_idx: int = 0
-    ) -> None:
+    def _begin_batch(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         """The base's start of a training batch, untimed: ``on_train_batch_start`` of a monitor that does not override
         it (timed there), and what a subclass's own start calls first, inside its own timing (not through ``super()``:
         one timed call less at every batch).
