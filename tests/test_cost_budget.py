@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_monitor import GradientMonitor, MemoryMonitor, PredictionGridMonitor, SpeedMonitor
 from lightning_monitor._core import clock
 from lightning_monitor._grad.nonfinite import NonfiniteLedger
-from lightning_monitor._monitor.budget import DEFAULT_SHARE, Budget, Part
+from lightning_monitor._monitor.budget import DEFAULT_SHARE, PLANNED, Budget, Part
 
 pytestmark = pytest.mark.budget  # the budget on (conftest turns it off for every other test)
 
@@ -40,7 +40,7 @@ def fake_clock():
 
 def test_budget_is_the_share_of_the_time_since_it_started_and_each_part_keeps_to_its_slice(fake_clock):
     a, b = Spent(5.0), Spent(1.0)
-    budget = Budget(0.04, [a, b])
+    budget = Budget(0.04, [a, b], planned=1.0)  # the whole budget to plan to: round numbers
     part = Part("histograms", 0.5)
     part.record(0.002)  # ran once before the budget started (the first batch): it is not charged
     assert budget.allows(part)  # before start everything may run
@@ -62,6 +62,21 @@ def test_budget_is_the_share_of_the_time_since_it_started_and_each_part_keeps_to
     assert budget.allows(Part("grids", 0.5))  # a part that never ran may always run once
 
 
+def test_the_parts_plan_to_fill_nine_tenths_of_the_budget(fake_clock):
+    """The budget is a ceiling: by default the parts fill at most ``PLANNED`` (0.9) of it, the rest a margin for what
+    the plan cannot know. 1 s of training under a 10 % budget: 100 ms the ceiling, 90 ms to plan to."""
+    a = Spent()
+    budget = Budget(0.1, [a])
+    part = Part("histograms", 1.0)
+    budget.start()  # at 100 s
+    part.record(0.010)  # 10 ms spent, 10 ms expected next time
+    fake_clock[0] = 101.0
+    a.seconds += 0.075  # 75 + 10 <= 90: runs
+    assert PLANNED == 0.9 and budget.allowed() == pytest.approx(0.1) and budget.allows(part)
+    a.seconds += 0.010  # 85 + 10 > 90, under the 100 ms ceiling all the same: waits
+    assert not budget.allows(part)
+
+
 def test_a_refused_part_waits_by_one_comparison_and_runs_again_as_soon_as_it_fits(fake_clock):
     """A part refused by its own slice, or by the whole budget, is not checked again (no monitor's seconds read)
     before the earliest time it could fit; at that time exactly it runs (the check is the same as without the
@@ -74,7 +89,7 @@ def test_a_refused_part_waits_by_one_comparison_and_runs_again_as_soon_as_it_fit
             return self.seconds
 
     a = Counted()
-    budget = Budget(0.01, [a])  # 10 ms a second; a part with half of it: 5 ms a second
+    budget = Budget(0.01, [a], planned=1.0)  # 10 ms a second; a part with half of it: 5 ms a second
     part = Part("grids", 0.5)
     budget.start()  # at 100 s
     part.record(0.005)  # ran: 5 ms spent, 5 ms expected next time: its slice holds 10 ms from 102 s on

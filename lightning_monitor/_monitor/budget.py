@@ -30,6 +30,10 @@ ENV_OFF = "LIGHTNING_MONITOR_COST_BUDGET"
 def turned_off_by_environment() -> bool:
     """Whether :data:`ENV_OFF` is ``off`` (read when a fit starts)."""
     return os.environ.get(ENV_OFF, "").strip().lower() == "off"
+#: the share of the budget the expensive parts are planned to fill at most: the budget is a ceiling, not a level to
+#: fill, and the rest is the margin for what the plan cannot know (what always runs varies from window to window, a
+#: part may cost more than it is expected to, a first run costs what it costs)
+PLANNED = 0.9
 #: weight of the newest measurement in a part's expected cost (an exponential moving average)
 _NEWEST = 0.3
 
@@ -65,10 +69,12 @@ class Part:
 
 
 class Budget:
-    """``share`` of the training wall time since :meth:`start` for every monitor in ``monitors`` together."""
+    """``share`` of the training wall time since :meth:`start` for every monitor in ``monitors`` together; the
+    expensive parts are planned to fill ``planned`` of it (:data:`PLANNED`)."""
 
-    def __init__(self, share: float, monitors: Sequence[Timed]) -> None:
+    def __init__(self, share: float, monitors: Sequence[Timed], planned: float = PLANNED) -> None:
         self.share = share
+        self._fill = share * planned  # what the parts plan to: a share of the time since start
         self.monitors = list(monitors)
         self.began: Optional[float] = None  # clock time the budget started (after the first training batch)
         self.spent_before = 0.0
@@ -85,7 +91,7 @@ class Budget:
         return self._spent_total() - self.spent_before
 
     def allowed(self) -> float:
-        """Seconds the monitors may have spent by now."""
+        """Seconds the monitors may have spent by now (the ceiling; the parts plan to :data:`PLANNED` of it)."""
         return 0.0 if self.began is None else self.share * (_clock.now() - self.began)
 
     def allows(self, part: Part) -> bool:
@@ -96,15 +102,16 @@ class Budget:
         now = _clock.now()
         if now < part.wait_until:
             return False
-        allowed = self.share * (now - began)
+        fill = self._fill
+        allowed = fill * (now - began)
         need = part.spent + part.cost
         if need > part.fraction * allowed:  # the part's own slice first: no sum over monitors
-            # the slice holds it from began + need / (fraction * share) on (its spent and cost change only when it
+            # the slice holds it from began + need / (fraction * fill) on (its spent and cost change only when it
             # runs); a hair earlier, so that rounding never refuses a run the comparison above would allow
-            part.wait_until = began + need / (part.fraction * self.share) * (1.0 - 1e-9)
+            part.wait_until = began + need / (part.fraction * fill) * (1.0 - 1e-9)
             return False
         total = self.spent() + part.cost
         if total > allowed:  # the whole budget holds it no earlier than this (what the monitors spent only grows)
-            part.wait_until = began + total / self.share * (1.0 - 1e-9)
+            part.wait_until = began + total / fill * (1.0 - 1e-9)
             return False
         return True
