@@ -46,19 +46,25 @@ def _timed_hook(hook: _F) -> _F:
     (one write per backend, :func:`~lightning_monitor._monitor.dispatch.hold_scalars`), after its own timing: the
     write's time is charged to the monitors that logged, by :meth:`Monitor.charge_seconds`. A hook that raises
     writes what is held first."""
-    if hook.__name__ == "on_train_batch_end":
-        return _timed_batch_end(hook)
+    batch_end = hook.__name__ == "on_train_batch_end"
 
     @functools.wraps(hook)
     def timed(self: "Monitor", *args: Any, **kwargs: Any) -> Any:
         if self._in_hook:
             return hook(self, *args, **kwargs)
-        if _backends._pending is not None:
+        if _backends._pending is not None:  # the last batch end's scalars, when Lightning wrote nothing since
             _backends.write_pending()
+        role = self._batch_end_role if batch_end else 0
+        if role & _HOLDS:
+            _dispatch.hold_scalars()
         self._in_hook = True
         began = _clock.now()
         try:
             return hook(self, *args, **kwargs)
+        except BaseException:
+            if batch_end:
+                _dispatch.release_scalars()  # what the monitors before this one logged is not lost
+            raise
         finally:
             spent = _clock.now() - began
             self._in_hook = False
@@ -67,33 +73,6 @@ def _timed_hook(hook: _F) -> _F:
             if sink is not None:
                 sink[self._cost_column] += spent
                 sink[-1] += spent
-
-    timed._monitor_timed = True  # type: ignore[attr-defined]
-    return timed  # type: ignore[return-value]
-
-
-def _timed_batch_end(hook: _F) -> _F:
-    """:func:`_timed_hook` of ``on_train_batch_end``: the scalars held and released around it by role."""
-
-    @functools.wraps(hook)
-    def timed(self: "Monitor", *args: Any, **kwargs: Any) -> Any:
-        if self._in_hook:
-            return hook(self, *args, **kwargs)
-        if _backends._pending is not None:
-            _backends.write_pending()
-        role = self._batch_end_role
-        if role & _HOLDS:
-            _dispatch.hold_scalars()
-        self._in_hook = True
-        began = _clock.now()
-        try:
-            return hook(self, *args, **kwargs)
-        except BaseException:
-            _dispatch.release_scalars()  # what the monitors before this one logged is not lost
-            raise
-        finally:
-            self.charge_seconds(_clock.now() - began)
-            self._in_hook = False
             if role & _RELEASES:
                 _dispatch.release_scalars(later=True)
 
