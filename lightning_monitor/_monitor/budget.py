@@ -30,6 +30,8 @@ ENV_OFF = "LIGHTNING_MONITOR_COST_BUDGET"
 def turned_off_by_environment() -> bool:
     """Whether :data:`ENV_OFF` is ``off`` (read when a fit starts)."""
     return os.environ.get(ENV_OFF, "").strip().lower() == "off"
+
+
 #: the share of the budget the expensive parts are planned to fill at most: the budget is a ceiling, not a level to
 #: fill, and the rest is the margin for what the plan cannot know (what always runs varies from window to window, a
 #: part may cost more than it is expected to, a first run costs what it costs)

@@ -9,14 +9,6 @@ import lightning.pytorch as pl
 from lightning_monitor._core.compat import completed_batches
 
 
-def logging_interval(trainer: "pl.Trainer", every_n_steps: Optional[int]) -> int:
-    """``every_n_steps`` if given, else the trainer's ``log_every_n_steps``."""
-    if every_n_steps is not None:
-        return every_n_steps
-    # Trainer(log_every_n_steps=...) is public but set by Lightning's logger connector, not declared on the class
-    return max(1, int(trainer.log_every_n_steps))  # type: ignore[attr-defined]
-
-
 def is_logging_step(step: int, every_n_steps: int) -> bool:
     """Whether the optimizer step that starts at ``trainer.global_step == step`` is a logging step.
 
@@ -26,26 +18,16 @@ def is_logging_step(step: int, every_n_steps: int) -> bool:
     return (step + 1) % every_n_steps == 0
 
 
-def batch_start_step(trainer: "pl.Trainer", module: Optional["pl.LightningModule"] = None,
-                     manual: Optional[bool] = None) -> int:
-    """The step Lightning's ``self.log`` gives the training batch that starts now.
-
-    ``trainer.global_step`` under automatic optimization (batches that accumulate gradients share it). Under
-    manual optimization ``self.log`` counts training batches while ``trainer.global_step`` counts every
-    ``optimizer.step()`` call (twice per batch in a GAN), so the step is the number of completed batches.
-    """
-    if manual is None:  # ``manual``: the caller read ``not module.automatic_optimization`` already
-        module = trainer.lightning_module if module is None else module  # the hook's argument: no property chain
-        manual = module is not None and not module.automatic_optimization
-    return completed_batches(trainer) if manual else trainer.global_step
-
-
 def batch_start(trainer: "pl.Trainer", module: "pl.LightningModule") -> tuple[int, bool, Optional[int]]:
-    """At a training batch's start: ``(step, manual, candidate)``: the step ``self.log`` gives the batch
-    (:func:`batch_start_step`), whether ``module`` uses manual optimization, and the step again when it is a logging
-    step of the trainer's ``log_every_n_steps`` (:func:`is_logging_step`), else ``None``. One call, the rules written
-    out: the monitors' first hook of every batch runs it (a Python call run cold after the training step costs
-    about 1 us)."""
+    """At a training batch's start: ``(step, manual, candidate)``: the step Lightning's ``self.log`` gives the batch,
+    whether ``module`` uses manual optimization, and the step again when it is a logging step of the trainer's
+    ``log_every_n_steps`` (:func:`is_logging_step`), else ``None``.
+
+    The step is ``trainer.global_step`` under automatic optimization (batches that accumulate gradients share it).
+    Under manual optimization ``self.log`` counts training batches while ``trainer.global_step`` counts every
+    ``optimizer.step()`` call (twice per batch in a GAN), so the step is the number of completed batches. One call,
+    the rules written out: the monitors' first hook of every batch runs it (a Python call run cold after the
+    training step costs about 1 us)."""
     manual = not module.automatic_optimization
     try:  # the counters themselves, read without the five property calls of trainer.global_step (~5 us run cold)
         loop = trainer.fit_loop.epoch_loop
@@ -53,7 +35,8 @@ def batch_start(trainer: "pl.Trainer", module: "pl.LightningModule") -> tuple[in
                 else loop.automatic_optimization.optim_progress.optimizer.step.total.completed)  # global_step's
     except AttributeError:  # another Lightning's loops
         step = completed_batches(trainer) if manual else trainer.global_step
-    interval = max(1, int(trainer.log_every_n_steps))  # type: ignore[attr-defined]  # logging_interval(trainer, None)
+    # Trainer(log_every_n_steps=...) is public but set by Lightning's logger connector, not declared on the class
+    interval = max(1, int(trainer.log_every_n_steps))  # type: ignore[attr-defined]
     return step, manual, (step if (step + 1) % interval == 0 else None)
 
 
