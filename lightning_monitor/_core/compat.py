@@ -87,6 +87,17 @@ def completed_batches(trainer: Any) -> int:
     return int(trainer.fit_loop.epoch_loop.batch_progress.total.completed)
 
 
+def optimizer_steps(trainer: Any) -> int:
+    """``trainer.global_step`` under automatic optimization, read from its counter
+    (``fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total.completed``, what the property
+    returns) without its five property calls (~5 us run cold at every batch); ``trainer.global_step`` itself on loops
+    without that counter."""
+    try:
+        return trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.total.completed
+    except AttributeError:
+        return trainer.global_step
+
+
 # ---------------------------------------------------------------------------------------------------- wandb 0.31.0
 def run_is_finished(run: Any) -> bool:
     """Whether a wandb run was finished (``Run._is_finished``)."""

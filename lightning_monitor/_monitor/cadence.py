@@ -6,7 +6,7 @@ from typing import Optional
 
 import lightning.pytorch as pl
 
-from lightning_monitor._core.compat import completed_batches
+from lightning_monitor._core.compat import completed_batches, optimizer_steps
 
 
 def is_logging_step(step: int, every_n_steps: int) -> bool:
@@ -29,12 +29,7 @@ def batch_start(trainer: "pl.Trainer", module: "pl.LightningModule") -> tuple[in
     the rules written out: the monitors' first hook of every batch runs it (a Python call run cold after the
     training step costs about 1 us)."""
     manual = not module.automatic_optimization
-    try:  # the counters themselves, read without the five property calls of trainer.global_step (~5 us run cold)
-        loop = trainer.fit_loop.epoch_loop
-        step = (loop.batch_progress.total.completed if manual  # completed_batches(trainer)
-                else loop.automatic_optimization.optim_progress.optimizer.step.total.completed)  # global_step's
-    except AttributeError:  # another Lightning's loops
-        step = completed_batches(trainer) if manual else trainer.global_step
+    step = completed_batches(trainer) if manual else optimizer_steps(trainer)
     # Trainer(log_every_n_steps=...) is public but set by Lightning's logger connector, not declared on the class
     interval = max(1, int(trainer.log_every_n_steps))  # type: ignore[attr-defined]
     return step, manual, (step if (step + 1) % interval == 0 else None)

@@ -245,9 +245,8 @@ def defer(write: Callable[[], None], step: Optional[int]) -> None:
     across CPUs, ~45 us inside a fit here, as much as the rest of the event's write. Lightning's write of the step
     wakes it anyway; an event put right after, while the thread waits for the interpreter lock, wakes nothing."""
     global _pending
-    earlier, _pending = _pending, (step, write)
-    if earlier is not None:  # never two: the one before is written first (steps stay in order)
-        earlier[1]()
+    write_pending()  # never two: the one before is written first (steps stay in order)
+    _pending = (step, write)
 
 
 def write_pending() -> None:
